@@ -1,0 +1,153 @@
+"""Cache views: how one forward pass reads and writes KV cells.
+
+The model calls `view.update_and_attend(layer, q, k, v)` in every layer and knows nothing else
+about caching. Three views:
+
+- `FullView`: no cache; plain causal attention over the T tokens (training, references).
+- `AppendView`: writes the chunk into session cells [n, n+T) and attends to cells [0, n+t].
+- `BranchView`: a query branch. Reads the session's cells [0, n) without writing them, and
+  writes its own tokens to private branch cells. The two parts are merged by log-sum-exp, so
+  the shared cells could be read once for many branches (cascade attention).
+
+Padded tokens (beyond `num_new`) are written with `mode="drop"` at an out-of-range index, so
+a padded chunk never touches a cell it does not own.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from statejax import attention
+
+
+def _scatter_rows(cells_RxNxKxD, start_R, num_new_R, new_RxTxKxD):
+    """Writes new[r, t] to cells[r, start[r] + t] for t < num_new[r]; drops the rest."""
+    rows, n_cells = cells_RxNxKxD.shape[:2]
+    t = new_RxTxKxD.shape[1]
+    offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
+    idx_RxT = jnp.where(offsets < num_new_R[:, None], start_R[:, None] + offsets, n_cells)
+    row_RxT = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], idx_RxT.shape)
+    return cells_RxNxKxD.at[row_RxT, idx_RxT].set(new_RxTxKxD.astype(cells_RxNxKxD.dtype),
+                                                  mode="drop")
+
+
+def _check_impl(impl: str):
+    if impl != "reference":
+        raise ValueError(f"attention impl={impl!r}; allowed here: 'reference'")
+
+
+@struct.dataclass
+class FullView:
+    """No cache: causal self-attention over the step's own tokens."""
+
+    impl: str = struct.field(pytree_node=False, default="reference")
+
+    def update_and_attend(self, layer, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
+        del layer
+        _check_impl(self.impl)
+        t = q_BxTxHxD.shape[1]
+        causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+        mask = jnp.broadcast_to(causal_TxT, (q_BxTxHxD.shape[0], t, t))
+        out, _ = attention.attend(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask)
+        return out, self
+
+
+@struct.dataclass
+class AppendView:
+    """Appends a chunk to B session rows and attends over a static window of cells.
+
+    Attributes:
+      k, v: [L, B, C, K, D] session cells (updated in place when the step donates them).
+      lengths: [B] int32 cells in use before this chunk.
+      num_new: [B] int32 valid tokens of the chunk per row (the rest is padding).
+      window: static S <= C; every row must satisfy lengths + num_new <= S.
+      impl: attention implementation.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+    num_new: jax.Array
+    window: int = struct.field(pytree_node=False)
+    impl: str = struct.field(pytree_node=False, default="reference")
+
+    def positions(self, t: int):
+        """[B, T] positions of the chunk's tokens."""
+        return self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+    def update_and_attend(self, layer, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
+        _check_impl(self.impl)
+        k = self.k.at[layer].set(_scatter_rows(self.k[layer], self.lengths, self.num_new,
+                                               k_BxTxKxD))
+        v = self.v.at[layer].set(_scatter_rows(self.v[layer], self.lengths, self.num_new,
+                                               v_BxTxKxD))
+        t = q_BxTxHxD.shape[1]
+        q_pos_BxT = self.positions(t)
+        key_pos_S = jnp.arange(self.window, dtype=jnp.int32)
+        mask_BxTxS = key_pos_S[None, None, :] <= q_pos_BxT[:, :, None]
+        out, _ = attention.attend(q_BxTxHxD, k[layer, :, : self.window],
+                                  v[layer, :, : self.window], mask_BxTxS)
+        return out, self.replace(k=k, v=v)
+
+
+@struct.dataclass
+class BranchView:
+    """R query branches of one session row: read shared cells, write private branch cells.
+
+    Attributes:
+      shared_k, shared_v: [L, B, C, K, D] session cells, read only.
+      row: int32 scalar, the session row the branches extend.
+      shared_len: int32 scalar, n = that row's length (cells [0, n) are attended).
+      branch_k, branch_v: [L, R, Tb, K, D] private cells of the branches.
+      branch_lengths: [R] int32 private cells in use before this step.
+      num_new: [R] int32 valid tokens this step per branch.
+      window: static S <= C with n <= S.
+      impl: attention implementation.
+    """
+
+    shared_k: jax.Array
+    shared_v: jax.Array
+    row: jax.Array
+    shared_len: jax.Array
+    branch_k: jax.Array
+    branch_v: jax.Array
+    branch_lengths: jax.Array
+    num_new: jax.Array
+    window: int = struct.field(pytree_node=False)
+    impl: str = struct.field(pytree_node=False, default="reference")
+
+    def positions(self, t: int):
+        """[R, T] positions: branch tokens continue the session at n + branch length."""
+        offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
+        return self.shared_len + self.branch_lengths[:, None] + offsets
+
+    def update_and_attend(self, layer, q_RxTxHxD, k_RxTxKxD, v_RxTxKxD):
+        _check_impl(self.impl)
+        r, t = q_RxTxHxD.shape[:2]
+        branch_k = self.branch_k.at[layer].set(
+            _scatter_rows(self.branch_k[layer], self.branch_lengths, self.num_new, k_RxTxKxD))
+        branch_v = self.branch_v.at[layer].set(
+            _scatter_rows(self.branch_v[layer], self.branch_lengths, self.num_new, v_RxTxKxD))
+
+        # Shared part: every branch sees the same cells [0, n) of the session row.
+        shared_k_SxKxD = jax.lax.dynamic_index_in_dim(self.shared_k[layer], self.row,
+                                                      keepdims=False)[: self.window]
+        shared_v_SxKxD = jax.lax.dynamic_index_in_dim(self.shared_v[layer], self.row,
+                                                      keepdims=False)[: self.window]
+        shared_mask_S = jnp.arange(self.window, dtype=jnp.int32) < self.shared_len
+        # Fold the R branches into the query axis: one pass over the shared cells for all.
+        q_1xRTxHxD = q_RxTxHxD.reshape(1, r * t, *q_RxTxHxD.shape[2:])
+        shared_mask = jnp.broadcast_to(shared_mask_S, (1, r * t, self.window))
+        out_s, lse_s = attention.attend(q_1xRTxHxD, shared_k_SxKxD[None], shared_v_SxKxD[None],
+                                        shared_mask)
+        out_s = out_s.reshape(q_RxTxHxD.shape)
+        lse_s = lse_s.reshape(r, t, -1)
+
+        # Private part: causal over the branch's own cells.
+        tb = branch_k.shape[2]
+        q_idx_RxT = self.branch_lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        private_mask = jnp.arange(tb, dtype=jnp.int32)[None, None, :] <= q_idx_RxT[:, :, None]
+        out_p, lse_p = attention.attend(q_RxTxHxD, branch_k[layer], branch_v[layer],
+                                        private_mask)
+        out, _ = attention.merge_partials(out_s, lse_s, out_p, lse_p)
+        return out, self.replace(branch_k=branch_k, branch_v=branch_v)

@@ -1,0 +1,152 @@
+"""Jitted, pure steps over `SessionState`: forward, append, and query (generate on a branch).
+
+Every step takes `(params, state, batch...)`, with shapes from the `Budget` (static `window`,
+padded chunks) and per-step counters as arrays, so steady-state streaming never recompiles.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from statejax.cache import AppendView, BranchView, FullView
+from statejax.model.config import ModelConfig
+from statejax.model.llama import Transformer
+from statejax.state import SessionState
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+def forward(params, tokens_BxT, *, cfg: ModelConfig, impl: str = "reference"):
+    """Full causal forward with no cache. Returns logits [B, T, V] float32."""
+    b, t = tokens_BxT.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, _ = Transformer(cfg).apply({"params": params}, tokens_BxT, positions,
+                                       FullView(impl=impl))
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "window", "all_logits", "impl"),
+                   donate_argnames=("state",))
+def append(params, state: SessionState, tokens_BxT, num_new_B, *, cfg: ModelConfig,
+           window: int, all_logits: bool = False, impl: str = "reference"):
+    """Appends a padded chunk to every session row. Donates `state`.
+
+    Args:
+      params: model parameters.
+      state: session rows; row b gains `num_new_B[b]` cells.
+      tokens_BxT: int32 chunk, padded to a budget chunk size; entries t >= num_new[b] ignored.
+      num_new_B: int32 valid tokens per row (0 leaves a row untouched).
+      window: static attention window S >= lengths + num_new for every row.
+      all_logits: return logits for every chunk position instead of the last valid one.
+
+    Returns:
+      (new state, logits): logits [B, V] at each row's last new token, or [B, T, V].
+    """
+    t = tokens_BxT.shape[1]
+    view = AppendView(state.k, state.v, state.lengths, num_new_B, window=window, impl=impl)
+    last = None if all_logits else jnp.maximum(num_new_B - 1, 0)
+    logits, view = Transformer(cfg).apply({"params": params}, tokens_BxT, view.positions(t),
+                                          view, last)
+    new_state = SessionState(k=view.k, v=view.v, lengths=state.lengths + num_new_B)
+    return new_state, logits
+
+
+@struct.dataclass
+class Generation:
+    """Output of a query step for R branch rows (G = the budget's max_new_tokens).
+
+    Attributes:
+      tokens: [R, G] int32 generated tokens; entries at or beyond `num_tokens` are padding.
+      num_tokens: [R] int32 tokens generated before the stop token or the limit.
+      gaps: [R, G] float32 top-1 minus top-2 logit at each generated token.
+      first_logits: [R, V] float32 next-token logits after the question (the cached
+        distribution pre-positioning answers from).
+    """
+
+    tokens: jax.Array
+    num_tokens: jax.Array
+    gaps: jax.Array
+    first_logits: jax.Array
+
+
+def _pick(logits_RxV, temperature, key):
+    """Greedy at temperature 0, else a sample; also the top-1 minus top-2 logit gap."""
+    top2 = jax.lax.top_k(logits_RxV, 2)[0]
+    sampled = jax.random.categorical(key, logits_RxV / jnp.maximum(temperature, 1e-6))
+    token = jnp.where(temperature > 0, sampled, jnp.argmax(logits_RxV, -1))
+    return token.astype(jnp.int32), top2[:, 0] - top2[:, 1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "window", "branch_cells", "max_new_cap",
+                                             "impl"))
+def query(params, state: SessionState, row, question_RxT, question_len_R, max_new_R,
+          stop_token, temperature, rng, *, cfg: ModelConfig, window: int, branch_cells: int,
+          max_new_cap: int, impl: str = "reference") -> Generation:
+    """Answers R questions on branches of session row `row`; the state is not written.
+
+    The branches read the row's cells [0, n) and write only private cells allocated here,
+    which are dropped on return: discarding a branch costs nothing.
+
+    Args:
+      params: model parameters.
+      state: session rows (read only).
+      row: int32 scalar, which session row to branch from.
+      question_RxT: int32 question tokens, padded to a chunk size.
+      question_len_R: int32 valid question tokens per branch (>= 1).
+      max_new_R: int32 tokens to generate per branch, 0..max_new_cap (0: padding row).
+      stop_token: int32 scalar; generation of a branch stops when it emits it.
+      temperature: float32 scalar; 0 means greedy.
+      rng: PRNG key for sampling.
+      window: static S >= n.
+      branch_cells: static Tb >= question length + max_new.
+      max_new_cap: static G, the width of the generation buffers.
+
+    Returns:
+      A `Generation`.
+    """
+    model = Transformer(cfg)
+    r, t = question_RxT.shape
+    cells_shape = (cfg.num_layers, r, branch_cells, cfg.num_kv_heads, cfg.head_dim)
+    view = BranchView(state.k, state.v, jnp.asarray(row, jnp.int32), state.lengths[row],
+                      jnp.zeros(cells_shape, cfg.jnp_dtype), jnp.zeros(cells_shape, cfg.jnp_dtype),
+                      jnp.zeros((r,), jnp.int32), question_len_R, window=window, impl=impl)
+    first_logits, view = model.apply({"params": params}, question_RxT, view.positions(t), view,
+                                     question_len_R - 1)
+    key, rng = jax.random.split(rng)
+    token, gap = _pick(first_logits, temperature, key)
+
+    def record(i, token, gap, tokens, gaps, num, done):
+        live = ~done
+        tokens = tokens.at[:, i].set(jnp.where(live, token, 0))
+        gaps = gaps.at[:, i].set(jnp.where(live, gap, 0.0))
+        stopped = token == stop_token
+        num = jnp.where(live & ~stopped, i + 1, num)
+        done = done | stopped | (i + 1 >= max_new_R)
+        return tokens, gaps, num, done
+
+    tokens = jnp.zeros((r, max_new_cap), jnp.int32)
+    gaps = jnp.zeros((r, max_new_cap), jnp.float32)
+    num = jnp.zeros((r,), jnp.int32)
+    done = max_new_R <= 0
+    tokens, gaps, num, done = record(0, token, gap, tokens, gaps, num, done)
+
+    def cond(carry):
+        i, _, _, _, _, done, _, _ = carry
+        return (i < max_new_cap) & ~jnp.all(done)
+
+    def body(carry):
+        i, token, tokens, gaps, num, done, view, rng = carry
+        step_view = view.replace(branch_lengths=question_len_R + i - 1,
+                                 num_new=jnp.ones((r,), jnp.int32))
+        logits, step_view = model.apply({"params": params}, token[:, None],
+                                        step_view.positions(1), step_view,
+                                        jnp.zeros((r,), jnp.int32))
+        key, rng = jax.random.split(rng)
+        token, gap = _pick(logits, temperature, key)
+        tokens, gaps, num, done = record(i, token, gap, tokens, gaps, num, done)
+        return i + 1, token, tokens, gaps, num, done, step_view, rng
+
+    carry = (jnp.int32(1), token, tokens, gaps, num, done, view, rng)
+    _, _, tokens, gaps, num, _, _, _ = jax.lax.while_loop(cond, body, carry)
+    return Generation(tokens=tokens, num_tokens=num, gaps=gaps, first_logits=first_logits)
