@@ -71,7 +71,8 @@ def _as_id_array(ids: Any, vocab_size: int, *, allow_empty: bool) -> np.ndarray:
         raise InputError("token ids are empty; at least one id is required")
     if not np.issubdtype(arr.dtype, np.integer):
         raise InputError(
-            f"token ids have dtype {arr.dtype}; allowed: integer dtypes (int8..int64, uint8..uint64)"
+            f"token ids have dtype {arr.dtype}; allowed: integer dtypes (int8..int64, "
+            "uint8..uint64)"
         )
     bad = (arr < 0) | (arr >= vocab_size)
     if bad.any():

@@ -117,7 +117,8 @@ def iter_synthetic_bars(
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise InputError(f"seed must be an int >= 0; got {seed!r}")
     for name, v in (("start_price", start_price), ("base_volume", base_volume)):
-        if not isinstance(v, int | float) or isinstance(v, bool) or not (math.isfinite(v) and v >= 1):
+        real = isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+        if not (real and math.isfinite(v) and v >= 1):
             raise InputError(f"{name} must be a finite number >= 1; got {v!r}")
     return _synthetic(np.random.default_rng(seed), float(start_price), float(base_volume))
 
