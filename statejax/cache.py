@@ -20,15 +20,19 @@ from flax import struct
 from statejax import attention
 
 
-def _scatter_rows(cells_RxNxKxD, start_R, num_new_R, new_RxTxKxD):
-    """Writes new[r, t] to cells[r, start[r] + t] for t < num_new[r]; drops the rest."""
-    rows, n_cells = cells_RxNxKxD.shape[:2]
+def _scatter_rows(cells_LxRxNxKxD, layer, start_R, num_new_R, new_RxTxKxD):
+    """Writes new[r, t] to cells[layer, r, start[r] + t] for t < num_new[r]; drops the rest.
+
+    One scatter into the stacked cells, so a donated buffer is updated in place (slicing out
+    the layer first would copy all of its cells every step).
+    """
+    rows, n_cells = cells_LxRxNxKxD.shape[1:3]
     t = new_RxTxKxD.shape[1]
     offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
     idx_RxT = jnp.where(offsets < num_new_R[:, None], start_R[:, None] + offsets, n_cells)
     row_RxT = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], idx_RxT.shape)
-    return cells_RxNxKxD.at[row_RxT, idx_RxT].set(new_RxTxKxD.astype(cells_RxNxKxD.dtype),
-                                                  mode="drop")
+    return cells_LxRxNxKxD.at[layer, row_RxT, idx_RxT].set(
+        new_RxTxKxD.astype(cells_LxRxNxKxD.dtype), mode="drop")
 
 
 def _check_impl(impl: str):
@@ -77,10 +81,8 @@ class AppendView:
 
     def update_and_attend(self, layer, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
         _check_impl(self.impl)
-        k = self.k.at[layer].set(_scatter_rows(self.k[layer], self.lengths, self.num_new,
-                                               k_BxTxKxD))
-        v = self.v.at[layer].set(_scatter_rows(self.v[layer], self.lengths, self.num_new,
-                                               v_BxTxKxD))
+        k = _scatter_rows(self.k, layer, self.lengths, self.num_new, k_BxTxKxD)
+        v = _scatter_rows(self.v, layer, self.lengths, self.num_new, v_BxTxKxD)
         t = q_BxTxHxD.shape[1]
         q_pos_BxT = self.positions(t)
         key_pos_S = jnp.arange(self.window, dtype=jnp.int32)
@@ -124,16 +126,14 @@ class BranchView:
     def update_and_attend(self, layer, q_RxTxHxD, k_RxTxKxD, v_RxTxKxD):
         _check_impl(self.impl)
         r, t = q_RxTxHxD.shape[:2]
-        branch_k = self.branch_k.at[layer].set(
-            _scatter_rows(self.branch_k[layer], self.branch_lengths, self.num_new, k_RxTxKxD))
-        branch_v = self.branch_v.at[layer].set(
-            _scatter_rows(self.branch_v[layer], self.branch_lengths, self.num_new, v_RxTxKxD))
+        branch_k = _scatter_rows(self.branch_k, layer, self.branch_lengths, self.num_new,
+                                 k_RxTxKxD)
+        branch_v = _scatter_rows(self.branch_v, layer, self.branch_lengths, self.num_new,
+                                 v_RxTxKxD)
 
         # Shared part: every branch sees the same cells [0, n) of the session row.
-        shared_k_SxKxD = jax.lax.dynamic_index_in_dim(self.shared_k[layer], self.row,
-                                                      keepdims=False)[: self.window]
-        shared_v_SxKxD = jax.lax.dynamic_index_in_dim(self.shared_v[layer], self.row,
-                                                      keepdims=False)[: self.window]
+        shared_k_SxKxD = self.shared_k[layer, self.row, : self.window]
+        shared_v_SxKxD = self.shared_v[layer, self.row, : self.window]
         shared_mask_S = jnp.arange(self.window, dtype=jnp.int32) < self.shared_len
         # Fold the R branches into the query axis: one pass over the shared cells for all.
         q_1xRTxHxD = q_RxTxHxD.reshape(1, r * t, *q_RxTxHxD.shape[2:])

@@ -29,7 +29,7 @@ def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 def apply_rope(x_BxTxNxD, positions_BxT, inv_freq_half):
     """Rotates x by its positions. x: [B, T, N, D]; positions: [B, T] int; returns x's dtype."""
-    angles_BxTxhalf = positions_BxT[..., None].astype(jnp.float32) * inv_freq_half
+    angles_BxTxhalf = positions_BxT[..., None].astype(jnp.float32) * inv_freq_half[None, None]
     cos = jnp.cos(angles_BxTxhalf)[:, :, None, :]
     sin = jnp.sin(angles_BxTxhalf)[:, :, None, :]
     x = x_BxTxNxD.astype(jnp.float32)

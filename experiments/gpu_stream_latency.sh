@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU run of the main job, with the HF transformers peer in the same call (ratios between
+# the two hold only within one run). Expects: the peer script copied to .peer/hf_peer.py and
+# wheels of packages the GPU image lacks in .whl/ (see docs/gpu.md). Writes under $OUT.
+set -euo pipefail
+OUT=${OUT:-/tmp/statejax_gpu}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+if [ "${SKIP_PEER:-0}" != 1 ]; then
+  python3 .peer/hf_peer.py 2>&1 | tail -8
+fi
+python3 -m experiments.stream_latency --config=configs/stream_latency.py:gpu \
+  --workdir="$OUT/stream_latency" "$@" 2>&1 | tee "$OUT/stream_latency.log"

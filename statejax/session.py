@@ -1,0 +1,269 @@
+"""A session on the host: one row of KV cells advanced as data arrives, queried on branches.
+
+Context is partitioned as frozen prefix (e.g. a system prompt) -> data region (streamed items)
+-> transient query branches. `Session` is single-threaded; `statejax.streaming` adds the
+data plane / query plane threads and flash queries on top.
+
+Overflow policy when the cells are full:
+- `"error"` (default): the append is refused with `CapacityError`; nothing changes.
+- `"slide"`: the oldest data items are dropped (the frozen prefix is kept) so that the kept
+  data fills at most `keep_fraction` of the data region, and the kept window is re-prefilled
+  at positions starting from 0. This costs one prefill of the kept window.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from statejax import steps
+from statejax.budget import Budget
+from statejax.errors import CapacityError, InputError
+from statejax.model.config import ModelConfig
+from statejax.state import init_state
+from statejax.tokenizer import Tokenizer, check_fits_vocab, validate_token_ids
+
+OVERFLOW_POLICIES = ("error", "slide")
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """A query's result.
+
+    Attributes:
+      text: decoded answer (stop token excluded).
+      tokens: [G'] int32 generated tokens.
+      first_gap: top-1 minus top-2 logit of the first generated token.
+      min_gap: smallest such gap over the generated tokens (the answer's confidence).
+      context_tokens: n, the session cells the query attended to.
+    """
+
+    text: str
+    tokens: np.ndarray
+    first_gap: float
+    min_gap: float
+    context_tokens: int
+
+
+class Session:
+    """One session row: frozen prefix, then appended data; queries never change it.
+
+    Args:
+      params: model parameters for `cfg`.
+      cfg: model shape.
+      budget: capacities (cells, chunk sizes, windows, question room, generation cap).
+      tokenizer: text <-> ids; must fit the model's vocabulary.
+      prefix: frozen prefix, text or token ids (kept across `"slide"` overflows).
+      overflow: `"error"` or `"slide"` (module docstring).
+      keep_fraction: share of the data region kept by `"slide"`, in (0, 1).
+      stop_token: generation stops at this id (default: the tokenizer's eos).
+      impl: attention implementation for every step.
+    """
+
+    def __init__(self, params, cfg: ModelConfig, budget: Budget, tokenizer: Tokenizer, *,
+                 prefix: str | np.ndarray = "", overflow: str = "error",
+                 keep_fraction: float = 0.5, stop_token: int | None = None,
+                 impl: str = "reference"):
+        if overflow not in OVERFLOW_POLICIES:
+            raise InputError(f"overflow={overflow!r}; allowed: {OVERFLOW_POLICIES}")
+        if not 0.0 < keep_fraction < 1.0:
+            raise InputError(f"keep_fraction={keep_fraction}; allowed: 0 < keep_fraction < 1")
+        check_fits_vocab(tokenizer, cfg.vocab_size)
+        self.params, self.cfg, self.budget, self.tokenizer = params, cfg, budget, tokenizer
+        self.overflow, self.keep_fraction, self.impl = overflow, keep_fraction, impl
+        self.stop_token = tokenizer.eos_id if stop_token is None else int(stop_token)
+        self._state = init_state(cfg, rows=1, cells=budget.cells)
+        # Host mirror of the cells' tokens, and where each appended item starts (slide cuts
+        # only at item boundaries so no item is kept in part).
+        self._tokens = np.zeros((0,), np.int32)
+        self._item_starts: list[int] = []
+        self.prefix_len = 0
+        self.evicted_tokens = 0
+        prefix_ids = self._ids(prefix, allow_empty=True)
+        if prefix_ids.size:
+            self._check_room(prefix_ids.size)
+            self._prefill(prefix_ids)
+            self.prefix_len = int(prefix_ids.size)
+
+    # ------------------------------------------------------------------ data plane
+
+    @property
+    def length(self) -> int:
+        """n, tokens in the session's cells (prefix + data)."""
+        return int(self._tokens.size)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """[n] int32 copy of the tokens in the session's cells."""
+        return self._tokens.copy()
+
+    @property
+    def state(self):
+        """The device `SessionState` (one row). Read only: steps donate it."""
+        return self._state
+
+    def append(self, data: str | np.ndarray):
+        """Appends one item (text or token ids) to the data region.
+
+        Raises `InputError` for empty input, ids outside the vocabulary, wrong dtype or rank,
+        and `CapacityError` when the cells are full under the `"error"` policy; the session
+        is unchanged in every failure.
+
+        Returns:
+          [V] float32 logits after the item's last token.
+        """
+        ids = self._ids(data)
+        if self.length + ids.size > self.budget.cells:
+            if self.overflow == "error":
+                raise CapacityError(
+                    f"appending {ids.size} tokens to a session holding {self.length} of "
+                    f"{self.budget.cells} cells would overflow; free room: "
+                    f"{self.budget.cells - self.length} tokens (overflow='error'; use "
+                    f"overflow='slide' to drop the oldest data)")
+            return self._slide_and_append(ids)
+        self._item_starts.append(self.length)
+        return self._prefill(ids)
+
+    def truncate(self, n: int):
+        """Keeps the first `n` cells (prefix_len <= n <= length) and drops the rest.
+
+        Metadata only: cells at or beyond a row's length are never read and the next append
+        overwrites them, so this is equivalent to re-prefilling the first `n` tokens into
+        fresh cells. The request-driven baselines (`statejax.baselines`) rewind with it.
+        """
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not (
+                self.prefix_len <= n <= self.length):
+            raise InputError(f"truncate(n={n!r}); allowed: an int in "
+                             f"{self.prefix_len}..{self.length} (prefix_len..length)")
+        self._state = self._state.replace(lengths=jnp.full((1,), n, jnp.int32))
+        self._tokens = self._tokens[:n]
+        self._item_starts = [s for s in self._item_starts if s < n]
+
+    def _prefill(self, ids: np.ndarray):
+        """Appends ids in chunks of at most the largest chunk size. ids: [N] int32."""
+        logits = None
+        for start in range(0, ids.size, self.budget.max_chunk):
+            chunk = ids[start:start + self.budget.max_chunk]
+            t = self.budget.chunk_bucket(chunk.size)
+            padded = np.zeros((1, t), np.int32)
+            padded[0, :chunk.size] = chunk
+            window = self.budget.window_for(self.length + chunk.size)
+            self._state, logits = steps.append(
+                self.params, self._state, jnp.asarray(padded),
+                jnp.asarray([chunk.size], jnp.int32), cfg=self.cfg, window=window,
+                impl=self.impl)
+            self._tokens = np.concatenate([self._tokens, chunk])
+        return logits[0]
+
+    def _slide_and_append(self, ids: np.ndarray):
+        data_room = self.budget.cells - self.prefix_len
+        keep_budget = int(self.keep_fraction * data_room)
+        if ids.size > keep_budget:
+            raise CapacityError(
+                f"an item of {ids.size} tokens is larger than the kept data window of "
+                f"{keep_budget} tokens (keep_fraction={self.keep_fraction} of {data_room})")
+        data_end = self.length + ids.size
+        cut = next((s for s in self._item_starts if data_end - s <= keep_budget), self.length)
+        kept = np.concatenate([self._tokens[:self.prefix_len], self._tokens[cut:], ids])
+        self.evicted_tokens += cut - self.prefix_len
+        starts = [s - cut + self.prefix_len for s in self._item_starts if s >= cut]
+        starts.append(self.length - cut + self.prefix_len)
+        self._state = init_state(self.cfg, rows=1, cells=self.budget.cells)
+        self._tokens = np.zeros((0,), np.int32)
+        logits = self._prefill(kept)
+        self._item_starts = starts
+        return logits
+
+    # ------------------------------------------------------------------ query plane
+
+    def query(self, question: str | np.ndarray, max_new_tokens: int = 32, *,
+              temperature: float = 0.0, seed: int = 0) -> Answer:
+        """Answers one question on a branch; the session's cells are left bit-identical."""
+        return self.query_batch([question], [max_new_tokens], temperature=temperature,
+                                seed=seed)[0]
+
+    def query_batch(self, questions, max_new_tokens, *, temperature: float = 0.0,
+                    seed: int = 0) -> list[Answer]:
+        """Answers R questions as R branches of this session in as few steps as possible.
+
+        Args:
+          questions: R questions, text or token ids, each 1..question_cells tokens.
+          max_new_tokens: R ints in 1..min(256, budget.max_new_tokens).
+          temperature: 0 for greedy, else sampling temperature.
+          seed: sampling seed.
+        """
+        if len(questions) != len(max_new_tokens) or not questions:
+            raise InputError(f"need one max_new_tokens per question and at least one question;"
+                             f" got {len(questions)} questions, {len(max_new_tokens)} limits")
+        ids = [self.validate_question(q) for q in questions]
+        limits = [self.validate_max_new_tokens(m) for m in max_new_tokens]
+        if not np.isfinite(temperature) or temperature < 0:
+            raise InputError(f"temperature={temperature}; allowed: a finite value >= 0")
+        answers = []
+        largest = self.budget.branch_rows[-1]
+        for start in range(0, len(ids), largest):
+            answers += self._query_rows(ids[start:start + largest],
+                                        limits[start:start + largest], temperature, seed)
+        return answers
+
+    def _query_rows(self, ids, limits, temperature, seed):
+        r = self.budget.rows_bucket(len(ids))
+        t = self.budget.chunk_bucket(max(q.size for q in ids))
+        question = np.zeros((r, t), np.int32)
+        question_len = np.ones((r,), np.int32)
+        max_new = np.zeros((r,), np.int32)
+        for i, (q, m) in enumerate(zip(ids, limits, strict=True)):
+            question[i, :q.size], question_len[i], max_new[i] = q, q.size, m
+        gen = steps.query(
+            self.params, self._state, jnp.int32(0), jnp.asarray(question),
+            jnp.asarray(question_len), jnp.asarray(max_new), jnp.int32(self.stop_token),
+            jnp.float32(temperature), jax.random.key(seed), cfg=self.cfg,
+            window=self.budget.window_for(self.length), branch_cells=self.budget.branch_cells,
+            max_new_cap=self.budget.max_new_tokens, impl=self.impl)
+        tokens, num, gaps = jax.device_get((gen.tokens, gen.num_tokens, gen.gaps))
+        answers = []
+        for i in range(len(ids)):
+            # Gaps cover every emitted token, the stop token included.
+            emitted = max(min(int(num[i]) + 1, int(max_new[i])), 1)
+            toks = tokens[i, :num[i]].astype(np.int32)
+            answers.append(Answer(text=self.tokenizer.decode(toks), tokens=toks,
+                                  first_gap=float(gaps[i, 0]),
+                                  min_gap=float(gaps[i, :emitted].min()),
+                                  context_tokens=self.length))
+        return answers
+
+    # ------------------------------------------------------------------ validation
+
+    def validate_question(self, question) -> np.ndarray:
+        """Question -> [Tq] int32 ids with 1 <= Tq <= budget.question_cells."""
+        ids = self._ids(question)
+        if ids.size > self.budget.question_cells:
+            raise InputError(f"question has {ids.size} tokens; the branch room allows at most "
+                             f"{self.budget.question_cells} (budget.question_cells)")
+        return ids
+
+    def validate_max_new_tokens(self, max_new_tokens) -> int:
+        """Checks 1 <= max_new_tokens <= min(256, budget.max_new_tokens)."""
+        cap = min(256, self.budget.max_new_tokens)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens,
+                                                               (int, np.integer)):
+            raise InputError(f"max_new_tokens={max_new_tokens!r}; allowed: an int in 1..{cap}")
+        if not 1 <= max_new_tokens <= cap:
+            raise InputError(f"max_new_tokens={max_new_tokens}; allowed: 1..{cap}")
+        return int(max_new_tokens)
+
+    def _ids(self, data, allow_empty: bool = False) -> np.ndarray:
+        if isinstance(data, str):
+            if not data and not allow_empty:
+                raise InputError("empty text; allowed: at least one character")
+            ids = self.tokenizer.encode(data) if data else np.zeros((0,), np.int32)
+            return ids.astype(np.int32)
+        if allow_empty and np.size(data) == 0:
+            return np.zeros((0,), np.int32)
+        return validate_token_ids(data, self.cfg.vocab_size)
+
+    def _check_room(self, n: int):
+        if n > self.budget.cells:
+            raise CapacityError(f"a prefix of {n} tokens exceeds the session's "
+                                f"{self.budget.cells} cells")

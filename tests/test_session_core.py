@@ -1,0 +1,253 @@
+"""Equivalence, isolation, compile-count and bad-input tests of the session core."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from statejax import steps
+from statejax.budget import Budget
+from statejax.errors import CapacityError, InputError
+from statejax.model.config import preset
+from statejax.model.llama import init_params
+from statejax.session import Session
+from statejax.state import init_state
+from statejax.tokenizer import ByteTokenizer
+
+TOLERANCE = {"float32": dict(atol=2e-5, rtol=2e-5), "bfloat16": dict(atol=0.15, rtol=0.05)}
+
+
+def _budget(cells=512):
+    return Budget(cells=cells, page_size=16, chunk_sizes=(16, 64, 256), question_cells=32,
+                  max_new_tokens=16)
+
+
+def _random_ids(seed, n, vocab=259):
+    return np.asarray(jax.random.randint(jax.random.key(seed), (n,), 0, vocab), np.int32)
+
+
+def _append_all(params, cfg, ids, splits, cells=512):
+    """Appends ids split at `splits` through the raw step; returns per-token logits [N, V]."""
+    state = init_state(cfg, rows=1, cells=cells)
+    budget = _budget(cells)
+    out = []
+    for chunk in np.split(ids, splits):
+        t = budget.chunk_bucket(chunk.size)
+        padded = np.zeros((1, t), np.int32)
+        padded[0, :chunk.size] = chunk
+        window = budget.window_for(int(state.lengths[0]) + chunk.size)
+        state, logits = steps.append(params, state, jnp.asarray(padded),
+                                     jnp.asarray([chunk.size], jnp.int32), cfg=cfg,
+                                     window=window, all_logits=True)
+        out.append(np.asarray(logits[0, :chunk.size]))
+    return state, np.concatenate(out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("splits", [[], [1], [16, 32], [15, 17, 64, 65], [7, 50, 51, 100, 163]])
+def test_chunked_append_equals_full_forward(dtype, splits):
+    cfg = preset("tiny", dtype=dtype)
+    params = init_params(cfg, seed=1)
+    ids = _random_ids(len(splits) + 3, 177)
+    full = np.asarray(steps.forward(params, jnp.asarray(ids)[None], cfg=cfg)[0])
+    state, chunked = _append_all(params, cfg, ids, splits)
+    np.testing.assert_allclose(chunked, full, **TOLERANCE[dtype])
+    assert int(state.lengths[0]) == ids.size
+    if splits:  # k chunks and one append leave identical cells (within rounding)
+        one_state, _ = _append_all(params, cfg, ids, [])
+        np.testing.assert_allclose(np.asarray(state.k[:, :, :177], np.float32),
+                                   np.asarray(one_state.k[:, :, :177], np.float32),
+                                   **TOLERANCE[dtype])
+
+
+def test_batched_rows_of_different_lengths_match_single_rows(tiny):
+    cfg, params = tiny
+    state = init_state(cfg, rows=3, cells=256)
+    ids = [_random_ids(s, n) for s, n in [(1, 5), (2, 64), (3, 33)]]
+    tokens = np.zeros((3, 64), np.int32)
+    for row, x in enumerate(ids):
+        tokens[row, :x.size] = x
+    num_new = jnp.asarray([x.size for x in ids], jnp.int32)
+    state, logits = steps.append(params, state, jnp.asarray(tokens), num_new, cfg=cfg,
+                                 window=128)
+    for row, x in enumerate(ids):
+        full = steps.forward(params, jnp.asarray(x)[None], cfg=cfg)[0, -1]
+        np.testing.assert_allclose(logits[row], full, **TOLERANCE["float32"])
+    np.testing.assert_array_equal(state.lengths, [5, 64, 33])
+
+
+def _greedy_reference(params, cfg, ids, steps_n):
+    seq = list(ids)
+    for _ in range(steps_n):
+        logits = steps.forward(params, jnp.asarray(seq, jnp.int32)[None], cfg=cfg)[0, -1]
+        seq.append(int(jnp.argmax(logits)))
+    return seq[len(ids):]
+
+
+def test_query_matches_full_forward_greedy_and_leaves_state_bit_identical(tiny):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer(), prefix="system: be brief\n")
+    for i in range(5):
+        session.append(f"{i} 101.5 102.31 100.98 101.77 12034\n")
+    before = jax.tree.map(np.array, session.state)
+    question = session.tokenizer.encode("Q: last close? A:")
+    answer = session.query(question, max_new_tokens=12)
+    after = jax.tree.map(np.array, session.state)
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+
+    expected = _greedy_reference(params, cfg, np.concatenate([session.tokens, question]), 12)
+    assert answer.tokens.tolist() == expected
+    assert answer.context_tokens == session.length
+    again = session.query(question, max_new_tokens=12)
+    assert again.tokens.tolist() == answer.tokens.tolist()
+    assert again.min_gap == answer.min_gap and again.first_gap == answer.first_gap
+    assert 0 <= answer.min_gap <= answer.first_gap
+
+
+def test_query_batch_equals_single_queries_and_stops_at_stop_token(tiny):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer())
+    session.append(_random_ids(7, 90))
+    questions = [_random_ids(s, n) for s, n in [(8, 3), (9, 20), (10, 32)]]
+    limits = [5, 16, 1]
+    batch = session.query_batch(questions, limits)
+    for q, m, got in zip(questions, limits, batch, strict=True):
+        single = session.query(q, m)
+        assert got.tokens.tolist() == single.tokens.tolist()
+        np.testing.assert_allclose(got.first_gap, single.first_gap, rtol=1e-5)
+        assert got.tokens.size == m  # random weights: the stop token is not produced
+    # Make the greedy first token the stop token: the answer is then empty.
+    first = int(session.query(questions[0], 1).tokens[0])
+    stopping = Session(params, cfg, _budget(), ByteTokenizer(), stop_token=first)
+    stopping.append(_random_ids(7, 90))
+    assert stopping.query(questions[0], 5).tokens.size == 0
+
+
+def test_query_on_empty_session_equals_full_forward(tiny):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer())
+    question = _random_ids(11, 9)
+    assert session.query(question, 4).tokens.tolist() == _greedy_reference(params, cfg,
+                                                                          question, 4)
+
+
+def test_streaming_steady_state_never_recompiles(tiny):
+    cfg, params = tiny
+    budget = Budget(cells=2048, chunk_sizes=(16, 64), windows=(2048,), question_cells=32,
+                    max_new_tokens=16)
+    session = Session(params, cfg, budget, ByteTokenizer())
+    rng = np.random.default_rng(0)
+    session.append(_random_ids(1, 10))   # warm-up: both chunk sizes, one query shape
+    session.append(_random_ids(2, 40))
+    session.query("warm up?", 8)
+    compiled = (steps.append._cache_size(), steps.query._cache_size())
+    for i in range(40):
+        session.append(_random_ids(100 + i, int(rng.integers(1, 64))))
+        if i % 10 == 0:
+            session.query(f"question {i}?", int(rng.integers(1, 16)))
+    assert (steps.append._cache_size(), steps.query._cache_size()) == compiled
+
+
+def test_compiled_shapes_stay_within_budget(tiny):
+    cfg, params = tiny
+    budget = Budget(cells=512, chunk_sizes=(16, 64), question_cells=16, max_new_tokens=4)
+    session = Session(params, cfg, budget, ByteTokenizer(), overflow="slide")
+    append_before, query_before = steps.append._cache_size(), steps.query._cache_size()
+    for i in range(60):
+        session.append(_random_ids(i, 1 + (i * 7) % 40))
+        session.query("q?", 2)
+    limit = budget.compiled_shapes()
+    assert steps.append._cache_size() - append_before <= limit["append"]
+    assert steps.query._cache_size() - query_before <= limit["query"]
+    assert session.evicted_tokens > 0
+
+
+def test_slide_overflow_keeps_prefix_and_whole_recent_items(tiny):
+    cfg, params = tiny
+    budget = _budget(cells=256)
+    prefix = "SYSTEM PROMPT\n"
+    session = Session(params, cfg, budget, ByteTokenizer(), prefix=prefix, overflow="slide",
+                      keep_fraction=0.5)
+    items = [f"item {i:03d} 101.5 102.3\n" for i in range(20)]
+    for item in items:
+        session.append(item)
+    text = ByteTokenizer().decode(session.tokens)
+    assert text.startswith(prefix)
+    kept = text[len(prefix):]
+    assert kept.endswith(items[-1]) and kept.startswith("item ")
+    assert kept in "".join(items)
+    assert session.evicted_tokens == len("".join(items)) - len(kept)
+    # The slid session equals a fresh one that saw only what it kept.
+    fresh = Session(params, cfg, budget, ByteTokenizer(), prefix=prefix)
+    fresh.append(kept)
+    np.testing.assert_array_equal(fresh.tokens, session.tokens)
+    assert fresh.query("q?", 6).tokens.tolist() == session.query("q?", 6).tokens.tolist()
+
+
+def _snapshot(session):
+    return session.tokens, jax.tree.map(np.array, session.state)
+
+
+def _assert_unchanged(session, snapshot):
+    tokens, state = snapshot
+    np.testing.assert_array_equal(session.tokens, tokens)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, session.state), state)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("", "empty text"),
+    (np.zeros((0,), np.int32), "empty"),
+    (np.array([1, 2, 600]), "out of range"),
+    (np.array([1, -1]), "out of range"),
+    (np.array([1.0, 2.0]), "dtype float64"),
+    (np.array([[1, 2]]), "1-D"),
+    ("x" * 300, "overflow"),
+])
+def test_bad_append_is_refused_and_session_unchanged(tiny, bad, match):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(cells=256), ByteTokenizer(), prefix="p\n")
+    session.append("1 2 3\n")
+    snapshot = _snapshot(session)
+    with pytest.raises(InputError, match=match):
+        session.append(bad)
+    _assert_unchanged(session, snapshot)
+
+
+def test_capacity_exhausted_is_a_capacity_error(tiny):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(cells=256), ByteTokenizer())
+    session.append("x" * 250)
+    snapshot = _snapshot(session)
+    with pytest.raises(CapacityError, match="free room: 6 tokens"):
+        session.append("y" * 7)
+    _assert_unchanged(session, snapshot)
+    session.append("y" * 6)
+    assert session.length == 256
+
+
+@pytest.mark.parametrize("question, max_new, match", [
+    ("q" * 33, 4, "at most 32"),
+    ("", 4, "empty"),
+    ("ok?", 0, r"allowed: 1\.\.16"),
+    ("ok?", 17, r"allowed: 1\.\.16"),
+    ("ok?", 2.5, "an int"),
+    ("ok?", True, "an int"),
+])
+def test_bad_query_is_refused_and_session_unchanged(tiny, question, max_new, match):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer())
+    session.append("1 2 3\n")
+    snapshot = _snapshot(session)
+    with pytest.raises(InputError, match=match):
+        session.query(question, max_new)
+    _assert_unchanged(session, snapshot)
+
+
+def test_bad_session_options_are_refused(tiny):
+    cfg, params = tiny
+    with pytest.raises(InputError, match="overflow='drop'"):
+        Session(params, cfg, _budget(), ByteTokenizer(), overflow="drop")
+    with pytest.raises(CapacityError, match="exceeds"):
+        Session(params, cfg, _budget(cells=256), ByteTokenizer(), prefix="p" * 300)
+    with pytest.raises(InputError, match="vocabulary"):
+        Session(params, preset("tiny", vocab_size=200), _budget(), ByteTokenizer())
