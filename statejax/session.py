@@ -218,7 +218,8 @@ class Session:
         gen = steps.query(
             self.params, self._state, jnp.int32(0), jnp.asarray(question),
             jnp.asarray(question_len), jnp.asarray(max_new), jnp.int32(self.stop_token),
-            jnp.float32(temperature), jax.random.key(seed), cfg=self.cfg,
+            jnp.float32(temperature), jax.random.key(seed),
+            jnp.int32(self.tokenizer.vocab_size), cfg=self.cfg,
             window=self.budget.window_for(self.length), branch_cells=self.budget.branch_cells,
             max_new_cap=self.budget.max_new_tokens, impl=self.impl)
         tokens, num, gaps = jax.device_get((gen.tokens, gen.num_tokens, gen.gaps))

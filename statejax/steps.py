@@ -61,13 +61,19 @@ class Generation:
       num_tokens: [R] int32 tokens generated before the stop token or the limit.
       gaps: [R, G] float32 top-1 minus top-2 logit at each generated token.
       first_logits: [R, V] float32 next-token logits after the question (the cached
-        distribution pre-positioning answers from).
+        distribution pre-positioning answers from); -inf at ids >= valid_vocab.
     """
 
     tokens: jax.Array
     num_tokens: jax.Array
     gaps: jax.Array
     first_logits: jax.Array
+
+
+def _mask_vocab(logits_RxV, valid_vocab):
+    """Ids >= valid_vocab (model rows the tokenizer cannot decode) can never be produced."""
+    ids_V = jnp.arange(logits_RxV.shape[-1], dtype=jnp.int32)
+    return jnp.where(ids_V[None, :] < valid_vocab, logits_RxV, -jnp.inf)
 
 
 def _pick(logits_RxV, temperature, key):
@@ -81,8 +87,8 @@ def _pick(logits_RxV, temperature, key):
 @functools.partial(jax.jit, static_argnames=("cfg", "window", "branch_cells", "max_new_cap",
                                              "impl"))
 def query(params, state: SessionState, row, question_RxT, question_len_R, max_new_R,
-          stop_token, temperature, rng, *, cfg: ModelConfig, window: int, branch_cells: int,
-          max_new_cap: int, impl: str = "reference") -> Generation:
+          stop_token, temperature, rng, valid_vocab, *, cfg: ModelConfig, window: int,
+          branch_cells: int, max_new_cap: int, impl: str = "reference") -> Generation:
     """Answers R questions on branches of session row `row`; the state is not written.
 
     The branches read the row's cells [0, n) and write only private cells allocated here,
@@ -98,6 +104,8 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
       stop_token: int32 scalar; generation of a branch stops when it emits it.
       temperature: float32 scalar; 0 means greedy.
       rng: PRNG key for sampling.
+      valid_vocab: int32 scalar; only ids below it are generated (the tokenizer's vocabulary
+        may be smaller than the model's embedding table).
       window: static S >= n.
       branch_cells: static Tb >= question length + max_new.
       max_new_cap: static G, the width of the generation buffers.
@@ -113,6 +121,7 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
                       jnp.zeros((r,), jnp.int32), question_len_R, window=window, impl=impl)
     first_logits, view = model.apply({"params": params}, question_RxT, view.positions(t), view,
                                      question_len_R - 1)
+    first_logits = _mask_vocab(first_logits, valid_vocab)
     key, rng = jax.random.split(rng)
     token, gap = _pick(first_logits, temperature, key)
 
@@ -142,6 +151,7 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
         logits, step_view = model.apply({"params": params}, token[:, None],
                                         step_view.positions(1), step_view,
                                         jnp.zeros((r,), jnp.int32))
+        logits = _mask_vocab(logits, valid_vocab)
         key, rng = jax.random.split(rng)
         token, gap = _pick(logits, temperature, key)
         tokens, gaps, num, done = record(i, token, gap, tokens, gaps, num, done)

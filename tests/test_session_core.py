@@ -80,7 +80,7 @@ def _greedy_reference(params, cfg, ids, steps_n):
     seq = list(ids)
     for _ in range(steps_n):
         logits = steps.forward(params, jnp.asarray(seq, jnp.int32)[None], cfg=cfg)[0, -1]
-        seq.append(int(jnp.argmax(logits)))
+        seq.append(int(jnp.argmax(logits[:ByteTokenizer().vocab_size])))
     return seq[len(ids):]
 
 
