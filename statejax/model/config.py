@@ -106,12 +106,12 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", vocab_size=512, num_layers=2, embed_dim=64, num_heads=4,
                         num_kv_heads=2, head_dim=16, mlp_dim=128,
                         rope_scaling=_LLAMA32_SCALING),
-    # CPU latency studies. Llama-3.2-1B's ratio of weight bytes to KV bytes per cached
-    # token is ~75k tokens (2.47 GB / 32 KB); here it is ~2.5k tokens (GQA 8:1, 4 layers):
-    # the cache reaches the size of the weights inside the context range we can afford to
-    # sweep on two cores, as a 1B model's cache does near 75k tokens.
-    "cpu-small": ModelConfig("cpu-small", vocab_size=512, num_layers=4, embed_dim=768,
-                             num_heads=12, num_kv_heads=2, head_dim=64, mlp_dim=2048,
+    # CPU latency studies. Shaped like Llama-3.1-8B in the two ratios that set query cost:
+    # weights = KV of ~100k cached tokens (8B: ~120k), and attention FLOPs per query token
+    # equal weight FLOPs at ~26k cached tokens (8B: ~30k). A 32-token query is compute-bound
+    # on a CPU, so the second ratio decides how latency grows with context.
+    "cpu-small": ModelConfig("cpu-small", vocab_size=512, num_layers=2, embed_dim=1024,
+                             num_heads=4, num_kv_heads=1, head_dim=64, mlp_dim=4096,
                              rope_scaling=_LLAMA32_SCALING),
     "llama-3.2-1b": ModelConfig("llama-3.2-1b", vocab_size=128_256, num_layers=16,
                                 embed_dim=2048, num_heads=32, num_kv_heads=8, head_dim=64,
