@@ -1,0 +1,69 @@
+"""Query latency vs accumulated context: stateful vs stateless vs prefix-cache vs flash hit.
+
+Run from the repo root (default: the CPU run, a few minutes on 2 cores):
+  python -m experiments.stream_latency
+GPU, Llama-3.2-1B shape in bf16, contexts 1k..32k tokens (add --config.impl=pallas for the
+attention kernels):
+  python -m experiments.stream_latency --config=configs/stream_latency.py:gpu \
+      --workdir=runs/stream_latency_gpu
+Test size (seconds):
+  python -m experiments.stream_latency --config=configs/stream_latency.py:tiny --workdir=/tmp/x
+"""
+
+import ml_collections
+
+# 32 byte tokens: the anchors' query is 32 question tokens on top of the context.
+QUESTION = "Will the next bar close higher?\n"
+SYSTEM_PROMPT = ("You are a market analyst. Each line below is one OHLCV bar: "
+                 "index open high low close volume.\n")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """arg: None (CPU run), "gpu" or "tiny"."""
+    variant = arg or "cpu"
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.model = "cpu-small"  # statejax.model.config preset; random weights
+    c.dtype = "float32"
+    c.seed = 0
+    c.impl = "reference"  # attention: "reference" or "pallas" (statejax.kernels; GPU compiled)
+    c.system_prompt = SYSTEM_PROMPT  # the session's frozen prefix
+    c.question = QUESTION
+    c.flash_max_new_tokens = 32  # the registered flash query's answer length
+    c.bars_per_update = 4  # one data batch; the prefix-cache baseline recomputes about this
+    c.context_sizes = (256, 512, 1024, 2048, 4096)
+    c.warmup = 1  # untimed runs of each identical call (compiles every shape first)
+    c.repeats = 5  # timed runs; the median is reported
+    c.budget = ml_collections.ConfigDict(dict(
+        cells=4096 + 512,
+        page_size=16,
+        # 32: the question is exactly one bucket (padding it to 64 doubled the stateful query's
+        # attention on CPU: 3.1x instead of 2.2x from 256 to 4096 tokens). The stateless
+        # re-prefill runs in chunks of the largest.
+        chunk_sizes=(16, 32, 64, 256),
+        windows=(),  # () = the Budget's default ladder
+        question_cells=64,
+        max_new_tokens=32,
+    ))
+
+    if variant == "gpu":
+        c.model = "llama-3.2-1b"
+        c.dtype = "bfloat16"
+        c.context_sizes = (1024, 2048, 4096, 8192, 16384, 32768)
+        c.warmup = 2
+        c.repeats = 10
+        c.budget.cells = 32768 + 1024
+        # Large chunks so the stateless re-prefill is not launch-bound; windows in powers of
+        # two only, to keep the number of compiles down.
+        c.budget.chunk_sizes = (16, 32, 64, 256, 1024, 2048)
+        c.budget.windows = tuple(2**i for i in range(8, 16)) + (c.budget.cells,)
+    elif variant == "tiny":
+        c.model = "tiny"
+        c.system_prompt = "OHLCV bars:\n"
+        c.bars_per_update = 1
+        c.context_sizes = (64, 128, 256)
+        c.repeats = 1
+        c.budget.cells = 512
+    elif variant != "cpu":
+        raise ValueError(f"unknown variant {arg!r}; allowed: None (cpu), 'gpu', 'tiny'")
+    return c

@@ -1,0 +1,33 @@
+"""Query latency vs accumulated context (paper 1): all paths on one streamed session.
+
+  python -m experiments.stream_latency                      # CPU run, a few minutes
+  python -m experiments.stream_latency --config=configs/stream_latency.py:gpu
+  python -m experiments.stream_latency --config=configs/stream_latency.py:tiny --workdir=/tmp/x
+
+Writes results.json, results.md and latency_vs_context.png into --workdir.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from statejax import latency
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_REPO, "configs", "stream_latency.py"),
+    "Study config (configs/stream_latency.py[:gpu|:tiny]).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/stream_latency", "Where results are written.")
+
+
+def main(argv):
+    del argv
+    results = latency.run_stream_latency(_CONFIG.value)
+    paths = latency.write_results(results, _WORKDIR.value)
+    print(latency.results_markdown(results))
+    print(f"wrote {', '.join(paths.values())}")
+
+
+if __name__ == "__main__":
+    app.run(main)

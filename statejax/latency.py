@@ -1,0 +1,284 @@
+"""Query latency vs accumulated context: stateful session vs request-driven baselines (paper 1).
+
+One stream of synthetic OHLCV bars grows a session (frozen system prompt, then data batches of
+`bars_per_update` bars) through `config.context_sizes`. At each size the same question
+(~32 tokens, next-token logits: `max_new_tokens=1`) is timed on four paths:
+
+- stateful: `Session.query` on the grown session, O(|q|);
+- stateless: `StatelessEngine` re-prefills the whole history, then the question, O(n);
+- prefix-cache: `PrefixCacheEngine` whose previous prompt is the context before the latest
+  data batch; it reuses that prompt's full pages and recomputes the tail plus the question;
+- flash hit: `StreamingSession.ask` of a registered question, answered from the cache.
+
+Timings are wall clock with `jax.block_until_ready`, the median of `repeats` runs after
+`warmup` runs of the identical call, so every shape is compiled before it is timed.
+Importable from notebooks; `experiments/stream_latency.py` is the launcher.
+"""
+
+import datetime
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from statejax.baselines import PrefixCacheEngine, StatelessEngine
+from statejax.budget import Budget
+from statejax.data.market import format_bar, iter_synthetic_bars
+from statejax.errors import InputError
+from statejax.model.config import preset
+from statejax.model.llama import init_params
+from statejax.session import Session
+from statejax.streaming import StreamingSession
+from statejax.tokenizer import ByteTokenizer
+
+# Columns of the table and lines of the plot: (row key, label).
+PATHS = (("stateful_query_ms", "stateful"), ("stateless_query_ms", "stateless"),
+         ("prefix_cache_query_ms", "prefix-cache"), ("flash_hit_ms", "flash hit"))
+
+
+def budget_from_config(config) -> Budget:
+    """The one boundary from `config.budget` (a ConfigDict) to the typed `Budget`."""
+    b = config.budget
+    return Budget(cells=b.cells, page_size=b.page_size, chunk_sizes=tuple(b.chunk_sizes),
+                  windows=tuple(b.windows) or None, question_cells=b.question_cells,
+                  max_new_tokens=b.max_new_tokens)
+
+
+def _median_ms(fn, *, warmup: int, repeats: int, setup=None) -> float:
+    """Median wall-clock ms of `fn()` (blocked until ready); `setup()` runs untimed before."""
+    times = []
+    for i in range(warmup + repeats):
+        if setup is not None:
+            jax.block_until_ready(setup())
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def _data_batches(tokenizer, bars_per_update: int, seed: int):
+    """Yields (text, [N] int32 ids) of `bars_per_update` consecutive bars, forever."""
+    bars = iter_synthetic_bars(seed=seed)
+    while True:
+        text = "".join(format_bar(next(bars)) for _ in range(bars_per_update))
+        yield text, tokenizer.encode(text)
+
+
+def model_summary(cfg) -> dict:
+    """Shape and sizes of a `ModelConfig`, for results."""
+    return {"preset": cfg.name, "dtype": cfg.dtype, "layers": cfg.num_layers,
+            "width": cfg.embed_dim, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim, "mlp_dim": cfg.mlp_dim, "vocab": cfg.vocab_size,
+            "params": cfg.num_params, "weight_bytes": cfg.weight_bytes,
+            "kv_bytes_per_token": cfg.kv_bytes_per_token}
+
+
+def run_stream_latency(config) -> dict:
+    """Runs the study described in the module docstring.
+
+    Args:
+      config: a ConfigDict from `configs/stream_latency.py`.
+
+    Returns:
+      {"rows": one dict per context size, "device", "host_cpus", "jax_version", "model",
+       "date", "tokens_per_bar", "question_tokens", "runtime_s", "targets", "config"}.
+      Row keys: target_tokens, context_tokens (the last batch boundary <= target), bars, the
+      four `PATHS` latencies in ms, append_ms (one data batch), ingest_ms_per_bar,
+      prefix_cache_reused_tokens, same_first_token (the paths agree), flash_refresh_ms
+      (idle-time re-evaluation of the flash query, off the critical path), flash_items_behind.
+    """
+    start = time.perf_counter()
+    cfg = preset(config.model, dtype=config.dtype)
+    params = init_params(cfg, seed=config.seed)
+    budget, tokenizer = budget_from_config(config), ByteTokenizer()
+    session = Session(params, cfg, budget, tokenizer, prefix=config.system_prompt,
+                      impl=config.impl)
+    engines = (StatelessEngine(params, cfg, budget, tokenizer, impl=config.impl),
+               PrefixCacheEngine(params, cfg, budget, tokenizer, impl=config.impl))
+    stream = StreamingSession(session)
+    batches = _data_batches(tokenizer, config.bars_per_update, config.seed)
+    rows, bars, data_tokens = [], 0, 0
+    try:
+        stream.register(config.question, config.flash_max_new_tokens)
+        pending = next(batches)
+        for target in config.context_sizes:
+            # Grow to the last batch boundary <= target; flash work waits (it is timed later).
+            with stream.flash_paused():
+                last, length = None, session.length
+                while length + pending[1].size <= target:
+                    stream.push(pending[0])
+                    last, length = pending[1], length + pending[1].size
+                    bars, data_tokens = bars + config.bars_per_update, data_tokens + last.size
+                    pending = next(batches)
+                if last is None:
+                    raise InputError(f"context size {target} leaves no room for a data batch of "
+                                     f"{pending[1].size} tokens after {length} tokens")
+                stream.flush()
+                row = _measure_paths(config, session, *engines, last)
+            # Leaving the pause lets the worker re-evaluate the flash query (idle-time work).
+            row.update(_measure_flash(config, stream))
+            rows.append({"target_tokens": int(target), "bars": bars, **row})
+    finally:
+        stream.close()
+    device = jax.devices()[0]
+    return {
+        "rows": rows,
+        "device": f"{device.device_kind} ({device.platform})",
+        "host_cpus": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "model": model_summary(cfg),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "tokens_per_bar": data_tokens / bars,
+        "question_tokens": int(tokenizer.encode(config.question).size),
+        "runtime_s": time.perf_counter() - start,
+        "targets": check_targets(rows),
+        "config": config.to_dict(),
+    }
+
+
+def _measure_paths(config, session, stateless, prefix_cache, last) -> dict:
+    """Times ingest and the three query paths at the session's current context.
+
+    `last`: [N] ids of the latest data batch. Drives the session directly, so the streaming
+    worker must be idle (flushed, flash evaluation paused).
+    """
+    timing = {"warmup": config.warmup, "repeats": config.repeats}
+    question, n = config.question, session.length
+    history = session.tokens
+    before = history[:n - last.size]  # the previous prompt of the prefix-cache baseline
+    row = {"context_tokens": n}
+    # Ingest: rewind over the latest batch (metadata only) and append it again.
+    row["append_ms"] = _median_ms(lambda: session.append(last),
+                                  setup=lambda: session.truncate(before.size), **timing)
+    row["ingest_ms_per_bar"] = row["append_ms"] / config.bars_per_update
+    row["stateful_query_ms"] = _median_ms(lambda: session.query(question, 1), **timing)
+    row["stateless_query_ms"] = _median_ms(lambda: stateless.query(history, question, 1),
+                                           **timing)
+    row["prefix_cache_query_ms"] = _median_ms(
+        lambda: prefix_cache.query(history, question, 1),
+        setup=lambda: (prefix_cache.load(before), prefix_cache.session.state), **timing)
+    row["prefix_cache_reused_tokens"] = prefix_cache.last_reused_tokens
+    answers = (session.query(question, 1), stateless.query(history, question, 1),
+               prefix_cache.query(history, question, 1))
+    row["same_first_token"] = len({a.tokens[:1].tobytes() for a in answers}) == 1
+    return row
+
+
+def _measure_flash(config, stream) -> dict:
+    """Waits for the flash re-evaluation (timed: off the critical path), then times `ask`."""
+    start = time.perf_counter()
+    stream.flush()
+    refresh_ms = (time.perf_counter() - start) * 1e3
+    hit = stream.ask(config.question)
+    if not hit.hit:
+        raise RuntimeError(f"the registered flash query missed: {hit}")
+    return {"flash_refresh_ms": refresh_ms, "flash_items_behind": hit.items_behind,
+            "flash_hit_ms": _median_ms(lambda: stream.ask(config.question),
+                                       warmup=config.warmup, repeats=config.repeats)}
+
+
+# ---------------------------------------------------------------------------- targets, report
+
+def check_targets(rows) -> list[dict]:
+    """The study's pass/fail targets from the smallest and largest context rows.
+
+    - stateful latency stays within 2x from the smallest to the largest context;
+    - stateless latency grows more than 10x over the same range;
+    - at the largest context stateless is at least 10x slower than stateful.
+    """
+    lo, hi = rows[0], rows[-1]
+    checks = [
+        ("stateful largest / smallest", hi["stateful_query_ms"] / lo["stateful_query_ms"],
+         "<=", 2.0),
+        ("stateless largest / smallest", hi["stateless_query_ms"] / lo["stateless_query_ms"],
+         ">", 10.0),
+        ("stateless / stateful at largest", hi["stateless_query_ms"] / hi["stateful_query_ms"],
+         ">=", 10.0),
+    ]
+    passes = {"<=": lambda v, b: v <= b, ">": lambda v, b: v > b, ">=": lambda v, b: v >= b}
+    return [{"name": name, "value": value, "op": op, "bound": bound,
+             "passed": bool(passes[op](value, bound))} for name, value, op, bound in checks]
+
+
+def results_markdown(results: dict) -> str:
+    """A markdown report: setup, one table row per context size, the targets."""
+    m = results["model"]
+    lines = [
+        "# Query latency vs accumulated context",
+        "",
+        f"- device: {results['device']}, {results['host_cpus']} host CPUs, "
+        f"jax {results['jax_version']}, {results['date']}",
+        f"- attention impl `{results['config']['impl']}`; model `{m['preset']}` ({m['dtype']}, "
+        f"random weights): {m['layers']} layers, width "
+        f"{m['width']}, {m['heads']} heads, {m['kv_heads']} kv heads, head dim {m['head_dim']}, "
+        f"MLP {m['mlp_dim']}, vocab {m['vocab']}; {m['params'] / 1e6:.1f}M params, "
+        f"{m['weight_bytes'] / 1e6:.1f} MB weights, {m['kv_bytes_per_token'] / 1024:.1f} KiB KV "
+        "per token",
+        f"- query: {results['question_tokens']} question tokens, next-token logits; "
+        f"{results['tokens_per_bar']:.1f} tokens per bar, "
+        f"{results['config']['bars_per_update']} bars per update; median of "
+        f"{results['config']['repeats']} after {results['config']['warmup']} warm-up(s); "
+        f"run took {results['runtime_s']:.0f} s",
+        "",
+        "| context tokens | " + " | ".join(f"{label} ms" for _, label in PATHS)
+        + " | append ms/bar | prefix reused tokens |",
+        "|---:" * (len(PATHS) + 3) + "|",
+    ]
+    for r in results["rows"]:
+        cells = [str(r["context_tokens"])] + [_ms(r[key]) for key, _ in PATHS]
+        cells += [_ms(r["ingest_ms_per_bar"]), str(r["prefix_cache_reused_tokens"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Targets", "", "| target | measured | bound | result |", "|---|---:|---|---|"]
+    for t in results["targets"]:
+        lines.append(f"| {t['name']} | {t['value']:.2f}x | {t['op']} {t['bound']:g}x | "
+                     f"{'PASS' if t['passed'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.1f}"
+
+
+def plot_latency(results: dict, ax=None):
+    """Draws latency vs context tokens (log-log), one line per path; returns the axes."""
+    if ax is None:
+        ax = Figure(figsize=(6, 4), layout="constrained").subplots()
+    x = [r["context_tokens"] for r in results["rows"]]
+    for key, label in PATHS:
+        ax.plot(x, [r[key] for r in results["rows"]], marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="accumulated context (tokens)",
+           ylabel="query latency (ms)",
+           title=f"{results['model']['preset']} on {results['device']}")
+    ax.set_xticks(x, [str(v) for v in x])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels collide otherwise
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def write_results(results: dict, workdir: str) -> dict:
+    """Writes results.json, results.md and latency_vs_context.png into `workdir`.
+
+    Returns:
+      {"json", "md", "png"}: the paths written.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    paths = {ext: os.path.join(workdir, name) for ext, name in (
+        ("json", "results.json"), ("md", "results.md"), ("png", "latency_vs_context.png"))}
+    with open(paths["json"], "w") as f:
+        json.dump(results, f, indent=2)
+    with open(paths["md"], "w") as f:
+        f.write(results_markdown(results))
+    plot_latency(results).figure.savefig(paths["png"], dpi=120)
+    return paths
+
+
+def load_results(workdir: str) -> dict:
+    """Reads results.json from a directory written by `write_results`."""
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
