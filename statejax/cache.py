@@ -11,6 +11,11 @@ about caching. Three views:
 
 Padded tokens (beyond `num_new`) are written with `mode="drop"` at an out-of-range index, so
 a padded chunk never touches a cell it does not own.
+
+Attention implementations (`impl`, static): "reference" (`statejax.attention`, every view)
+and "pallas" (`AppendView`, `BranchView`: the kernels in `statejax.kernels`). The one rule for
+"pallas": the kernels run in Pallas interpret mode iff `jax.default_backend() == "cpu"`, and
+are compiled (Triton lowering) otherwise. A failing kernel raises; nothing falls back.
 """
 
 import jax
@@ -35,9 +40,39 @@ def _scatter_rows(cells_LxRxNxKxD, layer, start_R, num_new_R, new_RxTxKxD):
         new_RxTxKxD.astype(cells_LxRxNxKxD.dtype), mode="drop")
 
 
-def _check_impl(impl: str):
-    if impl != "reference":
-        raise ValueError(f"attention impl={impl!r}; allowed here: 'reference'")
+def _check_impl(impl: str, allowed: tuple[str, ...] = ("reference",)):
+    if impl not in allowed:
+        raise ValueError(f"attention impl={impl!r}; allowed here: {allowed}")
+
+
+def pallas_interpret() -> bool:
+    """impl="pallas" runs the kernels in interpret mode iff the default backend is the CPU."""
+    return jax.default_backend() == "cpu"
+
+
+# The kernels are imported on first use: the reference path needs no Pallas, and a checkout run
+# with only PYTHONPATH (no install mapping `kernels/` to `statejax.kernels`) still works.
+
+
+def _pallas_append(layer, q_BxTxHxD, k_LxBxCxKxD, v_LxBxCxKxD, lengths_B, window):
+    """AppendView attention by `append_attention` over the cells (chunk already written)."""
+    from statejax.kernels import append_attention
+
+    out, _ = append_attention.append_attention_cells(
+        q_BxTxHxD, k_LxBxCxKxD, v_LxBxCxKxD, lengths_B, layer=layer, window=window,
+        interpret=pallas_interpret())
+    return out
+
+
+def _pallas_branch(layer, q_RxTxHxD, view, branch_k, branch_v):
+    """BranchView attention by `cascade_attention`: shared cells read once for all branches."""
+    from statejax.kernels import cascade_attention
+
+    out, _ = cascade_attention.cascade_attention_cells(
+        q_RxTxHxD, view.shared_k, view.shared_v, view.row, view.shared_len, branch_k,
+        branch_v, view.branch_lengths, layer=layer, shared_window=view.window,
+        interpret=pallas_interpret())
+    return out
 
 
 @struct.dataclass
@@ -80,9 +115,12 @@ class AppendView:
         return self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
     def update_and_attend(self, layer, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
-        _check_impl(self.impl)
+        _check_impl(self.impl, ("reference", "pallas"))
         k = _scatter_rows(self.k, layer, self.lengths, self.num_new, k_BxTxKxD)
         v = _scatter_rows(self.v, layer, self.lengths, self.num_new, v_BxTxKxD)
+        if self.impl == "pallas":
+            out = _pallas_append(layer, q_BxTxHxD, k, v, self.lengths, self.window)
+            return out, self.replace(k=k, v=v)
         t = q_BxTxHxD.shape[1]
         q_pos_BxT = self.positions(t)
         key_pos_S = jnp.arange(self.window, dtype=jnp.int32)
@@ -124,12 +162,15 @@ class BranchView:
         return self.shared_len + self.branch_lengths[:, None] + offsets
 
     def update_and_attend(self, layer, q_RxTxHxD, k_RxTxKxD, v_RxTxKxD):
-        _check_impl(self.impl)
+        _check_impl(self.impl, ("reference", "pallas"))
         r, t = q_RxTxHxD.shape[:2]
         branch_k = _scatter_rows(self.branch_k, layer, self.branch_lengths, self.num_new,
                                  k_RxTxKxD)
         branch_v = _scatter_rows(self.branch_v, layer, self.branch_lengths, self.num_new,
                                  v_RxTxKxD)
+        if self.impl == "pallas":
+            out = _pallas_branch(layer, q_RxTxHxD, self, branch_k, branch_v)
+            return out, self.replace(branch_k=branch_k, branch_v=branch_v)
 
         # Shared part: every branch sees the same cells [0, n) of the session row.
         shared_k_SxKxD = self.shared_k[layer, self.row, : self.window]

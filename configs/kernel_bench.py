@@ -1,0 +1,66 @@
+"""Attention kernel benchmark: time, bytes/s and FLOP/s vs the device's measured peaks.
+
+Run from the repo root. GPU (the shapes of issue 3's targets and a grid around them):
+  python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu \
+      --workdir=runs/kernel_bench_gpu
+CPU check (interpret mode, tiny shapes, a minute):
+  python -m experiments.kernel_bench --config=configs/kernel_bench.py:cpu --workdir=/tmp/kb
+
+Shape tuples, one per benchmarked call:
+  decode  (B sessions, S cached cells per session, T new tokens, H, K, D)
+  append  (B sessions, S cached cells per session, T new tokens, H, K, D)
+  cascade (R branches, S shared cells, T tokens per branch, H, K, D); private cells = T
+Cached cells are the same for every session; K/V live in a shuffled page pool.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """arg: "gpu" (default) or "cpu" (the shrink switch: tiny shapes, interpret mode)."""
+    variant = arg or "gpu"
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.dtype = "bfloat16"
+    c.page_size = 64  # cells per page of the benchmark's pool
+    c.interpret = False
+    c.baselines = True  # jax's Pallas decode kernel, cuDNN, the XLA reference (GPU only)
+    c.warmup = 2  # untimed calls after compilation
+    c.repeats = 10  # timed samples (of 5 calls each); the median is reported
+    c.time_budget_s = 150.0  # shapes not started by then are recorded as skipped
+    c.copy_mib = 2048  # device-to-device copy that measures the bandwidth (read + write)
+    c.matmul_size = 8192  # N of the bf16 N x N x N matmul that measures the matrix rate
+    # Llama-3.2-1B attention is H=32, K=8, D=64; Llama-3.1-8B is H=32, K=8, D=128.
+    c.decode = (
+        (8, 16384, 1, 32, 8, 128),  # target: >= 75% of copy bandwidth
+        (1, 1024, 1, 32, 8, 64), (1, 8192, 1, 32, 8, 64), (1, 32768, 1, 32, 8, 64),
+        (8, 4096, 1, 32, 8, 128), (8, 32768, 1, 32, 8, 128), (64, 4096, 1, 32, 8, 128),
+        (8, 16384, 1, 64, 8, 128),  # GQA 8
+        (8, 16384, 4, 32, 8, 128),  # speculative verification, 4 tokens
+    )
+    c.append = (
+        (8, 8192, 512, 32, 8, 128),  # target: >= 40% of the bf16 matrix rate
+        (1, 1024, 32, 32, 8, 64), (1, 8192, 32, 32, 8, 64), (1, 32768, 32, 32, 8, 64),
+        (1, 8192, 512, 32, 8, 64), (8, 8192, 512, 64, 8, 128), (64, 1024, 64, 32, 8, 64),
+    )
+    c.cascade = (
+        (1, 16384, 32, 32, 8, 64), (8, 16384, 32, 32, 8, 64),  # target: R=8 < 1.5x R=1
+        (1, 4096, 32, 32, 8, 128), (8, 4096, 32, 32, 8, 128), (64, 4096, 8, 32, 8, 128),
+    )
+
+    if variant == "cpu":
+        c.dtype = "float32"
+        c.page_size = 16
+        c.interpret = True
+        c.baselines = False
+        c.warmup = 1
+        c.repeats = 2
+        c.time_budget_s = 600.0
+        c.copy_mib = 16
+        c.matmul_size = 256
+        c.decode = ((2, 128, 1, 8, 2, 16), (1, 256, 2, 8, 1, 32))
+        c.append = ((2, 64, 16, 8, 2, 16),)
+        c.cascade = ((1, 128, 4, 8, 2, 16), (4, 128, 4, 8, 2, 16))
+    elif variant != "gpu":
+        raise ValueError(f"unknown variant {arg!r}; allowed: 'gpu' (default), 'cpu'")
+    return c

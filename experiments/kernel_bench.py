@@ -1,0 +1,309 @@
+"""Benchmarks the Pallas attention kernels against the device's measured peaks and baselines.
+
+  python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu --workdir=runs/kb
+  python -m experiments.kernel_bench --config=configs/kernel_bench.py:cpu --workdir=/tmp/kb
+
+For every shape of the config: the median time of our kernel; the bytes that must move (Q, the
+K/V cells each session attends to read once, the output written once) per second, as a
+fraction of the copy bandwidth measured in the same run (a device-to-device copy, read +
+write); FLOP/s as a fraction of the bf16 matmul rate measured in the same run; and, on a GPU,
+the time of comparable baselines (`jax.experimental.pallas.ops.gpu.decode_attention.gqa`,
+`jax.nn.dot_product_attention(implementation="cudnn")`, the XLA reference, and for cascade
+the append kernel over R rows whose tables alias the shared pages). A baseline that fails is
+recorded with its error; our kernels raise. Writes results.json and results.md to --workdir.
+"""
+
+import datetime
+import functools
+import json
+import math
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from statejax import attention
+from statejax.kernels import append_attention as aa
+from statejax.kernels import cascade_attention as ca
+from statejax.kernels import decode_attention as da
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_REPO, "configs", "kernel_bench.py"),
+    "Benchmark config (configs/kernel_bench.py[:gpu|:cpu]).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/kernel_bench", "Where results are written.")
+
+_INNER = 5  # calls per timed sample: launches pipeline, so short kernels are not launch-bound
+_XLA_SCORES_LIMIT = 8 << 30  # skip the XLA reference when its score matrix exceeds this
+
+
+def median_seconds(fn, *args, warmup: int, repeats: int) -> float:
+    """Median seconds per call of fn(*args), after one compiling call and `warmup` calls."""
+    jax.block_until_ready(fn(*args))
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(_INNER):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / _INNER)
+    return statistics.median(samples)
+
+
+def measure_peaks(cfg) -> dict:
+    """Copy bandwidth (bytes/s, read + write) and bf16 matmul rate (FLOP/s) of this device."""
+    x = jnp.ones((cfg.copy_mib << 19,), jnp.bfloat16)  # copy_mib MiB of bf16
+    copy = jax.jit(lambda x: x * 2)
+    t_copy = median_seconds(copy, x, warmup=cfg.warmup, repeats=cfg.repeats)
+    n = cfg.matmul_size
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    t_mm = median_seconds(jax.jit(jnp.matmul), a, b, warmup=cfg.warmup, repeats=cfg.repeats)
+    return {"copy_bytes_per_s": 2 * x.nbytes / t_copy, "matmul_flop_per_s": 2 * n**3 / t_mm,
+            "copy_mib": cfg.copy_mib, "matmul_size": n}
+
+
+def _paged_inputs(key, *, rows, cells, t, h, k, d, page_size, dtype):
+    """q [rows, t, h, d] and a shuffled pool holding `cells` cells per row."""
+    pages = math.ceil(cells / page_size)
+    keys = jax.random.split(key, 4)
+    q = jax.random.normal(keys[0], (rows, t, h, d), dtype)
+    shape = (rows * pages, page_size, k, d)
+    k_pool = jax.random.normal(keys[1], shape, dtype)
+    v_pool = jax.random.normal(keys[2], shape, dtype)
+    table = jax.random.permutation(keys[3], rows * pages).reshape(rows, pages).astype(jnp.int32)
+    return q, k_pool, v_pool, table
+
+
+def _attention_traffic(*, rows, cells, t, h, k, d, itemsize):
+    """(bytes, flops) of T tokens per row attending to `cells` K/V cells (the last T causal)."""
+    io = 2 * rows * t * h * d * itemsize
+    kv = rows * cells * k * d * 2 * itemsize
+    scores = rows * h * (t * (cells - t) + t * (t + 1) // 2)
+    return io + kv, 4 * d * scores
+
+
+def _try(fn):
+    """Runs a baseline; returns its seconds or the error it raised."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a baseline's failure is a result, not a crash
+        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def _baselines_paged(cfg, kind, q, k_pool, v_pool, table, lengths, window):
+    """Comparable baselines for decode/append over the same (gathered, contiguous) cells."""
+    timed = functools.partial(median_seconds, warmup=cfg.warmup, repeats=cfg.repeats)
+    k = aa.gather_pages(k_pool, table, window)  # [B, S, K, D] contiguous copies
+    v = aa.gather_pages(v_pool, table, window)
+    b, t, h, _ = q.shape
+    cells = int(lengths[0]) + t
+    out = {}
+    if kind == "decode" and t == 1:
+        from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
+
+        pad = -cells % 2048  # gqa: S divisible by k_splits (16) x block_k (128)
+        kp = jnp.pad(k[:, :cells], ((0, 0), (0, pad), (0, 0), (0, 0)))
+        vp = jnp.pad(v[:, :cells], ((0, 0), (0, pad), (0, 0), (0, 0)))
+        seq = jnp.full((b,), cells, jnp.int32)
+        out["jax_pallas_gqa_ms"] = _try(lambda: 1e3 * timed(
+            jax.jit(jax_decode.gqa), q[:, 0], kp, vp, None, seq))
+    kc, vc = k[:, :cells], v[:, :cells]
+    out["cudnn_noncausal_ms"] = _try(lambda: 1e3 * timed(jax.jit(functools.partial(
+        jax.nn.dot_product_attention, implementation="cudnn")), q, kc, vc))
+    if b * h * t * cells * 4 <= _XLA_SCORES_LIMIT:
+        q_pos = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        mask = jnp.arange(cells, dtype=jnp.int32)[None, None, :] <= q_pos[:, :, None]
+        out["xla_reference_ms"] = _try(lambda: 1e3 * timed(jax.jit(attention.attend), q, kc,
+                                                            vc, mask))
+    return out
+
+
+def bench_paged(cfg, peaks, kind, shape, key) -> dict:
+    """One decode or append shape: (B, S, T, H, K, D)."""
+    b, s, t, h, k, d = shape
+    dtype = jnp.dtype(cfg.dtype)
+    q, k_pool, v_pool, table = _paged_inputs(key, rows=b, cells=s + t, t=t, h=h, k=k, d=d,
+                                             page_size=cfg.page_size, dtype=dtype)
+    lengths = jnp.full((b,), s, jnp.int32)
+    window = table.shape[1] * cfg.page_size
+    fn = da.decode_attention if kind == "decode" else aa.append_attention
+    call = jax.jit(functools.partial(fn, window=window, interpret=cfg.interpret))
+    seconds = median_seconds(call, q, k_pool, v_pool, table, lengths, warmup=cfg.warmup,
+                             repeats=cfg.repeats)
+    nbytes, flops = _attention_traffic(rows=b, cells=s + t, t=t, h=h, k=k, d=d,
+                                       itemsize=dtype.itemsize)
+    row = _row(kind, dict(sessions=b, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
+               seconds, nbytes, flops, peaks)
+    if cfg.baselines:
+        row.update(_baselines_paged(cfg, kind, q, k_pool, v_pool, table, lengths, window))
+    return row
+
+
+def bench_cascade(cfg, peaks, shape, key) -> dict:
+    """R branches of T tokens over S shared cells: (R, S, T, H, K, D)."""
+    r, s, t, h, k, d = shape
+    dtype = jnp.dtype(cfg.dtype)
+    q, sk, sv, s_table = _paged_inputs(key, rows=1, cells=s, t=t, h=h, k=k, d=d,
+                                       page_size=cfg.page_size, dtype=dtype)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (r, t, h, d), dtype)
+    branch_ps = min(cfg.page_size, max(16, 1 << (t - 1).bit_length()))
+    _, bk, bv, b_table = _paged_inputs(jax.random.fold_in(key, 2), rows=r, cells=t, t=1, h=h,
+                                       k=k, d=d, page_size=branch_ps, dtype=dtype)
+    branch_lengths = jnp.zeros((r,), jnp.int32)
+    call = jax.jit(functools.partial(ca.cascade_attention, interpret=cfg.interpret))
+    args = (q, sk, sv, s_table[0], jnp.int32(s), bk, bv, b_table, branch_lengths)
+    seconds = median_seconds(call, *args, warmup=cfg.warmup, repeats=cfg.repeats)
+    io = 2 * r * t * h * d * dtype.itemsize
+    nbytes = io + (s + r * t) * k * d * 2 * dtype.itemsize
+    flops = 4 * d * r * h * (t * s + t * (t + 1) // 2)
+    row = _row("cascade", dict(sessions=r, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
+               seconds, nbytes, flops, peaks)
+    if cfg.baselines and s % cfg.page_size == 0:
+        # No sharing: the append kernel over R rows whose tables alias the shared pages.
+        pages_t = math.ceil(t / cfg.page_size)
+        _, pk, pv, p_table = _paged_inputs(jax.random.fold_in(key, 3), rows=r,
+                                           cells=pages_t * cfg.page_size, t=1, h=h, k=k, d=d,
+                                           page_size=cfg.page_size, dtype=dtype)
+        pool_k = jnp.concatenate([sk, pk])
+        pool_v = jnp.concatenate([sv, pv])
+        table = jnp.concatenate([jnp.broadcast_to(s_table, (r, s_table.shape[1])),
+                                 p_table + sk.shape[0]], axis=1)
+        lengths = jnp.full((r,), s, jnp.int32)
+        append = jax.jit(functools.partial(aa.append_attention, interpret=cfg.interpret))
+        row["append_aliased_rows_ms"] = _try(lambda: 1e3 * median_seconds(
+            append, q, pool_k, pool_v, table, lengths, warmup=cfg.warmup, repeats=cfg.repeats))
+    return row
+
+
+def _row(kind, shape, seconds, nbytes, flops, peaks) -> dict:
+    return dict(kernel=kind, **shape, ms=1e3 * seconds, bytes=nbytes, flops=flops,
+                gbytes_per_s=nbytes / seconds / 1e9,
+                frac_copy=nbytes / seconds / peaks["copy_bytes_per_s"],
+                tflop_per_s=flops / seconds / 1e12,
+                frac_matmul=flops / seconds / peaks["matmul_flop_per_s"])
+
+
+def run(cfg, workdir: str | None = None) -> dict:
+    """Measures the peaks, then every configured shape (targets first).
+
+    With `workdir`, results are rewritten after every shape, so a run cut short keeps what it
+    measured."""
+    device = jax.devices()[0]
+    results = dict(
+        device=f"{device.platform}: {device.device_kind}",
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        jax_version=jax.__version__, variant=cfg.variant, dtype=cfg.dtype,
+        page_size=cfg.page_size, interpret=cfg.interpret, rows=[])
+    results.update(measure_peaks(cfg))
+    key = jax.random.key(0)
+    deadline = time.monotonic() + cfg.get("time_budget_s", float("inf"))
+    work = ([("decode", s) for s in cfg.decode] + [("append", s) for s in cfg.append]
+            + [("cascade", s) for s in cfg.cascade])
+    for i, (kind, shape) in enumerate(work):
+        if time.monotonic() > deadline:
+            results["rows"].append(dict(kernel=kind, shape=list(shape),
+                                        skipped="time budget"))
+            continue
+        key_i = jax.random.fold_in(key, i)
+        if kind == "cascade":
+            row = bench_cascade(cfg, results, shape, key_i)
+        else:
+            row = bench_paged(cfg, results, kind, shape, key_i)
+        print(json.dumps(row), flush=True)
+        results["rows"].append(row)
+        if workdir:
+            write_results(results, workdir)
+    return results
+
+
+def _fmt(x):
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return str(x)
+
+
+def results_markdown(results: dict) -> str:
+    lines = [
+        f"# Attention kernel benchmark ({results['variant']})", "",
+        f"- device: {results['device']}; date: {results['date']}; jax {results['jax_version']}",
+        f"- dtype {results['dtype']}, page size {results['page_size']}, "
+        f"interpret={results['interpret']}",
+        f"- measured copy bandwidth (read + write of {results['copy_mib']} MiB): "
+        f"{results['copy_bytes_per_s'] / 1e12:.3f} TB/s",
+        f"- measured bf16 matmul ({results['matmul_size']}^3): "
+        f"{results['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s", "",
+        "Bytes = Q + attended K/V cells read once + output once. "
+        "Baselines in ms; `cudnn_noncausal` attends to the same cells without the causal tail.",
+        "",
+    ]
+    base_keys = sorted({k for row in results["rows"] for k in row if k.endswith("_ms")})
+    header = ["kernel", "B/R", "S", "T", "H", "K", "D", "ms", "GB/s", "% copy", "TFLOP/s",
+              "% matmul", *[k.removesuffix("_ms") for k in base_keys]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['kernel']} | {row['shape']} skipped: {row['skipped']} |")
+            continue
+        cells = [row["kernel"], row["sessions"], row["context"], row["t"], row["heads"],
+                 row["kv_heads"], row["head_dim"], row["ms"], row["gbytes_per_s"],
+                 100 * row["frac_copy"], row["tflop_per_s"], 100 * row["frac_matmul"],
+                 *[row.get(k, "") for k in base_keys]]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines + ["", *target_lines(results)]) + "\n"
+
+
+def target_lines(results: dict) -> list[str]:
+    """Issue 3's targets, read off the rows that exist."""
+    rows = [r for r in results["rows"] if "skipped" not in r]
+
+    def find(kind, **shape):
+        return next((r for r in rows if r["kernel"] == kind
+                     and all(r[k] == v for k, v in shape.items())), None)
+
+    out = ["## Targets"]
+    dec = find("decode", sessions=8, context=16384, t=1, kv_heads=8, head_dim=128)
+    if dec:
+        out.append(f"- decode 8 x 16k, K=8, D=128: {100 * dec['frac_copy']:.0f}% of copy "
+                   "bandwidth (target >= 75%)")
+    app_ = find("append", sessions=8, context=8192, t=512, heads=32, head_dim=128)
+    if app_:
+        out.append(f"- append 8 x 512 over 8k, H=32, D=128: {100 * app_['frac_matmul']:.0f}% "
+                   "of the bf16 matmul rate (target >= 40%)")
+    for one in [r for r in rows if r["kernel"] == "cascade" and r["sessions"] == 1]:
+        for many in rows:
+            if many["kernel"] == "cascade" and many["sessions"] > 1 and all(
+                    many[k] == one[k] for k in ("context", "t", "heads", "head_dim")):
+                out.append(f"- cascade over {one['context']} shared cells, T={one['t']}, "
+                           f"D={one['head_dim']}: {many['sessions']} branches take "
+                           f"{many['ms'] / one['ms']:.2f}x one branch (target < 1.5x at 8)")
+    return out
+
+
+def write_results(results: dict, workdir: str) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    paths = {"json": os.path.join(workdir, "results.json"),
+             "md": os.path.join(workdir, "results.md")}
+    with open(paths["json"], "w") as f:
+        json.dump(results, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(results_markdown(results))
+    return paths
+
+
+def main(argv):
+    del argv
+    results = run(_CONFIG.value, _WORKDIR.value)
+    paths = write_results(results, _WORKDIR.value)
+    print(results_markdown(results))
+    print(f"wrote {', '.join(paths.values())}")
+
+
+if __name__ == "__main__":
+    app.run(main)

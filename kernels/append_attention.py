@@ -1,0 +1,493 @@
+"""Append attention: a chunk of T new tokens attends to its row's cells through a page table.
+
+The contract is `statejax.attention` (DESIGN principle 3): query token t of row b sits at
+position n_b + t, its own K/V is already written at cell n_b + t, and it attends to cells
+[0, min(n_b + t + 1, S)) of its row, S being the window. Cells live in a pool
+[num_pages, page_size, K, D]; row b's cell c is `pool[page_table[b, c // page_size],
+c % page_size]`. The contiguous `SessionState` layout [L, B, C, K, D] is the same pool
+reshaped (a bitcast), addressed by an identity page table: one kernel serves both.
+
+The kernel (`paged_attention`) is flash attention with an online softmax over KV blocks of
+`block_k` cells (`block_k / page_size` pages gathered per step). Grid: (row, kv-head, query
+block, split). Query rows are the T x G query heads that share a kv-head (GQA folded into
+the rows), so each K/V block is read once for the whole group. A program loops only over the
+blocks its rows can see (blocks beyond the row's length are never read); blocks every row
+sees entirely skip the mask. `num_splits > 1` cuts the sequence into splits that write
+partial (out, lse) — flash-decoding, combined in `decode_attention.combine_splits`.
+
+Also here: the plain-JAX reference (`append_attention_reference`, built on
+`statejax.attention.attend`), the validating wrappers, and helpers that view contiguous cells
+as a page pool.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from statejax import attention
+from statejax.errors import InputError
+
+MASK_VALUE = attention.MASK_VALUE
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+BACKENDS = ("triton",)
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _is_pow2(x: int) -> bool:
+    return x >= 1 and (x & (x - 1)) == 0
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap that divides n."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def triton_compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler params (named `TritonCompilerParams` before jax 0.7)."""
+    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the paged flash kernel.
+
+    Attributes:
+      block_q: query rows per program (rows = query tokens x query heads per kv-head); a power
+        of two >= 16 (Triton's `dot` needs 16).
+      block_k: cells per KV step; a multiple of the page size (pages gathered per step).
+      num_splits: splits of the sequence (grid axis); > 1 only for flash-decoding.
+      num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_q: int
+    block_k: int
+    num_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def for_append(cls, *, rows: int, head_dim: int, page_size: int) -> "BlockSizes":
+        """Ingestion defaults: big query tiles, 64-128 cell KV steps, no split."""
+        block_q = min(128, max(16, _next_pow2(rows)))
+        block_k = max(page_size, 64 if head_dim >= 128 else 128)
+        num_warps = 8 if block_q * head_dim >= 128 * 128 else 4
+        return cls(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=2)
+
+
+def validate_block_sizes(bs: BlockSizes, page_size: int):
+    if not _is_pow2(bs.block_q) or bs.block_q < 1:
+        raise InputError(f"block_q={bs.block_q} must be a power of two")
+    if bs.block_k % page_size or bs.block_k < page_size:
+        raise InputError(f"block_k={bs.block_k} must be a positive multiple of page_size="
+                         f"{page_size}")
+    if not _is_pow2(bs.block_k // page_size):
+        raise InputError(f"block_k / page_size = {bs.block_k // page_size} must be a power of "
+                         "two (pages gathered per KV step)")
+    if bs.num_splits < 1:
+        raise InputError(f"num_splits={bs.num_splits} must be >= 1")
+
+
+def check_backend(backend: str, interpret: bool):
+    """Raises unless (backend, interpret) can run here. Nothing ever falls back."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r}; allowed: {BACKENDS}")
+    if not isinstance(interpret, bool):
+        raise InputError(f"interpret must be a bool, got {interpret!r}")
+    if not interpret and jax.default_backend() != "gpu":
+        raise InputError(f"compiled Pallas {backend} kernels need a GPU (default backend is "
+                         f"{jax.default_backend()!r}); pass interpret=True to run them in "
+                         "interpret mode")
+
+
+def validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window, *,
+                   compiled: bool):
+    """Checks ranks, dtypes and sizes of a paged attention call; returns the window S."""
+    if q_BxTxHxD.ndim != 4:
+        raise InputError(f"q must be [B, T, H, D], got shape {q_BxTxHxD.shape}")
+    b, t, h, d = q_BxTxHxD.shape
+    if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
+        raise InputError(f"k_pool and v_pool must both be [num_pages, page_size, K, D], got "
+                         f"{k_pool.shape} and {v_pool.shape}")
+    num_pages, page_size, k_heads, d_kv = k_pool.shape
+    if d_kv != d:
+        raise InputError(f"head dim of q ({d}) and of the K/V pool ({d_kv}) differ")
+    if k_heads < 1 or h % k_heads:
+        raise InputError(f"query heads H={h} must be a multiple of kv-heads K={k_heads}")
+    if q_BxTxHxD.dtype not in _DTYPES or k_pool.dtype != q_BxTxHxD.dtype or (
+            v_pool.dtype != q_BxTxHxD.dtype):
+        raise InputError(f"q, k_pool, v_pool must share one dtype of float32/bfloat16/float16, "
+                         f"got {q_BxTxHxD.dtype}, {k_pool.dtype}, {v_pool.dtype}")
+    if page_table_BxP.ndim != 2 or page_table_BxP.shape[0] != b or (
+            page_table_BxP.dtype != jnp.int32):
+        raise InputError(f"page_table must be int32 [B={b}, P], got "
+                         f"{page_table_BxP.dtype}{list(page_table_BxP.shape)}")
+    if lengths_B.shape != (b,) or lengths_B.dtype != jnp.int32:
+        raise InputError(f"lengths must be int32 [B={b}], got "
+                         f"{lengths_B.dtype}{list(lengths_B.shape)}")
+    if t < 1 or num_pages < 1:
+        raise InputError(f"need T >= 1 query tokens and >= 1 page, got T={t}, "
+                         f"num_pages={num_pages}")
+    visible = page_table_BxP.shape[1] * page_size
+    window = visible if window is None else int(window)
+    if not 1 <= window <= visible:
+        raise InputError(f"window={window} must be in [1, P * page_size = {visible}]")
+    if compiled:  # Triton tensors are power-of-two sized; `dot` needs >= 16 per dim.
+        if not _is_pow2(d) or d < 16:
+            raise InputError(f"compiled kernels need a power-of-two head dim >= 16, got {d}")
+        if not _is_pow2(page_size):
+            raise InputError(f"compiled kernels need a power-of-two page size, got {page_size}")
+    return window
+
+
+def _flash_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens, causal,
+                  window, page_size, pages_per_block, blocks_per_split, num_pages):
+    """One (row, kv-head, query block, split) program.
+
+    Refs: len_ref [1] the row's n; pt_ref [P] its page table; q_ref [block_q, D];
+    k_ref, v_ref [num_pages, page_size, D] (this kv-head's slice of the pool);
+    refs[-2:] = o_ref [block_q, D], lse_ref [block_q] (earlier refs: aliased poison inputs).
+    """
+    o_ref, lse_ref = refs[-2:]
+    block_q, head_dim = q_ref.shape
+    block_k = page_size * pages_per_block
+    qi, split = pl.program_id(2), pl.program_id(3)
+    n = len_ref[0]
+
+    def key_limit(row):  # cells [0, limit) are visible to query row `row`
+        t = jnp.minimum(lax.div(row, group), num_tokens - 1)
+        return jnp.minimum(n + t + 1, window) if causal else jnp.minimum(n + 0 * t, window)
+
+    row0 = qi * block_q
+    rows = row0 + jnp.arange(block_q, dtype=jnp.int32)
+    limit_q = key_limit(rows)
+    limit_lo, limit_hi = key_limit(row0), key_limit(row0 + block_q - 1)
+    first = split * blocks_per_split
+    last = jnp.minimum(first + blocks_per_split, lax.div(limit_hi + block_k - 1, block_k))
+    full_end = jnp.maximum(first, jnp.minimum(last, lax.div(limit_lo, block_k)))
+
+    q = q_ref[...]
+    scale = head_dim**-0.5 * _LOG2E  # scores in base 2: exp2 is the fast path
+
+    def load_kv(j):
+        if pages_per_block == 1:
+            page = jnp.clip(pt_ref[j], 0, num_pages - 1)
+            return k_ref[page], v_ref[page]
+        pages = jnp.clip(pt_ref[pl.ds(j * pages_per_block, pages_per_block)], 0,
+                         num_pages - 1)
+        return (k_ref[pages].reshape(block_k, head_dim),
+                v_ref[pages].reshape(block_k, head_dim))
+
+    def body(j, carry, masked):
+        o, m, denom = carry  # unnormalised out, running max (base 2), softmax denominator
+        k, v = load_kv(j)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * scale
+        if masked:
+            cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            valid = cols[None, :] < limit_q[:, None]
+            s = jnp.where(valid, s, MASK_VALUE)
+            # Cells past every row's limit may hold anything (a page's unwritten tail): zero
+            # them, or 0 * NaN would reach the output.
+            v = jnp.where(cols[:, None] < limit_hi, v, jnp.zeros_like(v))
+        m_next = jnp.maximum(m, jnp.max(s, axis=1))
+        correction = jnp.exp2(m - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        if masked:  # a row with no visible key yet must not count masked ones
+            p = jnp.where(valid, p, 0.0)
+        denom = correction * denom + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        return correction[:, None] * o + pv, m_next, denom
+
+    carry = (jnp.zeros((block_q, head_dim), jnp.float32),
+             jnp.full((block_q,), MASK_VALUE, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32))
+    carry = lax.fori_loop(first, full_end, functools.partial(body, masked=False), carry)
+    o, m, denom = lax.fori_loop(full_end, last, functools.partial(body, masked=True), carry)
+    # A row with no visible key (empty split, empty prefix) gives out 0 and lse MASK_VALUE:
+    # it then merges with weight zero.
+    empty = denom == 0.0
+    denom = jnp.where(empty, 1.0, denom)
+    o_ref[...] = (o / denom[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, MASK_VALUE, (m + jnp.log2(denom)) * _LN2)
+
+
+def _fold_queries(q_BxTxHxD, k_heads: int, rows_padded: int):
+    """[B, T, H, D] -> [B, K, M_pad, D], row = t * G + g (GQA group folded into rows)."""
+    b, t, h, d = q_BxTxHxD.shape
+    g = h // k_heads
+    q = q_BxTxHxD.reshape(b, t, k_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(
+        b, k_heads, t * g, d)
+    return jnp.pad(q, ((0, 0), (0, 0), (0, rows_padded - t * g), (0, 0)))
+
+
+def _unfold_rows(x_BxKxMx_, t: int, h: int):
+    """Inverse of `_fold_queries` on [B, K, M_pad, ...] -> [B, T, H, ...]."""
+    b, k_heads = x_BxKxMx_.shape[:2]
+    g = h // k_heads
+    tail = x_BxKxMx_.shape[3:]
+    x = x_BxKxMx_[:, :, : t * g].reshape(b, k_heads, t, g, *tail)
+    return jnp.moveaxis(x, 2, 1).reshape(b, t, h, *tail)
+
+
+def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
+                             window: int, causal: bool, block_sizes: BlockSizes,
+                             out_dtype, interpret: bool, backend: str = "triton",
+                             poison_outputs: bool = False):
+    """Runs the kernel; returns per-split partials (no validation: callers validate).
+
+    Args:
+      q_BxTxHxD: queries; kv-head k serves query heads [k * G, (k + 1) * G).
+      k_pool, v_pool: [num_pages, page_size, K, D] cell pools.
+      page_table_BxP: int32 page of each row's page-sized cell group.
+      lengths_B: int32 n per row: causal rows see [0, min(n + t + 1, window)), non-causal
+        rows see [0, min(n, window)).
+      window: static S <= P * page_size.
+      causal, block_sizes, interpret, backend: see `append_attention`.
+      out_dtype: dtype of the partial outputs.
+      poison_outputs: start the outputs NaN-filled (aliased inputs), so any element the
+        kernel fails to write shows up; a test hook, also valid compiled.
+
+    Returns:
+      out_BxTxHxNxD partial outputs (N = num_splits) in `out_dtype`, lse_BxTxHxN float32.
+    """
+    b, t, h, d = q_BxTxHxD.shape
+    num_pages, page_size, k_heads, _ = k_pool.shape
+    bs = block_sizes
+    g = h // k_heads
+    rows = t * g
+    rows_padded = pl.cdiv(rows, bs.block_q) * bs.block_q
+    pages_per_block = bs.block_k // page_size
+    num_blocks = pl.cdiv(window, bs.block_k)
+    blocks_per_split = pl.cdiv(num_blocks, bs.num_splits)
+    # The last block may read past the window: pad the table (entries are clamped anyway).
+    need_pages = num_blocks * pages_per_block
+    if page_table_BxP.shape[1] < need_pages:
+        page_table_BxP = jnp.pad(page_table_BxP,
+                                 ((0, 0), (0, need_pages - page_table_BxP.shape[1])))
+    table_width = page_table_BxP.shape[1]
+
+    q = _fold_queries(q_BxTxHxD, k_heads, rows_padded)
+    grid = (b, k_heads, rows_padded // bs.block_q, bs.num_splits)
+    kernel = functools.partial(
+        _flash_kernel, group=g, num_tokens=t, causal=causal, window=window,
+        page_size=page_size, pages_per_block=pages_per_block,
+        blocks_per_split=blocks_per_split, num_pages=num_pages)
+    pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i, s: (0, 0, h, 0))
+    in_specs = [
+        pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
+        pl.BlockSpec((None, table_width), lambda b, h, i, s: (b, 0)),
+        pl.BlockSpec((None, None, bs.block_q, d), lambda b, h, i, s: (b, h, i, 0)),
+        pool_spec,
+        pool_spec,
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, None, bs.block_q, d), lambda b, h, i, s: (b, h, s, i, 0)),
+        pl.BlockSpec((None, None, None, bs.block_q), lambda b, h, i, s: (b, h, s, i)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, k_heads, bs.num_splits, rows_padded, d), out_dtype),
+        jax.ShapeDtypeStruct((b, k_heads, bs.num_splits, rows_padded), jnp.float32),
+    ]
+    args = [lengths_B.reshape(b, 1), page_table_BxP, q, k_pool, v_pool]
+    aliases = {}
+    if poison_outputs:
+        args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
+        in_specs += out_specs
+        aliases = {5: 0, 6: 1}
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=triton_compiler_params(bs.num_warps, bs.num_stages),
+        interpret=interpret,
+        name="statejax_paged_flash",
+    )(*args)
+    out = _unfold_rows(jnp.moveaxis(out, 2, 3), t, h)  # [B, T, H, N, D]
+    lse = _unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)  # [B, T, H, N]
+    return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",
+                                             "poison_outputs"))
+def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
+                     window: int | None = None, block_sizes: BlockSizes | None = None,
+                     interpret: bool, backend: str = "triton", poison_outputs: bool = False):
+    """Causal attention of a T-token chunk over paged cells that already hold the chunk.
+
+    Args:
+      q_BxTxHxD: queries (RoPE applied) of the tokens at positions [n_b, n_b + T).
+      k_pool, v_pool: [num_pages, page_size, K, D] cell pools; H % K == 0.
+      page_table_BxP: int32; row b's cell c is pool[page_table[b, c // page_size],
+        c % page_size]. Entries past a row's last page are never needed (they are clamped
+        into range, so they may hold anything).
+      lengths_B: int32 n_b, cells of row b in use before the chunk.
+      window: static S <= P * page_size (default P * page_size); token t of row b attends to
+        cells [0, min(n_b + t + 1, S)).
+      block_sizes: tiles; default `BlockSizes.for_append` of this shape.
+      interpret: run the kernel in the Pallas interpreter (CPU) instead of compiling it.
+      backend: "triton" (the Pallas Triton lowering, `plgpu.CompilerParams`).
+      poison_outputs: test hook, see `paged_attention_partials`.
+
+    Returns:
+      out_BxTxHxD in q's dtype, lse_BxTxH float32 (as `statejax.attention.attend`).
+    """
+    check_backend(backend, interpret)
+    window = validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
+                            compiled=not interpret)
+    b, t, h, d = q_BxTxHxD.shape
+    page_size, k_heads = k_pool.shape[1], k_pool.shape[2]
+    bs = block_sizes or BlockSizes.for_append(rows=t * (h // k_heads), head_dim=d,
+                                              page_size=page_size)
+    validate_block_sizes(bs, page_size)
+    if bs.num_splits != 1:
+        raise InputError("append_attention runs unsplit (num_splits=1); use "
+                         "decode_attention for flash-decoding")
+    out, lse = paged_attention_partials(
+        q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=True,
+        block_sizes=bs, out_dtype=q_BxTxHxD.dtype, interpret=interpret, backend=backend,
+        poison_outputs=poison_outputs)
+    return out[..., 0, :], lse[..., 0]
+
+
+# ------------------------------------------------------------------------------------------
+# Contiguous cells [L, B, C, K, D] as a page pool.
+
+
+def cells_page_size(cells: int, block_k: int = 128) -> int:
+    """Page size used to view C contiguous cells as pages: the largest power of two <= block_k
+    dividing C (a Budget's cells are multiples of its page size, typically 16)."""
+    return _pow2_divisor(cells, block_k)
+
+
+def cells_as_pool(cells, *, layer: int | None, rows: np.ndarray | jax.Array | None,
+                  window: int, page_size: int):
+    """Views cells [L, B, C, K, D] (with `layer`) or [B, C, K, D] as (pool, page table).
+
+    The pool is a reshape (free); the table maps row r's page j to its pool page.
+
+    Args:
+      cells: the contiguous cells.
+      layer: static layer index for 5-D cells, None for 4-D.
+      rows: int32 [R] session rows to address (default all rows, in order).
+      window: static S <= C: pages cover [0, S).
+      page_size: divides C.
+
+    Returns:
+      pool [L * B * C / page_size, page_size, K, D] and page_table int32 [R, ceil(S / ps)].
+    """
+    if cells.ndim == 5:
+        if layer is None:
+            raise InputError("5-D cells [L, B, C, K, D] need a layer index")
+        num_layers, b, c, k_heads, d = cells.shape
+        if not 0 <= layer < num_layers:
+            raise InputError(f"layer={layer} out of range [0, {num_layers})")
+    elif cells.ndim == 4:
+        if layer is not None:
+            raise InputError("4-D cells [B, C, K, D] take no layer index")
+        num_layers, (b, c, k_heads, d), layer = 1, cells.shape, 0
+    else:
+        raise InputError(f"cells must be [L, B, C, K, D] or [B, C, K, D], got {cells.shape}")
+    if c % page_size:
+        raise InputError(f"page_size={page_size} must divide the cells per row C={c}")
+    if not 1 <= window <= c:
+        raise InputError(f"window={window} must be in [1, C={c}]")
+    pages_per_row = c // page_size
+    pool = cells.reshape(num_layers * b * pages_per_row, page_size, k_heads, d)
+    rows = jnp.arange(b, dtype=jnp.int32) if rows is None else jnp.asarray(rows, jnp.int32)
+    first_page = (layer * b + rows) * pages_per_row
+    pages_1xP = jnp.arange(pl.cdiv(window, page_size), dtype=jnp.int32)[None]
+    table = first_page[:, None] + pages_1xP
+    return pool, table
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "window", "block_sizes", "interpret",
+                                             "backend"))
+def append_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int | None,
+                           window: int, block_sizes: BlockSizes | None = None,
+                           interpret: bool, backend: str = "triton"):
+    """`append_attention` over contiguous cells, as `statejax.cache.AppendView` holds them.
+
+    Args:
+      q_BxTxHxD: queries of the chunk.
+      k_cells, v_cells: [L, B, C, K, D] (pass `layer`) or [B, C, K, D], chunk already written.
+      lengths_B: int32 cells in use before the chunk.
+      layer: static layer index for 5-D cells.
+      window: static S <= C.
+      block_sizes, interpret, backend: as `append_attention`.
+
+    Returns:
+      out_BxTxHxD, lse_BxTxH.
+    """
+    c = k_cells.shape[-3]
+    page_size = cells_page_size(c, block_sizes.block_k if block_sizes else 128)
+    k_pool, table = cells_as_pool(k_cells, layer=layer, rows=None, window=window,
+                                  page_size=page_size)
+    v_pool, _ = cells_as_pool(v_cells, layer=layer, rows=None, window=window,
+                              page_size=page_size)
+    return append_attention(q_BxTxHxD, k_pool, v_pool, table, lengths_B, window=window,
+                            block_sizes=block_sizes, interpret=interpret, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------
+# Reference.
+
+
+def gather_pages(pool, page_table_BxP, window: int):
+    """[num_pages, ps, K, D] pool -> [B, S, K, D] cells of each row (the first S)."""
+    b, p = page_table_BxP.shape
+    rows = pool[jnp.clip(page_table_BxP, 0, pool.shape[0] - 1)]  # [B, P, ps, K, D]
+    return rows.reshape(b, p * pool.shape[1], *pool.shape[2:])[:, :window]
+
+
+def paged_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
+                              window: int | None = None, causal: bool = True):
+    """Plain-JAX specification of the paged kernel: gather the cells, then `attend`.
+
+    Rows with no visible key give out 0 and lse MASK_VALUE (as the kernel does; `attend`
+    would average the masked values, which merge with weight zero either way).
+
+    Returns:
+      out_BxTxHxD in q's dtype, lse_BxTxH float32.
+    """
+    window = window or page_table_BxP.shape[1] * k_pool.shape[1]
+    t = q_BxTxHxD.shape[1]
+    k = gather_pages(k_pool, page_table_BxP, window)
+    v = gather_pages(v_pool, page_table_BxP, window)
+    key_pos = jnp.arange(window, dtype=jnp.int32)[None, None, :]
+    if causal:
+        q_pos = lengths_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        mask = key_pos <= q_pos[:, :, None]
+    else:
+        mask = jnp.broadcast_to(key_pos < lengths_B[:, None, None], (len(lengths_B), t, window))
+    out, lse = attention.attend(q_BxTxHxD, k, v, mask)
+    empty_BxT = ~jnp.any(mask, axis=-1)
+    out = jnp.where(empty_BxT[:, :, None, None], jnp.zeros_like(out), out)
+    lse = jnp.where(empty_BxT[:, :, None], MASK_VALUE, lse)
+    return out, lse
+
+
+def append_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
+                               window: int | None = None):
+    """Reference of `append_attention` (same arguments, same results)."""
+    return paged_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B,
+                                     window=window, causal=True)

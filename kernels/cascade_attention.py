@@ -1,0 +1,200 @@
+"""Shared-prefix (cascade) attention: R branches of one session over its cells and their own.
+
+Every branch r (a query, a flash query) has T tokens that attend to (a) the session's shared
+cells [0, n) and (b) its private cells [0, m_r + t] (causal; its own K/V already written).
+The two key sets are disjoint, so the result is exact by log-sum-exp merge
+(`statejax.attention.merge_partials`):
+
+- shared part: the R x T queries are folded into the query rows of ONE paged flash call over
+  the session's pages (batch 1, non-causal, rows = R x T x G per kv-head), so the shared cells
+  are read once per query block for all branches instead of once per branch; long prefixes
+  are split along the sequence as in flash-decoding (`decode_attention.combine_splits`);
+- private part: `append_attention` with the branches as rows over their own pages.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from statejax import attention
+from statejax.errors import InputError
+
+from . import append_attention as aa
+from . import decode_attention as da
+
+__all__ = ["BlockSizes", "cascade_attention", "cascade_attention_cells",
+           "cascade_attention_reference"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the two kernel calls.
+
+    Attributes:
+      shared: tiles (with splits) of the folded shared-prefix call.
+      private: tiles of the per-branch private call (unsplit).
+    """
+
+    shared: aa.BlockSizes
+    private: aa.BlockSizes
+
+    @classmethod
+    def for_shape(cls, *, branches: int, tokens: int, group: int, k_heads: int, head_dim: int,
+                  shared_page_size: int, shared_window: int,
+                  private_page_size: int) -> "BlockSizes":
+        """Shared: decode-style splits over one row of R x T x G query rows per kv-head.
+        Private: append tiles for T x G rows per branch."""
+        rows = branches * tokens * group
+        shared = da.default_block_sizes(batch=1, rows=rows, k_heads=k_heads,
+                                        head_dim=head_dim, page_size=shared_page_size,
+                                        window=shared_window)
+        if rows > shared.block_q:  # many rows: use full-size query tiles
+            shared = dataclasses.replace(shared, block_q=min(128, aa._next_pow2(rows)),
+                                         num_warps=8 if head_dim >= 128 else 4)
+        private = aa.BlockSizes.for_append(rows=tokens * group, head_dim=head_dim,
+                                           page_size=private_page_size)
+        return cls(shared=shared, private=private)
+
+
+def _shared_part(q_RxTxHxD, k_pool, v_pool, page_table_P, shared_len, *, window, block_sizes,
+                 interpret, backend, poison_outputs):
+    """All R x T queries against the shared cells [0, n) in one call: out, lse [R, T, H(, D)]."""
+    r, t, h, d = q_RxTxHxD.shape
+    q_1xRTxHxD = q_RxTxHxD.reshape(1, r * t, h, d)
+    out, lse = aa.paged_attention_partials(
+        q_1xRTxHxD, k_pool, v_pool, page_table_P[None], jnp.reshape(shared_len, (1,)),
+        window=window, causal=False, block_sizes=block_sizes, out_dtype=jnp.float32,
+        interpret=interpret, backend=backend, poison_outputs=poison_outputs)
+    out, lse = da.combine_splits(out, lse, q_RxTxHxD.dtype)
+    return out.reshape(r, t, h, d), lse.reshape(r, t, h)
+
+
+@functools.partial(jax.jit, static_argnames=("shared_window", "branch_window", "block_sizes",
+                                             "interpret", "backend", "poison_outputs"))
+def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P, shared_len,
+                      branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R, *,
+                      shared_window: int | None = None, branch_window: int | None = None,
+                      block_sizes: BlockSizes | None = None, interpret: bool,
+                      backend: str = "triton", poison_outputs: bool = False):
+    """R branches of one session: shared cells read once for all, private cells per branch.
+
+    Args:
+      q_RxTxHxD: queries; branch r's token t sits at position n + m_r + t.
+      shared_k_pool, shared_v_pool: [num_pages, page_size, K, D] pool of the session's cells.
+      shared_page_table_P: int32 [P] the session's pages.
+      shared_len: int32 scalar n: shared cells [0, n) are attended (0 is allowed).
+      branch_k_pool, branch_v_pool: [num_pages_b, page_size_b, K, D] pool of branch cells,
+        already holding this step's tokens.
+      branch_page_table_RxPb: int32 pages of each branch.
+      branch_lengths_R: int32 m_r, private cells of branch r in use before this step.
+      shared_window: static S <= P * page_size (default P * page_size).
+      branch_window: static Tb <= Pb * page_size_b (default Pb * page_size_b).
+      block_sizes: default `BlockSizes.for_shape` of this shape.
+      interpret, backend, poison_outputs: as `append_attention.append_attention`.
+
+    Returns:
+      out_RxTxHxD in q's dtype, lse_RxTxH float32 over shared + private keys.
+    """
+    aa.check_backend(backend, interpret)
+    if shared_page_table_P.ndim != 1:
+        raise InputError(f"shared_page_table must be [P], got {shared_page_table_P.shape}")
+    if jnp.shape(shared_len) != () or jnp.asarray(shared_len).dtype != jnp.int32:
+        raise InputError("shared_len must be an int32 scalar")
+    r, t, h, d = q_RxTxHxD.shape
+    shared_window = aa.validate_paged(
+        q_RxTxHxD[:1], shared_k_pool, shared_v_pool, shared_page_table_P[None],
+        jnp.reshape(shared_len, (1,)), shared_window, compiled=not interpret)
+    branch_window = aa.validate_paged(
+        q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
+        branch_window, compiled=not interpret)
+    if branch_k_pool.shape[2:] != shared_k_pool.shape[2:]:
+        raise InputError(f"shared and branch pools differ in [K, D]: "
+                         f"{shared_k_pool.shape[2:]} vs {branch_k_pool.shape[2:]}")
+    k_heads = shared_k_pool.shape[2]
+    bs = block_sizes or BlockSizes.for_shape(
+        branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
+        shared_page_size=shared_k_pool.shape[1], shared_window=shared_window,
+        private_page_size=branch_k_pool.shape[1])
+    aa.validate_block_sizes(bs.shared, shared_k_pool.shape[1])
+    aa.validate_block_sizes(bs.private, branch_k_pool.shape[1])
+    if bs.private.num_splits != 1:
+        raise InputError("the private part runs unsplit: block_sizes.private.num_splits=1")
+
+    out_s, lse_s = _shared_part(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P,
+                                shared_len, window=shared_window, block_sizes=bs.shared,
+                                interpret=interpret, backend=backend,
+                                poison_outputs=poison_outputs)
+    out_p, lse_p = aa.paged_attention_partials(
+        q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
+        window=branch_window, causal=True, block_sizes=bs.private, out_dtype=q_RxTxHxD.dtype,
+        interpret=interpret, backend=backend, poison_outputs=poison_outputs)
+    return attention.merge_partials(out_s, lse_s, out_p[..., 0, :], lse_p[..., 0])
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "shared_window", "block_sizes",
+                                             "interpret", "backend"))
+def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, branch_k,
+                            branch_v, branch_lengths_R, *, layer: int | None,
+                            shared_window: int, block_sizes: BlockSizes | None = None,
+                            interpret: bool, backend: str = "triton"):
+    """`cascade_attention` over contiguous cells, as `statejax.cache.BranchView` holds them.
+
+    Args:
+      q_RxTxHxD: branch queries.
+      shared_k, shared_v: session cells [L, B, C, K, D] (with `layer`) or [B, C, K, D].
+      row: int32 scalar, the session row the branches extend.
+      shared_len: int32 scalar n.
+      branch_k, branch_v: branch cells [L, R, Tb, K, D] (with `layer`) or [R, Tb, K, D].
+      branch_lengths_R: int32 private cells in use before this step.
+      layer: static layer index for 5-D cells.
+      shared_window: static S <= C, n <= S.
+      block_sizes, interpret, backend: as `cascade_attention`.
+
+    Returns:
+      out_RxTxHxD, lse_RxTxH.
+    """
+    c, tb = shared_k.shape[-3], branch_k.shape[-3]
+    shared_ps = aa.cells_page_size(c, block_sizes.shared.block_k if block_sizes else 128)
+    branch_ps = aa.cells_page_size(tb, block_sizes.private.block_k if block_sizes else 128)
+    rows = jnp.reshape(jnp.asarray(row, jnp.int32), (1,))
+    sk_pool, s_table = aa.cells_as_pool(shared_k, layer=layer, rows=rows,
+                                        window=shared_window, page_size=shared_ps)
+    sv_pool, _ = aa.cells_as_pool(shared_v, layer=layer, rows=rows, window=shared_window,
+                                  page_size=shared_ps)
+    bk_pool, b_table = aa.cells_as_pool(branch_k, layer=layer, rows=None, window=tb,
+                                        page_size=branch_ps)
+    bv_pool, _ = aa.cells_as_pool(branch_v, layer=layer, rows=None, window=tb,
+                                  page_size=branch_ps)
+    return cascade_attention(q_RxTxHxD, sk_pool, sv_pool, s_table[0], shared_len, bk_pool,
+                             bv_pool, b_table, branch_lengths_R, shared_window=shared_window,
+                             branch_window=tb, block_sizes=block_sizes, interpret=interpret,
+                             backend=backend)
+
+
+def cascade_attention_reference(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P,
+                                shared_len, branch_k_pool, branch_v_pool,
+                                branch_page_table_RxPb, branch_lengths_R, *,
+                                shared_window: int | None = None,
+                                branch_window: int | None = None):
+    """Specification of `cascade_attention`: ONE `attend` per branch over the concatenation
+    of the shared cells and its private cells (no merge), masked as the contract says.
+
+    Returns:
+      out_RxTxHxD in q's dtype, lse_RxTxH float32.
+    """
+    r, t = q_RxTxHxD.shape[:2]
+    s = shared_window or shared_page_table_P.shape[0] * shared_k_pool.shape[1]
+    tb = branch_window or branch_page_table_RxPb.shape[1] * branch_k_pool.shape[1]
+    shared_table = jnp.broadcast_to(shared_page_table_P, (r, shared_page_table_P.shape[0]))
+    k = jnp.concatenate([aa.gather_pages(shared_k_pool, shared_table, s),
+                         aa.gather_pages(branch_k_pool, branch_page_table_RxPb, tb)], axis=1)
+    v = jnp.concatenate([aa.gather_pages(shared_v_pool, shared_table, s),
+                         aa.gather_pages(branch_v_pool, branch_page_table_RxPb, tb)], axis=1)
+    shared_mask = jnp.arange(s, dtype=jnp.int32) < shared_len  # [S]
+    q_idx_RxT = branch_lengths_R[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    private_mask = jnp.arange(tb, dtype=jnp.int32)[None, None, :] <= q_idx_RxT[:, :, None]
+    mask = jnp.concatenate([jnp.broadcast_to(shared_mask, (r, t, s)), private_mask], axis=-1)
+    return attention.attend(q_RxTxHxD, k, v, mask)
+

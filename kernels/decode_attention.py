@@ -1,0 +1,121 @@
+"""Paged decode attention (flash-decoding): T = 1..a few tokens per row over ragged lengths.
+
+Same contract as `append_attention` (token t of row b attends to cells [0, n_b + t], its own
+K/V already written), tuned for few query rows and long contexts: the paged flash kernel of
+`append_attention` runs with a split axis, grid (row, kv-head, query block — one when
+T x G <= 64 — , split), so one long session still fills the GPU. Each split reads its share of
+the row's KV blocks once and writes a partial (out, lse) in float32; a split past a row's
+length reads nothing and writes an empty partial (out 0, lse MASK_VALUE). `combine_splits`
+merges the partials by log-sum-exp in plain JAX.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import append_attention as aa
+from .append_attention import BlockSizes
+
+__all__ = ["BlockSizes", "combine_splits", "decode_attention", "decode_attention_cells",
+           "decode_attention_reference", "default_block_sizes"]
+
+# Programs to aim for: a few waves over an H100's 132 SMs.
+_TARGET_PROGRAMS = 512
+
+
+def default_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int,
+                        page_size: int, window: int) -> BlockSizes:
+    """Decode tiles for B rows of `rows` query rows (T x G) per kv-head over S cells.
+
+    One query block holds all rows (up to 64); KV steps of 128 cells (bigger loads in flight
+    for a memory-bound kernel); enough splits that B x K x splits reaches ~512 programs while
+    every split keeps >= 2 KV blocks.
+    """
+    block_q = min(64, max(16, aa._next_pow2(rows)))
+    block_k = max(page_size, 128)
+    num_blocks = pl.cdiv(window, block_k)
+    programs = batch * k_heads * pl.cdiv(rows, block_q)
+    splits = max(1, min(pl.cdiv(_TARGET_PROGRAMS, programs), num_blocks // 2))
+    return BlockSizes(block_q=block_q, block_k=block_k, num_splits=splits, num_warps=4,
+                      num_stages=2)
+
+
+def combine_splits(out_BxTxHxNxD, lse_BxTxHxN, dtype):
+    """Log-sum-exp merge of N split partials.
+
+    Args:
+      out_BxTxHxNxD: partial outputs, each normalised over its split's keys.
+      lse_BxTxHxN: their float32 log-sum-exps (MASK_VALUE for an empty split).
+      dtype: dtype of the merged output.
+
+    Returns:
+      out_BxTxHxD in `dtype`, lse_BxTxH float32.
+    """
+    lse = jax.nn.logsumexp(lse_BxTxHxN, axis=-1)
+    weights = jnp.exp(lse_BxTxHxN - lse[..., None])
+    out = jnp.einsum("bthn,bthnd->bthd", weights, out_BxTxHxNxD.astype(jnp.float32))
+    return out.astype(dtype), lse
+
+
+@functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",
+                                             "poison_outputs"))
+def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
+                     window: int | None = None, block_sizes: BlockSizes | None = None,
+                     interpret: bool, backend: str = "triton", poison_outputs: bool = False):
+    """Flash-decoding over paged cells that already hold the T new tokens.
+
+    Args:
+      q_BxTxHxD: queries of the tokens at positions [n_b, n_b + T); T small (decode,
+        speculative verification).
+      k_pool, v_pool: [num_pages, page_size, K, D] cell pools; H % K == 0.
+      page_table_BxP: int32 page of each page-sized group of row b's cells.
+      lengths_B: int32 n_b, cells of row b in use before the T tokens (ragged).
+      window: static S <= P * page_size (default P * page_size).
+      block_sizes: tiles and splits; default `default_block_sizes` of this shape.
+      interpret, backend, poison_outputs: as `append_attention.append_attention`.
+
+    Returns:
+      out_BxTxHxD in q's dtype, lse_BxTxH float32.
+    """
+    aa.check_backend(backend, interpret)
+    window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
+                               compiled=not interpret)
+    b, t, h, d = q_BxTxHxD.shape
+    page_size, k_heads = k_pool.shape[1], k_pool.shape[2]
+    bs = block_sizes or default_block_sizes(batch=b, rows=t * (h // k_heads), k_heads=k_heads,
+                                            head_dim=d, page_size=page_size, window=window)
+    aa.validate_block_sizes(bs, page_size)
+    out, lse = aa.paged_attention_partials(
+        q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=True,
+        block_sizes=bs, out_dtype=jnp.float32, interpret=interpret, backend=backend,
+        poison_outputs=poison_outputs)
+    return combine_splits(out, lse, q_BxTxHxD.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "window", "block_sizes", "interpret",
+                                             "backend"))
+def decode_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int | None,
+                           window: int, block_sizes: BlockSizes | None = None,
+                           interpret: bool, backend: str = "triton"):
+    """`decode_attention` over contiguous cells [L, B, C, K, D] (with `layer`) or [B, C, K, D].
+
+    Returns:
+      out_BxTxHxD, lse_BxTxH.
+    """
+    c = k_cells.shape[-3]
+    page_size = aa.cells_page_size(c, block_sizes.block_k if block_sizes else 128)
+    k_pool, table = aa.cells_as_pool(k_cells, layer=layer, rows=None, window=window,
+                                     page_size=page_size)
+    v_pool, _ = aa.cells_as_pool(v_cells, layer=layer, rows=None, window=window,
+                                 page_size=page_size)
+    return decode_attention(q_BxTxHxD, k_pool, v_pool, table, lengths_B, window=window,
+                            block_sizes=block_sizes, interpret=interpret, backend=backend)
+
+
+def decode_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
+                               window: int | None = None):
+    """Reference of `decode_attention`: the same contract as append attention."""
+    return aa.paged_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B,
+                                        window=window, causal=True)

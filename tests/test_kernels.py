@@ -1,0 +1,382 @@
+"""Pallas attention kernels vs their plain-JAX references.
+
+Every case runs in interpret mode on CPU; `TestCompiledGpu` (marker `gpu`) runs the same cases
+and larger ones compiled. Inputs are fresh random values; outputs start NaN-poisoned
+(`poison_outputs`), and every cell a row may not read (past its last visible position, pages
+no row owns) is NaN in the kernel's pool while the reference sees finite values: a kernel that
+leaves an output unwritten, or reads a block beyond a row's length without masking it, fails.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from statejax import attention
+from statejax.errors import InputError
+from statejax.kernels import append_attention as aa
+from statejax.kernels import cascade_attention as ca
+from statejax.kernels import decode_attention as da
+
+# (out, lse) tolerances by dtype. lse is float32 from the same products in both paths.
+TOLERANCE = {
+    "float32": (dict(atol=2e-5, rtol=2e-5), dict(atol=2e-5, rtol=2e-5)),
+    "bfloat16": (dict(atol=2e-2, rtol=2e-2), dict(atol=1e-3, rtol=1e-3)),
+}
+GPU = jax.default_backend() == "gpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One paged call: B = len(lengths) rows of T tokens at n = lengths[b]."""
+
+    lengths: tuple[int, ...]
+    t: int
+    h: int
+    k: int
+    pages: int  # P, pages per row in the table
+    d: int = 16
+    page_size: int = 16
+    dtype: str = "float32"
+    window: int | None = None
+    block: tuple[int, int, int] | None = None  # (block_q, block_k, num_splits)
+
+    @property
+    def block_sizes(self):
+        if self.block is None:
+            return None
+        block_q, block_k, splits = self.block
+        return aa.BlockSizes(block_q=block_q, block_k=block_k, num_splits=splits)
+
+    def __str__(self):
+        return (f"n{'-'.join(map(str, self.lengths))}_t{self.t}_h{self.h}k{self.k}_d{self.d}"
+                f"_ps{self.page_size}x{self.pages}_{self.dtype}_w{self.window}_b{self.block}")
+
+
+def _pools(rng, case: Case, visible_B):
+    """Random pools, a shuffled page table, and a copy of the pools with every cell past
+    `visible_B[b]` in row b, and every page no row owns, set to NaN. (numpy: no compiles)"""
+    b = len(case.lengths)
+    num_pages = b * case.pages + 3
+    shape = (num_pages, case.page_size, case.k, case.d)
+    k_pool, v_pool = rng.standard_normal((2, *shape), np.float32)
+    table = rng.permutation(num_pages)[: b * case.pages].reshape(b, case.pages)
+    poison = np.ones((num_pages, case.page_size), bool)
+    pos = np.arange(case.pages * case.page_size).reshape(case.pages, case.page_size)
+    for row in range(b):
+        poison[table[row]] = pos >= visible_B[row]
+    nan = poison[:, :, None, None]
+    dtype = jnp.dtype(case.dtype)
+    clean = [jnp.asarray(p, dtype) for p in (k_pool, v_pool)]
+    poisoned = [jnp.asarray(np.where(nan, np.nan, p), dtype) for p in (k_pool, v_pool)]
+    return clean, poisoned, jnp.asarray(table, jnp.int32)
+
+
+def _queries(rng, shape, dtype):
+    return jnp.asarray(rng.standard_normal(shape, np.float32), jnp.dtype(dtype))
+
+
+def _reference(fn, *args, **kwargs):
+    with jax.default_matmul_precision("highest"):  # no TF32 in the GPU reference
+        return jax.jit(fn, static_argnames=tuple(kwargs))(*args, **kwargs)
+
+
+def _assert_close(got, want, dtype):
+    out_tol, lse_tol = TOLERANCE[dtype]
+    for x in got:
+        assert not np.isnan(np.asarray(x, np.float32)).any(), "unwritten or unmasked output"
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
+                               **out_tol)
+    np.testing.assert_allclose(got[1], want[1], **lse_tol)
+
+
+def _window(case):
+    return case.window or case.pages * case.page_size
+
+
+def check_paged(case: Case, fn, reference, *, interpret: bool, seed: int = 0):
+    """`fn` is append_attention or decode_attention (same contract)."""
+    rng = np.random.default_rng(seed)
+    lengths = jnp.asarray(case.lengths, jnp.int32)
+    visible = [min(n + case.t, _window(case)) for n in case.lengths]
+    clean, poisoned, table = _pools(rng, case, visible)
+    q = _queries(rng, (len(case.lengths), case.t, case.h, case.d), case.dtype)
+    got = fn(q, *poisoned, table, lengths, window=case.window, block_sizes=case.block_sizes,
+             interpret=interpret, poison_outputs=True)
+    want = _reference(reference, q, *clean, table, lengths, window=case.window)
+    assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
+    _assert_close(got, want, case.dtype)
+
+
+APPEND_CASES = [
+    # GQA 4; ragged rows incl. an empty one; default blocks gather 8 pages per step (> P).
+    Case(lengths=(0, 17, 80), t=5, h=8, k=2, pages=6),
+    # GQA 1, T = 1, lengths at page boundaries, window short of the table, one page per step.
+    Case(lengths=(0, 15, 16, 33), t=1, h=2, k=2, pages=4, dtype="bfloat16", window=40,
+         block=(16, 16, 1)),
+    # GQA 8: query blocks of 16 rows hold 2 tokens each; 2 pages per step.
+    Case(lengths=(3, 64, 29), t=7, h=8, k=1, pages=6, block=(16, 32, 1)),
+    # Small pages, D = 32, a 16-token chunk.
+    Case(lengths=(40, 0), t=16, h=8, k=2, pages=8, d=32, page_size=8, dtype="bfloat16",
+         block=(32, 16, 1)),
+]
+DECODE_CASES = [
+    # 3 splits of 2 blocks over 4 blocks: the last split is empty for every row.
+    Case(lengths=(0, 1, 47, 100), t=1, h=8, k=2, pages=8, block=(16, 32, 3)),
+    # Default tiles (one split at this size), T = 3 (speculative verification), GQA 8.
+    Case(lengths=(5, 60), t=3, h=8, k=1, pages=4, dtype="bfloat16"),
+    # GQA 1, 4 splits of one page each, ragged.
+    Case(lengths=(0, 31, 50), t=2, h=2, k=2, pages=4, block=(16, 16, 4)),
+]
+
+
+@pytest.mark.parametrize("case", APPEND_CASES, ids=str)
+def test_append_attention_interpret(case):
+    check_paged(case, aa.append_attention, aa.append_attention_reference, interpret=True)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_decode_attention_interpret(case):
+    check_paged(case, da.decode_attention, da.decode_attention_reference, interpret=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeCase:
+    """R branches of T tokens over one session row (n cells) and private cells (m_r each)."""
+
+    shared_lengths: tuple[int, ...]  # several n, one compile
+    branch_lengths: tuple[int, ...]
+    t: int
+    h: int
+    k: int
+    shared_pages: int
+    branch_pages: int
+    d: int = 16
+    shared_page_size: int = 16
+    branch_page_size: int = 8
+    dtype: str = "float32"
+    block_sizes: ca.BlockSizes | None = None
+
+    def __str__(self):
+        return (f"n{'-'.join(map(str, self.shared_lengths))}_m"
+                f"{'-'.join(map(str, self.branch_lengths))}_t{self.t}_h{self.h}k{self.k}"
+                f"_d{self.d}_{self.dtype}_b{self.block_sizes is not None}")
+
+
+def check_cascade(case: CascadeCase, *, interpret: bool, seed: int = 0):
+    r = len(case.branch_lengths)
+    rng = np.random.default_rng(seed)
+    q = _queries(rng, (r, case.t, case.h, case.d), case.dtype)
+    branch_case = Case(lengths=case.branch_lengths, t=case.t, h=case.h, k=case.k,
+                       pages=case.branch_pages, d=case.d, page_size=case.branch_page_size,
+                       dtype=case.dtype)
+    b_clean, b_poisoned, b_table = _pools(rng, branch_case,
+                                          [m + case.t for m in case.branch_lengths])
+    b_lengths = jnp.asarray(case.branch_lengths, jnp.int32)
+    for n in case.shared_lengths:
+        shared_case = Case(lengths=(n,), t=case.t, h=case.h, k=case.k, pages=case.shared_pages,
+                           d=case.d, page_size=case.shared_page_size, dtype=case.dtype)
+        s_clean, s_poisoned, s_table = _pools(rng, shared_case, [n])
+        got = ca.cascade_attention(q, *s_poisoned, s_table[0], jnp.int32(n), *b_poisoned,
+                                   b_table, b_lengths, block_sizes=case.block_sizes,
+                                   interpret=interpret, poison_outputs=True)
+        want = _reference(ca.cascade_attention_reference, q, *s_clean, s_table[0],
+                          jnp.int32(n), *b_clean, b_table, b_lengths)
+        _assert_close(got, want, case.dtype)
+
+
+_SPLIT_TILES = ca.BlockSizes(shared=aa.BlockSizes(block_q=16, block_k=32, num_splits=3),
+                             private=aa.BlockSizes(block_q=16, block_k=16))
+CASCADE_CASES = [
+    # Empty, one-cell and multi-block shared prefixes; ragged private cells; default tiles.
+    CascadeCase(shared_lengths=(0, 1, 70), branch_lengths=(0, 5, 20), t=4, h=8, k=2,
+                shared_pages=8, branch_pages=4),
+    # GQA 8, T = 1 (a decode step of every branch), split shared part, bf16.
+    CascadeCase(shared_lengths=(100,), branch_lengths=(3, 0), t=1, h=8, k=1, shared_pages=8,
+                branch_pages=2, dtype="bfloat16", block_sizes=_SPLIT_TILES),
+]
+
+
+@pytest.mark.parametrize("case", CASCADE_CASES, ids=str)
+def test_cascade_attention_interpret(case):
+    check_cascade(case, interpret=True)
+
+
+def check_cells(*, dtype: str, interpret: bool, d: int = 16, cells: int = 48, window: int = 40):
+    """Contiguous [L, B, C, K, D] entry points vs `attend` exactly as AppendView calls it."""
+    layers, lengths, t, h, k = 2, (0, 9, 30), 5, 4, 2
+    rng = np.random.default_rng(1)
+    shape = (layers, len(lengths), cells, k, d)
+    k_cells, v_cells = (_queries(rng, shape, dtype) for _ in range(2))
+    q = _queries(rng, (len(lengths), t, h, d), dtype)
+    n = jnp.asarray(lengths, jnp.int32)
+    q_pos = n[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    mask = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= q_pos[:, :, None]
+    want = _reference(attention.attend, q, k_cells[1, :, :window], v_cells[1, :, :window],
+                      mask)
+    for fn in (aa.append_attention_cells, da.decode_attention_cells):
+        got = fn(q, k_cells, v_cells, n, layer=1, window=window, interpret=interpret)
+        _assert_close(got, want, dtype)
+
+
+def test_contiguous_cells_interpret():
+    check_cells(dtype="float32", interpret=True)
+
+
+def test_cells_as_pool_addresses_layer_and_row():
+    cells = jnp.arange(2 * 3 * 32).reshape(2, 3, 32, 1, 1)
+    pool, table = aa.cells_as_pool(cells, layer=1, rows=jnp.asarray([2]), window=20,
+                                   page_size=8)
+    np.testing.assert_array_equal(aa.gather_pages(pool, table, 20)[0, :, 0, 0],
+                                  cells[1, 2, :20, 0, 0])
+
+
+# ---------------------------------------------------------------- validation (no kernel run)
+
+
+def _valid_args(dtype=jnp.float32):
+    q = jnp.ones((2, 3, 4, 16), dtype)
+    pool = jnp.ones((5, 16, 2, 16), dtype)
+    return q, pool, pool, jnp.zeros((2, 2), jnp.int32), jnp.zeros((2,), jnp.int32)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: (a[0][0],) + a[1:], r"q must be \[B, T, H, D\]"),
+    (lambda a: (jnp.ones((2, 3, 3, 16)),) + a[1:], "multiple of kv-heads"),
+    (lambda a: (a[0].astype(jnp.bfloat16),) + a[1:], "share one dtype"),
+    (lambda a: a[:3] + (a[3].astype(jnp.float32),) + a[4:], "page_table must be int32"),
+    (lambda a: a[:4] + (jnp.zeros((3,), jnp.int32),), r"lengths must be int32 \[B=2\]"),
+    (lambda a: (a[0], a[1][..., :8], a[2][..., :8]) + a[3:], "head dim"),
+])
+def test_bad_inputs_raise_clear_errors(change, match):
+    for fn in (aa.append_attention, da.decode_attention):
+        with pytest.raises(InputError, match=match):
+            fn(*change(_valid_args()), interpret=True)
+
+
+def test_bad_window_block_sizes_and_backend_raise():
+    args = _valid_args()
+    with pytest.raises(InputError, match="window=40"):
+        aa.append_attention(*args, window=40, interpret=True)
+    with pytest.raises(InputError, match="multiple of page_size"):
+        aa.append_attention(*args, block_sizes=aa.BlockSizes(block_q=16, block_k=24),
+                            interpret=True)
+    with pytest.raises(InputError, match="backend="):
+        aa.append_attention(*args, interpret=True, backend="cuda")
+    with pytest.raises(InputError, match="num_splits=1"):
+        aa.append_attention(*args, block_sizes=aa.BlockSizes(16, 16, num_splits=2),
+                            interpret=True)
+    if not GPU:
+        with pytest.raises(InputError, match="need a GPU"):
+            da.decode_attention(*args, interpret=False)
+
+
+def test_default_block_sizes_follow_the_shape():
+    ingest = aa.BlockSizes.for_append(rows=512 * 4, head_dim=128, page_size=16)
+    assert (ingest.block_q, ingest.block_k, ingest.num_splits) == (128, 64, 1)
+    decode = da.default_block_sizes(batch=8, rows=4, k_heads=8, head_dim=128, page_size=16,
+                                    window=16384)
+    assert decode.block_q == 16 and decode.block_k == 128
+    assert 8 * 8 * decode.num_splits >= 256 and 16384 // 128 // decode.num_splits >= 2
+    one = da.default_block_sizes(batch=1, rows=32, k_heads=8, head_dim=64, page_size=16,
+                                 window=32768)
+    assert one.num_splits == 64  # one long session still fills the GPU
+
+
+# ---------------------------------------------------------------- larger cases for the GPU
+
+GPU_APPEND = APPEND_CASES + [
+    Case(lengths=(0, 700, 1500), t=32, h=32, k=8, pages=100, d=64, dtype="bfloat16"),
+    Case(lengths=(1000, 37), t=128, h=32, k=8, pages=32, d=128, page_size=64,
+         dtype="bfloat16"),
+    Case(lengths=(513, 0), t=64, h=16, k=4, pages=40, d=128, page_size=16),
+]
+GPU_DECODE = DECODE_CASES + [
+    Case(lengths=(4095, 17, 2048, 3000), t=1, h=32, k=8, pages=256, d=128, dtype="bfloat16"),
+    Case(lengths=(1000, 0), t=4, h=32, k=8, pages=32, d=64, page_size=64, dtype="bfloat16"),
+    Case(lengths=(300,), t=2, h=8, k=8, pages=24, d=128, page_size=16),
+]
+GPU_CASCADE = CASCADE_CASES + [
+    CascadeCase(shared_lengths=(0, 3000), branch_lengths=(0, 32, 5, 60, 1, 2, 3, 4), t=32,
+                h=32, k=8, shared_pages=256, branch_pages=8, d=64, branch_page_size=16,
+                dtype="bfloat16"),
+]
+
+
+
+# ---------------------------------------------------------------- Triton lowering on CPU
+
+
+def _lower_for_cuda(case: Case, *, causal: bool, block_sizes: aa.BlockSizes):
+    """Lowers the kernel call of `case` for CUDA (Pallas -> Triton IR, no GPU needed)."""
+    b = len(case.lengths)
+    dtype = jnp.dtype(case.dtype)
+    q = jax.ShapeDtypeStruct((b, case.t, case.h, case.d), dtype)
+    pool = jax.ShapeDtypeStruct((b * case.pages + 3, case.page_size, case.k, case.d), dtype)
+    table = jax.ShapeDtypeStruct((b, case.pages), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
+    call = jax.jit(lambda *args: aa.paged_attention_partials(
+        *args, window=_window(case), causal=causal, block_sizes=block_sizes,
+        out_dtype=dtype if block_sizes.num_splits == 1 else jnp.float32, interpret=False,
+        poison_outputs=True))
+    text = call.trace(q, pool, pool, table, lengths).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
+
+
+def _lowering_cases():
+    for case in GPU_APPEND + [Case(lengths=(0,) * 8, t=512, h=32, k=8, pages=136, d=128,
+                                   dtype="bfloat16")]:
+        rows = case.t * case.h // case.k
+        bs = case.block_sizes or aa.BlockSizes.for_append(rows=rows, head_dim=case.d,
+                                                          page_size=case.page_size)
+        yield pytest.param(case, True, bs, id=f"append-{case}")
+    for case in GPU_DECODE + [Case(lengths=(0,) * 8, t=1, h=32, k=8, pages=1024, d=128,
+                                   dtype="bfloat16")]:
+        bs = case.block_sizes or da.default_block_sizes(
+            batch=len(case.lengths), rows=case.t * case.h // case.k, k_heads=case.k,
+            head_dim=case.d, page_size=case.page_size, window=_window(case))
+        yield pytest.param(case, True, bs, id=f"decode-{case}")
+    for c in GPU_CASCADE:
+        r = len(c.branch_lengths)
+        bs = c.block_sizes or ca.BlockSizes.for_shape(
+            branches=r, tokens=c.t, group=c.h // c.k, k_heads=c.k, head_dim=c.d,
+            shared_page_size=c.shared_page_size,
+            shared_window=c.shared_pages * c.shared_page_size,
+            private_page_size=c.branch_page_size)
+        shared = Case(lengths=(0,), t=r * c.t, h=c.h, k=c.k, pages=c.shared_pages, d=c.d,
+                      page_size=c.shared_page_size, dtype=c.dtype)
+        private = Case(lengths=c.branch_lengths, t=c.t, h=c.h, k=c.k, pages=c.branch_pages,
+                       d=c.d, page_size=c.branch_page_size, dtype=c.dtype)
+        yield pytest.param(shared, False, bs.shared, id=f"cascade-shared-{c}")
+        yield pytest.param(private, True, bs.private, id=f"cascade-private-{c}")
+
+
+@pytest.mark.parametrize("case, causal, block_sizes", list(_lowering_cases()))
+def test_triton_lowering_on_cpu(case, causal, block_sizes):
+    """Every compiled configuration of the GPU tests (and the benchmark's targets) lowers to
+    Triton IR: power-of-two tensors, supported primitives. Compiling the IR needs the GPU."""
+    _lower_for_cuda(case, causal=causal, block_sizes=block_sizes)
+
+
+# ---------------------------------------------------------------- compiled on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (compiled Triton kernels)")
+class TestCompiledGpu:
+    @pytest.mark.parametrize("case", GPU_APPEND, ids=str)
+    def test_append(self, case):
+        check_paged(case, aa.append_attention, aa.append_attention_reference, interpret=False)
+
+    @pytest.mark.parametrize("case", GPU_DECODE, ids=str)
+    def test_decode(self, case):
+        check_paged(case, da.decode_attention, da.decode_attention_reference, interpret=False)
+
+    @pytest.mark.parametrize("case", GPU_CASCADE, ids=str)
+    def test_cascade(self, case):
+        check_cascade(case, interpret=False)
+
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+    def test_contiguous_cells(self, dtype):
+        check_cells(dtype=dtype, interpret=False, d=64, cells=256, window=192)
