@@ -196,7 +196,8 @@ def _flash_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens
     def body(j, carry, masked):
         o, m, denom = carry  # unnormalised out, running max (base 2), softmax denominator
         k, v = load_kv(j)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+        # HIGHEST: float32 operands take the IEEE path on Triton, not TF32 (bf16 unchanged).
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                             preferred_element_type=jnp.float32) * scale
         if masked:
             cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
@@ -212,6 +213,7 @@ def _flash_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens
             p = jnp.where(valid, p, 0.0)
         denom = correction * denom + jnp.sum(p, axis=1)
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=lax.Precision.HIGHEST,
                              preferred_element_type=jnp.float32)
         return correction[:, None] * o + pv, m_next, denom
 
