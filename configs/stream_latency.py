@@ -46,6 +46,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_new_tokens=32,
     ))
 
+    # Flash queries on the embedded trained model (statejax.pretrained): accuracy vs ground
+    # truth, agreement with fresh queries, staleness. Runs after the latency study.
+    c.flash = ml_collections.ConfigDict(dict(
+        enabled=True, model="default", seed=7, warmup_bars=40, updates=12, bars_per_update=4,
+        k=5, cells=4096))
+
     if variant == "gpu":
         c.model = "llama-3.2-1b"
         c.dtype = "bfloat16"
@@ -57,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # two only, to keep the number of compiles down.
         c.budget.chunk_sizes = (16, 32, 64, 256, 1024, 2048)
         c.budget.windows = tuple(2**i for i in range(8, 16)) + (c.budget.cells,)
+        c.flash.enabled = False  # a CPU-sized model; the CPU run covers it
     elif variant == "tiny":
         c.model = "tiny"
         c.system_prompt = "OHLCV bars:\n"
@@ -64,6 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.context_sizes = (64, 128, 256)
         c.repeats = 1
         c.budget.cells = 512
+        c.flash.updates = 2
     elif variant != "cpu":
         raise ValueError(f"unknown variant {arg!r}; allowed: None (cpu), 'gpu', 'tiny'")
     return c

@@ -12,7 +12,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from statejax import latency
+from statejax import flash_study, latency
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,7 +23,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/stream_latency", "Where results 
 
 def main(argv):
     del argv
-    results = latency.run_stream_latency(_CONFIG.value)
+    config = _CONFIG.value
+    results = latency.run_stream_latency(config)
+    if config.flash.enabled:
+        results["flash"] = flash_study.run_flash_study(config.flash)
     paths = latency.write_results(results, _WORKDIR.value)
     print(latency.results_markdown(results))
     print(f"wrote {', '.join(paths.values())}")

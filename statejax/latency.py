@@ -25,6 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from statejax import flash_study
 from statejax.baselines import PrefixCacheEngine, StatelessEngine
 from statejax.budget import Budget
 from statejax.data.market import format_bar, iter_synthetic_bars
@@ -237,6 +238,8 @@ def results_markdown(results: dict) -> str:
     for t in results["targets"]:
         lines.append(f"| {t['name']} | {t['value']:.2f}x | {t['op']} {t['bound']:g}x | "
                      f"{'PASS' if t['passed'] else 'FAIL'} |")
+    if "flash" in results:  # the launcher adds the flash-query study when enabled
+        lines += ["", flash_study.flash_markdown(results["flash"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

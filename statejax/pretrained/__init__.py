@@ -1,0 +1,89 @@
+"""Small models trained in-framework and shipped inside the package (no downloads).
+
+A shipped model is a folder with two files:
+
+- `params.msgpack`: the float32 params pytree, written by `flax.serialization` (msgpack is
+  already a flax dependency, so loading needs nothing extra);
+- `model.json`: the `ModelConfig` fields, the tokenizer identity, the serving format (prompt
+  prefix, question template, stop token) and the held-out accuracies recorded at export.
+
+`load_default()` returns the embedded default: the smallest model of the capability ladder
+(docs/ladder.md) whose held-out answers are clearly useful.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from statejax.errors import InputError
+from statejax.model.config import ModelConfig, RopeScaling
+from statejax.tokenizer import ByteTokenizer
+
+DEFAULT = "ladder-l"  # folder of the embedded default, beside this file
+FORMAT = 1
+_PARAMS, _META = "params.msgpack", "model.json"
+
+
+def save(path, params, cfg: ModelConfig, info: dict[str, Any]) -> Path:
+    """Writes `params` (as float32) and `cfg` + `info` to folder `path`; returns it.
+
+    `info` must be JSON-serialisable; it should hold "prompt_prefix", "stop_token" and
+    "heldout_accuracy" (per question type), as the trainer's export does.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    host = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
+    (path / _PARAMS).write_bytes(serialization.msgpack_serialize(_plain(host)))
+    meta = {"format": FORMAT, "model": dataclasses.asdict(cfg),
+            "tokenizer": ByteTokenizer.name, **info}
+    (path / _META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load(path) -> tuple[ModelConfig, Any, ByteTokenizer, dict[str, Any]]:
+    """Loads a folder written by `save`.
+
+    Returns:
+      (cfg, params as a nested dict of jax arrays, tokenizer, info): info is `model.json`
+      without the model fields (prompt prefix, stop token, recorded accuracies, ...).
+    """
+    path = Path(path)
+    for name in (_PARAMS, _META):
+        if not (path / name).is_file():
+            raise InputError(f"{path} is not a shipped model: {name} is missing")
+    info = json.loads((path / _META).read_text())
+    if info.get("format") != FORMAT:
+        raise InputError(f"{path / _META} has format {info.get('format')!r}; allowed: {FORMAT}")
+    if info.get("tokenizer") != ByteTokenizer.name:
+        raise InputError(f"{path} needs tokenizer {info.get('tokenizer')!r}; this loader "
+                         f"knows {ByteTokenizer.name!r}")
+    fields = dict(info.pop("model"))
+    if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    cfg = ModelConfig(**fields)
+    params = serialization.msgpack_restore((path / _PARAMS).read_bytes())
+    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
+    return cfg, params, ByteTokenizer(), info
+
+
+def load_default() -> tuple[ModelConfig, Any, ByteTokenizer, dict[str, Any]]:
+    """The embedded default model: (cfg, params, tokenizer, info); see `load`.
+
+    info["prompt_prefix"] is the session prefix it was trained with, info["stop_token"] the
+    id that ends an answer, info["heldout_accuracy"] the per-question-type accuracy recorded
+    through the serving path (docs/ladder.md).
+    """
+    return load(Path(__file__).parent / DEFAULT)
+
+
+def _plain(tree):
+    """Nested dicts of numpy arrays (msgpack_restore gives them back as such)."""
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree

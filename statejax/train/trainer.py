@@ -1,0 +1,434 @@
+"""Next-token training with optax on packed question sequences; orbax checkpoints; evaluation.
+
+`train(config, workdir)` runs the whole job: it resumes from the latest checkpoint in
+`workdir/checkpoints` if there is one (batches are a pure function of the step, so a resumed
+run reaches bit-identical params), logs progress, checkpoints periodically, and ends with
+held-out evaluation:
+
+- teacher-forced: loss and exact-match of every answer on packed held-out batches (cheap;
+  also run every `eval_every` steps);
+- serving: greedy answers through the real path — a `Session` with the prompt prefix, bars
+  appended one by one, `query_batch` on branches with stop token "\\n" — compared with ground
+  truth, per question type. This is the accuracy recorded in docs/ladder.md.
+"""
+
+import collections
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import struct
+
+from statejax import pretrained
+from statejax.budget import Budget
+from statejax.checkpoint import orbax_io
+from statejax.data.market import format_bar
+from statejax.model.config import ModelConfig
+from statejax.model.llama import Transformer, init_params
+from statejax.session import Session
+from statejax.tokenizer import ByteTokenizer
+from statejax.train import data, tasks
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a resumed run needs (the data stream is a function of `step`).
+
+    Attributes:
+      step: [] int32 optimizer steps taken.
+      params: model parameters.
+      opt_state: optax state (adamw moments, schedule count).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# ---------------------------------------------------------------- config -> typed objects
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+    """The `model` block of a train config as a `ModelConfig`."""
+    return ModelConfig(**c.model.to_dict())
+
+
+def pack_spec(c: ml_collections.ConfigDict) -> data.PackSpec:
+    """The `data` block of a train config (minus the batch size) as a `PackSpec`."""
+    fields = c.data.to_dict()
+    fields.pop("batch_size")
+    return data.PackSpec(**fields)
+
+
+def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay to 10%, after global-norm clipping.
+
+    Weight decay applies to matrices only (not to norm scales).
+    """
+    return _optimizer(**c.optim.to_dict(), num_steps=c.train.num_steps)
+
+
+def _optimizer(*, learning_rate, warmup_steps, b1, b2, weight_decay, grad_clip, num_steps):
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup_steps, max(num_steps, warmup_steps + 1),
+        end_value=learning_rate * 0.1)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+
+
+def init_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
+    params = init_params(cfg, seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _logits(params, batch: data.Batch, cfg: ModelConfig, spec: data.PackSpec):
+    """[B, T, V] float32 logits of packed sequences (context causal, branches isolated)."""
+    view = data.PackedView.for_batch(batch, spec)
+    logits, _ = Transformer(cfg).apply({"params": params}, batch.tokens, batch.positions,
+                                       view)
+    return logits
+
+
+def _loss(params, batch: data.Batch, cfg: ModelConfig, spec: data.PackSpec):
+    logits_BxTxV = _logits(params, batch, cfg, spec)
+    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch.targets)
+    loss = jnp.sum(ce_BxT * batch.weights) / jnp.maximum(jnp.sum(batch.weights), 1e-6)
+    answer_BxT = (batch.segments > 0) & (batch.weights > 0)
+    answer_loss = jnp.sum(jnp.where(answer_BxT, ce_BxT, 0.0)) / jnp.maximum(
+        jnp.sum(answer_BxT), 1)
+    return loss, (logits_BxTxV, answer_loss)
+
+
+def make_train_step(cfg: ModelConfig, spec: data.PackSpec, tx: optax.GradientTransformation):
+    """Returns `train_step(state, batch) -> (state, metrics)`, jitted. Donates `state`.
+
+    metrics: {"loss", "answer_loss", "grad_norm"} float32 scalars.
+    """
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def train_step(state: TrainState, batch: data.Batch):
+        (loss, (_, answer_loss)), grads = jax.value_and_grad(_loss, has_aux=True)(
+            state.params, batch, cfg, spec)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "answer_loss": answer_loss,
+                   "grad_norm": optax.tree.norm(grads)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+def _eval_step(params, batch: data.Batch, *, cfg: ModelConfig, spec: data.PackSpec):
+    """(loss, answer loss, [B, M] bool: every answer token of branch m is the argmax)."""
+    loss, (logits_BxTxV, answer_loss) = _loss(params, batch, cfg, spec)
+    c, m, tb = spec.context_tokens, spec.num_branches, spec.branch_tokens
+    b = batch.tokens.shape[0]
+    correct = jnp.argmax(logits_BxTxV, -1) == batch.targets
+    answer = (batch.segments > 0) & (batch.weights > 0)
+    ok_BxMxTb = (correct | ~answer)[:, c:].reshape(b, m, tb)
+    return loss, answer_loss, jnp.all(ok_BxMxTb, axis=-1)
+
+
+def teacher_forced_eval(params, cfg: ModelConfig, spec: data.PackSpec, *, seed: int,
+                        num_batches: int, batch_size: int) -> dict[str, Any]:
+    """Loss and per-type exact-match of answers on held-out packed batches.
+
+    Returns:
+      {"loss", "answer_loss", "accuracy": {qtype: fraction}, "count": {qtype: n}}.
+    """
+    hits = np.zeros(len(tasks.QUESTION_TYPES))
+    counts = np.zeros(len(tasks.QUESTION_TYPES))
+    losses, answer_losses = [], []
+    for i in range(num_batches):
+        batch = data.make_batch(spec, seed=seed, step=i, batch_size=batch_size,
+                                split=data.HELDOUT)
+        loss, answer_loss, ok_BxM = jax.device_get(_eval_step(params, batch, cfg=cfg,
+                                                              spec=spec))
+        losses.append(float(loss))
+        answer_losses.append(float(answer_loss))
+        used = batch.qtypes >= 0
+        np.add.at(hits, batch.qtypes[used], ok_BxM[used])
+        np.add.at(counts, batch.qtypes[used], 1)
+    return {"loss": float(np.mean(losses)), "answer_loss": float(np.mean(answer_losses)),
+            **_per_type(hits, counts)}
+
+
+# ---------------------------------------------------------------- serving-path evaluation
+
+
+def serving_budget(context_tokens: int, max_new_tokens: int = 12) -> Budget:
+    """A Budget for evaluation sessions up to `context_tokens` tokens.
+
+    Few shapes on purpose: one chunk size (a bar line or a question fits 64 tokens),
+    power-of-two windows from 256, one branch-row bucket holding all question types.
+    """
+    cells = max(256, 1 << math.ceil(math.log2(context_tokens + 64)))
+    windows = tuple(w for w in (256 << i for i in range(16)) if w <= cells)
+    return Budget(cells=cells, page_size=16, chunk_sizes=(64,), windows=windows,
+                  branch_rows=(8,), question_cells=48, max_new_tokens=max_new_tokens)
+
+
+def serving_eval(params, cfg: ModelConfig, spec: data.PackSpec, *, seed: int,
+                 num_questions: int, context_tokens: int, points_per_session: int = 2,
+                 min_bars: int = 6, max_new_tokens: int = 12) -> dict[str, Any]:
+    """Held-out answer accuracy per question type through `Session.query_batch` (greedy).
+
+    Sessions hold `tasks.prompt_prefix()` and bars of held-out streams appended one line at a
+    time, up to `context_tokens` tokens. At `points_per_session` random bar counts
+    (>= `min_bars`) every question type is asked once, on branches, with stop token "\\n";
+    the answer text must equal the ground truth exactly.
+
+    Returns:
+      {"accuracy": {qtype: fraction}, "count": {qtype: n}, "best_constant": {qtype: accuracy
+      of the most common answer on the same questions (the chance level to beat)},
+      "examples": first 10 (question, truth, answer) per type}.
+    """
+    budget = serving_budget(context_tokens, max_new_tokens)
+    tok = ByteTokenizer()
+    rng = np.random.default_rng([seed, data.HELDOUT])
+    types = tasks.QUESTION_TYPES
+    hits, counts = np.zeros(len(types)), np.zeros(len(types))
+    examples: dict[str, list] = {q: [] for q in types}
+    # Truths per type, to score the best constant answer on the same questions (for
+    # high_index: the best fixed position in the window, "k bars back").
+    truths: dict[str, collections.Counter] = {q: collections.Counter() for q in types}
+    asked = 0
+    while asked < num_questions:
+        session = Session(params, cfg, budget, tok, prefix=tasks.prompt_prefix(),
+                          stop_token=tasks.STOP_TOKEN)
+        lines, bars, length = [], [], session.length
+        for bar in data.bar_stream(rng, spec, data.HELDOUT):
+            line = format_bar(bar)  # ASCII: one token per character
+            if length + len(line) > context_tokens:
+                break
+            lines.append(line)
+            bars.append(bar)
+            length += len(line)
+        choices = np.arange(min_bars, len(bars) + 1)
+        points = set(rng.choice(choices, min(points_per_session, choices.size), replace=False))
+        for n, line in enumerate(lines, start=1):
+            session.append(line)
+            if n not in points or asked >= num_questions:
+                continue
+            batch = [tasks.make_question(q, bars[:n], rng) for q in types]
+            batch = batch[:num_questions - asked]
+            answers = session.query_batch([q for q, _ in batch], [max_new_tokens] * len(batch))
+            for i, ((question, truth), got) in enumerate(zip(batch, answers, strict=True)):
+                hits[i] += got.text == truth
+                counts[i] += 1
+                truths[types[i]][str(bars[n - 1].index - int(truth)) if types[i] == "high_index"
+                                 else truth] += 1
+                if len(examples[types[i]]) < 10:
+                    examples[types[i]].append([question, truth, got.text])
+            asked += len(batch)
+    best_constant = {q: max(c.values()) / sum(c.values()) if c else float("nan")
+                     for q, c in truths.items()}
+    return {**_per_type(hits, counts), "best_constant": best_constant, "examples": examples}
+
+
+def _per_type(hits, counts) -> dict[str, Any]:
+    acc = {q: (float(h / n) if n else float("nan"))
+           for q, h, n in zip(tasks.QUESTION_TYPES, hits, counts, strict=True)}
+    return {"accuracy": acc, "count": {q: int(n) for q, n in zip(tasks.QUESTION_TYPES, counts,
+                                                                   strict=True)}}
+
+
+# ---------------------------------------------------------------- the job
+
+
+def checkpoint_manager(workdir, every: int) -> ocp.CheckpointManager:
+    # Synchronous saves: the next train step donates the state's buffers.
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def train(c: ml_collections.ConfigDict, workdir, *, stop_after: int | None = None,
+          evaluate: bool = True):
+    """Trains (or resumes) to `c.train.num_steps`, then evaluates and exports.
+
+    Args:
+      c: a config from configs/train.py.
+      workdir: checkpoints, metrics.jsonl, results.json and export/ go here.
+      stop_after: end this run after that many total steps, without the final evaluation
+        (simulates a preemption; a later call resumes).
+      evaluate: run the final evaluation and export when `c.train.num_steps` is reached.
+
+    Returns:
+      (final TrainState, results dict; empty when stopped early or not evaluating).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg, spec, t = model_config(c), pack_spec(c), c.train
+    tx, train_step = _compiled(cfg, spec, tuple(sorted(c.optim.to_dict().items())),
+                               t.num_steps)
+    mngr = checkpoint_manager(workdir, t.checkpoint_every)
+    # One device, committed either way, so a resumed run hits the same compiled step.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if mngr.latest_step() is None:
+        state = jax.device_put(init_train_state(cfg, tx, t.seed), device)
+    else:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            jax.eval_shape(lambda: init_train_state(cfg, tx, t.seed)))
+        state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
+        logging.info("resumed from step %d in %s", int(state.step), workdir)
+    logging.info("model %s: %d params; T=%d tokens, batch %d", cfg.name, cfg.num_params,
+                 spec.seq_len, c.data.batch_size)
+    end = t.num_steps if stop_after is None else min(stop_after, t.num_steps)
+    step = int(state.step)
+    start_time, start_step = time.perf_counter(), step
+    # Training wall time, summed over resumed runs (as of the latest checkpoint).
+    timing = workdir / "train_seconds.json"
+    seconds_before = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+    elapsed = lambda: seconds_before + time.perf_counter() - start_time
+    batches = _batches(spec, t.seed, c.data.batch_size, step, end, t.data_workers)
+    with open(workdir / "metrics.jsonl", "a") as log:
+        while step < end:
+            state, metrics = train_step(state, next(batches))
+            step += 1
+            if step % t.log_every == 0 or step == end:
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                rate = (step - start_step) / (time.perf_counter() - start_time)
+                logging.info("step %d/%d loss %.4f answer_loss %.4f (%.2f steps/s)", step,
+                             t.num_steps, row["loss"], row["answer_loss"], rate)
+                log.write(json.dumps({"step": step, **row}) + "\n")
+                log.flush()
+            if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
+                ev = teacher_forced_eval(state.params, cfg, spec, seed=t.seed,
+                                         num_batches=t.eval_batches,
+                                         batch_size=c.data.batch_size)
+                logging.info("step %d held-out loss %.4f, teacher-forced accuracy %s", step,
+                             ev["loss"], _fmt(ev["accuracy"]))
+                log.write(json.dumps({"step": step, "heldout": ev}) + "\n")
+            if mngr.save(step, args=ocp.args.StandardSave(state), force=step == end):
+                timing.write_text(json.dumps({"step": step, "seconds": elapsed()}))
+    mngr.wait_until_finished()
+    if step < t.num_steps or not evaluate:
+        return state, {}
+    return state, finish(c, workdir, state, elapsed())
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(cfg: ModelConfig, spec: data.PackSpec, optim: tuple, num_steps: int):
+    """(optimizer, jitted train step), cached so that repeated runs (resume, notebooks,
+    tests) in one process compile once."""
+    tx = _optimizer(**dict(optim), num_steps=num_steps)
+    return tx, make_train_step(cfg, spec, tx)
+
+
+def _batches(spec: data.PackSpec, seed: int, batch_size: int, start: int, end: int,
+             workers: int):
+    """Training batches for steps [start, end), made by `workers` processes if > 0.
+
+    Workers only speed up the host side (a GPU step is faster than making a batch in
+    Python); batch i is the same either way.
+    """
+    jobs = ((spec, seed, step, batch_size) for step in range(start, end))
+    if workers <= 0:
+        yield from map(_batch_at, jobs)
+        return
+    # spawn, not fork: forking a process that runs JAX's threads can deadlock.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_batch_at, jobs, chunksize=4)
+
+
+def _batch_at(job) -> data.Batch:
+    spec, seed, step, batch_size = job
+    return data.make_batch(spec, seed=seed, step=step, batch_size=batch_size)
+
+
+def finish(c, workdir, state: TrainState, train_seconds: float):
+    """Final evaluation; writes results.json, params/<step> (orbax) and export/ (shippable)."""
+    cfg, spec, t, e = model_config(c), pack_spec(c), c.train, c.eval
+    tf = teacher_forced_eval(state.params, cfg, spec, seed=t.seed, num_batches=t.eval_batches,
+                             batch_size=c.data.batch_size)
+    logging.info("final teacher-forced accuracy %s", _fmt(tf["accuracy"]))
+    results = {
+        "config": c.variant, "model": dataclasses.asdict(cfg), "num_params": cfg.num_params,
+        "steps": int(state.step), "batch_size": c.data.batch_size, "seq_len": spec.seq_len,
+        "train_seconds": round(train_seconds, 1),
+        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(), "teacher_forced": tf, "serving": {},
+    }
+    for name, (context, num_questions) in e.serving.items():
+        t0 = time.perf_counter()
+        ev = serving_eval(state.params, cfg, spec, seed=e.seed, num_questions=num_questions,
+                          context_tokens=context, max_new_tokens=e.max_new_tokens)
+        ev["context_tokens"], ev["seconds"] = context, round(time.perf_counter() - t0, 1)
+        results["serving"][name] = ev
+        logging.info("serving accuracy (%s, %d questions, contexts <= %d tokens) %s", name,
+                     num_questions, context, _fmt(ev["accuracy"]))
+    # A small fixed held-out stream, rerun by tests/test_pretrained.py on the shipped model.
+    check_context = e.serving["in_range"][0]
+    check = serving_eval(state.params, cfg, spec, seed=e.seed, num_questions=e.check_questions,
+                         context_tokens=check_context, max_new_tokens=e.max_new_tokens)
+    workdir = Path(workdir)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # The final params twice: a statejax orbax checkpoint (params + config + tokenizer) and
+    # the msgpack folder format that ships inside the package.
+    if not (workdir / "params" / str(results["steps"])).exists():
+        orbax_io.save(workdir / "params", state.params, cfg, ByteTokenizer.name,
+                      step=results["steps"])
+    pretrained.save(workdir / "export", state.params, cfg, {
+        "prompt_prefix": tasks.prompt_prefix(), "stop_token": tasks.STOP_TOKEN,
+        "question_template": "Q: <question>\nA: ", "question_types": list(tasks.QUESTION_TYPES),
+        "heldout_accuracy": results["serving"]["in_range"]["accuracy"],
+        "heldout_accuracy_long_context": {
+            name: ev["accuracy"] for name, ev in results["serving"].items()
+            if name != "in_range"},
+        # Enough to rerun the same small held-out evaluation (tests/test_pretrained.py does).
+        "check_eval": {"seed": e.seed, "num_questions": e.check_questions,
+                       "context_tokens": check_context, "max_new_tokens": e.max_new_tokens,
+                       "pack_spec": dataclasses.asdict(spec), "accuracy": check["accuracy"]},
+        "heldout_count": results["serving"]["in_range"]["count"],
+        "training": {k: results[k] for k in ("config", "num_params", "steps", "batch_size",
+                                               "seq_len", "train_seconds", "device", "jax",
+                                               "date")},
+    })
+    return results
+
+
+def ladder_table(results: list[dict[str, Any]], context: str = "in_range") -> str:
+    """A markdown table of serving accuracy per question type, one row per results.json."""
+    types = tasks.QUESTION_TYPES
+    head = ["rung", "params", "steps", "train time", "device", *types]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        acc = r["serving"][context]["accuracy"]
+        minutes = r["train_seconds"] / 60
+        rows.append("| " + " | ".join([
+            r["config"], f"{r['num_params'] / 1e6:.2f}M", str(r["steps"]),
+            f"{minutes:.0f} min", r["device"], *(f"{acc[q]:.2f}" for q in types)]) + " |")
+    return "\n".join(rows)
+
+
+def quiet_checkpoint_logs():
+    """Drops orbax's INFO lines (a dozen per save) from the absl log; warnings stay."""
+    import logging as py_logging
+
+    keep = lambda record: record.levelno > py_logging.INFO or "orbax" not in record.pathname
+    logging.get_absl_handler().addFilter(keep)
+
+
+def _fmt(acc: dict[str, float]) -> str:
+    return " ".join(f"{q}={a:.2f}" for q, a in acc.items())
