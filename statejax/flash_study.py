@@ -104,7 +104,7 @@ def _count_change(scores, ids, event):
 def _summary(question: str, s: dict) -> dict:
     correct = np.asarray(s["correct"])
     confidence = np.asarray(s["confidence"])
-    mean = lambda x: float(x.mean()) if x.size else float("nan")
+    mean = lambda x: float(x.mean()) if x.size else None  # None: no such answers
     return {"question": question, "accuracy": float(correct.mean()),
             "agreement": float(np.mean(s["agree"])),
             "mean_confidence_correct": mean(confidence[correct]),
@@ -130,7 +130,11 @@ def flash_markdown(flash: dict) -> str:
     ]
     for q in flash["questions"].values():
         question = " ".join(q["question"].split())  # one table line: "Q: ... A:"
+        right, wrong = (_fmt(q[f"mean_confidence_{k}"]) for k in ("correct", "wrong"))
         lines.append(f"| `{question}` | {q['accuracy']:.2f} | {q['agreement']:.2f} "
-                     f"| {q['mean_confidence_correct']:.3f} / {q['mean_confidence_wrong']:.3f} "
-                     f"| {q['answer_changes']} |")
+                     f"| {right} / {wrong} | {q['answer_changes']} |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
