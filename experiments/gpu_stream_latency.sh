@@ -11,6 +11,12 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+# `kernels/` installs as `statejax.kernels`; without an install, link it for this run (needed
+# only with --config.impl=pallas).
+if ! python3 -c "import statejax.kernels" 2>/dev/null && [ ! -e statejax/kernels ]; then
+  ln -s ../kernels statejax/kernels
+  trap 'rm -f statejax/kernels' EXIT
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 if [ "${SKIP_PEER:-0}" != 1 ]; then
