@@ -6,7 +6,7 @@ import pytest
 from statejax import pretrained
 from statejax.errors import InputError
 from statejax.tokenizer import ByteTokenizer
-from statejax.train import data, tasks, trainer
+from statejax.train import data, evaluate, tasks
 
 TOLERANCE = 0.1  # per question type: two of 20 answers (float differences across CPUs)
 
@@ -28,7 +28,7 @@ def test_default_model_loads(default):
 def test_default_model_reaches_recorded_accuracy(default):
     cfg, params, _, info = default
     ev = info["check_eval"]  # a fixed held-out stream of 100 questions, 20 per type
-    result = trainer.serving_eval(
+    result = evaluate.serving_eval(
         params, cfg, data.PackSpec(**ev["pack_spec"]), seed=ev["seed"],
         num_questions=ev["num_questions"], context_tokens=ev["context_tokens"],
         max_new_tokens=ev["max_new_tokens"])

@@ -15,7 +15,7 @@ from statejax.data.market import Bar, parse_bar
 from statejax.errors import InputError
 from statejax.model.llama import init_params
 from statejax.tokenizer import ByteTokenizer
-from statejax.train import data, tasks, trainer
+from statejax.train import data, evaluate, tasks, trainer
 
 TOK = ByteTokenizer()
 
@@ -145,7 +145,7 @@ def test_packed_view_matches_dense_mask_and_serving_forward(tiny):
     np.testing.assert_allclose(blocked, dense, atol=1e-5)
 
     # A branch sees exactly what a session query sees: context[:n_j] + branch, same positions.
-    logits = jax.jit(trainer._logits, static_argnums=(2, 3))(params, batch, cfg, SPEC)
+    logits = jax.jit(evaluate.packed_logits, static_argnums=(2, 3))(params, batch, cfg, SPEC)
     s = SPEC.context_tokens + SPEC.branch_tokens  # branch 1 of row 0
     n_j = int(batch.context_limit[0, s])
     branch = batch.tokens[0, s:s + SPEC.branch_tokens]
@@ -171,7 +171,7 @@ def test_train_steps_reduce_loss(run):
     c, _, state = run
     cfg, spec = trainer.model_config(c), trainer.pack_spec(c)
     probe = data.make_batch(spec, seed=9, step=0, batch_size=4, split=data.HELDOUT)
-    loss = lambda params: float(trainer._eval_step(params, probe, cfg=cfg, spec=spec)[0])
+    loss = lambda params: float(evaluate._eval_step(params, probe, cfg=cfg, spec=spec)[0])
     init = trainer.init_train_state(cfg, trainer.make_optimizer(c), c.train.seed)
     assert int(state.step) == c.train.num_steps
     assert loss(state.params) < loss(init.params) - 0.5
