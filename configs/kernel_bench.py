@@ -5,19 +5,41 @@ Run from the repo root. GPU (the shapes of issue 3's targets and a grid around t
       --workdir=runs/kernel_bench_gpu
 CPU check (interpret mode, tiny shapes, a minute):
   python -m experiments.kernel_bench --config=configs/kernel_bench.py:cpu --workdir=/tmp/kb
+Block-size tuning on the GPU (the two target shapes, default tiles, then each grid entry):
+  python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu-tune --workdir=...
 
 Shape tuples, one per benchmarked call:
   decode  (B sessions, S cached cells per session, T new tokens, H, K, D)
   append  (B sessions, S cached cells per session, T new tokens, H, K, D)
   cascade (R branches, S shared cells, T tokens per branch, H, K, D); private cells = T
 Cached cells are the same for every session; K/V live in a shuffled page pool.
+
+Tuning grids: `tune_decode` / `tune_append` hold `BlockSizes` tuples
+(block_q, block_k, num_splits, num_warps, num_stages) timed on the FIRST decode / append shape;
+the targets report the fastest row of each target shape.
 """
+
+import itertools
 
 import ml_collections
 
 
+def _decode_grid():
+    # 8 sessions x 16k, G = 4: one query block of 16 rows; 8 x 8 = 64 (row, kv-head) programs
+    # before splitting, so 4..32 splits give 256..2048 programs.
+    return tuple((16, bk, s, w, st) for bk, s, (w, st) in itertools.product(
+        (64, 128, 256), (4, 8, 16, 32), ((4, 2), (4, 3), (4, 4), (8, 3))))
+
+
+def _append_grid():
+    # 8 x 512 tokens, G = 4: 2048 query rows per (row, kv-head).
+    return tuple((bq, bk, 1, w, st) for bq, bk, (w, st) in itertools.product(
+        (64, 128), (64, 128), ((4, 2), (4, 3), (8, 2), (8, 3))))
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """arg: "gpu" (default) or "cpu" (the shrink switch: tiny shapes, interpret mode)."""
+    """arg: "gpu" (default), "gpu-tune" (target shapes + block-size grids) or "cpu" (the
+    shrink switch: tiny shapes, interpret mode, a two-entry grid)."""
     variant = arg or "gpu"
     c = ml_collections.ConfigDict()
     c.variant = variant
@@ -47,6 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         (1, 16384, 32, 32, 8, 64), (8, 16384, 32, 32, 8, 64),  # target: R=8 < 1.5x R=1
         (1, 4096, 32, 32, 8, 128), (8, 4096, 32, 32, 8, 128), (64, 4096, 8, 32, 8, 128),
     )
+    c.tune_decode = ()
+    c.tune_append = ()
 
     if variant == "cpu":
         c.dtype = "float32"
@@ -61,6 +85,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.decode = ((2, 128, 1, 8, 2, 16), (1, 256, 2, 8, 1, 32))
         c.append = ((2, 64, 16, 8, 2, 16),)
         c.cascade = ((1, 128, 4, 8, 2, 16), (4, 128, 4, 8, 2, 16))
+        c.tune_decode = ((16, 32, 2, 4, 2), (16, 64, 1, 4, 2))
+        c.tune_append = ((16, 16, 1, 4, 2),)
+    elif variant == "gpu-tune":
+        c.decode, c.append, c.cascade = c.decode[:1], c.append[:1], ()
+        c.baselines = False
+        c.repeats = 5
+        c.time_budget_s = 300.0
+        c.tune_decode = _decode_grid()
+        c.tune_append = _append_grid()
     elif variant != "gpu":
-        raise ValueError(f"unknown variant {arg!r}; allowed: 'gpu' (default), 'cpu'")
+        raise ValueError(f"unknown variant {arg!r}; allowed: 'gpu' (default), 'gpu-tune', "
+                         "'cpu'")
     return c

@@ -125,8 +125,8 @@ def _baselines_paged(cfg, kind, q, k_pool, v_pool, table, lengths, window):
     return out
 
 
-def bench_paged(cfg, peaks, kind, shape, key) -> dict:
-    """One decode or append shape: (B, S, T, H, K, D)."""
+def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None) -> dict:
+    """One decode or append shape: (B, S, T, H, K, D); `block_sizes` None = the defaults."""
     b, s, t, h, k, d = shape
     dtype = jnp.dtype(cfg.dtype)
     q, k_pool, v_pool, table = _paged_inputs(key, rows=b, cells=s + t, t=t, h=h, k=k, d=d,
@@ -134,14 +134,15 @@ def bench_paged(cfg, peaks, kind, shape, key) -> dict:
     lengths = jnp.full((b,), s, jnp.int32)
     window = table.shape[1] * cfg.page_size
     fn = da.decode_attention if kind == "decode" else aa.append_attention
-    call = jax.jit(functools.partial(fn, window=window, interpret=cfg.interpret))
+    call = jax.jit(functools.partial(fn, window=window, block_sizes=block_sizes,
+                                     interpret=cfg.interpret))
     seconds = median_seconds(call, q, k_pool, v_pool, table, lengths, warmup=cfg.warmup,
                              repeats=cfg.repeats)
     nbytes, flops = _attention_traffic(rows=b, cells=s + t, t=t, h=h, k=k, d=d,
                                        itemsize=dtype.itemsize)
     row = _row(kind, dict(sessions=b, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
                seconds, nbytes, flops, peaks)
-    if cfg.baselines:
+    if cfg.baselines and block_sizes is None:
         row.update(_baselines_paged(cfg, kind, q, k_pool, v_pool, table, lengths, window))
     return row
 
@@ -182,6 +183,24 @@ def bench_cascade(cfg, peaks, shape, key) -> dict:
     return row
 
 
+def tuning_work(cfg) -> list[tuple]:
+    """(kind, shape, BlockSizes) for the tuning grids: `cfg.tune_decode` on `cfg.decode[0]`,
+    `cfg.tune_append` on `cfg.append[0]` (the target shapes)."""
+    work = []
+    for kind, shapes, grid in (("decode", cfg.decode, cfg.get("tune_decode", ())),
+                               ("append", cfg.append, cfg.get("tune_append", ()))):
+        for entry in grid:
+            work.append((kind, shapes[0], aa.BlockSizes(*entry)))
+    return work
+
+
+def _blocks_label(bs) -> str:
+    if bs is None:
+        return "default"
+    return (f"q{bs.block_q} k{bs.block_k} s{bs.num_splits} w{bs.num_warps} "
+            f"st{bs.num_stages}")
+
+
 def _row(kind, shape, seconds, nbytes, flops, peaks) -> dict:
     return dict(kernel=kind, **shape, ms=1e3 * seconds, bytes=nbytes, flops=flops,
                 gbytes_per_s=nbytes / seconds / 1e9,
@@ -204,18 +223,21 @@ def run(cfg, workdir: str | None = None) -> dict:
     results.update(measure_peaks(cfg))
     key = jax.random.key(0)
     deadline = time.monotonic() + cfg.get("time_budget_s", float("inf"))
-    work = ([("decode", s) for s in cfg.decode] + [("append", s) for s in cfg.append]
-            + [("cascade", s) for s in cfg.cascade])
-    for i, (kind, shape) in enumerate(work):
+    work = ([("decode", s, None) for s in cfg.decode]
+            + [("append", s, None) for s in cfg.append]
+            + [("cascade", s, None) for s in cfg.cascade] + tuning_work(cfg))
+    for i, (kind, shape, block_sizes) in enumerate(work):
         if time.monotonic() > deadline:
             results["rows"].append(dict(kernel=kind, shape=list(shape),
+                                        blocks=_blocks_label(block_sizes),
                                         skipped="time budget"))
             continue
         key_i = jax.random.fold_in(key, i)
         if kind == "cascade":
             row = bench_cascade(cfg, results, shape, key_i)
         else:
-            row = bench_paged(cfg, results, kind, shape, key_i)
+            row = bench_paged(cfg, results, kind, shape, key_i, block_sizes)
+        row["blocks"] = _blocks_label(block_sizes)
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
         if workdir:
@@ -244,16 +266,18 @@ def results_markdown(results: dict) -> str:
         "",
     ]
     base_keys = sorted({k for row in results["rows"] for k in row if k.endswith("_ms")})
-    header = ["kernel", "B/R", "S", "T", "H", "K", "D", "ms", "GB/s", "% copy", "TFLOP/s",
+    header = ["kernel", "B/R", "S", "T", "H", "K", "D", "blocks", "ms", "GB/s", "% copy", "TFLOP/s",
               "% matmul", *[k.removesuffix("_ms") for k in base_keys]]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["rows"]:
         if "skipped" in row:
-            lines.append(f"| {row['kernel']} | {row['shape']} skipped: {row['skipped']} |")
+            lines.append(f"| {row['kernel']} | {row['shape']} {row.get('blocks', '')} "
+                         f"skipped: {row['skipped']} |")
             continue
         cells = [row["kernel"], row["sessions"], row["context"], row["t"], row["heads"],
-                 row["kv_heads"], row["head_dim"], row["ms"], row["gbytes_per_s"],
-                 100 * row["frac_copy"], row["tflop_per_s"], 100 * row["frac_matmul"],
+                 row["kv_heads"], row["head_dim"], row.get("blocks", ""), row["ms"],
+                 row["gbytes_per_s"], 100 * row["frac_copy"], row["tflop_per_s"],
+                 100 * row["frac_matmul"],
                  *[row.get(k, "") for k in base_keys]]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines + ["", *target_lines(results)]) + "\n"
@@ -264,18 +288,21 @@ def target_lines(results: dict) -> list[str]:
     rows = [r for r in results["rows"] if "skipped" not in r]
 
     def find(kind, **shape):
-        return next((r for r in rows if r["kernel"] == kind
-                     and all(r[k] == v for k, v in shape.items())), None)
+        """The fastest row of that shape (default or tuned blocks), or None."""
+        hits = [r for r in rows if r["kernel"] == kind
+                and all(r[k] == v for k, v in shape.items())]
+        return min(hits, key=lambda r: r["ms"], default=None)
 
     out = ["## Targets"]
     dec = find("decode", sessions=8, context=16384, t=1, kv_heads=8, head_dim=128)
     if dec:
         out.append(f"- decode 8 x 16k, K=8, D=128: {100 * dec['frac_copy']:.0f}% of copy "
-                   "bandwidth (target >= 75%)")
+                   f"bandwidth (target >= 75%), blocks {dec.get('blocks', 'default')}")
     app_ = find("append", sessions=8, context=8192, t=512, heads=32, head_dim=128)
     if app_:
         out.append(f"- append 8 x 512 over 8k, H=32, D=128: {100 * app_['frac_matmul']:.0f}% "
-                   "of the bf16 matmul rate (target >= 40%)")
+                   f"of the bf16 matmul rate (target >= 40%), blocks "
+                   f"{app_.get('blocks', 'default')}")
     for one in [r for r in rows if r["kernel"] == "cascade" and r["sessions"] == 1]:
         for many in rows:
             if many["kernel"] == "cascade" and many["sessions"] > 1 and all(

@@ -1,0 +1,56 @@
+"""The kernel benchmark: its rows, traffic model, tuning grids and target read-out (CPU,
+interpret mode; the timings themselves are only meaningful on a GPU)."""
+
+import pytest
+
+from configs import kernel_bench as kb_config
+from experiments import kernel_bench
+from statejax.kernels import append_attention as aa
+
+
+def test_cpu_run_measures_every_shape_and_grid_entry(tmp_path):
+    cfg = kb_config.get_config("cpu")
+    cfg.repeats = 1
+    results = kernel_bench.run(cfg, str(tmp_path))
+    rows = results["rows"]
+    expected = ([("decode", "default")] * len(cfg.decode) + [("append", "default")]
+                * len(cfg.append) + [("cascade", "default")] * len(cfg.cascade)
+                + [("decode", kernel_bench._blocks_label(aa.BlockSizes(*e)))
+                   for e in cfg.tune_decode]
+                + [("append", kernel_bench._blocks_label(aa.BlockSizes(*e)))
+                   for e in cfg.tune_append])
+    assert [(r["kernel"], r["blocks"]) for r in rows] == expected
+    assert all(r["ms"] > 0 and r["gbytes_per_s"] > 0 for r in rows)
+    # Tuned rows run the FIRST shape of their kernel; bytes = Q + K/V once + out (f32).
+    b, s, t, h, k, d = cfg.decode[0]
+    tuned = rows[len(cfg.decode) + len(cfg.append) + len(cfg.cascade)]
+    assert (tuned["sessions"], tuned["context"], tuned["t"]) == (b, s, t)
+    assert tuned["bytes"] == 2 * b * t * h * d * 4 + b * (s + t) * k * d * 2 * 4
+    md = (tmp_path / "results.md").read_text()
+    assert "| blocks |" in md and "q16 k32 s2 w4 st2" in md
+
+
+def _row(ms, blocks):
+    return dict(kernel="decode", sessions=8, context=16384, t=1, heads=32, kv_heads=8,
+                head_dim=128, ms=ms, frac_copy=0.1 / ms, blocks=blocks)
+
+
+def test_targets_report_the_fastest_blocks():
+    results = {"rows": [_row(2.0, "default"), _row(1.0, "q16 k128 s16 w4 st3"),
+                        _row(4.0, "q16 k64 s4 w4 st2")]}
+    (line,) = [x for x in kernel_bench.target_lines(results) if x.startswith("- decode")]
+    assert "10% of copy" in line and line.endswith("blocks q16 k128 s16 w4 st3")
+
+
+@pytest.mark.parametrize("variant", ["gpu-tune", "cpu"])
+def test_tuning_grids_are_valid_block_sizes(variant):
+    cfg = kb_config.get_config(variant)
+    entries = list(cfg.tune_decode) + list(cfg.tune_append)
+    assert entries and len(set(entries)) == len(entries)
+    for entry in entries:
+        aa.validate_block_sizes(aa.BlockSizes(*entry), cfg.page_size)  # raises if invalid
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="allowed: 'gpu' .*'gpu-tune'"):
+        kb_config.get_config("tpu")
