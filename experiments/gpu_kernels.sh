@@ -37,8 +37,8 @@ timeout 110 python3 -m pytest -m gpu tests/test_kernels.py -q -rfEs --durations=
 echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
 
 # 2) Benchmark; results are rewritten after every shape, so a timeout keeps what was measured.
-timeout 120 python3 -m experiments.kernel_bench \
+timeout "${BENCH_TIMEOUT_S:-120}" python3 -m experiments.kernel_bench \
   --config="${BENCH_CONFIG:-configs/kernel_bench.py:gpu}" \
-  --config.time_budget_s=90 --workdir="$OUT/kernel_bench" "$@" 2>&1 \
+  --config.time_budget_s="${BENCH_BUDGET_S:-90}" --workdir="$OUT/kernel_bench" "$@" 2>&1 \
   | tee "$OUT/kernel_bench.log"
 echo "kernel_bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/kernel_bench.log"
