@@ -11,6 +11,7 @@ Test size (seconds):
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 # 32 byte tokens: the anchors' query is 32 question tokens on top of the context.
 QUESTION = "Will the next bar close higher?\n"
@@ -46,6 +47,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_new_tokens=32,
     ))
 
+    # The query's memory floor (weights + K/V read once at the copy bandwidth measured in the
+    # same run) and, optionally, the HF peer's JSON from the same device call
+    # (`../shared/bench/hf_peer.py`; experiments/gpu_stream_latency.sh passes it).
+    c.roofline = ml_collections.ConfigDict(dict(
+        copy_mib=256,
+        floor_bound=config_dict.placeholder(float),  # target: stateful <= bound x floor
+        peer_json="",
+        peer_bound=config_dict.placeholder(float),  # target: HF kept-cache >= bound x stateful
+    ))
+
     # Flash queries on the embedded trained model (statejax.pretrained): accuracy vs ground
     # truth, agreement with fresh queries, staleness. Runs after the latency study.
     c.flash = ml_collections.ConfigDict(dict(
@@ -64,6 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.budget.chunk_sizes = (16, 32, 64, 256, 1024, 2048)
         c.budget.windows = tuple(2**i for i in range(8, 16)) + (c.budget.cells,)
         c.flash.enabled = False  # a CPU-sized model; the CPU run covers it
+        # Issue 3's end-to-end targets for the Llama-3.2-1B shape.
+        c.roofline.update(copy_mib=2048, floor_bound=1.3, peer_bound=8.0)
     elif variant == "tiny":
         c.model = "tiny"
         c.system_prompt = "OHLCV bars:\n"
@@ -72,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.repeats = 1
         c.budget.cells = 512
         c.flash.updates = 2
+        c.roofline.copy_mib = 16
     elif variant != "cpu":
         raise ValueError(f"unknown variant {arg!r}; allowed: None (cpu), 'gpu', 'tiny'")
     return c

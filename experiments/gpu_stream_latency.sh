@@ -19,8 +19,11 @@ if ! python3 -c "import statejax.kernels" 2>/dev/null && [ ! -e statejax/kernels
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+PEER_FLAG=()
 if [ "${SKIP_PEER:-0}" != 1 ]; then
-  python3 .peer/hf_peer.py 2>&1 | tail -8
+  # Writes $OUT/hf_peer.json; the study reads it (kept-cache column and the >= 8x target).
+  OUT="$OUT" python3 .peer/hf_peer.py 2>&1 | tail -8
+  PEER_FLAG=(--config.roofline.peer_json="$OUT/hf_peer.json")
 fi
 python3 -m experiments.stream_latency --config=configs/stream_latency.py:gpu \
-  --workdir="$OUT/stream_latency" "$@" 2>&1 | tee "$OUT/stream_latency.log"
+  --workdir="$OUT/stream_latency" "${PEER_FLAG[@]}" "$@" 2>&1 | tee "$OUT/stream_latency.log"

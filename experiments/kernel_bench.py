@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import statistics
 import time
 
 import jax
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from statejax import attention
+from statejax import attention, roofline
 from statejax.kernels import append_attention as aa
 from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
@@ -37,36 +36,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Benchmark config (configs/kernel_bench.py[:gpu|:cpu]).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/kernel_bench", "Where results are written.")
 
-_INNER = 5  # calls per timed sample: launches pipeline, so short kernels are not launch-bound
 _XLA_SCORES_LIMIT = 8 << 30  # skip the XLA reference when its score matrix exceeds this
-
-
-def median_seconds(fn, *args, warmup: int, repeats: int) -> float:
-    """Median seconds per call of fn(*args), after one compiling call and `warmup` calls."""
-    jax.block_until_ready(fn(*args))
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(_INNER):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / _INNER)
-    return statistics.median(samples)
 
 
 def measure_peaks(cfg) -> dict:
     """Copy bandwidth (bytes/s, read + write) and bf16 matmul rate (FLOP/s) of this device."""
-    x = jnp.ones((cfg.copy_mib << 19,), jnp.bfloat16)  # copy_mib MiB of bf16
-    copy = jax.jit(lambda x: x * 2)
-    t_copy = median_seconds(copy, x, warmup=cfg.warmup, repeats=cfg.repeats)
-    n = cfg.matmul_size
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    t_mm = median_seconds(jax.jit(jnp.matmul), a, b, warmup=cfg.warmup, repeats=cfg.repeats)
-    return {"copy_bytes_per_s": 2 * x.nbytes / t_copy, "matmul_flop_per_s": 2 * n**3 / t_mm,
-            "copy_mib": cfg.copy_mib, "matmul_size": n}
+    timing = dict(warmup=cfg.warmup, repeats=cfg.repeats)
+    return {"copy_bytes_per_s": roofline.copy_bandwidth(cfg.copy_mib, **timing),
+            "matmul_flop_per_s": roofline.matmul_rate(cfg.matmul_size, **timing),
+            "copy_mib": cfg.copy_mib, "matmul_size": cfg.matmul_size}
 
 
 def _paged_inputs(key, *, rows, cells, t, h, k, d, page_size, dtype):
@@ -99,7 +77,7 @@ def _try(fn):
 
 def _baselines_paged(cfg, kind, q, k_pool, v_pool, table, lengths, window):
     """Comparable baselines for decode/append over the same (gathered, contiguous) cells."""
-    timed = functools.partial(median_seconds, warmup=cfg.warmup, repeats=cfg.repeats)
+    timed = functools.partial(roofline.median_seconds, warmup=cfg.warmup, repeats=cfg.repeats)
     k = aa.gather_pages(k_pool, table, window)  # [B, S, K, D] contiguous copies
     v = aa.gather_pages(v_pool, table, window)
     b, t, h, _ = q.shape
@@ -136,8 +114,8 @@ def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None) -> dict:
     fn = da.decode_attention if kind == "decode" else aa.append_attention
     call = jax.jit(functools.partial(fn, window=window, block_sizes=block_sizes,
                                      interpret=cfg.interpret))
-    seconds = median_seconds(call, q, k_pool, v_pool, table, lengths, warmup=cfg.warmup,
-                             repeats=cfg.repeats)
+    seconds = roofline.median_seconds(call, q, k_pool, v_pool, table, lengths,
+                                      warmup=cfg.warmup, repeats=cfg.repeats)
     nbytes, flops = _attention_traffic(rows=b, cells=s + t, t=t, h=h, k=k, d=d,
                                        itemsize=dtype.itemsize)
     row = _row(kind, dict(sessions=b, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
@@ -160,7 +138,7 @@ def bench_cascade(cfg, peaks, shape, key) -> dict:
     branch_lengths = jnp.zeros((r,), jnp.int32)
     call = jax.jit(functools.partial(ca.cascade_attention, interpret=cfg.interpret))
     args = (q, sk, sv, s_table[0], jnp.int32(s), bk, bv, b_table, branch_lengths)
-    seconds = median_seconds(call, *args, warmup=cfg.warmup, repeats=cfg.repeats)
+    seconds = roofline.median_seconds(call, *args, warmup=cfg.warmup, repeats=cfg.repeats)
     io = 2 * r * t * h * d * dtype.itemsize
     nbytes = io + (s + r * t) * k * d * 2 * dtype.itemsize
     flops = 4 * d * r * h * (t * s + t * (t + 1) // 2)
@@ -178,7 +156,7 @@ def bench_cascade(cfg, peaks, shape, key) -> dict:
                                  p_table + sk.shape[0]], axis=1)
         lengths = jnp.full((r,), s, jnp.int32)
         append = jax.jit(functools.partial(aa.append_attention, interpret=cfg.interpret))
-        row["append_aliased_rows_ms"] = _try(lambda: 1e3 * median_seconds(
+        row["append_aliased_rows_ms"] = _try(lambda: 1e3 * roofline.median_seconds(
             append, q, pool_k, pool_v, table, lengths, warmup=cfg.warmup, repeats=cfg.repeats))
     return row
 

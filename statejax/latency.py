@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from statejax import flash_study
+from statejax import flash_study, roofline
 from statejax.baselines import PrefixCacheEngine, StatelessEngine
 from statejax.budget import Budget
 from statejax.data.market import format_bar, iter_synthetic_bars
@@ -91,7 +91,10 @@ def run_stream_latency(config) -> dict:
       Row keys: target_tokens, context_tokens (the last batch boundary <= target), bars, the
       four `PATHS` latencies in ms, append_ms (one data batch), ingest_ms_per_bar,
       prefix_cache_reused_tokens, same_first_token (the paths agree), flash_refresh_ms
-      (idle-time re-evaluation of the flash query, off the critical path), flash_items_behind.
+      (idle-time re-evaluation of the flash query, off the critical path), flash_items_behind,
+      floor_ms (weights + K/V read once at the copy bandwidth measured in this run) and
+      stateful_over_floor; with `config.roofline.peer_json`, also hf_kept_cache_ms (the HF
+      peer's kept-cache query at the same target, read from its JSON) and hf_over_stateful.
     """
     start = time.perf_counter()
     cfg = preset(config.model, dtype=config.dtype)
@@ -126,18 +129,35 @@ def run_stream_latency(config) -> dict:
             rows.append({"target_tokens": int(target), "bars": bars, **row})
     finally:
         stream.close()
+    question_tokens = int(tokenizer.encode(config.question).size)
+    rc = config.roofline
+    copy_bytes_per_s = roofline.copy_bandwidth(rc.copy_mib, warmup=config.warmup,
+                                               repeats=config.repeats)
+    for row in rows:
+        row["floor_ms"] = roofline.query_floor_ms(cfg, row["context_tokens"], question_tokens,
+                                                  copy_bytes_per_s)
+        row["stateful_over_floor"] = row["stateful_query_ms"] / row["floor_ms"]
+    peer = load_peer(rc.peer_json) if rc.peer_json else None
+    if peer is not None:
+        for row in rows:
+            if row["target_tokens"] in peer["rows"]:
+                row["hf_kept_cache_ms"] = peer["rows"][row["target_tokens"]]
+                row["hf_over_stateful"] = row["hf_kept_cache_ms"] / row["stateful_query_ms"]
     device = jax.devices()[0]
     return {
         "rows": rows,
+        "copy_bytes_per_s": copy_bytes_per_s,
+        "copy_mib": rc.copy_mib,
+        "peer": None if peer is None else {k: v for k, v in peer.items() if k != "rows"},
         "device": f"{device.device_kind} ({device.platform})",
         "host_cpus": os.cpu_count(),
         "jax_version": jax.__version__,
         "model": model_summary(cfg),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "tokens_per_bar": data_tokens / bars,
-        "question_tokens": int(tokenizer.encode(config.question).size),
+        "question_tokens": question_tokens,
         "runtime_s": time.perf_counter() - start,
-        "targets": check_targets(rows),
+        "targets": check_targets(rows, floor_bound=rc.floor_bound, peer_bound=rc.peer_bound),
         "config": config.to_dict(),
     }
 
@@ -185,12 +205,29 @@ def _measure_flash(config, stream) -> dict:
 
 # ---------------------------------------------------------------------------- targets, report
 
-def check_targets(rows) -> list[dict]:
+def load_peer(path: str) -> dict:
+    """The HF peer's JSON (`../shared/bench/hf_peer.py`): its metadata, and "rows" as
+    {context tokens N: kept-cache 32-token query ms}."""
+    with open(path) as f:
+        peer = json.load(f)
+    try:
+        rows = {int(r["N"]): float(r["hf_cache_append_ms"]) for r in peer["rows"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path} is not an hf_peer.json (rows of N, hf_cache_append_ms): "
+                         f"{e!r}") from e
+    return {**peer, "rows": rows}
+
+
+def check_targets(rows, *, floor_bound: float | None = None,
+                  peer_bound: float | None = None) -> list[dict]:
     """The study's pass/fail targets from the smallest and largest context rows.
 
     - stateful latency stays within 2x from the smallest to the largest context;
     - stateless latency grows more than 10x over the same range;
-    - at the largest context stateless is at least 10x slower than stateful.
+    - at the largest context stateless is at least 10x slower than stateful;
+    - with `floor_bound` (GPU): stateful within that factor of the floor at every context;
+    - with `peer_bound` (GPU, rows holding the peer): the HF kept-cache path at least that
+      many times slower than stateful at every context it measured.
     """
     lo, hi = rows[0], rows[-1]
     checks = [
@@ -201,6 +238,13 @@ def check_targets(rows) -> list[dict]:
         ("stateless / stateful at largest", hi["stateless_query_ms"] / hi["stateful_query_ms"],
          ">=", 10.0),
     ]
+    if floor_bound is not None:
+        checks.append(("stateful / floor, worst context",
+                       max(r["stateful_over_floor"] for r in rows), "<=", floor_bound))
+    with_peer = [r for r in rows if "hf_over_stateful" in r]
+    if peer_bound is not None and with_peer:
+        checks.append(("HF kept-cache / stateful, worst context",
+                       min(r["hf_over_stateful"] for r in with_peer), ">=", peer_bound))
     passes = {"<=": lambda v, b: v <= b, ">": lambda v, b: v > b, ">=": lambda v, b: v >= b}
     return [{"name": name, "value": value, "op": op, "bound": bound,
              "passed": bool(passes[op](value, bound))} for name, value, op, bound in checks]
@@ -225,14 +269,28 @@ def results_markdown(results: dict) -> str:
         f"{results['config']['bars_per_update']} bars per update; median of "
         f"{results['config']['repeats']} after {results['config']['warmup']} warm-up(s); "
         f"run took {results['runtime_s']:.0f} s",
+        f"- floor = (weights + K/V of context and question) read once at the copy bandwidth "
+        f"measured in this run: {results['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write of "
+        f"{results['copy_mib']} MiB)",
         "",
-        "| context tokens | " + " | ".join(f"{label} ms" for _, label in PATHS)
-        + " | append ms/bar | prefix reused tokens |",
-        "|---:" * (len(PATHS) + 3) + "|",
     ]
+    peer = any("hf_kept_cache_ms" in r for r in results["rows"])
+    if peer:
+        p = results["peer"]
+        lines[-1:-1] = [f"- HF peer (same run): torch {p.get('torch')}, {p.get('device')}; "
+                        "kept-cache = its DynamicCache path for the same 32-token query"]
+    extra = ["floor ms", "stateful / floor"] + (["HF kept-cache ms", "HF / stateful"]
+                                                 if peer else [])
+    lines += ["| context tokens | " + " | ".join(f"{label} ms" for _, label in PATHS)
+              + " | append ms/bar | prefix reused tokens | " + " | ".join(extra) + " |",
+              "|---:" * (len(PATHS) + 3 + len(extra)) + "|"]
     for r in results["rows"]:
         cells = [str(r["context_tokens"])] + [_ms(r[key]) for key, _ in PATHS]
-        cells += [_ms(r["ingest_ms_per_bar"]), str(r["prefix_cache_reused_tokens"])]
+        cells += [_ms(r["ingest_ms_per_bar"]), str(r["prefix_cache_reused_tokens"]),
+                  _ms(r["floor_ms"]), f"{r['stateful_over_floor']:.2f}x"]
+        if peer:
+            cells += ([_ms(r["hf_kept_cache_ms"]), f"{r['hf_over_stateful']:.1f}x"]
+                      if "hf_kept_cache_ms" in r else ["", ""])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Targets", "", "| target | measured | bound | result |", "|---|---:|---|---|"]
     for t in results["targets"]:

@@ -7,9 +7,11 @@ import pathlib
 
 import nbclient
 import nbformat
+import pytest
 
 from configs import stream_latency
 from statejax import latency
+from statejax.errors import InputError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMINGS = ("stateful_query_ms", "stateless_query_ms", "prefix_cache_query_ms", "flash_hit_ms",
@@ -18,6 +20,13 @@ TIMINGS = ("stateful_query_ms", "stateless_query_ms", "prefix_cache_query_ms", "
 
 def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
     config = stream_latency.get_config("tiny")
+    # A peer JSON in hf_peer.py's format with a row for two of the three context sizes.
+    peer = {"torch": "x", "device": "cpu", "rows": [
+        {"N": 64, "stateless_ms": 9.0, "hf_cache_append_ms": 7.5, "ratio": 1.2},
+        {"N": 256, "stateless_ms": 9.0, "hf_cache_append_ms": 30.0, "ratio": 0.3}]}
+    (tmp_path / "hf_peer.json").write_text(json.dumps(peer))
+    config.roofline.update(peer_json=str(tmp_path / "hf_peer.json"), floor_bound=1e9,
+                           peer_bound=0.0)
     results = latency.run_stream_latency(config)
     paths = latency.write_results(results, str(tmp_path))
 
@@ -36,12 +45,27 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
         assert row["flash_items_behind"] == 0
         # The previous prompt is the context before the latest batch: its full pages are reused.
         assert row["prefix_cache_reused_tokens"] % config.budget.page_size == 0
+        # The floor: weights + K/V of context and question, read once at the copy bandwidth.
+        nbytes = (saved["model"]["weight_bytes"] + (row["context_tokens"] + 32)
+                  * saved["model"]["kv_bytes_per_token"])
+        assert math.isclose(row["floor_ms"], 1e3 * nbytes / saved["copy_bytes_per_s"])
+        assert math.isclose(row["stateful_over_floor"],
+                            row["stateful_query_ms"] / row["floor_ms"])
+    hf = {r["target_tokens"]: r.get("hf_kept_cache_ms") for r in saved["rows"]}
+    assert hf == {64: 7.5, 128: None, 256: 30.0}
+    targets = {t["name"]: t for t in saved["targets"]}
+    assert math.isclose(targets["stateful / floor, worst context"]["value"],
+                        max(r["stateful_over_floor"] for r in saved["rows"]))
+    assert math.isclose(targets["HF kept-cache / stateful, worst context"]["value"],
+                        min(r["hf_kept_cache_ms"] / r["stateful_query_ms"]
+                            for r in saved["rows"] if r["target_tokens"] != 128))
     model = saved["model"]
     for key in ("layers", "width", "heads", "kv_heads", "head_dim", "params", "weight_bytes",
                 "kv_bytes_per_token"):
         assert model[key] > 0, key
     assert saved["tokens_per_bar"] > 0 and saved["question_tokens"] == 32
-    assert "| stateful ms |" in pathlib.Path(paths["md"]).read_text()
+    md = pathlib.Path(paths["md"]).read_text()
+    assert "| stateful ms |" in md and "| HF / stateful |" in md
     assert pathlib.Path(paths["png"]).stat().st_size > 0
 
     nb = nbformat.read(ROOT / "notebooks" / "latency_vs_context.ipynb", as_version=4)
@@ -52,3 +76,21 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_floor_and_peer_targets_are_opt_in():
+    row = dict(stateful_query_ms=2.0, stateless_query_ms=40.0, stateful_over_floor=1.6,
+               hf_over_stateful=9.0)
+    names = lambda targets: [t["name"] for t in targets]
+    assert len(latency.check_targets([row, row])) == 3
+    targets = latency.check_targets([row, row], floor_bound=1.3, peer_bound=8.0)
+    assert names(targets)[3:] == ["stateful / floor, worst context",
+                                  "HF kept-cache / stateful, worst context"]
+    assert [t["passed"] for t in targets[3:]] == [False, True]
+
+
+def test_a_file_that_is_not_a_peer_json_is_refused(tmp_path):
+    path = tmp_path / "peer.json"
+    path.write_text(json.dumps({"rows": [{"N": 1024}]}))
+    with pytest.raises(InputError, match="not an hf_peer.json"):
+        latency.load_peer(str(path))
