@@ -27,3 +27,7 @@ if [ "${SKIP_PEER:-0}" != 1 ]; then
 fi
 python3 -m experiments.stream_latency --config=configs/stream_latency.py:gpu \
   --workdir="$OUT/stream_latency" "${PEER_FLAG[@]}" "$@" 2>&1 | tee "$OUT/stream_latency.log"
+# Where the step's time goes outside attention (weight groups vs their read floor).
+timeout "${PROFILE_TIMEOUT_S:-120}" python3 -m experiments.step_profile \
+  --config=configs/step_profile.py:gpu --workdir="$OUT/step_profile" 2>&1 \
+  | tee "$OUT/step_profile.log" || echo "step_profile failed or timed out"

@@ -1,0 +1,34 @@
+"""Where a query step's time goes outside attention, against the weight-read floor.
+
+Run from the repo root:
+  python -m experiments.step_profile                                   # CPU, cpu-small f32
+  python -m experiments.step_profile --config=configs/step_profile.py:gpu --workdir=...
+  python -m experiments.step_profile --config=configs/step_profile.py:tiny --workdir=/tmp/sp
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """arg: None (CPU), "gpu" (Llama-3.2-1B shape, bf16) or "tiny" (tests)."""
+    variant = arg or "cpu"
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.model = "cpu-small"  # statejax.model.config preset; random weights
+    c.dtype = "float32"
+    c.tokens = 32  # the query's new tokens (batch 1), as in the anchors
+    c.copy_mib = 256  # the copy that measures the bandwidth (read + write)
+    c.warmup = 2
+    c.repeats = 10
+    if variant == "gpu":
+        c.model = "llama-3.2-1b"
+        c.dtype = "bfloat16"
+        c.copy_mib = 2048
+    elif variant == "tiny":
+        c.model = "tiny"
+        c.copy_mib = 8
+        c.warmup = 1
+        c.repeats = 2
+    elif variant != "cpu":
+        raise ValueError(f"unknown variant {arg!r}; allowed: None (cpu), 'gpu', 'tiny'")
+    return c

@@ -1,0 +1,42 @@
+"""The query-step profile times the real model's pieces and accounts for every weight."""
+
+import jax
+import numpy as np
+
+from configs import step_profile as sp_config
+from experiments import step_profile
+from statejax import steps
+from statejax.model.config import preset
+from statejax.model.llama import init_params
+
+
+def test_components_cover_the_weights_and_match_the_model():
+    cfg = preset("tiny")
+    params = init_params(cfg, seed=0)
+    parts = step_profile.components(cfg, params, tokens=8)
+    nbytes = {name: part[2] for name, part in parts.items()}
+    norms = sum(params[f"layer_{i}"][n]["scale"].nbytes for i in range(cfg.num_layers)
+                for n in ("input_norm", "post_norm"))
+    assert (nbytes["attn_projections"] + nbytes["mlp"] + nbytes["embed_logits"] + norms
+            == nbytes["step_without_attention"] == cfg.weight_bytes)
+    # The "with attention" step is the model itself: next-token logits of the last token.
+    fn, (p, ids), _ = parts["step_with_attention"]
+    want = steps.forward(params, ids, cfg=cfg)[:, -1]
+    np.testing.assert_allclose(np.asarray(fn(p, ids)), np.asarray(want), rtol=1e-5,
+                               atol=1e-5)
+    # Identity attention changes the result (it really removes attention).
+    fn0, args0, _ = parts["step_without_attention"]
+    assert not np.allclose(np.asarray(fn0(*args0)), np.asarray(want), atol=1e-3)
+
+
+def test_tiny_run_reports_each_component_against_the_floor():
+    results = step_profile.run(sp_config.get_config("tiny"))
+    names = [r["component"] for r in results["rows"]]
+    assert names == ["attn_projections", "mlp", "embed_logits", "step_without_attention",
+                     "step_with_attention"]
+    for r in results["rows"]:
+        assert r["ms"] > 0
+        assert np.isclose(r["floor_ms"], 1e3 * r["weight_bytes"] / results["copy_bytes_per_s"])
+        assert np.isclose(r["frac_copy"], r["floor_ms"] / r["ms"])
+    assert jax.__version__ == results["jax_version"]
+    assert "| step_without_attention |" in step_profile.results_markdown(results)
