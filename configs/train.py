@@ -29,18 +29,23 @@ LADDER = {
 # ~6 / ~14 / ~34 minutes (docs/ladder.md).
 STEPS = {"test": 30, "ladder-s": 1200, "ladder-m": 1200, "ladder-l": 1600}
 LEARNING_RATE = {"test": 3e-3, "ladder-s": 5e-3, "ladder-m": 4e-3, "ladder-l": 3e-3}
+# Continued rungs: (base rung, its workdir's params to start from, further steps, peak lr).
+# The optimizer and schedule start fresh; the batches continue the base run's stream.
+CONTINUED = {"ladder-l-long": ("ladder-l", "runs/ladder-l/params", 3000, 1.5e-3)}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: "<rung>[,quick]", rung in LADDER (default "ladder-s")."""
-    rung, *flags = (arg or "ladder-s").split(",")
+    name, *flags = (arg or "ladder-s").split(",")
+    rung = CONTINUED[name][0] if name in CONTINUED else name
     if rung not in LADDER or set(flags) - {"quick"}:
-        raise ValueError(f"unknown variant {arg!r}; allowed: one of {sorted(LADDER)}, "
-                         "optionally followed by ',quick'")
+        raise ValueError(f"unknown variant {arg!r}; allowed: one of "
+                         f"{sorted(LADDER) + sorted(CONTINUED)}, optionally followed by "
+                         "',quick'")
     c = ml_collections.ConfigDict()
-    c.variant = arg or rung
+    c.variant = arg or name
     c.model = ml_collections.ConfigDict(dict(
-        name=rung, vocab_size=320, rope_theta=10_000.0, tie_embeddings=True,
+        name=name, vocab_size=320, rope_theta=10_000.0, tie_embeddings=True,
         dtype="float32", **LADDER[rung]))
     # statejax.train.data.PackSpec fields, plus the batch size.
     c.data = ml_collections.ConfigDict(dict(
@@ -59,16 +64,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_steps=STEPS[rung], seed=0, log_every=100, eval_every=400, eval_batches=4,
         checkpoint_every=300,
         data_workers=0,  # processes making batches; >0 on a GPU host, 0 on a 2-core CPU
+        init_from="",  # an orbax_io params checkpoint to start from ("" = random init)
+        first_batch=0,  # index of the first batch (a continued run skips its base's batches)
     ))
     # Final held-out evaluation through the serving path (Session + query branches).
     c.eval = ml_collections.ConfigDict(dict(
         seed=1234, max_new_tokens=12,
         # name -> (longest session context in tokens, questions); "in_range" is what training
-        # saw, "long" is ~5x longer (~55 bars).
-        serving={"in_range": (384, 1000), "long": (2048, 500)},
+        # saw, "long" is ~5x longer (~55 bars), "4k" reaches the farthest distance training
+        # showed (the far-context jumps go to 4096 positions), "8k" goes beyond it.
+        serving={"in_range": (384, 1000), "long": (2048, 500), "4k": (4096, 500),
+                 "8k": (8192, 250)},
         check_questions=100,  # shipped with the export; tests/test_pretrained.py reruns it
     ))
 
+    if name in CONTINUED:
+        _, init_from, steps, lr = CONTINUED[name]
+        c.train.update(num_steps=steps, init_from=init_from, first_batch=STEPS[rung])
+        c.optim.learning_rate = lr
     if rung == "test":
         c.data.update(context_tokens=256, num_branches=4, batch_size=4)
         c.train.update(log_every=10, eval_every=0, eval_batches=1, checkpoint_every=10)

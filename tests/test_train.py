@@ -214,3 +214,31 @@ def test_init_params_shape_of_ladder_configs():
         assert cfg.vocab_size >= TOK.vocab_size
         params = jax.eval_shape(lambda cfg=cfg: init_params(cfg, 0))
         assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params
+
+
+def test_continued_run_starts_from_trained_params(run, tmp_path):
+    c, workdir, trained = run
+    trainer.train(c, workdir)  # (idempotent) evaluates and writes params/<step>
+    cont = get_config("test")
+    cont.train.update(num_steps=3, init_from=str(workdir / "params"),
+                      first_batch=c.train.num_steps)
+    first, _ = trainer.train(cont, tmp_path / "cont", stop_after=0, evaluate=False)
+    assert int(first.step) == 0
+    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(trained.params),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    cfg, spec = trainer.model_config(c), trainer.pack_spec(c)
+    probe = data.make_batch(spec, seed=9, step=0, batch_size=4, split=data.HELDOUT)
+    loss = lambda params: float(evaluate._eval_step(params, probe, cfg=cfg, spec=spec)[0])
+    done, _ = trainer.train(cont, tmp_path / "cont", evaluate=False)
+    assert int(done.step) == 3
+    init = trainer.init_train_state(cfg, trainer.make_optimizer(c), c.train.seed)
+    assert loss(done.params) < loss(init.params) - 0.5  # kept what the base run learned
+
+
+def test_continued_rung_config():
+    c = get_config("ladder-l-long")
+    base = get_config("ladder-l")
+    assert c.model.to_dict() | {"name": "ladder-l"} == base.model.to_dict()
+    assert c.train.init_from == "runs/ladder-l/params"
+    assert c.train.first_batch == base.train.num_steps

@@ -142,6 +142,12 @@ def train(c: ml_collections.ConfigDict, workdir, *, stop_after: int | None = Non
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if mngr.latest_step() is None:
         state = jax.device_put(init_train_state(cfg, tx, t.seed), device)
+        if t.get("init_from"):
+            # Continue from trained params (same shapes) with a fresh optimizer and schedule.
+            params, _, _ = orbax_io.restore(t.init_from, cfg=cfg)
+            state = state.replace(params=jax.device_put(params, device),
+                                  opt_state=jax.device_put(tx.init(params), device))
+            logging.info("params initialised from %s", t.init_from)
     else:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -157,7 +163,9 @@ def train(c: ml_collections.ConfigDict, workdir, *, stop_after: int | None = Non
     timing = workdir / "train_seconds.json"
     seconds_before = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
     elapsed = lambda: seconds_before + time.perf_counter() - start_time
-    batches = _batches(spec, t.seed, c.data.batch_size, step, end, t.data_workers)
+    first = t.get("first_batch", 0)  # a continued run draws batches after its base run's
+    batches = _batches(spec, t.seed, c.data.batch_size, first + step, first + end,
+                       t.data_workers)
     with open(workdir / "metrics.jsonl", "a") as log:
         while step < end:
             state, metrics = train_step(state, next(batches))
