@@ -242,3 +242,22 @@ def test_continued_rung_config():
     assert c.model.to_dict() | {"name": "ladder-l"} == base.model.to_dict()
     assert c.train.init_from == "runs/ladder-l/params"
     assert c.train.first_batch == base.train.num_steps
+
+
+def _results(config, accs, consts):
+    serving = {name: {"context_tokens": ctx, "accuracy": {"last_close": a},
+                      "best_constant": {"last_close": k}}
+               for (name, ctx), a, k in zip((("long", 2048), ("in_range", 384)), accs, consts,
+                                            strict=True)}
+    return {"config": config, "serving": serving}
+
+
+def test_context_table_orders_contexts_and_adds_chance():
+    table = evaluate.context_table([_results("s", (0.4, 0.7), (0.01, 0.02)),
+                                    _results("l", (0.8, 0.9), (0.03, 0.04))], "last_close")
+    lines = table.splitlines()
+    assert lines[0] == "| rung | <= 384 tokens | <= 2048 tokens |"
+    assert lines[2:] == ["| s | 0.70 | 0.40 |", "| l | 0.90 | 0.80 |",
+                         "| best constant answer | 0.02 | 0.01 |"]
+    with pytest.raises(InputError, match="unknown question type"):
+        evaluate.context_table([], "close")

@@ -21,6 +21,7 @@ import optax
 
 from statejax.budget import Budget
 from statejax.data.market import format_bar
+from statejax.errors import InputError
 from statejax.model.config import ModelConfig
 from statejax.model.llama import Transformer
 from statejax.session import Session
@@ -187,4 +188,25 @@ def ladder_table(results: list[dict[str, Any]], context: str = "in_range") -> st
         rows.append("| " + " | ".join([
             r["config"], f"{r['num_params'] / 1e6:.2f}M", str(r["steps"]),
             f"{minutes:.0f} min", r["device"], *(f"{acc[q]:.2f}" for q in types)]) + " |")
+    return "\n".join(rows)
+
+
+def context_table(results: list[dict[str, Any]], qtype: str) -> str:
+    """A markdown table of one question type's serving accuracy vs session length: one row
+    per results.json, one column per evaluated context (shortest first), and the best
+    constant answer of the first run as the chance row."""
+    if qtype not in tasks.QUESTION_TYPES:
+        raise InputError(f"unknown question type {qtype!r}; allowed: {tasks.QUESTION_TYPES}")
+    names = sorted(results[0]["serving"],
+                   key=lambda n: results[0]["serving"][n]["context_tokens"])
+    head = ["rung", *(f"<= {results[0]['serving'][n]['context_tokens']} tokens"
+                      for n in names)]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        rows.append("| " + " | ".join([r["config"], *(
+            f"{r['serving'][n]['accuracy'][qtype]:.2f}" if n in r["serving"] else ""
+            for n in names)]) + " |")
+    chance = results[0]["serving"]
+    rows.append("| " + " | ".join(["best constant answer", *(
+        f"{chance[n]['best_constant'][qtype]:.2f}" for n in names)]) + " |")
     return "\n".join(rows)
