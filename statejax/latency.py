@@ -258,7 +258,8 @@ def results_markdown(results: dict) -> str:
         "",
         f"- device: {results['device']}, {results['host_cpus']} host CPUs, "
         f"jax {results['jax_version']}, {results['date']}",
-        f"- attention impl `{results['config']['impl']}`; model `{m['preset']}` ({m['dtype']}, "
+        f"- attention impl `{results['config'].get('impl', 'reference')}`; "
+        f"model `{m['preset']}` ({m['dtype']}, "
         f"random weights): {m['layers']} layers, width "
         f"{m['width']}, {m['heads']} heads, {m['kv_heads']} kv heads, head dim {m['head_dim']}, "
         f"MLP {m['mlp_dim']}, vocab {m['vocab']}; {m['params'] / 1e6:.1f}M params, "
@@ -269,25 +270,29 @@ def results_markdown(results: dict) -> str:
         f"{results['config']['bars_per_update']} bars per update; median of "
         f"{results['config']['repeats']} after {results['config']['warmup']} warm-up(s); "
         f"run took {results['runtime_s']:.0f} s",
-        f"- floor = (weights + K/V of context and question) read once at the copy bandwidth "
-        f"measured in this run: {results['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write of "
-        f"{results['copy_mib']} MiB)",
         "",
     ]
+    floor = "copy_bytes_per_s" in results  # absent in results written before the floor
+    if floor:
+        lines[-1:-1] = [
+            f"- floor = (weights + K/V of context and question) read once at the copy "
+            f"bandwidth measured in this run: {results['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+            f"(read + write of {results['copy_mib']} MiB)"]
     peer = any("hf_kept_cache_ms" in r for r in results["rows"])
     if peer:
         p = results["peer"]
         lines[-1:-1] = [f"- HF peer (same run): torch {p.get('torch')}, {p.get('device')}; "
                         "kept-cache = its DynamicCache path for the same 32-token query"]
-    extra = ["floor ms", "stateful / floor"] + (["HF kept-cache ms", "HF / stateful"]
-                                                 if peer else [])
+    extra = (["floor ms", "stateful / floor"] if floor else []) + (
+        ["HF kept-cache ms", "HF / stateful"] if peer else [])
     lines += ["| context tokens | " + " | ".join(f"{label} ms" for _, label in PATHS)
               + " | append ms/bar | prefix reused tokens | " + " | ".join(extra) + " |",
               "|---:" * (len(PATHS) + 3 + len(extra)) + "|"]
     for r in results["rows"]:
         cells = [str(r["context_tokens"])] + [_ms(r[key]) for key, _ in PATHS]
-        cells += [_ms(r["ingest_ms_per_bar"]), str(r["prefix_cache_reused_tokens"]),
-                  _ms(r["floor_ms"]), f"{r['stateful_over_floor']:.2f}x"]
+        cells += [_ms(r["ingest_ms_per_bar"]), str(r["prefix_cache_reused_tokens"])]
+        if floor:
+            cells += [_ms(r["floor_ms"]), f"{r['stateful_over_floor']:.2f}x"]
         if peer:
             cells += ([_ms(r["hf_kept_cache_ms"]), f"{r['hf_over_stateful']:.1f}x"]
                       if "hf_kept_cache_ms" in r else ["", ""])

@@ -94,3 +94,13 @@ def test_a_file_that_is_not_a_peer_json_is_refused(tmp_path):
     path.write_text(json.dumps({"rows": [{"N": 1024}]}))
     with pytest.raises(InputError, match="not an hf_peer.json"):
         latency.load_peer(str(path))
+
+
+def test_committed_results_still_render():
+    # Results written by earlier versions (no floor, no impl field) stay readable.
+    for name in ("stream_latency_cpu", "stream_latency_h100"):
+        results = latency.load_results(str(ROOT / "docs" / "results" / name))
+        md = latency.results_markdown(results)
+        first = results["rows"][0]
+        assert f"| {first['context_tokens']} | " in md
+        assert ("stateful / floor" in md) == ("copy_bytes_per_s" in results)
