@@ -25,7 +25,7 @@ from statejax.errors import InputError
 from statejax.model.config import ModelConfig, RopeScaling
 from statejax.tokenizer import ByteTokenizer
 
-DEFAULT = "ladder-l"  # folder of the embedded default, beside this file
+DEFAULT = "ladder-l-long"  # folder of the embedded default, beside this file
 FORMAT = 1
 _PARAMS, _META = "params.msgpack", "model.json"
 
