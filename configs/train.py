@@ -4,6 +4,8 @@ Run from the repo root (each rung writes checkpoints, metrics.jsonl, results.jso
   python -m experiments.train --config=configs/train.py:ladder-s --workdir=runs/ladder-s
   python -m experiments.train --config=configs/train.py:ladder-m --workdir=runs/ladder-m
   python -m experiments.train --config=configs/train.py:ladder-l --workdir=runs/ladder-l
+  python -m experiments.train --config=configs/train.py:ladder-l-long --workdir=runs/ladder-l-long
+(ladder-l-long continues from runs/ladder-l/params: run it after ladder-l.)
 Seconds-long test run:
   python -m experiments.train --config=configs/train.py:test --workdir=/tmp/train_test
 Append ",quick" to any rung (e.g. `:ladder-l,quick`) for a 1/20-length smoke run of the same

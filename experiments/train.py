@@ -18,7 +18,8 @@ from statejax.train import trainer
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_REPO, "configs", "train.py"),
-    "Training config (configs/train.py[:ladder-s|:ladder-m|:ladder-l|:ladder-l-long|:test][,quick]).")
+    "Training config (configs/train.py[:ladder-s|:ladder-m|:ladder-l|:ladder-l-long|:test]"
+    "[,quick]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and results go here.",
                                required=True)
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None,
