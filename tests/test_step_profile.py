@@ -4,8 +4,7 @@ import jax
 import numpy as np
 
 from configs import step_profile as sp_config
-from experiments import step_profile
-from statejax import steps
+from statejax import step_profile, steps
 from statejax.model.config import preset
 from statejax.model.llama import init_params
 

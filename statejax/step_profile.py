@@ -1,0 +1,125 @@
+"""Profile of a query step outside attention: each weight group vs its read floor.
+
+A 32-token query at batch 1 must read every weight once; issue 3 asks the whole step to sit
+near that floor. This times, at the query's shape and in one jitted call each (all layers
+chained, so per-call launch cost is amortised as in the real step):
+
+- `attn_projections`: q/k/v/o projections, norms and RoPE of every layer (attention itself
+  replaced by the identity on q),
+- `mlp`: the gated MLP of every layer,
+- `embed_logits`: the embedding lookup, final norm and next-token logits,
+- `step_without_attention`: the whole model forward with the identity attention (the part
+  of the step the kernels do not cover),
+- `step_with_attention`: the same forward with causal attention over the 32 tokens only,
+
+and reports for each: ms, weight bytes read, GB/s and the fraction of the copy bandwidth
+measured in the same run. The launcher is `experiments/step_profile.py`.
+"""
+
+import datetime
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from statejax import roofline
+from statejax.cache import FullView
+from statejax.model.config import preset
+from statejax.model.llama import Attention, Mlp, Transformer, init_params
+
+
+@struct.dataclass
+class IdentityAttention:
+    """A cache view whose attention returns q unchanged: the step minus attention."""
+
+    def update_and_attend(self, layer, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
+        del layer, k_BxTxKxD, v_BxTxKxD
+        return q_BxTxHxD, self
+
+
+def _nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def components(cfg, params, tokens: int):
+    """{name: (jitted fn, args, weight bytes it must read)} at batch 1 x `tokens`."""
+    x = jax.random.normal(jax.random.key(1), (1, tokens, cfg.embed_dim), cfg.jnp_dtype)
+    ids = jax.random.randint(jax.random.key(2), (1, tokens), 0, cfg.vocab_size)
+    positions = jnp.arange(tokens, dtype=jnp.int32)[None]
+    layers = [params[f"layer_{i}"] for i in range(cfg.num_layers)]
+    last = jnp.full((1,), tokens - 1, jnp.int32)
+
+    def attn_projections(layers, x):
+        for i, p in enumerate(layers):
+            h, _ = Attention(cfg, i).apply({"params": p["attn"]}, x, positions,
+                                           IdentityAttention())
+            x = x + h
+        return x
+
+    def mlp(layers, x):
+        for p in layers:
+            x = x + Mlp(cfg).apply({"params": p["mlp"]}, x)
+        return x
+
+    model = Transformer(cfg)
+
+    def embed_logits(params, ids):
+        no_layers = {k: v for k, v in params.items() if not k.startswith("layer_")}
+        return Transformer(cfg.replace(num_layers=0)).apply(
+            {"params": no_layers}, ids, positions, IdentityAttention(), last)[0]
+
+    def step(view):
+        return lambda params, ids: model.apply({"params": params}, ids, positions, view,
+                                               last)[0]
+
+    attn_w = [p["attn"] for p in layers]
+    mlp_w = [p["mlp"] for p in layers]
+    head = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    return {
+        "attn_projections": (jax.jit(attn_projections), (layers, x), _nbytes(attn_w)),
+        "mlp": (jax.jit(mlp), (layers, x), _nbytes(mlp_w)),
+        "embed_logits": (jax.jit(embed_logits), (params, ids), _nbytes(head)),
+        "step_without_attention": (jax.jit(step(IdentityAttention())), (params, ids),
+                                   _nbytes(params)),
+        "step_with_attention": (jax.jit(step(FullView())), (params, ids), _nbytes(params)),
+    }
+
+
+def run(config) -> dict:
+    """Measures the copy bandwidth, then every component; returns the results dict."""
+    cfg = preset(config.model, dtype=config.dtype)
+    params = init_params(cfg, seed=0)
+    timing = dict(warmup=config.warmup, repeats=config.repeats)
+    bandwidth = roofline.copy_bandwidth(config.copy_mib, **timing)
+    rows = []
+    for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
+        seconds = roofline.median_seconds(fn, *args, **timing)
+        rows.append(dict(component=name, ms=1e3 * seconds, weight_bytes=nbytes,
+                         floor_ms=1e3 * nbytes / bandwidth,
+                         gbytes_per_s=nbytes / seconds / 1e9,
+                         frac_copy=nbytes / seconds / bandwidth))
+    device = jax.devices()[0]
+    return dict(device=f"{device.device_kind} ({device.platform})", jax_version=jax.__version__,
+                date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                model=config.model, dtype=config.dtype, tokens=config.tokens,
+                params=cfg.num_params, weight_bytes=cfg.weight_bytes,
+                copy_bytes_per_s=bandwidth, copy_mib=config.copy_mib, rows=rows)
+
+
+def results_markdown(results: dict) -> str:
+    """A markdown report: setup, then one row per component."""
+    lines = [
+        f"# Query step profile: {results['model']} ({results['dtype']}), "
+        f"{results['tokens']} tokens, batch 1", "",
+        f"- device: {results['device']}; jax {results['jax_version']}; {results['date']}",
+        f"- copy bandwidth measured in this run: {results['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+        f"(read + write of {results['copy_mib']} MiB); weights "
+        f"{results['weight_bytes'] / 1e6:.1f} MB", "",
+        "| component | ms | weight MB | floor ms | GB/s | % of copy bandwidth |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        lines.append(f"| {r['component']} | {r['ms']:.3f} | {r['weight_bytes'] / 1e6:.1f} | "
+                     f"{r['floor_ms']:.3f} | {r['gbytes_per_s']:.1f} | "
+                     f"{100 * r['frac_copy']:.0f}% |")
+    return "\n".join(lines) + "\n"
