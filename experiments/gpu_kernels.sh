@@ -26,7 +26,7 @@ if ! importable && [ ! -e statejax/kernels ]; then
 fi
 importable || { echo "cannot import statejax.kernels"; exit 1; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } | tee "$OUT/gpu.txt"
 python3 -c "import jax, jax.experimental.pallas.triton as plgpu, statejax.kernels as k; \
 print('jax', jax.__version__, jax.devices(), 'CompilerParams' in dir(plgpu), k.__file__)" \
   | tee "$OUT/env.txt"

@@ -17,7 +17,7 @@ if ! python3 -c "import statejax.kernels" 2>/dev/null && [ ! -e statejax/kernels
   ln -s ../kernels statejax/kernels
   trap 'rm -f statejax/kernels' EXIT
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 PEER_FLAG=()
 if [ "${SKIP_PEER:-0}" != 1 ]; then
@@ -25,9 +25,9 @@ if [ "${SKIP_PEER:-0}" != 1 ]; then
   OUT="$OUT" python3 .peer/hf_peer.py 2>&1 | tail -8
   PEER_FLAG=(--config.roofline.peer_json="$OUT/hf_peer.json")
 fi
-python3 -m experiments.stream_latency --config=configs/stream_latency.py:gpu \
+python3 -m experiments.stream_latency --config="${STUDY_CONFIG:-configs/stream_latency.py:gpu}" \
   --workdir="$OUT/stream_latency" "${PEER_FLAG[@]}" "$@" 2>&1 | tee "$OUT/stream_latency.log"
 # Where the step's time goes outside attention (weight groups vs their read floor).
 timeout "${PROFILE_TIMEOUT_S:-120}" python3 -m experiments.step_profile \
-  --config=configs/step_profile.py:gpu --workdir="$OUT/step_profile" 2>&1 \
+  --config=configs/step_profile.py:${PROFILE_VARIANT:-gpu} --workdir="$OUT/step_profile" 2>&1 \
   | tee "$OUT/step_profile.log" || echo "step_profile failed or timed out"
