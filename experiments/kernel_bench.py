@@ -165,8 +165,8 @@ def tuning_work(cfg) -> list[tuple]:
     """(kind, shape, BlockSizes) for the tuning grids: `cfg.tune_decode` on `cfg.decode[0]`,
     `cfg.tune_append` on `cfg.append[0]` (the target shapes)."""
     work = []
-    for kind, shapes, grid in (("decode", cfg.decode, cfg.get("tune_decode", ())),
-                               ("append", cfg.append, cfg.get("tune_append", ()))):
+    for kind, shapes, grid in (("decode", cfg.decode, cfg.tune_decode),
+                               ("append", cfg.append, cfg.tune_append)):
         for entry in grid:
             work.append((kind, shapes[0], aa.BlockSizes(*entry)))
     return work

@@ -46,43 +46,39 @@ def components(cfg, params, tokens: int):
     x = jax.random.normal(jax.random.key(1), (1, tokens, cfg.embed_dim), cfg.jnp_dtype)
     ids = jax.random.randint(jax.random.key(2), (1, tokens), 0, cfg.vocab_size)
     positions = jnp.arange(tokens, dtype=jnp.int32)[None]
-    layers = [params[f"layer_{i}"] for i in range(cfg.num_layers)]
     last = jnp.full((1,), tokens - 1, jnp.int32)
+    # Each piece takes exactly the weights it reads, so its bytes are those of its first arg.
+    attn_w = [params[f"layer_{i}"]["attn"] for i in range(cfg.num_layers)]
+    mlp_w = [params[f"layer_{i}"]["mlp"] for i in range(cfg.num_layers)]
+    head = {k: v for k, v in params.items() if not k.startswith("layer_")}
 
-    def attn_projections(layers, x):
-        for i, p in enumerate(layers):
-            h, _ = Attention(cfg, i).apply({"params": p["attn"]}, x, positions,
-                                           IdentityAttention())
+    def attn_projections(attn_w, x):
+        for i, p in enumerate(attn_w):
+            h, _ = Attention(cfg, i).apply({"params": p}, x, positions, IdentityAttention())
             x = x + h
         return x
 
-    def mlp(layers, x):
-        for p in layers:
-            x = x + Mlp(cfg).apply({"params": p["mlp"]}, x)
+    def mlp(mlp_w, x):
+        for p in mlp_w:
+            x = x + Mlp(cfg).apply({"params": p}, x)
         return x
 
-    model = Transformer(cfg)
-
-    def embed_logits(params, ids):
-        no_layers = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    def embed_logits(head, ids):
         return Transformer(cfg.replace(num_layers=0)).apply(
-            {"params": no_layers}, ids, positions, IdentityAttention(), last)[0]
+            {"params": head}, ids, positions, IdentityAttention(), last)[0]
 
     def step(view):
-        return lambda params, ids: model.apply({"params": params}, ids, positions, view,
-                                               last)[0]
+        return lambda params, ids: Transformer(cfg).apply({"params": params}, ids, positions,
+                                                          view, last)[0]
 
-    attn_w = [p["attn"] for p in layers]
-    mlp_w = [p["mlp"] for p in layers]
-    head = {k: v for k, v in params.items() if not k.startswith("layer_")}
-    return {
-        "attn_projections": (jax.jit(attn_projections), (layers, x), _nbytes(attn_w)),
-        "mlp": (jax.jit(mlp), (layers, x), _nbytes(mlp_w)),
-        "embed_logits": (jax.jit(embed_logits), (params, ids), _nbytes(head)),
-        "step_without_attention": (jax.jit(step(IdentityAttention())), (params, ids),
-                                   _nbytes(params)),
-        "step_with_attention": (jax.jit(step(FullView())), (params, ids), _nbytes(params)),
+    pieces = {
+        "attn_projections": (attn_projections, (attn_w, x)),
+        "mlp": (mlp, (mlp_w, x)),
+        "embed_logits": (embed_logits, (head, ids)),
+        "step_without_attention": (step(IdentityAttention()), (params, ids)),
+        "step_with_attention": (step(FullView()), (params, ids)),
     }
+    return {name: (jax.jit(fn), args, _nbytes(args[0])) for name, (fn, args) in pieces.items()}
 
 
 def run(config) -> dict:
