@@ -17,6 +17,9 @@ Cached cells are the same for every session; K/V live in a shuffled page pool.
 Tuning grids: `tune_decode` / `tune_append` hold `BlockSizes` tuples
 (block_q, block_k, num_splits, num_warps, num_stages) timed on the FIRST decode / append shape;
 the targets report the fastest row of each target shape.
+Mosaic GPU (Hopper) append: with `mosaic`, its default tiles on every append shape and the
+`tune_append_mosaic` grid of (block_q, block_k, max_concurrent_steps) on the first append
+shape; these rows run last.
 """
 
 import itertools
@@ -71,6 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.tune_decode = ()
     c.tune_append = ()
+    c.mosaic = True  # time the Mosaic GPU append variant too (compiled only: GPU variants)
+    c.tune_append_mosaic = ()
 
     if variant == "cpu":
         c.dtype = "float32"
@@ -87,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.cascade = ((1, 128, 4, 8, 2, 16), (4, 128, 4, 8, 2, 16))
         c.tune_decode = ((16, 32, 2, 4, 2), (16, 64, 1, 4, 2))
         c.tune_append = ((16, 16, 1, 4, 2),)
+        c.mosaic = False
     elif variant == "gpu-tune":
         c.decode, c.append, c.cascade = c.decode[:1], c.append[:1], ()
         c.baselines = False
@@ -94,6 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.time_budget_s = 300.0
         c.tune_decode = _decode_grid()
         c.tune_append = _append_grid()
+        # D = 128: (64, 128, 3) would need 229 KB of shared memory; 64-cell blocks go deeper.
+        c.tune_append_mosaic = ((64, 128, 2), (64, 64, 2), (64, 64, 3), (64, 64, 4))
     elif variant != "gpu":
         raise ValueError(f"unknown variant {arg!r}; allowed: 'gpu' (default), 'gpu-tune', "
                          "'cpu'")

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from statejax import attention, roofline
 from statejax.kernels import append_attention as aa
+from statejax.kernels import append_attention_mgpu as mg
 from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
 
@@ -103,8 +104,9 @@ def _baselines_paged(cfg, kind, q, k_pool, v_pool, table, lengths, window):
     return out
 
 
-def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None) -> dict:
-    """One decode or append shape: (B, S, T, H, K, D); `block_sizes` None = the defaults."""
+def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None, backend="triton") -> dict:
+    """One decode or append shape: (B, S, T, H, K, D); `block_sizes` None = the defaults;
+    `backend` "mosaic_gpu" (append only) times the Hopper variant."""
     b, s, t, h, k, d = shape
     dtype = jnp.dtype(cfg.dtype)
     q, k_pool, v_pool, table = _paged_inputs(key, rows=b, cells=s + t, t=t, h=h, k=k, d=d,
@@ -113,14 +115,14 @@ def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None) -> dict:
     window = table.shape[1] * cfg.page_size
     fn = da.decode_attention if kind == "decode" else aa.append_attention
     call = jax.jit(functools.partial(fn, window=window, block_sizes=block_sizes,
-                                     interpret=cfg.interpret))
+                                     interpret=cfg.interpret, backend=backend))
     seconds = roofline.median_seconds(call, q, k_pool, v_pool, table, lengths,
                                       warmup=cfg.warmup, repeats=cfg.repeats)
     nbytes, flops = _attention_traffic(rows=b, cells=s + t, t=t, h=h, k=k, d=d,
                                        itemsize=dtype.itemsize)
     row = _row(kind, dict(sessions=b, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
                seconds, nbytes, flops, peaks)
-    if cfg.baselines and block_sizes is None:
+    if cfg.baselines and block_sizes is None and backend == "triton":
         row.update(_baselines_paged(cfg, kind, q, k_pool, v_pool, table, lengths, window))
     return row
 
@@ -162,20 +164,34 @@ def bench_cascade(cfg, peaks, shape, key) -> dict:
 
 
 def tuning_work(cfg) -> list[tuple]:
-    """(kind, shape, BlockSizes) for the tuning grids: `cfg.tune_decode` on `cfg.decode[0]`,
-    `cfg.tune_append` on `cfg.append[0]` (the target shapes)."""
+    """(kind, shape, BlockSizes, backend) for the Triton tuning grids: `cfg.tune_decode` on
+    `cfg.decode[0]`, `cfg.tune_append` on `cfg.append[0]` (the target shapes)."""
     work = []
     for kind, shapes, grid in (("decode", cfg.decode, cfg.tune_decode),
                                ("append", cfg.append, cfg.tune_append)):
         for entry in grid:
-            work.append((kind, shapes[0], aa.BlockSizes(*entry)))
+            work.append((kind, shapes[0], aa.BlockSizes(*entry), "triton"))
     return work
 
 
-def _blocks_label(bs) -> str:
+def mosaic_work(cfg) -> list[tuple]:
+    """The Mosaic GPU append rows (last: a new backend must not cost the others' rows): its
+    default tiles on every append shape, then `cfg.tune_append_mosaic` (MosaicBlockSizes
+    tuples) on the target shape."""
+    if not cfg.mosaic:
+        return []
+    work = [("append", shape, None, "mosaic_gpu") for shape in cfg.append]
+    return work + [("append", cfg.append[0], mg.MosaicBlockSizes(*entry), "mosaic_gpu")
+                   for entry in cfg.tune_append_mosaic]
+
+
+def _blocks_label(bs, backend: str = "triton") -> str:
+    prefix = "" if backend == "triton" else f"{backend} "
     if bs is None:
-        return "default"
-    return (f"q{bs.block_q} k{bs.block_k} s{bs.num_splits} w{bs.num_warps} "
+        return prefix + "default"
+    if isinstance(bs, mg.MosaicBlockSizes):
+        return f"{prefix}q{bs.block_q} k{bs.block_k} c{bs.max_concurrent_steps}"
+    return (f"{prefix}q{bs.block_q} k{bs.block_k} s{bs.num_splits} w{bs.num_warps} "
             f"st{bs.num_stages}")
 
 
@@ -201,21 +217,22 @@ def run(cfg, workdir: str | None = None) -> dict:
     results.update(measure_peaks(cfg))
     key = jax.random.key(0)
     deadline = time.monotonic() + cfg.get("time_budget_s", float("inf"))
-    work = ([("decode", s, None) for s in cfg.decode]
-            + [("append", s, None) for s in cfg.append]
-            + [("cascade", s, None) for s in cfg.cascade] + tuning_work(cfg))
-    for i, (kind, shape, block_sizes) in enumerate(work):
+    work = ([("decode", s, None, "triton") for s in cfg.decode]
+            + [("append", s, None, "triton") for s in cfg.append]
+            + [("cascade", s, None, "triton") for s in cfg.cascade] + tuning_work(cfg)
+            + mosaic_work(cfg))
+    for i, (kind, shape, block_sizes, backend) in enumerate(work):
         if time.monotonic() > deadline:
             results["rows"].append(dict(kernel=kind, shape=list(shape),
-                                        blocks=_blocks_label(block_sizes),
+                                        blocks=_blocks_label(block_sizes, backend),
                                         skipped="time budget"))
             continue
         key_i = jax.random.fold_in(key, i)
         if kind == "cascade":
             row = bench_cascade(cfg, results, shape, key_i)
         else:
-            row = bench_paged(cfg, results, kind, shape, key_i, block_sizes)
-        row["blocks"] = _blocks_label(block_sizes)
+            row = bench_paged(cfg, results, kind, shape, key_i, block_sizes, backend)
+        row["blocks"] = _blocks_label(block_sizes, backend)
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
         if workdir:

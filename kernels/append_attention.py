@@ -38,6 +38,7 @@ MASK_VALUE = attention.MASK_VALUE
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 BACKENDS = ("triton",)
+APPEND_BACKENDS = ("triton", "mosaic_gpu")  # append also has a Hopper variant
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -345,14 +346,28 @@ def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
       lengths_B: int32 n_b, cells of row b in use before the chunk.
       window: static S <= P * page_size (default P * page_size); token t of row b attends to
         cells [0, min(n_b + t + 1, S)).
-      block_sizes: tiles; default `BlockSizes.for_append` of this shape.
+      block_sizes: tiles; default `BlockSizes.for_append` of this shape (for "mosaic_gpu":
+        `append_attention_mgpu.MosaicBlockSizes`).
       interpret: run the kernel in the Pallas interpreter (CPU) instead of compiling it.
-      backend: "triton" (the Pallas Triton lowering, `plgpu.CompilerParams`).
+      backend: "triton" (the Pallas Triton lowering, `plgpu.CompilerParams`) or "mosaic_gpu"
+        (`append_attention_mgpu`: Hopper, bf16/f16, compiled only, no poisoning).
       poison_outputs: test hook, see `paged_attention_partials`.
 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32 (as `statejax.attention.attend`).
     """
+    if backend == "mosaic_gpu":
+        from . import append_attention_mgpu as mgpu  # noqa: PLC0415 - it imports this module
+
+        if interpret or poison_outputs:
+            raise InputError("backend='mosaic_gpu' runs compiled only (interpret=False) and "
+                             "has no poison_outputs hook; use backend='triton' for those")
+        if block_sizes is not None and not isinstance(block_sizes, mgpu.MosaicBlockSizes):
+            raise InputError(f"backend='mosaic_gpu' takes MosaicBlockSizes, got {block_sizes}")
+        return mgpu.append_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP,
+                                          lengths_B, window=window, block_sizes=block_sizes)
+    if backend not in APPEND_BACKENDS:
+        raise InputError(f"backend={backend!r}; allowed for append: {APPEND_BACKENDS}")
     check_backend(backend, interpret)
     window = validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
                             compiled=not interpret)

@@ -54,3 +54,16 @@ def test_tuning_grids_are_valid_block_sizes(variant):
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="allowed: 'gpu' .*'gpu-tune'"):
         kb_config.get_config("tpu")
+
+
+def test_mosaic_rows_run_last_on_gpu_variants_only():
+    cfg = kb_config.get_config("gpu-tune")
+    work = kernel_bench.mosaic_work(cfg)
+    assert [w[1] for w in work] == [cfg.append[0]] * (1 + len(cfg.tune_append_mosaic))
+    assert {w[3] for w in work} == {"mosaic_gpu"}
+    labels = [kernel_bench._blocks_label(w[2], w[3]) for w in work]
+    assert labels[:2] == ["mosaic_gpu default", "mosaic_gpu q64 k128 c2"]
+    assert len(set(labels)) == len(labels)
+    gpu = kb_config.get_config("gpu")  # default tiles on every append shape, no grid
+    assert len(kernel_bench.mosaic_work(gpu)) == len(gpu.append)
+    assert kernel_bench.mosaic_work(kb_config.get_config("cpu")) == []

@@ -1,0 +1,348 @@
+"""Append attention for Hopper on the Pallas Mosaic GPU backend (TMA, wgmma, warp-specialised).
+
+Same contract as `append_attention.append_attention` (query token t of row b attends to cells
+[0, min(n_b + t + 1, S)) of its row, cells addressed through a page table), built for
+ingestion: long chunks (T in the hundreds) over long sessions, where the Triton lowering stays
+under issue 3's 40%-of-matmul target (docs/kernels.md).
+
+The structure is JAX's FlashAttention-3 forward (`jax.experimental.pallas.ops.gpu.
+attention_mgpu`), adapted to the append contract:
+
+- one program per (query head, tile of 2 * block_q tokens, row); three warpgroups: two compute
+  warpgroups of block_q tokens each, staggered by a schedule barrier so one's softmax overlaps
+  the other's matmuls, and one memory warpgroup that streams K/V blocks into
+  `max_concurrent_steps` shared-memory slots with TMA;
+- K/V blocks of block_k cells are gathered page by page through the row's page table (one TMA
+  copy per page, all arriving on the slot's barrier);
+- each compute warpgroup visits only the blocks its tokens can see: blocks every token sees in
+  full run unmasked, the causal / window boundary blocks masked; the warpgroup that finishes
+  early keeps releasing the memory warpgroup's slots (as in the causal FA3 kernel);
+- outputs: out in q's dtype and the natural-log lse in float32, as `attention.attend`.
+
+Compiled only: the Mosaic GPU interpreter in jax 0.10 rejects dynamic slices and transposed
+wgmma operands, so on CPU the kernel is checked by lowering it for CUDA (tests/test_kernels.py)
+and numerically against the reference on the device (`-m gpu`). Masked probabilities are
+exactly 0, but a masked cell's V still enters the p @ V matmul: cells a row cannot see must be
+finite (statejax states hold zeros or written K/V there; the Triton kernel also tolerates NaN).
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from statejax.errors import InputError
+
+from . import append_attention as aa
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma operand types
+_COMPUTE_WGS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlockSizes:
+    """Tiles of the Mosaic GPU append kernel.
+
+    Attributes:
+      block_q: query tokens per compute warpgroup (a program holds 2 * block_q); a multiple of
+        64 (the wgmma M tile).
+      block_k: cells per KV step; a multiple of 64 and of the page size.
+      max_concurrent_steps: K/V blocks in flight (shared-memory slots), >= 2.
+    """
+
+    block_q: int = 64
+    block_k: int = 128
+    max_concurrent_steps: int = 2
+
+    @classmethod
+    def for_append(cls, *, head_dim: int, page_size: int) -> "MosaicBlockSizes":
+        """FA3's Hopper tiles (64-token warpgroups, 128-cell steps; 64 for D > 128)."""
+        block_k = max(128 if head_dim <= 128 else 64, page_size)
+        return cls(block_q=64, block_k=block_k, max_concurrent_steps=2)
+
+    def smem_bytes(self, head_dim: int, itemsize: int) -> int:
+        """Shared memory the kernel allocates: Q/O tiles, K/V slots, lse tiles."""
+        qo = _COMPUTE_WGS * self.block_q * head_dim * itemsize
+        kv = 2 * self.max_concurrent_steps * self.block_k * head_dim * itemsize
+        return qo + kv + _COMPUTE_WGS * self.block_q * 4
+
+
+_SMEM_LIMIT = 227 * 1024  # Hopper's per-block shared memory
+
+
+def validate(q_BxTxHxD, k_pool, page_size: int, bs: MosaicBlockSizes):
+    """Raises InputError for what this kernel cannot run (beyond `aa.validate_paged`)."""
+    d = q_BxTxHxD.shape[-1]
+    if q_BxTxHxD.dtype not in _DTYPES:
+        raise InputError(f"the mosaic_gpu backend takes bfloat16 or float16, got "
+                         f"{q_BxTxHxD.dtype}; use backend='triton' for float32")
+    if d % 64 or d > 256:
+        raise InputError(f"the mosaic_gpu backend needs a head dim that is a multiple of 64 "
+                         f"and <= 256, got {d}")
+    if page_size % 8:
+        raise InputError(f"the mosaic_gpu backend needs a page size that is a multiple of 8 "
+                         f"(TMA tiles), got {page_size}")
+    if bs.block_q % 64 or bs.block_q < 64:
+        raise InputError(f"block_q={bs.block_q} must be a positive multiple of 64")
+    if bs.block_k % 64 or bs.block_k % page_size:
+        raise InputError(f"block_k={bs.block_k} must be a multiple of 64 and of page_size="
+                         f"{page_size}")
+    if bs.max_concurrent_steps < 2:
+        raise InputError(f"max_concurrent_steps={bs.max_concurrent_steps} must be >= 2")
+    if (smem := bs.smem_bytes(d, q_BxTxHxD.dtype.itemsize)) > _SMEM_LIMIT:
+        raise InputError(f"tiles {bs} need {smem} bytes of shared memory at D={d}; Hopper "
+                         f"has {_SMEM_LIMIT}")
+
+
+def check_cuda_runtime():
+    """Raises on CUDA runtimes whose ptxas miscompiles masked FA3 kernels (as JAX's FA3 does)."""
+    from jax._src.lib import cuda_versions  # noqa: PLC0415 - None on CPU-only installs
+
+    version = cuda_versions.cuda_runtime_get_version() if cuda_versions else None
+    if version is not None and 12080 <= version < 12091:
+        raise InputError(f"CUDA runtime {version}: ptxas 12.8.0-12.9.0 miscompiles the masked "
+                         "FA3 loop (see jax's attention_mgpu); use backend='triton' or CUDA "
+                         ">= 12.9.1")
+
+
+def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, bs,
+            num_tokens, window, group, page_size):
+    """One (query head, token tile, row) program; refs are whole GMEM arrays.
+
+    len_ref [B] int32; pt_ref [B, P] int32 (padded, clamped); q_ref, out_ref [B, T_pad, H, D];
+    k_ref, v_ref [num_pages, page_size, K, D]; lse_ref [B, H, T_pad] float32.
+    """
+    block_q, block_k, steps_in_flight = bs.block_q, bs.block_k, bs.max_concurrent_steps
+    pages_per_block = block_k // page_size
+    head_dim = q_ref.shape[-1]
+    dtype = q_ref.dtype
+    row = lax.axis_index("rows")
+    q_head = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    (qo_smem2, k_smem, v_smem, lse_smem2), (k_ready, v_ready, q_ready), \
+        (k_free, v_free), schedule = scoped
+    n = len_ref[row]
+
+    def key_limit(token):  # cells [0, limit) are visible to query token `token`
+        return jnp.minimum(n + jnp.minimum(token, num_tokens - 1) + 1, window)
+
+    def schedule_barrier():
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+    tile_base = lax.axis_index("tiles") * (_COMPUTE_WGS * block_q)
+    tile_steps = pl.cdiv(key_limit(tile_base + _COMPUTE_WGS * block_q - 1),
+                         jnp.int32(block_k))
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+        q_base = tile_base + wg * block_q
+        kv_steps = pl.cdiv(key_limit(q_base + block_q - 1), jnp.int32(block_k))
+        full_steps = lax.div(key_limit(q_base), jnp.int32(block_k))  # no row masks these
+        plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(q_base, block_q), q_head], qo_smem,
+                                q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
+                                plgpu.Layout.WGMMA.reduce(1))
+        l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32),
+                                plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32),
+                                plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(k_ready.at[0])  # every token sees cell 0: kv_steps >= 1
+        pl.when(wg == 1)(schedule_barrier)
+        # Scores in base 2 with the softmax scale folded in: exp2 of an FMA.
+        score_scale = head_dim**-0.5 * _LOG2E
+
+        def kv_step(step, carry, masked: bool):
+            acc, m_i, l_i = carry
+            slot = lax.rem(step, jnp.int32(steps_in_flight))
+
+            def qk_scope(acc_ref):
+                plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                schedule_barrier()
+                return acc_ref[...]
+
+            qk = pl.run_scoped(qk_scope, plgpu.ACC((block_q, block_k), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:
+                tokens = plgpu.broadcasted_iota(jnp.int32, (block_q, block_k), 0,
+                                                layout=plgpu.Layout.WGMMA) + q_base
+                cells = plgpu.broadcasted_iota(jnp.int32, (block_q, block_k), 1,
+                                               layout=plgpu.Layout.WGMMA) + step * block_k
+                qk = jnp.where(cells < key_limit(tokens), qk, -jnp.inf)
+            # Every token sees cell 0 in step 0, so m_i is finite from the first step on.
+            m_next = jnp.maximum(m_i, qk.max(axis=1) * score_scale)
+            alpha = jnp.exp2(m_i - m_next)
+            p = jnp.exp2(qk * score_scale - lax.broadcast_in_dim(m_next, qk.shape, [0]))
+            acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_i *= alpha
+            p16 = p.astype(dtype)
+
+            def end_softmax():
+                plgpu.barrier_arrive(schedule)  # softmax done
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(schedule)  # the tensor cores are free
+            # FA3 orders these by head dim; the order measurably changes its speed.
+            if head_dim <= 128:
+                l_i += p.sum(axis=1)
+                acc, l_i, m_next, p16 = lax.optimization_barrier((acc, l_i, m_next, p16))
+                end_softmax()
+            else:
+                end_softmax()
+                l_i += p.sum(axis=1)
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                next_slot = lax.rem(step + 1, jnp.int32(steps_in_flight))
+
+                @pl.when(step + 1 < kv_steps)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[next_slot])
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_next, l_i
+
+        def release_step(step, _):
+            # Steps this warpgroup does not need but the other one does: free the slots and
+            # keep the schedule barrier in step.
+            slot = lax.rem(step, jnp.int32(steps_in_flight))
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            schedule_barrier()
+            schedule_barrier()
+
+        carry = (acc, m_i, l_i)
+        carry = lax.fori_loop(0, full_steps, functools.partial(kv_step, masked=False), carry)
+        acc, m_i, l_i = lax.fori_loop(full_steps, kv_steps,
+                                      functools.partial(kv_step, masked=True), carry)
+        lax.fori_loop(kv_steps, tile_steps, release_step, None)
+        pl.when(wg == 0)(schedule_barrier)
+
+        acc /= lax.broadcast_in_dim(l_i, (block_q, head_dim), [0])
+        qo_smem[...] = acc.astype(dtype)
+        lse_smem[...] = m_i * _LN2 + jnp.log(l_i)  # natural log; m_i is in base 2
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[row, pl.ds(q_base, block_q), q_head])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row, q_head, pl.ds(q_base, block_q)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(q_head, jnp.int32(group))
+
+        def fetch(step, slot, src_ref, dst_smem, barrier):
+            for p in range(pages_per_block):  # one TMA copy per page, all on one barrier
+                page = pt_ref[row, step * pages_per_block + p]
+                plgpu.copy_gmem_to_smem(src_ref.at[page, pl.ds(0, page_size), kv_head],
+                                        dst_smem.at[slot, pl.ds(p * page_size, page_size)],
+                                        barrier.at[slot])
+
+        def prefetch(step):  # fills slot `step` before any slot is released
+            fetch(step, step, k_ref, k_smem, k_ready)
+            fetch(step, step, v_ref, v_smem, v_ready)
+
+        for i in range(steps_in_flight):
+            pl.when(i < tile_steps)(functools.partial(prefetch, i))
+
+        @pl.loop(0, tile_steps - steps_in_flight)
+        def _(step):
+            fetch_step = step + steps_in_flight
+            slot = lax.rem(step, jnp.int32(steps_in_flight))
+            plgpu.barrier_wait(k_free.at[slot])
+            fetch(fetch_step, slot, k_ref, k_smem, k_ready)
+            plgpu.barrier_wait(v_free.at[slot])
+            fetch(fetch_step, slot, v_ref, v_smem, v_ready)
+
+
+def _entry(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_size,
+           **static):
+    head_dim, dtype = q_ref.shape[-1], q_ref.dtype
+    steps_in_flight = bs.max_concurrent_steps
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    smem = (
+        plgpu.SMEM((_COMPUTE_WGS, bs.block_q, head_dim), dtype, transforms=transforms),
+        plgpu.SMEM((steps_in_flight, bs.block_k, head_dim), dtype, transforms=transforms),
+        plgpu.SMEM((steps_in_flight, bs.block_k, head_dim), dtype, transforms=transforms),
+        plgpu.SMEM((_COMPUTE_WGS, bs.block_q), jnp.float32),
+    )
+    pages_per_block = bs.block_k // page_size
+    ready = (plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=steps_in_flight),
+             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=steps_in_flight),
+             plgpu.Barrier(num_barriers=_COMPUTE_WGS))
+    free = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=steps_in_flight),) * 2
+    kernel = functools.partial(_kernel, len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
+                               bs=bs, page_size=page_size, **static)
+    pl.run_scoped(lambda *scoped: kernel(scoped), smem, ready, free,
+                  plgpu.Barrier(num_arrivals=_COMPUTE_WGS), collective_axes="wg")
+
+
+@functools.partial(jax.jit, static_argnames=("window", "block_sizes"))
+def append_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
+                          window: int | None = None,
+                          block_sizes: MosaicBlockSizes | None = None):
+    """`append_attention` (same arguments and results) on the Mosaic GPU backend; compiled.
+
+    Args:
+      q_BxTxHxD: bf16/f16 queries (RoPE applied) of the tokens at positions [n_b, n_b + T).
+      k_pool, v_pool: [num_pages, page_size, K, D] cell pools, q's dtype; H % K == 0,
+        D % 64 == 0, page_size % 8 == 0. Cells a row cannot see must be finite.
+      page_table_BxP: int32; row b's cell c is pool[page_table[b, c // page_size],
+        c % page_size] (entries past a row's last page are clamped into range).
+      lengths_B: int32 n_b, cells of row b in use before the chunk.
+      window: static S <= P * page_size (default P * page_size).
+      block_sizes: tiles; default `MosaicBlockSizes.for_append` of this shape.
+
+    Returns:
+      out_BxTxHxD in q's dtype, lse_BxTxH float32 (natural log, as `attention.attend`).
+    """
+    if jax.default_backend() != "gpu":
+        raise InputError("the mosaic_gpu backend compiles for a Hopper GPU and has no "
+                         f"interpret mode here (default backend {jax.default_backend()!r}); "
+                         "use backend='triton' with interpret=True on CPU")
+    check_cuda_runtime()
+    return _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window,
+                        block_sizes=block_sizes)
+
+
+def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
+                 block_sizes):
+    """Validates and builds the kernel call (no device check: tests lower it on CPU)."""
+    window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
+                               compiled=True)
+    b, t, h, d = q_BxTxHxD.shape
+    num_pages, page_size, k_heads, _ = k_pool.shape
+    bs = block_sizes or MosaicBlockSizes.for_append(head_dim=d, page_size=page_size)
+    validate(q_BxTxHxD, k_pool, page_size, bs)
+    tile = _COMPUTE_WGS * bs.block_q
+    t_pad = pl.cdiv(t, tile) * tile
+    q = jnp.pad(q_BxTxHxD, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
+    # The last KV block may reach past the window: widen the table; clamp every entry into the
+    # pool (TMA takes the page index as is).
+    need_pages = pl.cdiv(window, bs.block_k) * (bs.block_k // page_size)
+    table = page_table_BxP
+    if table.shape[1] < need_pages:
+        table = jnp.pad(table, ((0, 0), (0, need_pages - table.shape[1])))
+    table = jnp.clip(table, 0, num_pages - 1)
+    out, lse = plgpu.kernel(
+        functools.partial(_entry, bs=bs, page_size=page_size, num_tokens=t, window=window,
+                          group=h // k_heads),
+        out_type=(jax.ShapeDtypeStruct((b, t_pad, h, d), q.dtype),
+                  jax.ShapeDtypeStruct((b, h, t_pad), jnp.float32)),
+        grid=(h, t_pad // tile, b),
+        grid_names=("heads", "tiles", "rows"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(lengths_B, table, q, k_pool, v_pool)
+    return out[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]
