@@ -19,7 +19,7 @@ Tuning grids: `tune_decode` / `tune_append` hold `BlockSizes` tuples
 the targets report the fastest row of each target shape.
 Mosaic GPU (Hopper) append: with `mosaic`, its default tiles on every append shape and the
 `tune_append_mosaic` grid of (block_q, block_k, max_concurrent_steps) on the first append
-shape; these rows run last.
+shape; these rows run after the default rows, before the Triton grids.
 """
 
 import itertools

@@ -6,6 +6,9 @@ GPU, Llama-3.2-1B shape in bf16, contexts 1k..32k tokens (add --config.impl=pall
 attention kernels):
   python -m experiments.stream_latency --config=configs/stream_latency.py:gpu \
       --workdir=runs/stream_latency_gpu
+GPU, issue 3's end-to-end targets only (stateful query vs its floor and the HF peer, Pallas
+kernels; no stateless / prefix-cache baselines; about half the time of :gpu):
+  python -m experiments.stream_latency --config=configs/stream_latency.py:gpu-floor ...
 Test size (seconds):
   python -m experiments.stream_latency --config=configs/stream_latency.py:tiny --workdir=/tmp/x
 """
@@ -20,7 +23,7 @@ SYSTEM_PROMPT = ("You are a market analyst. Each line below is one OHLCV bar: "
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """arg: None (CPU run), "gpu" or "tiny"."""
+    """arg: None (CPU run), "gpu", "gpu-floor" or "tiny"."""
     variant = arg or "cpu"
     c = ml_collections.ConfigDict()
     c.variant = variant
@@ -28,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.seed = 0
     c.impl = "reference"  # attention: "reference" or "pallas" (statejax.kernels; GPU compiled)
+    c.baselines = True  # time the stateless and prefix-cache engines too
     c.system_prompt = SYSTEM_PROMPT  # the session's frozen prefix
     c.question = QUESTION
     c.flash_max_new_tokens = 32  # the registered flash query's answer length
@@ -63,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         enabled=True, model="default", seed=7, warmup_bars=40, updates=12, bars_per_update=4,
         k=5, cells=4096))
 
-    if variant == "gpu":
+    if variant in ("gpu", "gpu-floor"):
         c.model = "llama-3.2-1b"
         c.dtype = "bfloat16"
         c.context_sizes = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -77,6 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.flash.enabled = False  # a CPU-sized model; the CPU run covers it
         # Issue 3's end-to-end targets for the Llama-3.2-1B shape.
         c.roofline.update(copy_mib=2048, floor_bound=1.3, peer_bound=8.0)
+        if variant == "gpu-floor":
+            c.impl = "pallas"
+            c.baselines = False
+            c.context_sizes = (1024, 4096, 16384, 32768)
+            c.repeats = 5
     elif variant == "tiny":
         c.model = "tiny"
         c.system_prompt = "OHLCV bars:\n"
@@ -87,5 +96,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.flash.updates = 2
         c.roofline.copy_mib = 16
     elif variant != "cpu":
-        raise ValueError(f"unknown variant {arg!r}; allowed: None (cpu), 'gpu', 'tiny'")
+        raise ValueError(f"unknown variant {arg!r}; allowed: None (cpu), 'gpu', 'gpu-floor', "
+                         "'tiny'")
     return c

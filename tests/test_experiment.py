@@ -78,6 +78,27 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
+def test_floor_run_skips_the_baselines(tmp_path):
+    """`baselines=False` (the :gpu-floor variant) times the stateful paths and the floor only,
+    and the report, targets and plot cope with the missing columns."""
+    config = stream_latency.get_config("tiny")
+    config.baselines = False
+    config.context_sizes = (64, 128)
+    results = latency.run_stream_latency(config)
+    for row in results["rows"]:
+        assert "stateless_query_ms" not in row and "prefix_cache_query_ms" not in row
+        assert row["stateful_query_ms"] > 0 and row["flash_hit_ms"] > 0
+        assert math.isclose(row["stateful_over_floor"],
+                            row["stateful_query_ms"] / row["floor_ms"])
+    assert [t["name"] for t in results["targets"]] == ["stateful largest / smallest"]
+    paths = latency.write_results(results, str(tmp_path))
+    md = pathlib.Path(paths["md"]).read_text()
+    assert "| – | – |" in md and "stateless largest" not in md
+    floor = stream_latency.get_config("gpu-floor")
+    assert (floor.impl, floor.baselines, floor.roofline.floor_bound) == ("pallas", False, 1.3)
+    assert floor.model == "llama-3.2-1b" and floor.context_sizes[-1] == 32768
+
+
 def test_floor_and_peer_targets_are_opt_in():
     row = dict(stateful_query_ms=2.0, stateless_query_ms=40.0, stateful_over_floor=1.6,
                hf_over_stateful=9.0)

@@ -56,7 +56,7 @@ def test_unknown_variant_is_refused():
         kb_config.get_config("tpu")
 
 
-def test_mosaic_rows_run_last_on_gpu_variants_only():
+def test_mosaic_rows_on_gpu_variants_only():
     cfg = kb_config.get_config("gpu-tune")
     work = kernel_bench.mosaic_work(cfg)
     assert [w[1] for w in work] == [cfg.append[0]] * (1 + len(cfg.tune_append_mosaic))
@@ -67,3 +67,16 @@ def test_mosaic_rows_run_last_on_gpu_variants_only():
     gpu = kb_config.get_config("gpu")  # default tiles on every append shape, no grid
     assert len(kernel_bench.mosaic_work(gpu)) == len(gpu.append)
     assert kernel_bench.mosaic_work(kb_config.get_config("cpu")) == []
+
+
+def test_a_failing_mosaic_row_is_recorded_not_raised(tmp_path):
+    """On CPU the Mosaic variant cannot compile: its rows carry the error, the rest runs."""
+    cfg = kb_config.get_config("cpu")
+    cfg.update(repeats=1, mosaic=True, tune_append_mosaic=((64, 64, 2),), decode=(),
+               cascade=(), tune_decode=(), tune_append=())
+    rows = kernel_bench.run(cfg, str(tmp_path))["rows"]
+    assert [(r["blocks"], "error" in r) for r in rows] == [
+        ("default", False), ("mosaic_gpu default", True), ("mosaic_gpu q64 k64 c2", True)]
+    assert "compiled only" in rows[1]["error"]
+    md = (tmp_path / "results.md").read_text()
+    assert "mosaic_gpu default error: InputError" in md
