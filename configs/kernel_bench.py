@@ -17,9 +17,11 @@ Cached cells are the same for every session; K/V live in a shuffled page pool.
 Tuning grids: `tune_decode` / `tune_append` hold `BlockSizes` tuples
 (block_q, block_k, num_splits, num_warps, num_stages) timed on the FIRST decode / append shape;
 the targets report the fastest row of each target shape.
-Mosaic GPU (Hopper) append: with `mosaic`, its default tiles on every append shape and the
-`tune_append_mosaic` grid of (block_q, block_k, max_concurrent_steps) on the first append
-shape; these rows run after the default rows, before the Triton grids.
+Mosaic GPU (Hopper) variants: with `mosaic`, their default tiles on every decode and append
+shape, the `tune_decode_mosaic` grid of (block_k, max_concurrent_steps, num_splits) on the
+first decode shape and the `tune_append_mosaic` grid of (block_q, block_k,
+max_concurrent_steps) on the first append shape; these rows run after the default rows, before
+the Triton grids.
 """
 
 import itertools
@@ -74,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.tune_decode = ()
     c.tune_append = ()
-    c.mosaic = True  # time the Mosaic GPU append variant too (compiled only: GPU variants)
+    c.mosaic = True  # time the Mosaic GPU variants too (compiled only: GPU variants)
+    c.tune_decode_mosaic = ()
     c.tune_append_mosaic = ()
 
     if variant == "cpu":
@@ -102,6 +105,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.tune_append = _append_grid()
         # D = 128: (64, 128, 3) would need 229 KB of shared memory; 64-cell blocks go deeper.
         c.tune_append_mosaic = ((64, 128, 2), (64, 64, 2), (64, 64, 3), (64, 64, 4))
+        # 8 x 8 (row, kv-head) programs per split; at D = 128 shared memory holds 5 slots of
+        # 64 cells or 2 of 128 (beside the Q and float32 out tiles).
+        c.tune_decode_mosaic = tuple(itertools.product((64,), (3, 5), (4, 8, 16))) + tuple(
+            itertools.product((128,), (2,), (4, 8, 16)))
     elif variant != "gpu":
         raise ValueError(f"unknown variant {arg!r}; allowed: 'gpu' (default), 'gpu-tune', "
                          "'cpu'")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device check of the Pallas attention kernels (issue 3): the compiled-GPU tests (Triton, then
-# the Mosaic GPU append variant under its own timeout), then the kernel benchmark (its Mosaic
+# the Mosaic GPU append and decode variants under their own timeout), then the kernel benchmark (its Mosaic
 # rows only if those tests passed). Run from the repo root on the GPU machine (device call with
 # carry [".whl"] if the image lacks ml_collections). Writes under $OUT: gpu.txt, env.txt,
 #   pytest_gpu.log, junit_gpu.xml, pytest_mosaic.log, kernel_bench.log,
@@ -39,7 +39,7 @@ timeout 110 python3 -m pytest -m gpu tests/test_kernels.py -q -rfEs --durations=
   --junitxml="$OUT/junit_gpu.xml" 2>&1 | tee "$OUT/pytest_gpu.log"
 echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
 
-# 1b) The Mosaic GPU append variant, new on the device: its own timeout (a barrier bug would
+# 1b) The Mosaic GPU variants, new on the device: their own timeout (a barrier bug would
 # hang, not fail); when it does not pass, the benchmark skips its rows.
 timeout "${MOSAIC_TIMEOUT_S:-150}" python3 -m pytest -m gpu tests/test_kernels_mgpu.py -q -rfEs \
   --durations=5 2>&1 | tee "$OUT/pytest_mosaic.log"

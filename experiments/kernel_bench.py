@@ -30,6 +30,7 @@ from statejax.kernels import append_attention as aa
 from statejax.kernels import append_attention_mgpu as mg
 from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
+from statejax.kernels import decode_attention_mgpu as dm
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -175,13 +176,16 @@ def tuning_work(cfg) -> list[tuple]:
 
 
 def mosaic_work(cfg) -> list[tuple]:
-    """The Mosaic GPU append rows: its default tiles on every append shape, then
-    `cfg.tune_append_mosaic` (MosaicBlockSizes tuples) on the target shape. They run after the
-    default rows and before the Triton grids; a failure is recorded in its row (a new backend
-    must not cost the other rows)."""
+    """The Mosaic GPU rows: default tiles on every decode and append shape, then
+    `cfg.tune_decode_mosaic` / `cfg.tune_append_mosaic` on the target shapes. They run after
+    the default rows and before the Triton grids; a failure is recorded in its row (a new
+    backend must not cost the other rows)."""
     if not cfg.mosaic:
         return []
-    work = [("append", shape, None, "mosaic_gpu") for shape in cfg.append]
+    work = [("decode", shape, None, "mosaic_gpu") for shape in cfg.decode]
+    work += [("append", shape, None, "mosaic_gpu") for shape in cfg.append]
+    work += [("decode", cfg.decode[0], dm.MosaicDecodeBlockSizes(*entry), "mosaic_gpu")
+             for entry in cfg.tune_decode_mosaic]
     return work + [("append", cfg.append[0], mg.MosaicBlockSizes(*entry), "mosaic_gpu")
                    for entry in cfg.tune_append_mosaic]
 
@@ -192,6 +196,8 @@ def _blocks_label(bs, backend: str = "triton") -> str:
         return prefix + "default"
     if isinstance(bs, mg.MosaicBlockSizes):
         return f"{prefix}q{bs.block_q} k{bs.block_k} c{bs.max_concurrent_steps}"
+    if isinstance(bs, dm.MosaicDecodeBlockSizes):
+        return f"{prefix}k{bs.block_k} c{bs.max_concurrent_steps} s{bs.num_splits}"
     return (f"{prefix}q{bs.block_q} k{bs.block_k} s{bs.num_splits} w{bs.num_warps} "
             f"st{bs.num_stages}")
 

@@ -38,7 +38,7 @@ MASK_VALUE = attention.MASK_VALUE
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 BACKENDS = ("triton",)
-APPEND_BACKENDS = ("triton", "mosaic_gpu")  # append also has a Hopper variant
+PAGED_BACKENDS = ("triton", "mosaic_gpu")  # append and decode have a Hopper variant too
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -366,8 +366,8 @@ def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
             raise InputError(f"backend='mosaic_gpu' takes MosaicBlockSizes, got {block_sizes}")
         return mgpu.append_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP,
                                           lengths_B, window=window, block_sizes=block_sizes)
-    if backend not in APPEND_BACKENDS:
-        raise InputError(f"backend={backend!r}; allowed for append: {APPEND_BACKENDS}")
+    if backend not in PAGED_BACKENDS:
+        raise InputError(f"backend={backend!r}; allowed for append: {PAGED_BACKENDS}")
     check_backend(backend, interpret)
     window = validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
                             compiled=not interpret)

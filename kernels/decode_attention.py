@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from statejax.errors import InputError
+
 from . import append_attention as aa
 from .append_attention import BlockSizes
 
@@ -73,12 +75,29 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
       page_table_BxP: int32 page of each page-sized group of row b's cells.
       lengths_B: int32 n_b, cells of row b in use before the T tokens (ragged).
       window: static S <= P * page_size (default P * page_size).
-      block_sizes: tiles and splits; default `default_block_sizes` of this shape.
-      interpret, backend, poison_outputs: as `append_attention.append_attention`.
+      block_sizes: tiles and splits; default `default_block_sizes` of this shape (for
+        "mosaic_gpu": `decode_attention_mgpu.MosaicDecodeBlockSizes`).
+      interpret, poison_outputs: as `append_attention.append_attention`.
+      backend: "triton" or "mosaic_gpu" (`decode_attention_mgpu`: Hopper, bf16/f16,
+        T x H / K <= 64, compiled only, no poisoning).
 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32.
     """
+    if backend == "mosaic_gpu":
+        from . import decode_attention_mgpu as mgpu  # noqa: PLC0415 - it imports this module
+
+        if interpret or poison_outputs:
+            raise InputError("backend='mosaic_gpu' runs compiled only (interpret=False) and "
+                             "has no poison_outputs hook; use backend='triton' for those")
+        if block_sizes is not None and not isinstance(block_sizes,
+                                                      mgpu.MosaicDecodeBlockSizes):
+            raise InputError(f"backend='mosaic_gpu' takes MosaicDecodeBlockSizes, got "
+                             f"{block_sizes}")
+        return mgpu.decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP,
+                                          lengths_B, window=window, block_sizes=block_sizes)
+    if backend not in aa.PAGED_BACKENDS:
+        raise InputError(f"backend={backend!r}; allowed for decode: {aa.PAGED_BACKENDS}")
     aa.check_backend(backend, interpret)
     window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
                                compiled=not interpret)

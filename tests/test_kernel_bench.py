@@ -59,24 +59,31 @@ def test_unknown_variant_is_refused():
 def test_mosaic_rows_on_gpu_variants_only():
     cfg = kb_config.get_config("gpu-tune")
     work = kernel_bench.mosaic_work(cfg)
-    assert [w[1] for w in work] == [cfg.append[0]] * (1 + len(cfg.tune_append_mosaic))
+    assert [(w[0], w[1]) for w in work] == (
+        [("decode", cfg.decode[0]), ("append", cfg.append[0])]
+        + [("decode", cfg.decode[0])] * len(cfg.tune_decode_mosaic)
+        + [("append", cfg.append[0])] * len(cfg.tune_append_mosaic))
     assert {w[3] for w in work} == {"mosaic_gpu"}
     labels = [kernel_bench._blocks_label(w[2], w[3]) for w in work]
-    assert labels[:2] == ["mosaic_gpu default", "mosaic_gpu q64 k128 c2"]
-    assert len(set(labels)) == len(labels)
-    gpu = kb_config.get_config("gpu")  # default tiles on every append shape, no grid
-    assert len(kernel_bench.mosaic_work(gpu)) == len(gpu.append)
+    assert labels[:3] == ["mosaic_gpu default", "mosaic_gpu default", "mosaic_gpu k64 c3 s4"]
+    assert labels[-1] == "mosaic_gpu q64 k64 c4"
+    decode_labels = labels[2:2 + len(cfg.tune_decode_mosaic)]
+    assert len(set(decode_labels)) == len(decode_labels)
+    gpu = kb_config.get_config("gpu")  # default tiles on every shape, no grid
+    assert len(kernel_bench.mosaic_work(gpu)) == len(gpu.decode) + len(gpu.append)
     assert kernel_bench.mosaic_work(kb_config.get_config("cpu")) == []
 
 
 def test_a_failing_mosaic_row_is_recorded_not_raised(tmp_path):
     """On CPU the Mosaic variant cannot compile: its rows carry the error, the rest runs."""
     cfg = kb_config.get_config("cpu")
-    cfg.update(repeats=1, mosaic=True, tune_append_mosaic=((64, 64, 2),), decode=(),
-               cascade=(), tune_decode=(), tune_append=())
+    cfg.update(repeats=1, mosaic=True, tune_append_mosaic=((64, 64, 2),),
+               decode=cfg.decode[:1], cascade=(), tune_decode=(), tune_append=())
     rows = kernel_bench.run(cfg, str(tmp_path))["rows"]
-    assert [(r["blocks"], "error" in r) for r in rows] == [
-        ("default", False), ("mosaic_gpu default", True), ("mosaic_gpu q64 k64 c2", True)]
-    assert "compiled only" in rows[1]["error"]
+    assert [(r["kernel"], r["blocks"], "error" in r) for r in rows] == [
+        ("decode", "default", False), ("append", "default", False),
+        ("decode", "mosaic_gpu default", True), ("append", "mosaic_gpu default", True),
+        ("append", "mosaic_gpu q64 k64 c2", True)]
+    assert "compiled only" in rows[3]["error"]
     md = (tmp_path / "results.md").read_text()
     assert "mosaic_gpu default error: InputError" in md

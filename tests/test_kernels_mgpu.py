@@ -1,4 +1,5 @@
-"""The Mosaic GPU (Hopper) append kernel: lowering and validation on CPU, numerics on a GPU.
+"""The Mosaic GPU (Hopper) append and decode kernels: lowering and validation on CPU,
+numerics on a GPU.
 
 Jax 0.10's Mosaic GPU interpreter cannot run this kernel (dynamic slices, transposed wgmma
 operands), so on CPU every configuration is lowered for CUDA (Pallas -> Mosaic GPU MLIR: the
@@ -20,6 +21,8 @@ from configs import kernel_bench as kb_config
 from statejax.errors import InputError
 from statejax.kernels import append_attention as aa
 from statejax.kernels import append_attention_mgpu as mg
+from statejax.kernels import decode_attention as da
+from statejax.kernels import decode_attention_mgpu as dm
 
 # approx_math exp2 and bf16 probabilities: as loose as the Triton kernel's bf16 tolerances.
 TOLERANCE = {"bfloat16": (dict(atol=2e-2, rtol=2e-2), dict(atol=2e-3, rtol=2e-3)),
@@ -30,12 +33,24 @@ _GARBAGE = 50.0  # what invisible cells hold: a leaked score of ~50 * |q| domina
 @dataclasses.dataclass(frozen=True)
 class MosaicCase:
     case: Case
-    tiles: mg.MosaicBlockSizes | None = None
+    tiles: mg.MosaicBlockSizes | dm.MosaicDecodeBlockSizes | None = None
+    kind: str = "append"
 
     def __str__(self):
-        tiles = "default" if self.tiles is None else (
-            f"q{self.tiles.block_q}k{self.tiles.block_k}s{self.tiles.max_concurrent_steps}")
-        return f"{self.case}_{tiles}"
+        tiles = "default" if self.tiles is None else "-".join(
+            f"{v}" for v in dataclasses.astuple(self.tiles))
+        return f"{self.kind}_{self.case}_{tiles}"
+
+    @property
+    def build(self):
+        """The kernel call without the device check (lowers on CPU)."""
+        return mg._append_mgpu if self.kind == "append" else dm._decode_mgpu
+
+    @property
+    def wrapper_and_reference(self):
+        if self.kind == "append":
+            return aa.append_attention, aa.append_attention_reference
+        return da.decode_attention, da.decode_attention_reference
 
 
 CASES = [
@@ -55,9 +70,30 @@ CASES = [
     MosaicCase(Case(lengths=(77, 300), t=1, h=8, k=1, pages=48, d=128, page_size=8,
                     dtype="float16")),
 ]
-# The benchmark's ingestion target: 8 sessions, T = 512 over 8k cached, 32 heads, D = 128.
+DECODE_CASES = [
+    # 3 splits of 4 blocks: short rows leave later splits empty (out 0, lse MASK_VALUE).
+    MosaicCase(Case(lengths=(0, 1, 47, 1000), t=1, h=32, k=8, pages=80, d=128,
+                    dtype="bfloat16"), dm.MosaicDecodeBlockSizes(64, 4, 3), "decode"),
+    # Speculative verification (T = 3) with GQA 8: 24 folded rows; default tiles.
+    MosaicCase(Case(lengths=(5, 600), t=3, h=8, k=1, pages=48, d=64, dtype="bfloat16"),
+               kind="decode"),
+    # Long ragged rows, default splits.
+    MosaicCase(Case(lengths=(4095, 17, 2048, 3000), t=1, h=32, k=8, pages=256, d=128,
+                    dtype="bfloat16"), kind="decode"),
+    # float16, 64-cell pages, T = 4 at GQA 4.
+    MosaicCase(Case(lengths=(1000, 0), t=4, h=32, k=8, pages=32, d=64, page_size=64,
+                    dtype="float16"), kind="decode"),
+    # GQA 1, 128-cell pages, a window short of the table, 2 slots, 4 splits.
+    MosaicCase(Case(lengths=(300, 900), t=2, h=4, k=4, pages=8, d=128, page_size=128,
+                    dtype="bfloat16", window=1000),
+               dm.MosaicDecodeBlockSizes(128, 2, 4), "decode"),
+]
+# The benchmark's targets: ingestion (8 sessions, T = 512 over 8k cached, 32 heads, D = 128)
+# and decode (8 sessions x 16k, K = 8, D = 128).
 TARGET = MosaicCase(Case(lengths=(8192,) * 8, t=512, h=32, k=8, pages=136, d=128,
                          page_size=64, dtype="bfloat16"))
+DECODE_TARGET = MosaicCase(Case(lengths=(16384,) * 8, t=1, h=32, k=8, pages=257, d=128,
+                                page_size=64, dtype="bfloat16"), kind="decode")
 
 
 def _shapes(case: Case):
@@ -69,18 +105,21 @@ def _shapes(case: Case):
             jax.ShapeDtypeStruct((b,), jnp.int32))
 
 
-# The benchmark's Mosaic tuning grid, on the shape it is timed on.
+# The benchmark's Mosaic tuning grids, on the shapes they are timed on.
+_TUNE = kb_config.get_config("gpu-tune")
 TUNED = [dataclasses.replace(TARGET, tiles=mg.MosaicBlockSizes(*entry))
-         for entry in kb_config.get_config("gpu-tune").tune_append_mosaic]
+         for entry in _TUNE.tune_append_mosaic]
+TUNED += [dataclasses.replace(DECODE_TARGET, tiles=dm.MosaicDecodeBlockSizes(*entry))
+          for entry in _TUNE.tune_decode_mosaic]
 
 
-@pytest.mark.parametrize("mc", CASES + [TARGET] + TUNED, ids=str)
+@pytest.mark.parametrize("mc", CASES + DECODE_CASES + [TARGET, DECODE_TARGET] + TUNED,
+                         ids=str)
 def test_mosaic_lowering_on_cpu(mc):
     """Each configuration traces and lowers to one Mosaic GPU custom call with the right
     output shapes."""
     q, pool, table, lengths = _shapes(mc.case)
-    call = jax.jit(lambda *a: mg._append_mgpu(*a, window=mc.case.window,
-                                              block_sizes=mc.tiles))
+    call = jax.jit(lambda *a: mc.build(*a, window=mc.case.window, block_sizes=mc.tiles))
     traced = call.trace(q, pool, pool, table, lengths)
     out, lse = traced.out_info
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -110,18 +149,52 @@ def test_mosaic_validation(args, tiles, match):
         mg._append_mgpu(*args, window=None, block_sizes=tiles)
 
 
-def test_mosaic_backend_is_explicit_and_compiled_only():
+@pytest.mark.parametrize("args, tiles, match", [
+    (_valid(), dm.MosaicDecodeBlockSizes(block_k=64, num_splits=0), "num_splits=0"),
+    (_valid(d=128), dm.MosaicDecodeBlockSizes(block_k=128, max_concurrent_steps=4),
+     "shared memory"),
+    (_valid(jnp.float32), None, "bfloat16 or float16"),
+])
+def test_mosaic_decode_validation(args, tiles, match):
+    with pytest.raises(InputError, match=match):
+        dm._decode_mgpu(*args, window=None, block_sizes=tiles)
+    # 17 tokens x G = 4 folded rows do not fit one 64-row tile.
+    q17 = jnp.ones((2, 17, 8, 64), jnp.bfloat16)
+    with pytest.raises(InputError, match="at most 64"):
+        dm._decode_mgpu(q17, *_valid()[1:], window=None, block_sizes=None)
+
+
+@pytest.mark.parametrize("fn, tiles, kind", [
+    (aa.append_attention, aa.BlockSizes(block_q=16, block_k=16), "append"),
+    (da.decode_attention, aa.BlockSizes(block_q=16, block_k=16), "decode"),
+])
+def test_mosaic_backend_is_explicit_and_compiled_only(fn, tiles, kind):
     args = _valid()
     with pytest.raises(InputError, match="compiled only"):
-        aa.append_attention(*args, interpret=True, backend="mosaic_gpu")
-    with pytest.raises(InputError, match="MosaicBlockSizes"):
-        aa.append_attention(*args, interpret=False, backend="mosaic_gpu",
-                            block_sizes=aa.BlockSizes(block_q=16, block_k=16))
-    with pytest.raises(InputError, match="allowed for append"):
-        aa.append_attention(*args, interpret=False, backend="cudnn")
+        fn(*args, interpret=True, backend="mosaic_gpu")
+    with pytest.raises(InputError, match="MosaicBlockSizes|MosaicDecodeBlockSizes"):
+        fn(*args, interpret=False, backend="mosaic_gpu", block_sizes=tiles)
+    with pytest.raises(InputError, match=f"allowed for {kind}"):
+        fn(*args, interpret=False, backend="cudnn")
     if not GPU:  # nothing falls back to another backend
         with pytest.raises(InputError, match="no interpret mode"):
-            aa.append_attention(*args, interpret=False, backend="mosaic_gpu")
+            fn(*args, interpret=False, backend="mosaic_gpu")
+
+
+def test_default_decode_tiles_fit_and_split():
+    for d in (64, 128, 256):
+        for page_size in (8, 16, 64):
+            bs = dm.MosaicDecodeBlockSizes.for_decode(batch=8, k_heads=8, head_dim=d,
+                                                      page_size=page_size, window=16384)
+            assert bs.block_k % page_size == 0 and bs.block_k % 64 == 0
+            assert bs.smem_bytes(d, 2) <= mg.SMEM_LIMIT and bs.max_concurrent_steps >= 2
+            assert bs.num_splits == 8  # 8 x 8 x 8 = 512 programs
+    one = dm.MosaicDecodeBlockSizes.for_decode(batch=1, k_heads=8, head_dim=128, page_size=16,
+                                               window=32768)
+    assert one.num_splits == 64  # one long session still fills the GPU
+    short = dm.MosaicDecodeBlockSizes.for_decode(batch=1, k_heads=8, head_dim=128,
+                                                 page_size=16, window=256)
+    assert short.num_splits == 1  # every split keeps >= 4 blocks
 
 
 def test_default_tiles_fit_hopper():
@@ -130,7 +203,7 @@ def test_default_tiles_fit_hopper():
             bs = mg.MosaicBlockSizes.for_append(head_dim=d, page_size=page_size)
             assert bs.block_k % page_size == 0 and bs.block_k % 64 == 0
             # D = 256 with 128-cell pages needs 128-cell blocks: too big, and said so.
-            assert (bs.smem_bytes(d, 2) <= mg._SMEM_LIMIT) == (d < 256 or page_size <= 64)
+            assert (bs.smem_bytes(d, 2) <= mg.SMEM_LIMIT) == (d < 256 or page_size <= 64)
     with pytest.raises(InputError, match="shared memory"):
         mg._append_mgpu(*_valid(d=256, page_size=128), window=None, block_sizes=None)
 
@@ -143,10 +216,10 @@ def check_mosaic(mc: MosaicCase, seed: int = 0):
     clean, poisoned, table = _pools(rng, case, visible)
     garbage = [jnp.where(jnp.isnan(p), _GARBAGE, p).astype(p.dtype) for p in poisoned]
     q = _queries(rng, (len(case.lengths), case.t, case.h, case.d), case.dtype)
-    got = aa.append_attention(q, *garbage, table, lengths, window=case.window,
-                              block_sizes=mc.tiles, interpret=False, backend="mosaic_gpu")
-    want = _reference(aa.append_attention_reference, q, *clean, table, lengths,
-                      window=case.window)
+    fn, reference = mc.wrapper_and_reference
+    got = fn(q, *garbage, table, lengths, window=case.window, block_sizes=mc.tiles,
+             interpret=False, backend="mosaic_gpu")
+    want = _reference(reference, q, *clean, table, lengths, window=case.window)
     out_tol, lse_tol = TOLERANCE[case.dtype]
     assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got[0], np.float32),
@@ -159,4 +232,8 @@ def check_mosaic(mc: MosaicCase, seed: int = 0):
 class TestCompiledMosaicGpu:
     @pytest.mark.parametrize("mc", CASES, ids=str)
     def test_append(self, mc):
+        check_mosaic(mc)
+
+    @pytest.mark.parametrize("mc", DECODE_CASES, ids=str)
+    def test_decode(self, mc):
         check_mosaic(mc)

@@ -1,0 +1,265 @@
+"""Paged decode attention for Hopper on the Pallas Mosaic GPU backend (TMA-fed, split sequence).
+
+Same contract and results as `decode_attention.decode_attention` (T = 1 .. a few tokens per row
+over ragged lengths; token t of row b sees cells [0, min(n_b + t + 1, S))), built to stream
+K/V at the copy bandwidth, where the Triton kernel reached 60% of it on the H200 (issue 3's
+target: 75%).
+
+- Grid (kv-head, split, row); the T x G query rows that share a kv-head (GQA folded into rows,
+  as in the Triton kernel) are one 64-row wgmma tile, so each K/V block is read once for the
+  whole group.
+- Two warpgroups: a memory warpgroup keeps `max_concurrent_steps` K/V blocks in flight with TMA
+  (pages gathered through the page table, one copy per page), a compute warpgroup runs
+  q @ k^T and p @ v on the tensor cores with an online softmax, releasing each slot as soon as
+  it is consumed. Decode is memory-bound: the 64-row tile wastes tensor-core work, not bytes.
+- Split s covers KV blocks [s * bps, (s + 1) * bps) of the row's visible blocks and writes a
+  float32 partial (out, lse); a split with nothing to read writes out 0, lse MASK_VALUE.
+  `decode_attention.combine_splits` merges them, as for the Triton kernel.
+
+Compiled only (see `append_attention_mgpu` for why, and for the finite-cells requirement): on
+CPU it is checked by lowering it for CUDA; numerically on the device (`-m gpu`).
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from statejax.errors import InputError
+
+from . import append_attention as aa
+from . import append_attention_mgpu as amg
+from .decode_attention import combine_splits
+
+_ROWS = 64  # query rows (T x G, padded) per program: one wgmma M tile
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_TARGET_PROGRAMS = 512  # a few waves over an H100's 132 SMs
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicDecodeBlockSizes:
+    """Tiles of the Mosaic GPU decode kernel.
+
+    Attributes:
+      block_k: cells per KV step; a multiple of 64 and of the page size.
+      max_concurrent_steps: K/V blocks in flight (shared-memory slots), >= 2.
+      num_splits: splits of each row's sequence (grid axis).
+    """
+
+    block_k: int = 64
+    max_concurrent_steps: int = 4
+    num_splits: int = 1
+
+    @classmethod
+    def for_decode(cls, *, batch: int, k_heads: int, head_dim: int, page_size: int,
+                   window: int) -> "MosaicDecodeBlockSizes":
+        """64-cell steps (128 at D = 64), as many in flight (<= 4) as shared memory holds;
+        enough splits that B x K x splits reaches ~512 programs while every split keeps >= 4
+        KV blocks."""
+        block_k = max(128 if head_dim <= 64 else 64, page_size)
+        num_blocks = pl.cdiv(window, block_k)
+        splits = max(1, min(pl.cdiv(_TARGET_PROGRAMS, batch * k_heads), num_blocks // 4))
+        for steps in (4, 3, 2):
+            bs = cls(block_k=block_k, max_concurrent_steps=steps, num_splits=splits)
+            if bs.smem_bytes(head_dim, 2) <= amg.SMEM_LIMIT:
+                break
+        return bs
+
+    def smem_bytes(self, head_dim: int, itemsize: int) -> int:
+        """Shared memory the kernel allocates: Q tile, float32 out tile, K/V slots, lse."""
+        kv = 2 * self.max_concurrent_steps * self.block_k * head_dim * itemsize
+        return _ROWS * head_dim * (itemsize + 4) + kv + _ROWS * 4
+
+
+def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, bs,
+            num_tokens, group, window, page_size, blocks_per_split):
+    """One (kv-head, split, row) program; refs are whole GMEM arrays.
+
+    len_ref [B]; pt_ref [B, P] (padded, clamped); q_ref [B, K, 64, D] (folded rows);
+    k_ref, v_ref [num_pages, page_size, K, D]; out_ref [B, K, N, 64, D] float32;
+    lse_ref [B, K, N, 64] float32.
+    """
+    block_k, steps_in_flight = bs.block_k, bs.max_concurrent_steps
+    pages_per_block = block_k // page_size
+    head_dim, dtype = q_ref.shape[-1], q_ref.dtype
+    row = lax.axis_index("rows")
+    kv_head = lax.axis_index("heads")
+    split = lax.axis_index("splits")
+    wg = lax.axis_index("wg")
+    (q_smem, o_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), \
+        (k_free, v_free) = scoped
+    n = len_ref[row]
+
+    def key_limit(query_row):  # cells [0, limit) are visible to a folded query row
+        token = jnp.minimum(lax.div(query_row, jnp.int32(group)), num_tokens - 1)
+        return jnp.minimum(n + token + 1, window)
+
+    first = split * blocks_per_split
+    row_blocks = pl.cdiv(key_limit(jnp.int32(_ROWS - 1)), jnp.int32(block_k))
+    steps = jnp.maximum(jnp.minimum(first + blocks_per_split, row_blocks) - first, 0)
+
+    @pl.when(wg == 0)
+    def _compute():
+        plgpu.copy_gmem_to_smem(q_ref.at[row, kv_head], q_smem, q_ready)
+        plgpu.barrier_wait(q_ready)
+        mask = jnp.float32(aa.MASK_VALUE)  # finite: a row may see nothing in this split
+        m_i = plgpu.layout_cast(jnp.full((_ROWS,), mask, jnp.float32),
+                                plgpu.Layout.WGMMA.reduce(1))
+        l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0, jnp.float32),
+                                plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((_ROWS, head_dim), 0, jnp.float32),
+                                plgpu.Layout.WGMMA)
+        score_scale = head_dim**-0.5 * _LOG2E  # base-2 scores: exp2 of an FMA
+
+        def kv_step(i, carry):
+            acc, m_i, l_i = carry
+            slot = lax.rem(i, jnp.int32(steps_in_flight))
+            plgpu.barrier_wait(k_ready.at[slot])
+
+            def qk_scope(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                return acc_ref[...]
+
+            qk = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS, block_k), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            rows = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 0,
+                                          layout=plgpu.Layout.WGMMA)
+            cells = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1,
+                                           layout=plgpu.Layout.WGMMA) + (first + i) * block_k
+            visible = cells < key_limit(rows)
+            s = jnp.where(visible, qk * score_scale, mask)
+            m_next = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_next)
+            # A row with nothing visible yet has m_next == mask: its p must be 0, not 1.
+            p = jnp.where(visible, jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0])),
+                          0.0)
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+            plgpu.barrier_wait(v_ready.at[slot])
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_next, l_i
+
+        acc, m_i, l_i = lax.fori_loop(0, steps, kv_step, (acc, m_i, l_i))
+        empty = l_i == 0.0
+        denom = jnp.where(empty, 1.0, l_i)
+        o_smem[...] = acc / lax.broadcast_in_dim(denom, acc.shape, [0])
+        lse_smem[...] = jnp.where(empty, mask, m_i * _LN2 + jnp.log(denom))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[row, kv_head, split])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row, kv_head, split])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _memory():
+        def fetch(i, slot, src_ref, dst_smem, barrier):
+            amg.fetch_block(pt_ref, row, first + i, src_ref, dst_smem.at[slot],
+                            barrier.at[slot], kv_head=kv_head, page_size=page_size,
+                            pages_per_block=pages_per_block)
+
+        def prefetch(i):  # fills slot i before any slot is released
+            fetch(i, i, k_ref, k_smem, k_ready)
+            fetch(i, i, v_ref, v_smem, v_ready)
+
+        for i in range(steps_in_flight):
+            pl.when(i < steps)(functools.partial(prefetch, i))
+
+        @pl.loop(0, steps - steps_in_flight)
+        def _(i):
+            slot = lax.rem(i, jnp.int32(steps_in_flight))
+            plgpu.barrier_wait(k_free.at[slot])
+            fetch(i + steps_in_flight, slot, k_ref, k_smem, k_ready)
+            plgpu.barrier_wait(v_free.at[slot])
+            fetch(i + steps_in_flight, slot, v_ref, v_smem, v_ready)
+
+
+def _entry(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_size,
+           **static):
+    head_dim, dtype = q_ref.shape[-1], q_ref.dtype
+    slots = bs.max_concurrent_steps
+    smem = (
+        plgpu.SMEM((_ROWS, head_dim), dtype, transforms=amg.TILES),
+        plgpu.SMEM((_ROWS, head_dim), jnp.float32),
+        plgpu.SMEM((slots, bs.block_k, head_dim), dtype, transforms=amg.TILES),
+        plgpu.SMEM((slots, bs.block_k, head_dim), dtype, transforms=amg.TILES),
+        plgpu.SMEM((_ROWS,), jnp.float32),
+    )
+    pages_per_block = bs.block_k // page_size
+    ready = (plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=slots),
+             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=slots),
+             plgpu.Barrier())
+    free = (plgpu.Barrier(num_barriers=slots),) * 2
+    kernel = functools.partial(_kernel, len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
+                               bs=bs, page_size=page_size, **static)
+    pl.run_scoped(lambda *scoped: kernel(scoped), smem, ready, free, collective_axes="wg")
+
+
+@functools.partial(jax.jit, static_argnames=("window", "block_sizes"))
+def decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
+                          window: int | None = None,
+                          block_sizes: MosaicDecodeBlockSizes | None = None):
+    """`decode_attention` (same arguments and results) on the Mosaic GPU backend; compiled.
+
+    Args:
+      q_BxTxHxD: bf16/f16 queries of the tokens at positions [n_b, n_b + T); T x H / K <= 64.
+      k_pool, v_pool: [num_pages, page_size, K, D] cell pools, q's dtype; D % 64 == 0,
+        page_size % 8 == 0. Cells a row cannot see must be finite.
+      page_table_BxP: int32 page of each page-sized group of row b's cells.
+      lengths_B: int32 n_b, cells of row b in use before the T tokens (ragged).
+      window: static S <= P * page_size (default P * page_size).
+      block_sizes: tiles and splits; default `MosaicDecodeBlockSizes.for_decode`.
+
+    Returns:
+      out_BxTxHxD in q's dtype, lse_BxTxH float32.
+    """
+    amg.check_device()
+    return _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window,
+                        block_sizes=block_sizes)
+
+
+def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
+                 block_sizes):
+    """Validates and builds the kernel call (no device check: tests lower it on CPU)."""
+    window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
+                               compiled=True)
+    b, t, h, d = q_BxTxHxD.shape
+    num_pages, page_size, k_heads, _ = k_pool.shape
+    group = h // k_heads
+    amg.validate_operands(q_BxTxHxD, page_size)
+    if t * group > _ROWS:
+        raise InputError(f"T x H / K = {t * group} query rows per kv-head; the mosaic_gpu "
+                         f"decode kernel holds at most {_ROWS} (use append_attention)")
+    bs = block_sizes or MosaicDecodeBlockSizes.for_decode(
+        batch=b, k_heads=k_heads, head_dim=d, page_size=page_size, window=window)
+    amg.validate_tiles(bs, head_dim=d, itemsize=q_BxTxHxD.dtype.itemsize, page_size=page_size)
+    if bs.num_splits < 1:
+        raise InputError(f"num_splits={bs.num_splits} must be >= 1")
+    table = amg.table_for_blocks(page_table_BxP, window=window, block_k=bs.block_k,
+                                 page_size=page_size, num_pages=num_pages)
+    blocks_per_split = pl.cdiv(pl.cdiv(window, bs.block_k), bs.num_splits)
+    q = aa._fold_queries(q_BxTxHxD, k_heads, _ROWS)
+    n_split = bs.num_splits
+    out, lse = plgpu.kernel(
+        functools.partial(_entry, bs=bs, page_size=page_size, num_tokens=t, group=group,
+                          window=window, blocks_per_split=blocks_per_split),
+        out_type=(jax.ShapeDtypeStruct((b, k_heads, n_split, _ROWS, d), jnp.float32),
+                  jax.ShapeDtypeStruct((b, k_heads, n_split, _ROWS), jnp.float32)),
+        grid=(k_heads, n_split, b),
+        grid_names=("heads", "splits", "rows"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(lengths_B, table, q, k_pool, v_pool)
+    out = aa._unfold_rows(jnp.moveaxis(out, 2, 3), t, h)  # [B, T, H, N, D]
+    lse = aa._unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)  # [B, T, H, N]
+    return combine_splits(out, lse, q_BxTxHxD.dtype)
