@@ -88,9 +88,9 @@ def validate_operands(q_BxTxHxD, page_size: int):
     if d % 64 or d > 256:
         raise InputError(f"the mosaic_gpu backend needs a head dim that is a multiple of 64 "
                          f"and <= 256, got {d}")
-    if page_size % 8:
+    if page_size % 8 or page_size > 256:
         raise InputError(f"the mosaic_gpu backend needs a page size that is a multiple of 8 "
-                         f"(TMA tiles), got {page_size}")
+                         f"(tile rows) and <= 256 (a TMA box), got {page_size}")
 
 
 def validate_tiles(bs, *, head_dim: int, itemsize: int, page_size: int):

@@ -138,6 +138,8 @@ def _valid(dtype=jnp.bfloat16, d=64, page_size=16):
     (_valid(jnp.float32), None, "bfloat16 or float16"),
     (_valid(d=32), None, "multiple of 64"),
     (_valid(page_size=4), None, "multiple of 8"),
+    (_valid(page_size=512), mg.MosaicBlockSizes(block_k=512, max_concurrent_steps=2),
+     "<= 256"),
     (_valid(), mg.MosaicBlockSizes(block_q=32), "block_q=32"),
     (_valid(page_size=128), mg.MosaicBlockSizes(block_k=64), "block_k=64"),
     (_valid(), mg.MosaicBlockSizes(max_concurrent_steps=1), "max_concurrent_steps"),
