@@ -20,12 +20,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.copy_mib = 256  # the copy that measures the bandwidth (read + write)
     c.warmup = 2
     c.repeats = 10
+    c.context = 1024  # session cells behind the query rows (query_step, session_query)
+    c.impl = "reference"  # their attention: "reference" or "pallas"
     if variant == "gpu":
         c.model = "llama-3.2-1b"
         c.dtype = "bfloat16"
         c.copy_mib = 2048
+        c.impl = "pallas"
     elif variant == "tiny":
         c.model = "tiny"
+        c.context = 64
         c.copy_mib = 8
         c.warmup = 1
         c.repeats = 2

@@ -11,21 +11,38 @@ chained, so per-call launch cost is amortised as in the real step):
 - `step_without_attention`: the whole model forward with the identity attention (the part
   of the step the kernels do not cover),
 - `step_with_attention`: the same forward with causal attention over the 32 tokens only,
+- `query_step`: `steps.query` (what `Session.query` runs on the device: the question as a
+  branch over a session of `context` cells, then the first token) on device-resident inputs,
+- `session_query`: `Session.query` end to end (tokens in, answer out: host work included),
 
-and reports for each: ms, weight bytes read, GB/s and the fraction of the copy bandwidth
-measured in the same run. The launcher is `experiments/step_profile.py`.
+and reports for each: ms, bytes that must be read (weights; plus the session's K/V for the
+query rows), GB/s and the fraction of the copy bandwidth measured in the same run, and for the
+jitted pieces the number of kernels their optimised HLO launches (top-level instructions of the
+entry computation): at a few microseconds each, hundreds of launches alone exceed the floor.
+The launcher is `experiments/step_profile.py`.
 """
 
 import datetime
+import functools
+import re
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from statejax import roofline
+from statejax import roofline, steps
+from statejax.budget import Budget
 from statejax.cache import FullView
 from statejax.model.config import preset
 from statejax.model.llama import Attention, Mlp, Transformer, init_params
+from statejax.session import Session
+from statejax.tokenizer import ByteTokenizer
+
+# Entry-computation instructions that launch nothing.
+_NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
+              "after-all", "partition-id", "replica-id"}
 
 
 @struct.dataclass
@@ -81,6 +98,57 @@ def components(cfg, params, tokens: int):
     return {name: (jax.jit(fn), args, _nbytes(args[0])) for name, (fn, args) in pieces.items()}
 
 
+def kernel_launches(hlo_text: str) -> int:
+    """Top-level instructions of the ENTRY computation of optimised HLO text that launch
+    work (fusions, custom calls such as GEMMs and Pallas kernels, copies, loops)."""
+    entry = re.search(r"^ENTRY .*?\n(.*?)^}", hlo_text, re.M | re.S)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    ops = re.findall(r"^\s*(?:ROOT )?\S+ = [^=]*?\s([a-z][\w-]*)\(", entry.group(1), re.M)
+    return sum(op not in _NO_LAUNCH for op in ops)
+
+
+def _launches(fn, args, **static) -> int:
+    return kernel_launches(fn.lower(*args, **static).compile().as_text())
+
+
+def query_path(cfg, params, config):
+    """The session's query path at `config.context` cells of random byte tokens.
+
+    Returns:
+      (session, question [T] int32, args, static): the session (for `Session.query`) and
+      the device call it makes per query, `steps.query(*args, **static)`, with its inputs
+      already on the device.
+    """
+    page = 16
+    cells = -(-(config.context + 2 * config.tokens) // page) * page
+    budget = Budget(cells=cells, page_size=page, chunk_sizes=(16, 32, 64, 256),
+                    question_cells=64, max_new_tokens=32)
+    session = Session(params, cfg, budget, ByteTokenizer(), impl=config.impl)
+    rng = np.random.default_rng(0)
+    session.append(rng.integers(0, 256, config.context).astype(np.int32))
+    question = rng.integers(0, 256, (1, config.tokens)).astype(np.int32)
+    args = (params, session.state, jnp.int32(0), jnp.asarray(question),
+            jnp.full((1,), config.tokens, jnp.int32), jnp.ones((1,), jnp.int32),
+            jnp.int32(session.stop_token), jnp.float32(0.0), jax.random.key(0),
+            jnp.int32(session.tokenizer.vocab_size))
+    static = dict(cfg=cfg, window=budget.window_for(session.length),
+                  branch_cells=budget.branch_cells, max_new_cap=budget.max_new_tokens,
+                  impl=config.impl)
+    return session, question[0], args, static
+
+
+def _median_wall_seconds(fn, *, warmup: int, repeats: int) -> float:
+    for _ in range(1 + warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples))
+
+
 def run(config) -> dict:
     """Measures the copy bandwidth, then every component; returns the results dict."""
     cfg = preset(config.model, dtype=config.dtype)
@@ -88,16 +156,27 @@ def run(config) -> dict:
     timing = dict(warmup=config.warmup, repeats=config.repeats)
     bandwidth = roofline.copy_bandwidth(config.copy_mib, **timing)
     rows = []
-    for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
-        seconds = roofline.median_seconds(fn, *args, **timing)
+
+    def add(name, seconds, nbytes, launches=None):
         rows.append(dict(component=name, ms=1e3 * seconds, weight_bytes=nbytes,
                          floor_ms=1e3 * nbytes / bandwidth,
                          gbytes_per_s=nbytes / seconds / 1e9,
-                         frac_copy=nbytes / seconds / bandwidth))
+                         frac_copy=nbytes / seconds / bandwidth, kernels=launches))
+
+    for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
+        add(name, roofline.median_seconds(fn, *args, **timing), nbytes, _launches(fn, args))
+    session, question, args, static = query_path(cfg, params, config)
+    query_bytes = cfg.weight_bytes + (config.context + config.tokens) * cfg.kv_bytes_per_token
+    query_step = functools.partial(steps.query, **static)
+    add("query_step", roofline.median_seconds(query_step, *args, **timing), query_bytes,
+        _launches(steps.query, args, **static))
+    add("session_query", _median_wall_seconds(lambda: session.query(question, 1), **timing),
+        query_bytes)
     device = jax.devices()[0]
     return dict(device=f"{device.device_kind} ({device.platform})", jax_version=jax.__version__,
                 date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 model=config.model, dtype=config.dtype, tokens=config.tokens,
+                context=config.context, impl=config.impl,
                 params=cfg.num_params, weight_bytes=cfg.weight_bytes,
                 copy_bytes_per_s=bandwidth, copy_mib=config.copy_mib, rows=rows)
 
@@ -111,11 +190,14 @@ def results_markdown(results: dict) -> str:
         f"- copy bandwidth measured in this run: {results['copy_bytes_per_s'] / 1e9:.1f} GB/s "
         f"(read + write of {results['copy_mib']} MiB); weights "
         f"{results['weight_bytes'] / 1e6:.1f} MB", "",
-        "| component | ms | weight MB | floor ms | GB/s | % of copy bandwidth |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"- query rows: a session of {results.get('context', '?')} cells, attention impl "
+        f"`{results.get('impl', 'reference')}`; their bytes add the session's K/V", "",
+        "| component | ms | MB read | floor ms | GB/s | % of copy bandwidth | kernels |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
+        kernels = "" if r.get("kernels") is None else r["kernels"]
         lines.append(f"| {r['component']} | {r['ms']:.3f} | {r['weight_bytes'] / 1e6:.1f} | "
                      f"{r['floor_ms']:.3f} | {r['gbytes_per_s']:.1f} | "
-                     f"{100 * r['frac_copy']:.0f}% |")
+                     f"{100 * r['frac_copy']:.0f}% | {kernels} |")
     return "\n".join(lines) + "\n"

@@ -32,10 +32,54 @@ def test_tiny_run_reports_each_component_against_the_floor():
     results = step_profile.run(sp_config.get_config("tiny"))
     names = [r["component"] for r in results["rows"]]
     assert names == ["attn_projections", "mlp", "embed_logits", "step_without_attention",
-                     "step_with_attention"]
+                     "step_with_attention", "query_step", "session_query"]
     for r in results["rows"]:
         assert r["ms"] > 0
         assert np.isclose(r["floor_ms"], 1e3 * r["weight_bytes"] / results["copy_bytes_per_s"])
         assert np.isclose(r["frac_copy"], r["floor_ms"] / r["ms"])
+    rows = {r["component"]: r for r in results["rows"]}
+    assert all(rows[n]["kernels"] > 0 for n in names[:-1]) and rows["session_query"][
+        "kernels"] is None
+    # The query rows read the session's K/V on top of the weights.
+    cfg = preset("tiny")
+    assert rows["query_step"]["weight_bytes"] == cfg.weight_bytes + (64 + 32) * (
+        cfg.kv_bytes_per_token)
     assert jax.__version__ == results["jax_version"]
-    assert "| step_without_attention |" in step_profile.results_markdown(results)
+    md = step_profile.results_markdown(results)
+    assert "| step_without_attention |" in md and "| kernels |" in md
+
+
+def test_query_step_is_the_sessions_own_device_call():
+    cfg = preset("tiny")
+    params = init_params(cfg, seed=0)
+    config = sp_config.get_config("tiny")
+    session, question, args, static = step_profile.query_path(cfg, params, config)
+    assert session.length == config.context
+    gen = steps.query(*args, **static)
+    answer = session.query(question, 1)
+    # Same generation (the stop token, if drawn, is not part of either answer) ...
+    np.testing.assert_array_equal(np.asarray(gen.tokens[0, :int(gen.num_tokens[0])]),
+                                  answer.tokens)
+    # ... and it depends on the session's cells: an empty session answers differently.
+    empty = args[1].replace(lengths=args[1].lengths * 0)
+    other = steps.query(args[0], empty, *args[2:], **static)
+    assert not np.allclose(np.asarray(other.first_logits), np.asarray(gen.first_logits))
+
+
+def test_kernel_launches_counts_the_entry_computation_only():
+    hlo = """HloModule m
+
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(f32[4]{0} %p)
+}
+
+ENTRY %main (a: f32[4], b: f32[4]) -> (f32[4], f32[4]) {
+  %a = f32[4]{0} parameter(0)
+  %b = f32[4]{0} parameter(1)
+  %f = f32[4]{0} fusion(f32[4]{0} %a), kind=kLoop, calls=%fused
+  %g = f32[4]{0} custom-call(f32[4]{0} %b), custom_call_target="__cublas$gemm"
+  ROOT %t = (f32[4]{0}, f32[4]{0}) tuple(f32[4]{0} %f, f32[4]{0} %g)
+}
+"""
+    assert step_profile.kernel_launches(hlo) == 2
