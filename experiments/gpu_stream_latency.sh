@@ -28,6 +28,6 @@ fi
 python3 -m experiments.stream_latency --config="${STUDY_CONFIG:-configs/stream_latency.py:gpu}" \
   --workdir="$OUT/stream_latency" "${PEER_FLAG[@]}" "$@" 2>&1 | tee "$OUT/stream_latency.log"
 # Where the step's time goes outside attention (weight groups vs their read floor).
-timeout "${PROFILE_TIMEOUT_S:-120}" python3 -m experiments.step_profile \
+timeout "${PROFILE_TIMEOUT_S:-180}" python3 -m experiments.step_profile \
   --config=configs/step_profile.py:${PROFILE_VARIANT:-gpu} --workdir="$OUT/step_profile" 2>&1 \
   | tee "$OUT/step_profile.log" || echo "step_profile failed or timed out"
