@@ -6,5 +6,7 @@ attention contract they implement is `statejax.attention` (docs/kernels.md):
 - `append_attention`: paged flash attention of a T-token chunk (Triton lowering, runs in
   interpret mode on CPU); `append_attention_mgpu`: its Hopper variant (Mosaic GPU, compiled);
 - `decode_attention`: split-sequence (flash-decoding) paged attention for T = 1 .. a few;
-- `cascade_attention`: branches over one session's shared cells, merged by log-sum-exp.
+- `cascade_attention`: branches over one session's shared cells, merged by log-sum-exp;
+- `decode_attention_mgpu`: the decode kernel's Hopper variant; `mosaic_common`: what the two
+  Mosaic GPU kernels share.
 """

@@ -33,7 +33,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from statejax.errors import InputError
 
 from . import append_attention as aa
-from . import append_attention_mgpu as amg
+from . import mosaic_common as mc
 from .decode_attention import combine_splits
 
 _ROWS = 64  # query rows (T x G, padded) per program: one wgmma M tile
@@ -67,7 +67,7 @@ class MosaicDecodeBlockSizes:
         splits = max(1, min(pl.cdiv(_TARGET_PROGRAMS, batch * k_heads), num_blocks // 4))
         for steps in (4, 3, 2):
             bs = cls(block_k=block_k, max_concurrent_steps=steps, num_splits=splits)
-            if bs.smem_bytes(head_dim, 2) <= amg.SMEM_LIMIT:
+            if bs.smem_bytes(head_dim, 2) <= mc.SMEM_LIMIT:
                 break
         return bs
 
@@ -163,7 +163,7 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
     @pl.when(wg == 1)
     def _memory():
         def fetch(i, slot, src_ref, dst_smem, barrier):
-            amg.fetch_block(pt_ref, row, first + i, src_ref, dst_smem.at[slot],
+            mc.fetch_block(pt_ref, row, first + i, src_ref, dst_smem.at[slot],
                             barrier.at[slot], kv_head=kv_head, page_size=page_size,
                             pages_per_block=pages_per_block)
 
@@ -188,10 +188,10 @@ def _entry(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_s
     head_dim, dtype = q_ref.shape[-1], q_ref.dtype
     slots = bs.max_concurrent_steps
     smem = (
-        plgpu.SMEM((_ROWS, head_dim), dtype, transforms=amg.TILES),
+        plgpu.SMEM((_ROWS, head_dim), dtype, transforms=mc.TILES),
         plgpu.SMEM((_ROWS, head_dim), jnp.float32),
-        plgpu.SMEM((slots, bs.block_k, head_dim), dtype, transforms=amg.TILES),
-        plgpu.SMEM((slots, bs.block_k, head_dim), dtype, transforms=amg.TILES),
+        plgpu.SMEM((slots, bs.block_k, head_dim), dtype, transforms=mc.TILES),
+        plgpu.SMEM((slots, bs.block_k, head_dim), dtype, transforms=mc.TILES),
         plgpu.SMEM((_ROWS,), jnp.float32),
     )
     pages_per_block = bs.block_k // page_size
@@ -222,7 +222,7 @@ def decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32.
     """
-    amg.check_device()
+    mc.check_device()
     return _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window,
                         block_sizes=block_sizes)
 
@@ -235,16 +235,16 @@ def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
     b, t, h, d = q_BxTxHxD.shape
     num_pages, page_size, k_heads, _ = k_pool.shape
     group = h // k_heads
-    amg.validate_operands(q_BxTxHxD, page_size)
+    mc.validate_operands(q_BxTxHxD, page_size)
     if t * group > _ROWS:
         raise InputError(f"T x H / K = {t * group} query rows per kv-head; the mosaic_gpu "
                          f"decode kernel holds at most {_ROWS} (use append_attention)")
     bs = block_sizes or MosaicDecodeBlockSizes.for_decode(
         batch=b, k_heads=k_heads, head_dim=d, page_size=page_size, window=window)
-    amg.validate_tiles(bs, head_dim=d, itemsize=q_BxTxHxD.dtype.itemsize, page_size=page_size)
+    mc.validate_tiles(bs, head_dim=d, itemsize=q_BxTxHxD.dtype.itemsize, page_size=page_size)
     if bs.num_splits < 1:
         raise InputError(f"num_splits={bs.num_splits} must be >= 1")
-    table = amg.table_for_blocks(page_table_BxP, window=window, block_k=bs.block_k,
+    table = mc.table_for_blocks(page_table_BxP, window=window, block_k=bs.block_k,
                                  page_size=page_size, num_pages=num_pages)
     blocks_per_split = pl.cdiv(pl.cdiv(window, bs.block_k), bs.num_splits)
     q = aa._fold_queries(q_BxTxHxD, k_heads, _ROWS)

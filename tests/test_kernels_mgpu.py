@@ -23,6 +23,7 @@ from statejax.kernels import append_attention as aa
 from statejax.kernels import append_attention_mgpu as mg
 from statejax.kernels import decode_attention as da
 from statejax.kernels import decode_attention_mgpu as dm
+from statejax.kernels import mosaic_common as mc
 
 # approx_math exp2 and bf16 probabilities: as loose as the Triton kernel's bf16 tolerances.
 TOLERANCE = {"bfloat16": (dict(atol=2e-2, rtol=2e-2), dict(atol=2e-3, rtol=2e-3)),
@@ -189,7 +190,7 @@ def test_default_decode_tiles_fit_and_split():
             bs = dm.MosaicDecodeBlockSizes.for_decode(batch=8, k_heads=8, head_dim=d,
                                                       page_size=page_size, window=16384)
             assert bs.block_k % page_size == 0 and bs.block_k % 64 == 0
-            assert bs.smem_bytes(d, 2) <= mg.SMEM_LIMIT and bs.max_concurrent_steps >= 2
+            assert bs.smem_bytes(d, 2) <= mc.SMEM_LIMIT and bs.max_concurrent_steps >= 2
             assert bs.num_splits == 8  # 8 x 8 x 8 = 512 programs
     one = dm.MosaicDecodeBlockSizes.for_decode(batch=1, k_heads=8, head_dim=128, page_size=16,
                                                window=32768)
@@ -205,7 +206,7 @@ def test_default_tiles_fit_hopper():
             bs = mg.MosaicBlockSizes.for_append(head_dim=d, page_size=page_size)
             assert bs.block_k % page_size == 0 and bs.block_k % 64 == 0
             # D = 256 with 128-cell pages needs 128-cell blocks: too big, and said so.
-            assert (bs.smem_bytes(d, 2) <= mg.SMEM_LIMIT) == (d < 256 or page_size <= 64)
+            assert (bs.smem_bytes(d, 2) <= mc.SMEM_LIMIT) == (d < 256 or page_size <= 64)
     with pytest.raises(InputError, match="shared memory"):
         mg._append_mgpu(*_valid(d=256, page_size=128), window=None, block_sizes=None)
 

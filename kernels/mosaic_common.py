@@ -1,0 +1,84 @@
+"""What the Mosaic GPU (Hopper) kernels share: operand checks, tiles, paged TMA fetches.
+
+Used by `append_attention_mgpu` and `decode_attention_mgpu`.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from statejax.errors import InputError
+
+DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma operand types
+# Shared-memory layout of wgmma operands (16-bit): 8 x 64 tiles, 128-byte swizzle.
+TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+SMEM_LIMIT = 227 * 1024  # Hopper's per-block shared memory
+
+
+def validate_operands(q_BxTxHxD, page_size: int):
+    """What the Mosaic kernels need of q and the pool beyond `aa.validate_paged`."""
+    d = q_BxTxHxD.shape[-1]
+    if q_BxTxHxD.dtype not in DTYPES:
+        raise InputError(f"the mosaic_gpu backend takes bfloat16 or float16, got "
+                         f"{q_BxTxHxD.dtype}; use backend='triton' for float32")
+    if d % 64 or d > 256:
+        raise InputError(f"the mosaic_gpu backend needs a head dim that is a multiple of 64 "
+                         f"and <= 256, got {d}")
+    if page_size % 8 or page_size > 256:
+        raise InputError(f"the mosaic_gpu backend needs a page size that is a multiple of 8 "
+                         f"(tile rows) and <= 256 (a TMA box), got {page_size}")
+
+
+def validate_tiles(bs, *, head_dim: int, itemsize: int, page_size: int):
+    """block_k, slots and shared memory of a Mosaic tile set (`block_k`,
+    `max_concurrent_steps`, `smem_bytes`)."""
+    if bs.block_k % 64 or bs.block_k % page_size:
+        raise InputError(f"block_k={bs.block_k} must be a multiple of 64 and of page_size="
+                         f"{page_size}")
+    if bs.max_concurrent_steps < 2:
+        raise InputError(f"max_concurrent_steps={bs.max_concurrent_steps} must be >= 2")
+    if (smem := bs.smem_bytes(head_dim, itemsize)) > SMEM_LIMIT:
+        raise InputError(f"tiles {bs} need {smem} bytes of shared memory at D={head_dim}; "
+                         f"Hopper has {SMEM_LIMIT}")
+
+
+def fetch_block(pt_ref, row, step, src_ref, dst_smem, barrier, *, kv_head, page_size: int,
+                pages_per_block: int):
+    """TMA-copies KV block `step` of `row` (its pages, via the page table) into `dst_smem`
+    [block_k, D]; every page's copy arrives on `barrier` (num_arrivals = pages_per_block)."""
+    for p in range(pages_per_block):
+        page = pt_ref[row, step * pages_per_block + p]
+        plgpu.copy_gmem_to_smem(src_ref.at[page, pl.ds(0, page_size), kv_head],
+                                dst_smem.at[pl.ds(p * page_size, page_size)], barrier)
+
+
+def table_for_blocks(page_table_BxP, *, window: int, block_k: int, page_size: int,
+                     num_pages: int):
+    """Widens the table to whole KV blocks and clamps every entry into the pool (TMA takes
+    the page index as is)."""
+    need_pages = pl.cdiv(window, block_k) * (block_k // page_size)
+    table = page_table_BxP
+    if table.shape[1] < need_pages:
+        table = jnp.pad(table, ((0, 0), (0, need_pages - table.shape[1])))
+    return jnp.clip(table, 0, num_pages - 1)
+
+
+def check_device():
+    """The Mosaic kernels compile for a Hopper GPU; raises anywhere else."""
+    if jax.default_backend() != "gpu":
+        raise InputError("the mosaic_gpu backend compiles for a Hopper GPU and has no "
+                         f"interpret mode here (default backend {jax.default_backend()!r}); "
+                         "use backend='triton' with interpret=True on CPU")
+    check_cuda_runtime()
+
+
+def check_cuda_runtime():
+    """Raises on CUDA runtimes whose ptxas miscompiles masked FA3 kernels (as JAX's FA3 does)."""
+    from jax._src.lib import cuda_versions  # noqa: PLC0415 - None on CPU-only installs
+
+    version = cuda_versions.cuda_runtime_get_version() if cuda_versions else None
+    if version is not None and 12080 <= version < 12091:
+        raise InputError(f"CUDA runtime {version}: ptxas 12.8.0-12.9.0 miscompiles the masked "
+                         "FA3 loop (see jax's attention_mgpu); use backend='triton' or CUDA "
+                         ">= 12.9.1")
