@@ -79,10 +79,11 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
 
 
 def test_floor_run_skips_the_baselines(tmp_path):
-    """`baselines=False` (the :gpu-floor variant) times the stateful paths and the floor only,
-    and the report, targets and plot cope with the missing columns."""
+    """`baselines=False` (the :gpu-floor variant, Pallas kernels) times the stateful paths and
+    the floor only, and the report, targets and plot cope with the missing columns."""
     config = stream_latency.get_config("tiny")
     config.baselines = False
+    config.impl = "pallas"  # as :gpu-floor (interpret mode here)
     config.context_sizes = (64, 128)
     results = latency.run_stream_latency(config)
     for row in results["rows"]:
@@ -94,6 +95,7 @@ def test_floor_run_skips_the_baselines(tmp_path):
     paths = latency.write_results(results, str(tmp_path))
     md = pathlib.Path(paths["md"]).read_text()
     assert "| – | – |" in md and "stateless largest" not in md
+    assert "attention impl `pallas`" in md
     floor = stream_latency.get_config("gpu-floor")
     assert (floor.impl, floor.baselines, floor.roofline.floor_bound) == ("pallas", False, 1.3)
     assert floor.model == "llama-3.2-1b" and floor.context_sizes[-1] == 32768
