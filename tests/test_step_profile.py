@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from configs import step_profile as sp_config
 from statejax import step_profile, steps
@@ -49,10 +50,12 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert "| step_without_attention |" in md and "| kernels |" in md
 
 
-def test_query_step_is_the_sessions_own_device_call():
+@pytest.mark.parametrize("impl", ["reference", "pallas"])  # :gpu profiles the Pallas path
+def test_query_step_is_the_sessions_own_device_call(impl):
     cfg = preset("tiny")
     params = init_params(cfg, seed=0)
     config = sp_config.get_config("tiny")
+    config.impl = impl
     session, question, args, static = step_profile.query_path(cfg, params, config)
     assert session.length == config.context
     gen = steps.query(*args, **static)
