@@ -83,6 +83,25 @@ def validate(q_BxTxHxD, page_size: int, bs: MosaicBlockSizes):
                       page_size=page_size)
 
 
+def key_limit(n, token, *, num_tokens: int, window: int):
+    """Cells [0, limit) visible to query token `token` of a row holding n cells before the
+    chunk; padding tokens (>= num_tokens) see what the last real token sees."""
+    return jnp.minimum(n + jnp.minimum(token, num_tokens - 1) + 1, window)
+
+
+def block_plan(n, first_token, count: int, *, num_tokens: int, window: int, block_k: int):
+    """KV steps of the query tokens [first_token, first_token + count) of a row.
+
+    Returns:
+      (visit, full): blocks [0, visit) hold every cell any of the tokens sees; blocks
+      [0, full) are visible in full to all of them (no mask needed).
+    """
+    limits = functools.partial(key_limit, n, num_tokens=num_tokens, window=window)
+    visit = pl.cdiv(limits(first_token + count - 1), jnp.int32(block_k))
+    full = lax.div(limits(first_token), jnp.int32(block_k))
+    return visit, full
+
+
 def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, bs,
             num_tokens, window, group, page_size):
     """One (query head, token tile, row) program; refs are whole GMEM arrays.
@@ -100,25 +119,22 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
     (qo_smem2, k_smem, v_smem, lse_smem2), (k_ready, v_ready, q_ready), \
         (k_free, v_free), schedule = scoped
     n = len_ref[row]
-
-    def key_limit(token):  # cells [0, limit) are visible to query token `token`
-        return jnp.minimum(n + jnp.minimum(token, num_tokens - 1) + 1, window)
+    plan = functools.partial(block_plan, n, num_tokens=num_tokens, window=window,
+                             block_k=block_k)
 
     def schedule_barrier():
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
 
     tile_base = lax.axis_index("tiles") * (_COMPUTE_WGS * block_q)
-    tile_steps = pl.cdiv(key_limit(tile_base + _COMPUTE_WGS * block_q - 1),
-                         jnp.int32(block_k))
+    tile_steps, _ = plan(tile_base, _COMPUTE_WGS * block_q)  # what the memory wg streams
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
         q_base = tile_base + wg * block_q
-        kv_steps = pl.cdiv(key_limit(q_base + block_q - 1), jnp.int32(block_k))
-        full_steps = lax.div(key_limit(q_base), jnp.int32(block_k))  # no row masks these
+        kv_steps, full_steps = plan(q_base, block_q)
         plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(q_base, block_q), q_head], qo_smem,
                                 q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
@@ -149,7 +165,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
                                                 layout=plgpu.Layout.WGMMA) + q_base
                 cells = plgpu.broadcasted_iota(jnp.int32, (block_q, block_k), 1,
                                                layout=plgpu.Layout.WGMMA) + step * block_k
-                qk = jnp.where(cells < key_limit(tokens), qk, -jnp.inf)
+                visible = cells < key_limit(n, tokens, num_tokens=num_tokens, window=window)
+                qk = jnp.where(visible, qk, -jnp.inf)
             # Every token sees cell 0 in step 0, so m_i is finite from the first step on.
             m_next = jnp.maximum(m_i, qk.max(axis=1) * score_scale)
             alpha = jnp.exp2(m_i - m_next)

@@ -33,6 +33,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from statejax.errors import InputError
 
 from . import append_attention as aa
+from . import append_attention_mgpu as amg
 from . import mosaic_common as mc
 from .decode_attention import combine_splits
 
@@ -77,6 +78,22 @@ class MosaicDecodeBlockSizes:
         return _ROWS * head_dim * (itemsize + 4) + kv + _ROWS * 4
 
 
+def row_limit(n, query_row, *, group: int, num_tokens: int, window: int):
+    """Cells [0, limit) visible to folded query row `query_row` (= token * group + head)."""
+    token = lax.div(query_row, jnp.int32(group))
+    return amg.key_limit(n, token, num_tokens=num_tokens, window=window)
+
+
+def split_plan(n, split, *, blocks_per_split: int, group: int, num_tokens: int, window: int,
+               block_k: int):
+    """(first, steps): split `split` of a row reads KV blocks [first, first + steps), its
+    share of the blocks any of the row's query tokens sees (steps 0: nothing to read)."""
+    limit = amg.key_limit(n, jnp.int32(num_tokens - 1), num_tokens=num_tokens, window=window)
+    row_blocks = pl.cdiv(limit, jnp.int32(block_k))
+    first = split * blocks_per_split
+    return first, jnp.maximum(jnp.minimum(first + blocks_per_split, row_blocks) - first, 0)
+
+
 def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, bs,
             num_tokens, group, window, page_size, blocks_per_split):
     """One (kv-head, split, row) program; refs are whole GMEM arrays.
@@ -95,14 +112,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
     (q_smem, o_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), \
         (k_free, v_free) = scoped
     n = len_ref[row]
-
-    def key_limit(query_row):  # cells [0, limit) are visible to a folded query row
-        token = jnp.minimum(lax.div(query_row, jnp.int32(group)), num_tokens - 1)
-        return jnp.minimum(n + token + 1, window)
-
-    first = split * blocks_per_split
-    row_blocks = pl.cdiv(key_limit(jnp.int32(_ROWS - 1)), jnp.int32(block_k))
-    steps = jnp.maximum(jnp.minimum(first + blocks_per_split, row_blocks) - first, 0)
+    first, steps = split_plan(n, split, blocks_per_split=blocks_per_split, group=group,
+                              num_tokens=num_tokens, window=window, block_k=block_k)
 
     @pl.when(wg == 0)
     def _compute():
@@ -132,7 +143,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
                                           layout=plgpu.Layout.WGMMA)
             cells = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1,
                                            layout=plgpu.Layout.WGMMA) + (first + i) * block_k
-            visible = cells < key_limit(rows)
+            visible = cells < row_limit(n, rows, group=group, num_tokens=num_tokens,
+                                        window=window)
             s = jnp.where(visible, qk * score_scale, mask)
             m_next = jnp.maximum(m_i, s.max(axis=1))
             alpha = jnp.exp2(m_i - m_next)

@@ -10,6 +10,7 @@ finite cells there; see its docstring): a kernel that lets one through fails by 
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +210,58 @@ def test_default_tiles_fit_hopper():
             assert (bs.smem_bytes(d, 2) <= mc.SMEM_LIMIT) == (d < 256 or page_size <= 64)
     with pytest.raises(InputError, match="shared memory"):
         mg._append_mgpu(*_valid(d=256, page_size=128), window=None, block_sizes=None)
+
+
+def test_append_block_plan_covers_what_each_token_sees():
+    """The KV steps each warpgroup (and the memory warpgroup) visits, against brute-force
+    visibility: nothing visible is skipped, unmasked blocks are visible to every token, and
+    the memory warpgroup streams every block either compute warpgroup needs."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        t = int(rng.integers(1, 300))
+        block_q, block_k = 64, int(rng.choice([64, 128]))
+        n = int(rng.integers(0, 2000))
+        window = int(rng.integers(n + 1, n + t + 200)) if rng.random() < 0.8 else n + t
+        t_pad = -(-t // (2 * block_q)) * 2 * block_q
+        sees = np.minimum(n + np.minimum(np.arange(t_pad), t - 1) + 1, window)  # per token
+
+        def plan(first, count, n=n, t=t, window=window, block_k=block_k):
+            return [int(x) for x in mg.block_plan(n, first, count, num_tokens=t,
+                                                  window=window, block_k=block_k)]
+
+        for tile in range(0, t_pad, 2 * block_q):
+            tile_visit, _ = plan(tile, 2 * block_q)
+            for wg in range(2):
+                first = tile + wg * block_q
+                visit, full = plan(first, block_q)
+                tokens = sees[first:first + block_q]
+                assert 1 <= visit <= tile_visit and 0 <= full <= visit
+                assert (visit - 1) * block_k < tokens.max() <= visit * block_k
+                assert full * block_k <= tokens.min() < (full + 1) * block_k
+
+
+def test_decode_splits_partition_the_visible_blocks():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        t, group = int(rng.integers(1, 5)), int(rng.choice([1, 4, 8]))
+        if t * group > 64:
+            continue
+        block_k, splits = int(rng.choice([64, 128])), int(rng.integers(1, 9))
+        n = int(rng.integers(0, 3000))
+        window = n + t + int(rng.integers(0, 300))
+        blocks_per_split = math.ceil(math.ceil(window / block_k) / splits)
+        rows = np.arange(64)
+        limits = [int(dm.row_limit(n, r, group=group, num_tokens=t, window=window))
+                  for r in rows]
+        assert limits[t * group - 1] == max(limits) == min(n + t, window)
+        visited = []
+        for s in range(splits):
+            first, steps = (int(x) for x in dm.split_plan(
+                n, s, blocks_per_split=blocks_per_split, group=group, num_tokens=t,
+                window=window, block_k=block_k))
+            assert steps >= 0 and (steps == 0 or first == s * blocks_per_split)
+            visited += range(first, first + steps)
+        assert visited == list(range(math.ceil(max(limits) / block_k)))  # each block once
 
 
 def check_mosaic(mc: MosaicCase, seed: int = 0):
