@@ -103,7 +103,7 @@ def block_plan(n, first_token, count: int, *, num_tokens: int, window: int, bloc
 
 
 def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, bs,
-            num_tokens, window, group, page_size):
+            num_tokens, window, group, page_size, ops: mc.KernelOps):
     """One (query head, token tile, row) program; refs are whole GMEM arrays.
 
     len_ref [B] int32; pt_ref [B, P] int32 (padded, clamped); q_ref, out_ref [B, T_pad, H, D];
@@ -138,12 +138,10 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
         plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(q_base, block_q), q_head], qo_smem,
                                 q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
-        m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
-                                plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32),
-                                plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32),
-                                plgpu.Layout.WGMMA)
+        m_i = ops.layout(jnp.full((block_q,), -jnp.inf, jnp.float32),
+                         plgpu.Layout.WGMMA.reduce(1))
+        l_i = ops.layout(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = ops.layout(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(k_ready.at[0])  # every token sees cell 0: kv_steps >= 1
         pl.when(wg == 1)(schedule_barrier)
         # Scores in base 2 with the softmax scale folded in: exp2 of an FMA.
@@ -161,10 +159,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
             qk = pl.run_scoped(qk_scope, plgpu.ACC((block_q, block_k), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
             if masked:
-                tokens = plgpu.broadcasted_iota(jnp.int32, (block_q, block_k), 0,
-                                                layout=plgpu.Layout.WGMMA) + q_base
-                cells = plgpu.broadcasted_iota(jnp.int32, (block_q, block_k), 1,
-                                               layout=plgpu.Layout.WGMMA) + step * block_k
+                tokens = ops.iota((block_q, block_k), 0) + q_base
+                cells = ops.iota((block_q, block_k), 1) + step * block_k
                 visible = cells < key_limit(n, tokens, num_tokens=num_tokens, window=window)
                 qk = jnp.where(visible, qk, -jnp.inf)
             # Every token sees cell 0 in step 0, so m_i is finite from the first step on.
@@ -196,15 +192,18 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
                 def _():
                     plgpu.barrier_wait(k_ready.at[next_slot])
 
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            acc = ops.accumulate(acc, pv)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_next, l_i
 
         def release_step(step, _):
             # Steps this warpgroup does not need but the other one does: free the slots and
-            # keep the schedule barrier in step.
+            # keep the schedule barrier in step. Waiting for the data first keeps every
+            # barrier phase observed by its waiters (the other warpgroup needs it now anyway).
             slot = lax.rem(step, jnp.int32(steps_in_flight))
+            plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
             schedule_barrier()
             schedule_barrier()
@@ -248,6 +247,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
             fetch(fetch_step, slot, k_ref, k_smem, k_ready)
             plgpu.barrier_wait(v_free.at[slot])
             fetch(fetch_step, slot, v_ref, v_smem, v_ready)
+
+        mc.drain_releases((k_free, v_free), tile_steps, steps_in_flight)
 
 
 def _entry(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_size,
@@ -296,8 +297,9 @@ def append_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
 
 
 def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
-                 block_sizes):
-    """Validates and builds the kernel call (no device check: tests lower it on CPU)."""
+                 block_sizes, interpret: bool = False):
+    """Validates and builds the kernel call (no device check: tests lower it on CPU, and run
+    it with `interpret=True` in jax's GPU interpreter, patched by tests/mgpu_interpreter.py)."""
     window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
                                compiled=True)
     b, t, h, d = q_BxTxHxD.shape
@@ -311,7 +313,7 @@ def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
                              page_size=page_size, num_pages=num_pages)
     out, lse = plgpu.kernel(
         functools.partial(_entry, bs=bs, page_size=page_size, num_tokens=t, window=window,
-                          group=h // k_heads),
+                          group=h // k_heads, ops=mc.KernelOps(interpret)),
         out_type=(jax.ShapeDtypeStruct((b, t_pad, h, d), q.dtype),
                   jax.ShapeDtypeStruct((b, h, t_pad), jnp.float32)),
         grid=(h, t_pad // tile, b),
@@ -319,5 +321,6 @@ def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        **mc.KernelOps(interpret).kernel_params(),
     )(lengths_B, table, q, k_pool, v_pool)
     return out[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]

@@ -95,7 +95,7 @@ def split_plan(n, split, *, blocks_per_split: int, group: int, num_tokens: int, 
 
 
 def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, bs,
-            num_tokens, group, window, page_size, blocks_per_split):
+            num_tokens, group, window, page_size, blocks_per_split, ops: mc.KernelOps):
     """One (kv-head, split, row) program; refs are whole GMEM arrays.
 
     len_ref [B]; pt_ref [B, P] (padded, clamped); q_ref [B, K, 64, D] (folded rows);
@@ -120,12 +120,9 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
         plgpu.copy_gmem_to_smem(q_ref.at[row, kv_head], q_smem, q_ready)
         plgpu.barrier_wait(q_ready)
         mask = jnp.float32(aa.MASK_VALUE)  # finite: a row may see nothing in this split
-        m_i = plgpu.layout_cast(jnp.full((_ROWS,), mask, jnp.float32),
-                                plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0, jnp.float32),
-                                plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((_ROWS, head_dim), 0, jnp.float32),
-                                plgpu.Layout.WGMMA)
+        m_i = ops.layout(jnp.full((_ROWS,), mask, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = ops.layout(jnp.full((_ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = ops.layout(jnp.full((_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
         score_scale = head_dim**-0.5 * _LOG2E  # base-2 scores: exp2 of an FMA
 
         def kv_step(i, carry):
@@ -139,10 +136,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
 
             qk = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS, block_k), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            rows = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 0,
-                                          layout=plgpu.Layout.WGMMA)
-            cells = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1,
-                                           layout=plgpu.Layout.WGMMA) + (first + i) * block_k
+            rows = ops.iota((_ROWS, block_k), 0)
+            cells = ops.iota((_ROWS, block_k), 1) + (first + i) * block_k
             visible = cells < row_limit(n, rows, group=group, num_tokens=num_tokens,
                                         window=window)
             s = jnp.where(visible, qk * score_scale, mask)
@@ -158,7 +153,7 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
 
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            acc = ops.accumulate(acc, pv)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_next, l_i
 
@@ -193,6 +188,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
             fetch(i + steps_in_flight, slot, k_ref, k_smem, k_ready)
             plgpu.barrier_wait(v_free.at[slot])
             fetch(i + steps_in_flight, slot, v_ref, v_smem, v_ready)
+
+        mc.drain_releases((k_free, v_free), steps, steps_in_flight)
 
 
 def _entry(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_size,
@@ -240,8 +237,9 @@ def decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
 
 
 def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
-                 block_sizes):
-    """Validates and builds the kernel call (no device check: tests lower it on CPU)."""
+                 block_sizes, interpret: bool = False):
+    """Validates and builds the kernel call (no device check: tests lower it on CPU, and run
+    it with `interpret=True` in jax's GPU interpreter, patched by tests/mgpu_interpreter.py)."""
     window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
                                compiled=True)
     b, t, h, d = q_BxTxHxD.shape
@@ -263,7 +261,8 @@ def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
     n_split = bs.num_splits
     out, lse = plgpu.kernel(
         functools.partial(_entry, bs=bs, page_size=page_size, num_tokens=t, group=group,
-                          window=window, blocks_per_split=blocks_per_split),
+                          window=window, blocks_per_split=blocks_per_split,
+                          ops=mc.KernelOps(interpret)),
         out_type=(jax.ShapeDtypeStruct((b, k_heads, n_split, _ROWS, d), jnp.float32),
                   jax.ShapeDtypeStruct((b, k_heads, n_split, _ROWS), jnp.float32)),
         grid=(k_heads, n_split, b),
@@ -271,6 +270,7 @@ def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
         num_threads=2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        **mc.KernelOps(interpret).kernel_params(),
     )(lengths_B, table, q, k_pool, v_pool)
     out = aa._unfold_rows(jnp.moveaxis(out, 2, 3), t, h)  # [B, T, H, N, D]
     lse = aa._unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)  # [B, T, H, N]

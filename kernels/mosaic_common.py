@@ -82,3 +82,60 @@ def check_cuda_runtime():
         raise InputError(f"CUDA runtime {version}: ptxas 12.8.0-12.9.0 miscompiles the masked "
                          "FA3 loop (see jax's attention_mgpu); use backend='triton' or CUDA "
                          ">= 12.9.1")
+
+
+class KernelOps:
+    """The few Mosaic GPU calls that jax 0.10's GPU interpreter cannot run, behind a switch.
+
+    Compiled (`interpret=False`): register-layout hints and accumulation into an existing
+    wgmma accumulator (`pl.run_state`). Interpreted: no layout hints (they change no value)
+    and `acc + (a fresh accumulator)`, which is the same sum.
+    """
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    def layout(self, x, layout):
+        return x if self.interpret else plgpu.layout_cast(x, layout)
+
+    def iota(self, shape, dimension: int):
+        """int32 iota along `dimension` in the wgmma accumulator's layout."""
+        if self.interpret:
+            return jax.lax.broadcasted_iota(jnp.int32, shape, dimension)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
+
+    def accumulate(self, acc, body):
+        """acc + what `body(acc_ref)` wgmma-accumulates into a float32 accumulator."""
+        if not self.interpret:
+            return pl.run_state(body)(plgpu.ACC.init(acc))
+
+        def fresh(acc_ref):
+            body(acc_ref)
+            return acc_ref[...]
+
+        return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
+
+    def kernel_params(self) -> dict:
+        """Extra arguments of `plgpu.kernel`: the GPU interpreter when interpreting."""
+        if not self.interpret:
+            return {}
+        from jax._src.pallas.mosaic_gpu.interpret.params import (  # noqa: PLC0415
+            InterpretGPUParams,
+        )
+
+        return {"interpret": InterpretGPUParams()}
+
+
+def drain_releases(free_barriers, steps, slots: int):
+    """Memory warpgroup epilogue: waits for the releases of the last `slots` steps.
+
+    Its main loop waits for the release of step s only to refill the slot with step s + slots,
+    so the last `slots` releases would go unobserved. Waiting for them keeps the barrier
+    protocol exact (every waiter sees every phase, which the GPU interpreter checks); on the
+    device it waits for consumers that finish before the kernel ends anyway.
+    """
+    @pl.loop(jnp.maximum(steps - slots, 0), steps)
+    def _(step):
+        slot = jax.lax.rem(step, jnp.int32(slots))
+        for barrier in free_barriers:
+            plgpu.barrier_wait(barrier.at[slot])

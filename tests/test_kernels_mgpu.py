@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import mgpu_interpreter
 import numpy as np
 import pytest
 from test_kernels import GPU, Case, _pools, _queries, _reference, _window
@@ -264,7 +265,9 @@ def test_decode_splits_partition_the_visible_blocks():
         assert visited == list(range(math.ceil(max(limits) / block_k)))  # each block once
 
 
-def check_mosaic(mc: MosaicCase, seed: int = 0):
+def check_mosaic(mc: MosaicCase, seed: int = 0, *, interpret: bool = False):
+    """Kernel (compiled through the public wrapper, or in the patched GPU interpreter) vs the
+    reference, with finite garbage in every cell a row may not see."""
     case = mc.case
     rng = np.random.default_rng(seed)
     lengths = jnp.asarray(case.lengths, jnp.int32)
@@ -273,14 +276,51 @@ def check_mosaic(mc: MosaicCase, seed: int = 0):
     garbage = [jnp.where(jnp.isnan(p), _GARBAGE, p).astype(p.dtype) for p in poisoned]
     q = _queries(rng, (len(case.lengths), case.t, case.h, case.d), case.dtype)
     fn, reference = mc.wrapper_and_reference
-    got = fn(q, *garbage, table, lengths, window=case.window, block_sizes=mc.tiles,
-             interpret=False, backend="mosaic_gpu")
+    if interpret:
+        with mgpu_interpreter.patched():
+            got = jax.block_until_ready(mc.build(q, *garbage, table, lengths,
+                                                 window=case.window, block_sizes=mc.tiles,
+                                                 interpret=True))
+    else:
+        got = fn(q, *garbage, table, lengths, window=case.window, block_sizes=mc.tiles,
+                 interpret=False, backend="mosaic_gpu")
     want = _reference(reference, q, *clean, table, lengths, window=case.window)
     out_tol, lse_tol = TOLERANCE[case.dtype]
     assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got[0], np.float32),
                                np.asarray(want[0], np.float32), **out_tol)
     np.testing.assert_allclose(got[1], want[1], **lse_tol)
+
+
+# Small cases for the GPU interpreter (seconds each): warpgroups, TMA, barriers simulated.
+INTERPRET_CASES = [
+    # Two token tiles (T = 130 padded to 256), GQA 2, 4 pages per 64-cell block, ragged.
+    MosaicCase(Case(lengths=(5, 200), t=130, h=4, k=2, pages=24, d=64, dtype="bfloat16"),
+               mg.MosaicBlockSizes(64, 64, 2)),
+    # GQA 1, float16, default tiles (one 128-cell block = 2 pages), a window that clamps.
+    MosaicCase(Case(lengths=(150,), t=70, h=2, k=2, pages=4, d=64, page_size=64,
+                    dtype="float16", window=200)),
+    # GQA 4, D = 128, 3 slots, 8-cell pages (8 TMA copies per block).
+    MosaicCase(Case(lengths=(300,), t=64, h=4, k=1, pages=48, d=128, page_size=8,
+                    dtype="bfloat16"), mg.MosaicBlockSizes(64, 64, 3)),
+    # Decode: ragged, 2 splits of 64-cell blocks, 2 slots.
+    MosaicCase(Case(lengths=(5, 700), t=1, h=8, k=2, pages=48, d=64, dtype="bfloat16"),
+               dm.MosaicDecodeBlockSizes(64, 2, 2), "decode"),
+    # Decode: T = 3 at GQA 8, an empty row (its later splits read nothing), 3 slots.
+    MosaicCase(Case(lengths=(0, 90), t=3, h=8, k=1, pages=16, d=64, page_size=8,
+                    dtype="bfloat16"), dm.MosaicDecodeBlockSizes(64, 3, 3), "decode"),
+    # Decode: GQA 1, D = 128, 128-cell pages, a window short of the table, one split.
+    MosaicCase(Case(lengths=(300,), t=2, h=2, k=2, pages=4, d=128, page_size=128,
+                    dtype="float16", window=350), dm.MosaicDecodeBlockSizes(128, 2, 1),
+               "decode"),
+]
+
+
+@pytest.mark.skipif(not mgpu_interpreter.supported(),
+                    reason="the GPU-interpreter patch is written for jax 0.10's internals")
+@pytest.mark.parametrize("mc", INTERPRET_CASES, ids=str)
+def test_mosaic_kernels_in_the_gpu_interpreter(mc):
+    check_mosaic(mc, interpret=True)
 
 
 @pytest.mark.gpu
