@@ -19,11 +19,12 @@ attention_mgpu`), adapted to the append contract:
   early keeps releasing the memory warpgroup's slots (as in the causal FA3 kernel);
 - outputs: out in q's dtype and the natural-log lse in float32, as `attention.attend`.
 
-Compiled only: the Mosaic GPU interpreter in jax 0.10 rejects dynamic slices and transposed
-wgmma operands, so on CPU the kernel is checked by lowering it for CUDA (tests/test_kernels.py)
-and numerically against the reference on the device (`-m gpu`). Masked probabilities are
-exactly 0, but a masked cell's V still enters the p @ V matmul: cells a row cannot see must be
-finite (statejax states hold zeros or written K/V there; the Triton kernel also tolerates NaN).
+Compiled for Hopper through the public wrappers. On CPU, tests run it in jax's Mosaic GPU
+interpreter (`interpret=True` on `_append_mgpu`, with a test-only patch for the wgmma forms
+that interpreter lacks: tests/mgpu_interpreter.py; `mosaic_common.KernelOps` switches off the
+layout hints and `pl.run_state` there). Masked probabilities are exactly 0, but a masked
+cell's V still enters the p @ V matmul: cells a row cannot see must be finite (statejax states
+hold zeros or written K/V there; the Triton kernel also tolerates NaN).
 """
 
 import dataclasses

@@ -16,8 +16,8 @@ target: 75%).
   float32 partial (out, lse); a split with nothing to read writes out 0, lse MASK_VALUE.
   `decode_attention.combine_splits` merges them, as for the Triton kernel.
 
-Compiled only (see `append_attention_mgpu` for why, and for the finite-cells requirement): on
-CPU it is checked by lowering it for CUDA; numerically on the device (`-m gpu`).
+Compiled for Hopper through the public wrappers; on CPU, tests run it in jax's GPU interpreter
+as `append_attention_mgpu` describes (same finite-cells requirement).
 """
 
 import dataclasses

@@ -1,12 +1,12 @@
-"""The Mosaic GPU (Hopper) append and decode kernels: lowering and validation on CPU,
-numerics on a GPU.
+"""The Mosaic GPU (Hopper) append and decode kernels vs their references.
 
-Jax 0.10's Mosaic GPU interpreter cannot run this kernel (dynamic slices, transposed wgmma
-operands), so on CPU every configuration is lowered for CUDA (Pallas -> Mosaic GPU MLIR: the
-layouts, wgmma tiles, TMA slices and barriers are checked; PTX needs the device) and the
-wrapper's errors are checked; `TestCompiledMosaicGpu` (marker `gpu`) compares it with the
-reference. There the cells a row may not see hold large finite values (the kernel requires
-finite cells there; see its docstring): a kernel that lets one through fails by far.
+On CPU: small cases run in jax's Mosaic GPU interpreter (warpgroups, TMA, barriers and their
+phases simulated; `mgpu_interpreter` patches the wgmma forms it lacks), every test and benchmark
+configuration is lowered for CUDA (Pallas -> Mosaic GPU MLIR: layouts, wgmma tiles, TMA slices;
+PTX needs the device), the block / split plans are checked against brute force, and the
+wrappers' errors. On a GPU, `TestCompiledMosaicGpu` (marker `gpu`) compiles them. The cells a
+row may not see hold large finite values (the kernels require finite cells there; see their
+docstrings): a kernel that lets one through fails by far.
 """
 
 import dataclasses
