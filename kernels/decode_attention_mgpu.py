@@ -237,7 +237,7 @@ def decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
 
 
 def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
-                 block_sizes, interpret: bool = False):
+                 block_sizes, interpret=False):
     """Validates and builds the kernel call (no device check: tests lower it on CPU, and run
     it with `interpret=True` in jax's GPU interpreter, patched by tests/mgpu_interpreter.py)."""
     window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,

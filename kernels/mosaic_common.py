@@ -92,8 +92,11 @@ class KernelOps:
     and `acc + (a fresh accumulator)`, which is the same sum.
     """
 
-    def __init__(self, interpret: bool):
-        self.interpret = interpret
+    def __init__(self, interpret):
+        """interpret: False (compile), True (the GPU interpreter) or the interpreter's own
+        `InterpretGPUParams` (e.g. with its race detector on)."""
+        self.interpret = interpret is not False
+        self._params = None if isinstance(interpret, bool) else interpret
 
     def layout(self, x, layout):
         return x if self.interpret else plgpu.layout_cast(x, layout)
@@ -123,7 +126,7 @@ class KernelOps:
             InterpretGPUParams,
         )
 
-        return {"interpret": InterpretGPUParams()}
+        return {"interpret": self._params or InterpretGPUParams()}
 
 
 def drain_releases(free_barriers, steps, slots: int):

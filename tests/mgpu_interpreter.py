@@ -49,9 +49,11 @@ def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key
         if any(isinstance(t, mgpu_core.TransposeTransform) for t in transforms[:len(indexers)]):
             raise NotImplementedError(f"indexing after a transpose: {transforms}")
         indexers = jax.tree.map(int, tuple(indexers))
-        value, _, _ = memory.get_buffer_content(gc.HostAllocationKey.from_array(key_or_value),
-                                                utils.to_range(indexers), thread,
-                                                logging_info=info)
+        key, read_range = gc.HostAllocationKey.from_array(key_or_value), utils.to_range(indexers)
+        value, _, clock = memory.get_buffer_content(key, read_range, thread, logging_info=info)
+        if memory.detect_races:  # a wgmma operand read is a shared-memory read like any other
+            gc.get_races().check_read(device_id, thread_id, clock, key, read_range,
+                                      source_info=source_info)
         for t in transposes:
             value = np.transpose(value, t.permutation)
         return value
@@ -64,6 +66,20 @@ def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key
     result = acc + np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(acc_dtype)
     memory.store_buffer_content(acc_key, acc_range, result, thread, logging_info=info)
     return token
+
+
+def params():
+    """Interpreter settings for the tests: its happens-before race detector on (TMA copies,
+    shared-memory reads and writes, and — through `_wgmma` — wgmma operand reads)."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams(detect_races=True)
+
+
+def races_found() -> bool:
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+
+    return bool(ipc.get_races().races_found)
 
 
 @contextlib.contextmanager

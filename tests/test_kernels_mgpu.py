@@ -11,6 +11,10 @@ docstrings): a kernel that lets one through fails by far.
 
 import dataclasses
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +35,7 @@ from statejax.kernels import mosaic_common as mc
 TOLERANCE = {"bfloat16": (dict(atol=2e-2, rtol=2e-2), dict(atol=2e-3, rtol=2e-3)),
              "float16": (dict(atol=5e-3, rtol=5e-3), dict(atol=2e-3, rtol=2e-3))}
 _GARBAGE = 50.0  # what invisible cells hold: a leaked score of ~50 * |q| dominates the row
+_INTERPRETER_DEADLINE_S = 180  # per interpreted case; the slowest takes ~30 s on 2 cores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +285,8 @@ def check_mosaic(mc: MosaicCase, seed: int = 0, *, interpret: bool = False):
         with mgpu_interpreter.patched():
             got = jax.block_until_ready(mc.build(q, *garbage, table, lengths,
                                                  window=case.window, block_sizes=mc.tiles,
-                                                 interpret=True))
+                                                 interpret=mgpu_interpreter.params()))
+            assert not mgpu_interpreter.races_found()
     else:
         got = fn(q, *garbage, table, lengths, window=case.window, block_sizes=mc.tiles,
                  interpret=False, backend="mosaic_gpu")
@@ -316,11 +322,31 @@ INTERPRET_CASES = [
 ]
 
 
+def run_in_interpreter(index: int):
+    """Entry point of the subprocess below."""
+    jax.config.update("jax_numpy_rank_promotion", "raise")  # as tests/conftest.py
+    check_mosaic(INTERPRET_CASES[index], interpret=True)
+
+
 @pytest.mark.skipif(not mgpu_interpreter.supported(),
                     reason="the GPU-interpreter patch is written for jax 0.10's internals")
-@pytest.mark.parametrize("mc", INTERPRET_CASES, ids=str)
-def test_mosaic_kernels_in_the_gpu_interpreter(mc):
-    check_mosaic(mc, interpret=True)
+@pytest.mark.parametrize("index", range(len(INTERPRET_CASES)),
+                         ids=[str(c) for c in INTERPRET_CASES])
+def test_mosaic_kernels_in_the_gpu_interpreter(index):
+    """Each case in its own process with a deadline: an error inside the interpreter (a race,
+    an unobserved barrier phase, a failed check) leaves its simulated warpgroups waiting on
+    barriers forever, so a broken kernel would hang this process rather than fail it."""
+    tests_dir = pathlib.Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tests_dir), str(tests_dir.parent), os.environ.get("PYTHONPATH", "")])}
+    code = f"import test_kernels_mgpu as t; t.run_in_interpreter({index})"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=_INTERPRETER_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the interpreted kernel did not finish in {_INTERPRETER_DEADLINE_S} s "
+                    "(a barrier wait that never completes, or an error in a simulated thread)")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 @pytest.mark.gpu
