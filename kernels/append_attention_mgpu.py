@@ -231,7 +231,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
 
         def fetch(step, slot, src_ref, dst_smem, barrier):
             mc.fetch_block(pt_ref, row, step, src_ref, dst_smem.at[slot], barrier.at[slot],
-                        kv_head=kv_head, page_size=page_size, pages_per_block=pages_per_block)
+                           kv_head=kv_head, page_size=page_size,
+                           pages_per_block=pages_per_block)
 
         def prefetch(step):  # fills slot `step` before any slot is released
             fetch(step, step, k_ref, k_smem, k_ready)
@@ -311,7 +312,7 @@ def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
     t_pad = pl.cdiv(t, tile) * tile
     q = jnp.pad(q_BxTxHxD, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
     table = mc.table_for_blocks(page_table_BxP, window=window, block_k=bs.block_k,
-                             page_size=page_size, num_pages=num_pages)
+                                page_size=page_size, num_pages=num_pages)
     out, lse = plgpu.kernel(
         functools.partial(_entry, bs=bs, page_size=page_size, num_tokens=t, window=window,
                           group=h // k_heads, ops=mc.KernelOps(interpret)),

@@ -171,8 +171,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
     def _memory():
         def fetch(i, slot, src_ref, dst_smem, barrier):
             mc.fetch_block(pt_ref, row, first + i, src_ref, dst_smem.at[slot],
-                            barrier.at[slot], kv_head=kv_head, page_size=page_size,
-                            pages_per_block=pages_per_block)
+                           barrier.at[slot], kv_head=kv_head, page_size=page_size,
+                           pages_per_block=pages_per_block)
 
         def prefetch(i):  # fills slot i before any slot is released
             fetch(i, i, k_ref, k_smem, k_ready)
@@ -255,7 +255,7 @@ def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
     if bs.num_splits < 1:
         raise InputError(f"num_splits={bs.num_splits} must be >= 1")
     table = mc.table_for_blocks(page_table_BxP, window=window, block_k=bs.block_k,
-                                 page_size=page_size, num_pages=num_pages)
+                                page_size=page_size, num_pages=num_pages)
     blocks_per_split = pl.cdiv(pl.cdiv(window, bs.block_k), bs.num_splits)
     q = aa._fold_queries(q_BxTxHxD, k_heads, _ROWS)
     n_split = bs.num_splits
