@@ -313,9 +313,10 @@ def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
     q = jnp.pad(q_BxTxHxD, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
     table = mc.table_for_blocks(page_table_BxP, window=window, block_k=bs.block_k,
                                 page_size=page_size, num_pages=num_pages)
+    ops = mc.KernelOps(interpret)
     out, lse = plgpu.kernel(
         functools.partial(_entry, bs=bs, page_size=page_size, num_tokens=t, window=window,
-                          group=h // k_heads, ops=mc.KernelOps(interpret)),
+                          group=h // k_heads, ops=ops),
         out_type=(jax.ShapeDtypeStruct((b, t_pad, h, d), q.dtype),
                   jax.ShapeDtypeStruct((b, h, t_pad), jnp.float32)),
         grid=(h, t_pad // tile, b),
@@ -323,6 +324,6 @@ def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **mc.KernelOps(interpret).kernel_params(),
+        **ops.kernel_params(),
     )(lengths_B, table, q, k_pool, v_pool)
     return out[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]

@@ -259,10 +259,10 @@ def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
     blocks_per_split = pl.cdiv(pl.cdiv(window, bs.block_k), bs.num_splits)
     q = aa._fold_queries(q_BxTxHxD, k_heads, _ROWS)
     n_split = bs.num_splits
+    ops = mc.KernelOps(interpret)
     out, lse = plgpu.kernel(
         functools.partial(_entry, bs=bs, page_size=page_size, num_tokens=t, group=group,
-                          window=window, blocks_per_split=blocks_per_split,
-                          ops=mc.KernelOps(interpret)),
+                          window=window, blocks_per_split=blocks_per_split, ops=ops),
         out_type=(jax.ShapeDtypeStruct((b, k_heads, n_split, _ROWS, d), jnp.float32),
                   jax.ShapeDtypeStruct((b, k_heads, n_split, _ROWS), jnp.float32)),
         grid=(k_heads, n_split, b),
@@ -270,7 +270,7 @@ def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
         num_threads=2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **mc.KernelOps(interpret).kernel_params(),
+        **ops.kernel_params(),
     )(lengths_B, table, q, k_pool, v_pool)
     out = aa._unfold_rows(jnp.moveaxis(out, 2, 3), t, h)  # [B, T, H, N, D]
     lse = aa._unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)  # [B, T, H, N]

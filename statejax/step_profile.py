@@ -23,7 +23,6 @@ The launcher is `experiments/step_profile.py`.
 """
 
 import datetime
-import functools
 import re
 import time
 
@@ -108,8 +107,11 @@ def kernel_launches(hlo_text: str) -> int:
     return sum(op not in _NO_LAUNCH for op in ops)
 
 
-def _launches(fn, args, **static) -> int:
-    return kernel_launches(fn.lower(*args, **static).compile().as_text())
+def _time_compiled(fn, args, timing, **static) -> tuple[float, int]:
+    """(median seconds, kernel launches) of jitted `fn` at `args`, from one compilation."""
+    compiled = fn.lower(*args, **static).compile()
+    return (roofline.median_seconds(compiled, *args, **timing),
+            kernel_launches(compiled.as_text()))
 
 
 def query_path(cfg, params, config):
@@ -157,21 +159,19 @@ def run(config) -> dict:
     bandwidth = roofline.copy_bandwidth(config.copy_mib, **timing)
     rows = []
 
-    def add(name, seconds, nbytes, launches=None):
+    def add(name, seconds, launches, nbytes):
         rows.append(dict(component=name, ms=1e3 * seconds, weight_bytes=nbytes,
                          floor_ms=1e3 * nbytes / bandwidth,
                          gbytes_per_s=nbytes / seconds / 1e9,
                          frac_copy=nbytes / seconds / bandwidth, kernels=launches))
 
     for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
-        add(name, roofline.median_seconds(fn, *args, **timing), nbytes, _launches(fn, args))
+        add(name, *_time_compiled(fn, args, timing), nbytes)
     session, question, args, static = query_path(cfg, params, config)
     query_bytes = cfg.weight_bytes + (config.context + config.tokens) * cfg.kv_bytes_per_token
-    query_step = functools.partial(steps.query, **static)
-    add("query_step", roofline.median_seconds(query_step, *args, **timing), query_bytes,
-        _launches(steps.query, args, **static))
+    add("query_step", *_time_compiled(steps.query, args, timing, **static), query_bytes)
     add("session_query", _median_wall_seconds(lambda: session.query(question, 1), **timing),
-        query_bytes)
+        None, query_bytes)
     device = jax.devices()[0]
     return dict(device=f"{device.device_kind} ({device.platform})", jax_version=jax.__version__,
                 date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
