@@ -153,7 +153,7 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
             slot = lax.rem(step, jnp.int32(steps_in_flight))
 
             def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
                 schedule_barrier()
                 return acc_ref[...]
 

@@ -131,7 +131,7 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
             plgpu.barrier_wait(k_ready.at[slot])
 
             def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
                 return acc_ref[...]
 
             qk = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS, block_k), jnp.float32))

@@ -2,7 +2,7 @@
 
 jax 0.10's GPU interpreter (`InterpretGPUParams`) simulates warpgroups, shared memory, TMA
 copies and barriers, but its wgmma takes neither a transposed shared-memory operand
-(`plgpu.transpose_ref`, our q @ k^T) nor a register operand (our p @ v). `patched()` swaps in a
+(`ref.transpose`, our q @ k^T) nor a register operand (our p @ v). `patched()` swaps in a
 wgmma callback that does both; the kernels' other gaps are switched off by
 `mosaic_common.KernelOps(interpret=True)`. Private jax internals: checked for jax 0.10 only
 (`supported()`), where CI runs.
