@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from statejax import attention
+from statejax import attention, gpu_target
 from statejax.errors import InputError
 
 MASK_VALUE = attention.MASK_VALUE
@@ -104,13 +104,19 @@ def validate_block_sizes(bs: BlockSizes, page_size: int):
         raise InputError(f"num_splits={bs.num_splits} must be >= 1")
 
 
+def check_page_offset(page_offset):
+    """A table offset is a static, non-negative Python int."""
+    if not isinstance(page_offset, int) or isinstance(page_offset, bool) or page_offset < 0:
+        raise InputError(f"page_offset must be a static int >= 0, got {page_offset!r}")
+
+
 def check_backend(backend: str, interpret: bool):
     """Raises unless (backend, interpret) can run here. Nothing ever falls back."""
     if backend not in BACKENDS:
         raise InputError(f"backend={backend!r}; allowed: {BACKENDS}")
     if not isinstance(interpret, bool):
         raise InputError(f"interpret must be a bool, got {interpret!r}")
-    if not interpret and jax.default_backend() != "gpu":
+    if not interpret and not gpu_target.compiling_for_gpu():
         raise InputError(f"compiled Pallas {backend} kernels need a GPU (default backend is "
                          f"{jax.default_backend()!r}); pass interpret=True to run them in "
                          "interpret mode")
@@ -157,7 +163,7 @@ def validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
 
 
 def _flash_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens, causal,
-                  window, page_size, pages_per_block, blocks_per_split, num_pages):
+                  window, page_size, pages_per_block, blocks_per_split, num_pages, page_offset):
     """One (row, kv-head, query block, split) program.
 
     Refs: len_ref [1] the row's n; pt_ref [P] its page table; q_ref [block_q, D];
@@ -187,9 +193,9 @@ def _flash_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens
 
     def load_kv(j):
         if pages_per_block == 1:
-            page = jnp.clip(pt_ref[j], 0, num_pages - 1)
+            page = jnp.clip(pt_ref[j] + page_offset, 0, num_pages - 1)
             return k_ref[page], v_ref[page]
-        pages = jnp.clip(pt_ref[pl.ds(j * pages_per_block, pages_per_block)], 0,
+        pages = jnp.clip(pt_ref[pl.ds(j * pages_per_block, pages_per_block)] + page_offset, 0,
                          num_pages - 1)
         return (k_ref[pages].reshape(block_k, head_dim),
                 v_ref[pages].reshape(block_k, head_dim))
@@ -252,7 +258,7 @@ def _unfold_rows(x_BxKxMx_, t: int, h: int):
 def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                              window: int, causal: bool, block_sizes: BlockSizes,
                              out_dtype, interpret: bool, backend: str = "triton",
-                             poison_outputs: bool = False):
+                             page_offset: int = 0, poison_outputs: bool = False):
     """Runs the kernel; returns per-split partials (no validation: callers validate).
 
     Args:
@@ -291,7 +297,7 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
     kernel = functools.partial(
         _flash_kernel, group=g, num_tokens=t, causal=causal, window=window,
         page_size=page_size, pages_per_block=pages_per_block,
-        blocks_per_split=blocks_per_split, num_pages=num_pages)
+        blocks_per_split=blocks_per_split, num_pages=num_pages, page_offset=page_offset)
     pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i, s: (0, 0, h, 0))
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
@@ -331,18 +337,19 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",
-                                             "poison_outputs"))
+                                             "page_offset", "poison_outputs"))
 def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                      window: int | None = None, block_sizes: BlockSizes | None = None,
-                     interpret: bool, backend: str = "triton", poison_outputs: bool = False):
+                     interpret: bool, backend: str = "triton", page_offset: int = 0,
+                     poison_outputs: bool = False):
     """Causal attention of a T-token chunk over paged cells that already hold the chunk.
 
     Args:
       q_BxTxHxD: queries (RoPE applied) of the tokens at positions [n_b, n_b + T).
       k_pool, v_pool: [num_pages, page_size, K, D] cell pools; H % K == 0.
-      page_table_BxP: int32; row b's cell c is pool[page_table[b, c // page_size],
-        c % page_size]. Entries past a row's last page are never needed (they are clamped
-        into range, so they may hold anything).
+      page_table_BxP: int32; row b's cell c is pool[page_table[b, c // page_size] +
+        page_offset, c % page_size]. Entries past a row's last page are never needed (they
+        are clamped into range, so they may hold anything).
       lengths_B: int32 n_b, cells of row b in use before the chunk.
       window: static S <= P * page_size (default P * page_size); token t of row b attends to
         cells [0, min(n_b + t + 1, S)).
@@ -351,11 +358,14 @@ def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
       interpret: run the kernel in the Pallas interpreter (CPU) instead of compiling it.
       backend: "triton" (the Pallas Triton lowering, `plgpu.CompilerParams`) or "mosaic_gpu"
         (`append_attention_mgpu`: Hopper, bf16/f16, compiled only, no poisoning).
+      page_offset: static int >= 0 added to every table entry: the layers of a stacked pool
+        share one table (`cells_as_pool`), so it is computed once per step, not per layer.
       poison_outputs: test hook, see `paged_attention_partials`.
 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32 (as `statejax.attention.attend`).
     """
+    check_page_offset(page_offset)
     if backend == "mosaic_gpu":
         from . import append_attention_mgpu as mgpu  # noqa: PLC0415 - it imports this module
 
@@ -364,8 +374,9 @@ def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                              "has no poison_outputs hook; use backend='triton' for those")
         if block_sizes is not None and not isinstance(block_sizes, mgpu.MosaicBlockSizes):
             raise InputError(f"backend='mosaic_gpu' takes MosaicBlockSizes, got {block_sizes}")
-        return mgpu.append_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP,
-                                          lengths_B, window=window, block_sizes=block_sizes)
+        return mgpu.append_attention_mgpu(q_BxTxHxD, k_pool, v_pool,
+                                          page_table_BxP + page_offset, lengths_B,
+                                          window=window, block_sizes=block_sizes)
     if backend not in PAGED_BACKENDS:
         raise InputError(f"backend={backend!r}; allowed for append: {PAGED_BACKENDS}")
     check_backend(backend, interpret)
@@ -382,7 +393,7 @@ def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
     out, lse = paged_attention_partials(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=True,
         block_sizes=bs, out_dtype=q_BxTxHxD.dtype, interpret=interpret, backend=backend,
-        poison_outputs=poison_outputs)
+        page_offset=page_offset, poison_outputs=poison_outputs)
     return out[..., 0, :], lse[..., 0]
 
 
@@ -398,9 +409,11 @@ def cells_page_size(cells: int, block_k: int = 128) -> int:
 
 def cells_as_pool(cells, *, layer: int | None, rows: np.ndarray | jax.Array | None,
                   window: int, page_size: int):
-    """Views cells [L, B, C, K, D] (with `layer`) or [B, C, K, D] as (pool, page table).
+    """Views cells [L, B, C, K, D] (with `layer`) or [B, C, K, D] as a paged pool.
 
-    The pool is a reshape (free); the table maps row r's page j to its pool page.
+    The pool is a reshape (free); row r's page j is pool page `table[r, j] + page_offset`. The
+    table does not depend on the layer (the offset carries it), so the layers of one step share
+    it: XLA computes it once instead of once per layer.
 
     Args:
       cells: the contiguous cells.
@@ -410,7 +423,8 @@ def cells_as_pool(cells, *, layer: int | None, rows: np.ndarray | jax.Array | No
       page_size: divides C.
 
     Returns:
-      pool [L * B * C / page_size, page_size, K, D] and page_table int32 [R, ceil(S / ps)].
+      (pool [L * B * C / page_size, page_size, K, D], page_table int32 [R, ceil(S / ps)],
+       page_offset: static int, the layer's first pool page).
     """
     if cells.ndim == 5:
         if layer is None:
@@ -431,10 +445,9 @@ def cells_as_pool(cells, *, layer: int | None, rows: np.ndarray | jax.Array | No
     pages_per_row = c // page_size
     pool = cells.reshape(num_layers * b * pages_per_row, page_size, k_heads, d)
     rows = jnp.arange(b, dtype=jnp.int32) if rows is None else jnp.asarray(rows, jnp.int32)
-    first_page = (layer * b + rows) * pages_per_row
     pages_1xP = jnp.arange(pl.cdiv(window, page_size), dtype=jnp.int32)[None]
-    table = first_page[:, None] + pages_1xP
-    return pool, table
+    table = (rows * pages_per_row)[:, None] + pages_1xP
+    return pool, table, layer * b * pages_per_row
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "window", "block_sizes", "interpret",
@@ -457,12 +470,13 @@ def append_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int
     """
     c = k_cells.shape[-3]
     page_size = cells_page_size(c, block_sizes.block_k if block_sizes else 128)
-    k_pool, table = cells_as_pool(k_cells, layer=layer, rows=None, window=window,
-                                  page_size=page_size)
-    v_pool, _ = cells_as_pool(v_cells, layer=layer, rows=None, window=window,
-                              page_size=page_size)
+    k_pool, table, offset = cells_as_pool(k_cells, layer=layer, rows=None, window=window,
+                                          page_size=page_size)
+    v_pool, _, _ = cells_as_pool(v_cells, layer=layer, rows=None, window=window,
+                                 page_size=page_size)
     return append_attention(q_BxTxHxD, k_pool, v_pool, table, lengths_B, window=window,
-                            block_sizes=block_sizes, interpret=interpret, backend=backend)
+                            block_sizes=block_sizes, interpret=interpret, backend=backend,
+                            page_offset=offset)
 
 
 # ------------------------------------------------------------------------------------------

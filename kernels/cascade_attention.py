@@ -2,14 +2,15 @@
 
 Every branch r (a query, a flash query) has T tokens that attend to (a) the session's shared
 cells [0, n) and (b) its private cells [0, m_r + t] (causal; its own K/V already written).
-The two key sets are disjoint, so the result is exact by log-sum-exp merge
-(`statejax.attention.merge_partials`):
+The two key sets are disjoint, so the result is exact by log-sum-exp merge:
 
 - shared part: the R x T queries are folded into the query rows of ONE paged flash call over
   the session's pages (batch 1, non-causal, rows = R x T x G per kv-head), so the shared cells
   are read once per query block for all branches instead of once per branch; long prefixes
-  are split along the sequence as in flash-decoding (`decode_attention.combine_splits`);
-- private part: `append_attention` with the branches as rows over their own pages.
+  are split along the sequence as in flash-decoding;
+- private part: `append_attention`'s kernel with the branches as rows over their own pages;
+- merge: the private part is one more float32 partial beside the shared splits, and one
+  `decode_attention.combine_splits` merges them all.
 """
 
 import dataclasses
@@ -58,26 +59,32 @@ class BlockSizes:
         return cls(shared=shared, private=private)
 
 
-def _shared_part(q_RxTxHxD, k_pool, v_pool, page_table_P, shared_len, *, window, block_sizes,
-                 interpret, backend, poison_outputs):
-    """All R x T queries against the shared cells [0, n) in one call: out, lse [R, T, H(, D)]."""
+def _shared_partials(q_RxTxHxD, k_pool, v_pool, page_table_P, shared_len, *, window,
+                     block_sizes, interpret, backend, page_offset, poison_outputs):
+    """All R x T queries against the shared cells [0, n) in one call.
+
+    Returns:
+      float32 per-split partials: out [R, T, H, N, D], lse [R, T, H, N].
+    """
     r, t, h, d = q_RxTxHxD.shape
     q_1xRTxHxD = q_RxTxHxD.reshape(1, r * t, h, d)
     out, lse = aa.paged_attention_partials(
         q_1xRTxHxD, k_pool, v_pool, page_table_P[None], jnp.reshape(shared_len, (1,)),
         window=window, causal=False, block_sizes=block_sizes, out_dtype=jnp.float32,
-        interpret=interpret, backend=backend, poison_outputs=poison_outputs)
-    out, lse = da.combine_splits(out, lse, q_RxTxHxD.dtype)
-    return out.reshape(r, t, h, d), lse.reshape(r, t, h)
+        interpret=interpret, backend=backend, page_offset=page_offset,
+        poison_outputs=poison_outputs)
+    return out.reshape(r, t, h, -1, d), lse.reshape(r, t, h, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("shared_window", "branch_window", "block_sizes",
-                                             "interpret", "backend", "poison_outputs"))
+                                             "interpret", "backend", "shared_page_offset",
+                                             "branch_page_offset", "poison_outputs"))
 def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P, shared_len,
                       branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R, *,
                       shared_window: int | None = None, branch_window: int | None = None,
                       block_sizes: BlockSizes | None = None, interpret: bool,
-                      backend: str = "triton", poison_outputs: bool = False):
+                      backend: str = "triton", shared_page_offset: int = 0,
+                      branch_page_offset: int = 0, poison_outputs: bool = False):
     """R branches of one session: shared cells read once for all, private cells per branch.
 
     Args:
@@ -93,11 +100,15 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
       branch_window: static Tb <= Pb * page_size_b (default Pb * page_size_b).
       block_sizes: default `BlockSizes.for_shape` of this shape.
       interpret, backend, poison_outputs: as `append_attention.append_attention`.
+      shared_page_offset, branch_page_offset: static offsets added to the entries of the
+        two tables (`append_attention.append_attention`'s `page_offset`).
 
     Returns:
       out_RxTxHxD in q's dtype, lse_RxTxH float32 over shared + private keys.
     """
     aa.check_backend(backend, interpret)
+    aa.check_page_offset(shared_page_offset)
+    aa.check_page_offset(branch_page_offset)
     if shared_page_table_P.ndim != 1:
         raise InputError(f"shared_page_table must be [P], got {shared_page_table_P.shape}")
     if jnp.shape(shared_len) != () or jnp.asarray(shared_len).dtype != jnp.int32:
@@ -122,15 +133,19 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     if bs.private.num_splits != 1:
         raise InputError("the private part runs unsplit: block_sizes.private.num_splits=1")
 
-    out_s, lse_s = _shared_part(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P,
-                                shared_len, window=shared_window, block_sizes=bs.shared,
-                                interpret=interpret, backend=backend,
-                                poison_outputs=poison_outputs)
+    out_s, lse_s = _shared_partials(
+        q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P, shared_len,
+        window=shared_window, block_sizes=bs.shared, interpret=interpret, backend=backend,
+        page_offset=shared_page_offset, poison_outputs=poison_outputs)
     out_p, lse_p = aa.paged_attention_partials(
         q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
-        window=branch_window, causal=True, block_sizes=bs.private, out_dtype=q_RxTxHxD.dtype,
-        interpret=interpret, backend=backend, poison_outputs=poison_outputs)
-    return attention.merge_partials(out_s, lse_s, out_p[..., 0, :], lse_p[..., 0])
+        window=branch_window, causal=True, block_sizes=bs.private, out_dtype=jnp.float32,
+        interpret=interpret, backend=backend, page_offset=branch_page_offset,
+        poison_outputs=poison_outputs)
+    # The private part is one more partial: one log-sum-exp merge over all of them, in float32
+    # (one fused pass on the GPU, and no rounding of the shared part before the merge).
+    return da.combine_splits(jnp.concatenate([out_s, out_p], axis=3),
+                             jnp.concatenate([lse_s, lse_p], axis=3), q_RxTxHxD.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "shared_window", "block_sizes",
@@ -159,18 +174,19 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
     shared_ps = aa.cells_page_size(c, block_sizes.shared.block_k if block_sizes else 128)
     branch_ps = aa.cells_page_size(tb, block_sizes.private.block_k if block_sizes else 128)
     rows = jnp.reshape(jnp.asarray(row, jnp.int32), (1,))
-    sk_pool, s_table = aa.cells_as_pool(shared_k, layer=layer, rows=rows,
-                                        window=shared_window, page_size=shared_ps)
-    sv_pool, _ = aa.cells_as_pool(shared_v, layer=layer, rows=rows, window=shared_window,
-                                  page_size=shared_ps)
-    bk_pool, b_table = aa.cells_as_pool(branch_k, layer=layer, rows=None, window=tb,
-                                        page_size=branch_ps)
-    bv_pool, _ = aa.cells_as_pool(branch_v, layer=layer, rows=None, window=tb,
-                                  page_size=branch_ps)
+    sk_pool, s_table, s_offset = aa.cells_as_pool(shared_k, layer=layer, rows=rows,
+                                                  window=shared_window, page_size=shared_ps)
+    sv_pool, _, _ = aa.cells_as_pool(shared_v, layer=layer, rows=rows, window=shared_window,
+                                     page_size=shared_ps)
+    bk_pool, b_table, b_offset = aa.cells_as_pool(branch_k, layer=layer, rows=None, window=tb,
+                                                  page_size=branch_ps)
+    bv_pool, _, _ = aa.cells_as_pool(branch_v, layer=layer, rows=None, window=tb,
+                                     page_size=branch_ps)
     return cascade_attention(q_RxTxHxD, sk_pool, sv_pool, s_table[0], shared_len, bk_pool,
                              bv_pool, b_table, branch_lengths_R, shared_window=shared_window,
                              branch_window=tb, block_sizes=block_sizes, interpret=interpret,
-                             backend=backend)
+                             backend=backend, shared_page_offset=s_offset,
+                             branch_page_offset=b_offset)
 
 
 def cascade_attention_reference(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P,

@@ -62,10 +62,11 @@ def combine_splits(out_BxTxHxNxD, lse_BxTxHxN, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",
-                                             "poison_outputs"))
+                                             "page_offset", "poison_outputs"))
 def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                      window: int | None = None, block_sizes: BlockSizes | None = None,
-                     interpret: bool, backend: str = "triton", poison_outputs: bool = False):
+                     interpret: bool, backend: str = "triton", page_offset: int = 0,
+                     poison_outputs: bool = False):
     """Flash-decoding over paged cells that already hold the T new tokens.
 
     Args:
@@ -77,13 +78,14 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
       window: static S <= P * page_size (default P * page_size).
       block_sizes: tiles and splits; default `default_block_sizes` of this shape (for
         "mosaic_gpu": `decode_attention_mgpu.MosaicDecodeBlockSizes`).
-      interpret, poison_outputs: as `append_attention.append_attention`.
+      interpret, page_offset, poison_outputs: as `append_attention.append_attention`.
       backend: "triton" or "mosaic_gpu" (`decode_attention_mgpu`: Hopper, bf16/f16,
         T x H / K <= 64, compiled only, no poisoning).
 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32.
     """
+    aa.check_page_offset(page_offset)
     if backend == "mosaic_gpu":
         from . import decode_attention_mgpu as mgpu  # noqa: PLC0415 - it imports this module
 
@@ -94,8 +96,9 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                                                       mgpu.MosaicDecodeBlockSizes):
             raise InputError(f"backend='mosaic_gpu' takes MosaicDecodeBlockSizes, got "
                              f"{block_sizes}")
-        return mgpu.decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP,
-                                          lengths_B, window=window, block_sizes=block_sizes)
+        return mgpu.decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool,
+                                          page_table_BxP + page_offset, lengths_B,
+                                          window=window, block_sizes=block_sizes)
     if backend not in aa.PAGED_BACKENDS:
         raise InputError(f"backend={backend!r}; allowed for decode: {aa.PAGED_BACKENDS}")
     aa.check_backend(backend, interpret)
@@ -109,7 +112,7 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
     out, lse = aa.paged_attention_partials(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=True,
         block_sizes=bs, out_dtype=jnp.float32, interpret=interpret, backend=backend,
-        poison_outputs=poison_outputs)
+        page_offset=page_offset, poison_outputs=poison_outputs)
     return combine_splits(out, lse, q_BxTxHxD.dtype)
 
 
@@ -125,12 +128,13 @@ def decode_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int
     """
     c = k_cells.shape[-3]
     page_size = aa.cells_page_size(c, block_sizes.block_k if block_sizes else 128)
-    k_pool, table = aa.cells_as_pool(k_cells, layer=layer, rows=None, window=window,
-                                     page_size=page_size)
-    v_pool, _ = aa.cells_as_pool(v_cells, layer=layer, rows=None, window=window,
-                                 page_size=page_size)
+    k_pool, table, offset = aa.cells_as_pool(k_cells, layer=layer, rows=None, window=window,
+                                             page_size=page_size)
+    v_pool, _, _ = aa.cells_as_pool(v_cells, layer=layer, rows=None, window=window,
+                                    page_size=page_size)
     return decode_attention(q_BxTxHxD, k_pool, v_pool, table, lengths_B, window=window,
-                            block_sizes=block_sizes, interpret=interpret, backend=backend)
+                            block_sizes=block_sizes, interpret=interpret, backend=backend,
+                            page_offset=offset)
 
 
 def decode_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,

@@ -88,9 +88,10 @@ class Budget:
     def compiled_shapes(self) -> dict[str, int]:
         """Upper bound on the number of distinct step shapes (the compile budget)."""
         n_q = len([c for c in self.chunk_sizes if c <= self.question_cells]) + 1
+        widths = 1 if self.max_new_tokens == 1 else 2  # first token only, or generation
         return {
             "append": len(self.chunk_sizes) * len(self.windows),
-            "query": n_q * len(self.branch_rows) * len(self.windows),
+            "query": n_q * len(self.branch_rows) * len(self.windows) * widths,
         }
 
 

@@ -14,15 +14,16 @@ a padded chunk never touches a cell it does not own.
 
 Attention implementations (`impl`, static): "reference" (`statejax.attention`, every view)
 and "pallas" (`AppendView`, `BranchView`: the kernels in `statejax.kernels`). The one rule for
-"pallas": the kernels run in Pallas interpret mode iff `jax.default_backend() == "cpu"`, and
-are compiled (Triton lowering) otherwise. A failing kernel raises; nothing falls back.
+"pallas": the kernels run in Pallas interpret mode unless they compile for a GPU
+(`statejax.gpu_target.compiling_for_gpu()`: one is attached, or a compile-only target is on), and
+are compiled (Triton lowering) then. A failing kernel raises; nothing falls back.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from statejax import attention
+from statejax import attention, gpu_target
 
 
 def _scatter_rows(cells_LxRxNxKxD, layer, start_R, num_new_R, new_RxTxKxD):
@@ -46,8 +47,8 @@ def _check_impl(impl: str, allowed: tuple[str, ...] = ("reference",)):
 
 
 def pallas_interpret() -> bool:
-    """impl="pallas" runs the kernels in interpret mode iff the default backend is the CPU."""
-    return jax.default_backend() == "cpu"
+    """impl="pallas" runs the kernels in interpret mode unless they compile for a GPU."""
+    return not gpu_target.compiling_for_gpu()
 
 
 # The kernels are imported on first use: the reference path needs no Pallas, and a checkout run

@@ -53,6 +53,12 @@ class Answer:
     context_tokens: int
 
 
+def generation_width(limits, budget: Budget) -> int:
+    """`steps.query`'s static max_new_cap for these per-branch limits: 1 when every branch
+    wants only its first token (that program has no generation loop), else the budget's."""
+    return 1 if max(limits) == 1 else budget.max_new_tokens
+
+
 class Session:
     """One session row: frozen prefix, then appended data; queries never change it.
 
@@ -230,7 +236,7 @@ class Session:
             np.int32(self.stop_token), np.float32(temperature), _rng_key(seed),
             np.int32(self.tokenizer.vocab_size), cfg=self.cfg,
             window=self.budget.window_for(self.length), branch_cells=self.budget.branch_cells,
-            max_new_cap=self.budget.max_new_tokens, impl=self.impl)
+            max_new_cap=generation_width(limits, self.budget), impl=self.impl)
         tokens, num, gaps = jax.device_get((gen.tokens, gen.num_tokens, gen.gaps))
         answers = []
         for i in range(len(ids)):

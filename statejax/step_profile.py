@@ -23,7 +23,6 @@ The launcher is `experiments/step_profile.py`.
 """
 
 import datetime
-import re
 import time
 
 import jax
@@ -31,17 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from statejax import roofline, steps
+from statejax import roofline, step_census, steps
 from statejax.budget import Budget
 from statejax.cache import FullView
 from statejax.model.config import preset
 from statejax.model.llama import Attention, Mlp, Transformer, init_params
-from statejax.session import Session
+from statejax.session import Session, generation_width
 from statejax.tokenizer import ByteTokenizer
-
-# Entry-computation instructions that launch nothing.
-_NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
-              "after-all", "partition-id", "replica-id"}
 
 
 @struct.dataclass
@@ -97,21 +92,11 @@ def components(cfg, params, tokens: int):
     return {name: (jax.jit(fn), args, _nbytes(args[0])) for name, (fn, args) in pieces.items()}
 
 
-def kernel_launches(hlo_text: str) -> int:
-    """Top-level instructions of the ENTRY computation of optimised HLO text that launch
-    work (fusions, custom calls such as GEMMs and Pallas kernels, copies, loops)."""
-    entry = re.search(r"^ENTRY .*?\n(.*?)^}", hlo_text, re.M | re.S)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    ops = re.findall(r"^\s*(?:ROOT )?\S+ = [^=]*?\s([a-z][\w-]*)\(", entry.group(1), re.M)
-    return sum(op not in _NO_LAUNCH for op in ops)
-
-
 def _time_compiled(fn, args, timing, **static) -> tuple[float, int]:
     """(median seconds, kernel launches) of jitted `fn` at `args`, from one compilation."""
     compiled = fn.lower(*args, **static).compile()
     return (roofline.median_seconds(compiled, *args, **timing),
-            kernel_launches(compiled.as_text()))
+            step_census.kernel_kinds(compiled.as_text())["total"])
 
 
 def query_path(cfg, params, config):
@@ -135,8 +120,8 @@ def query_path(cfg, params, config):
             jnp.int32(session.stop_token), jnp.float32(0.0), jax.random.key(0),
             jnp.int32(session.tokenizer.vocab_size))
     static = dict(cfg=cfg, window=budget.window_for(session.length),
-                  branch_cells=budget.branch_cells, max_new_cap=budget.max_new_tokens,
-                  impl=config.impl)
+                  branch_cells=budget.branch_cells,
+                  max_new_cap=generation_width([1], budget), impl=config.impl)
     return session, question[0], args, static
 
 

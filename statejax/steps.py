@@ -108,7 +108,10 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
         may be smaller than the model's embedding table).
       window: static S >= n.
       branch_cells: static Tb >= question length + max_new.
-      max_new_cap: static G, the width of the generation buffers.
+      max_new_cap: static G, the width of the generation buffers. G = 1 compiles no
+        generation loop: XLA lays the projection weights out for the loop's vector-matrix
+        products before entering a loop (a copy of the q/k/v weights, 192 MiB at the 1B
+        shape), even one that runs zero times, so first-token queries should use G = 1.
 
     Returns:
       A `Generation`.
@@ -139,6 +142,8 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     num = jnp.zeros((r,), jnp.int32)
     done = max_new_R <= 0
     tokens, gaps, num, done = record(0, token, gap, tokens, gaps, num, done)
+    if max_new_cap == 1:
+        return Generation(tokens=tokens, num_tokens=num, gaps=gaps, first_logits=first_logits)
 
     def cond(carry):
         i, _, _, _, _, done, _, _ = carry

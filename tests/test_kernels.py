@@ -227,10 +227,15 @@ def test_contiguous_cells_interpret():
 
 def test_cells_as_pool_addresses_layer_and_row():
     cells = jnp.arange(2 * 3 * 32).reshape(2, 3, 32, 1, 1)
-    pool, table = aa.cells_as_pool(cells, layer=1, rows=jnp.asarray([2]), window=20,
-                                   page_size=8)
-    np.testing.assert_array_equal(aa.gather_pages(pool, table, 20)[0, :, 0, 0],
+    pool, table, offset = aa.cells_as_pool(cells, layer=1, rows=jnp.asarray([2]), window=20,
+                                           page_size=8)
+    np.testing.assert_array_equal(aa.gather_pages(pool, table + offset, 20)[0, :, 0, 0],
                                   cells[1, 2, :20, 0, 0])
+    # The table does not depend on the layer: every layer of a step shares it.
+    _, table_0, offset_0 = aa.cells_as_pool(cells, layer=0, rows=jnp.asarray([2]), window=20,
+                                            page_size=8)
+    np.testing.assert_array_equal(table_0, table)
+    assert (offset_0, offset) == (0, 3 * 32 // 8)
 
 
 # ---------------------------------------------------------------- validation (no kernel run)
@@ -268,6 +273,9 @@ def test_bad_window_block_sizes_and_backend_raise():
     with pytest.raises(InputError, match="num_splits=1"):
         aa.append_attention(*args, block_sizes=aa.BlockSizes(16, 16, num_splits=2),
                             interpret=True)
+    for bad in (-1, 1.5):
+        with pytest.raises(InputError, match="page_offset must be a static int"):
+            da.decode_attention(*args, interpret=True, page_offset=bad)
     if not GPU:
         with pytest.raises(InputError, match="need a GPU"):
             da.decode_attention(*args, interpret=False)

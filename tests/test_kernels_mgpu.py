@@ -19,6 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import mgpu_interpreter
+import mosaic_ptxas
 import numpy as np
 import pytest
 from test_kernels import GPU, Case, _pools, _queries, _reference, _window
@@ -347,6 +348,33 @@ def test_mosaic_kernels_in_the_gpu_interpreter(index):
         pytest.fail(f"the interpreted kernel did not finish in {_INTERPRETER_DEADLINE_S} s "
                     "(a barrier wait that never completes, or an error in a simulated thread)")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+# Every configuration the tests and the benchmark compile, to machine code (sm_90a).
+PTXAS_CASES = CASES + DECODE_CASES + [TARGET, DECODE_TARGET] + TUNED
+_PTXAS_DEADLINE_S = 300
+
+
+def lower_for_ptxas(case_id: str):
+    """Entry point of the subprocess below: lowers one configuration for CUDA."""
+    (mc,) = [c for c in PTXAS_CASES if str(c) == case_id]
+    q, pool, table, lengths = _shapes(mc.case)
+    call = jax.jit(lambda *a: mc.build(*a, window=mc.case.window, block_sizes=mc.tiles))
+    call.trace(q, pool, pool, table, lengths).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.skipif(mosaic_ptxas.unavailable() is not None,
+                    reason=str(mosaic_ptxas.unavailable()))
+@pytest.mark.parametrize("mc", PTXAS_CASES, ids=str)
+def test_mosaic_kernels_compile_to_sm90a_without_spills(mc, tmp_path):
+    """Mosaic GPU compiles the kernel through ptxas for an H100 (no GPU here; see
+    `mosaic_ptxas`): no register spills, and the registers fit one block of its warpgroups."""
+    code = (f"import test_kernels_mgpu as t, mosaic_ptxas; t.lower_for_ptxas({str(mc)!r}); "
+            "mosaic_ptxas.compile_lowered_kernel()")
+    report = mosaic_ptxas.ptxas_report(code, tmp_path, timeout_s=_PTXAS_DEADLINE_S)
+    assert report["spill_stores"] == report["spill_loads"] == 0, report["log"]
+    threads = 128 * (mg._COMPUTE_WGS + 1 if mc.kind == "append" else 2)  # + memory wg
+    assert report["registers"] * threads <= 65536, report["log"]
 
 
 @pytest.mark.gpu

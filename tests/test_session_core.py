@@ -10,7 +10,7 @@ from statejax.budget import Budget
 from statejax.errors import CapacityError, InputError
 from statejax.model.config import preset
 from statejax.model.llama import init_params
-from statejax.session import Session
+from statejax.session import Session, generation_width
 from statejax.state import init_state
 from statejax.tokenizer import ByteTokenizer
 
@@ -104,6 +104,33 @@ def test_query_matches_full_forward_greedy_and_leaves_state_bit_identical(tiny):
     assert 0 <= answer.min_gap <= answer.first_gap
 
 
+def test_first_token_query_compiles_no_loop_and_answers_as_generation_does(tiny):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer())
+    session.append(_random_ids(3, 70))
+    question = _random_ids(4, 12)
+    args = (params, session.state, np.int32(0), np.zeros((1, 16), np.int32),
+            np.full((1,), 12, np.int32), np.ones((1,), np.int32), np.int32(session.stop_token),
+            np.float32(0.0), jax.random.key(0), np.int32(256))
+    args[3][0, :12] = question
+    static = dict(cfg=cfg, window=session.budget.window_for(session.length),
+                  branch_cells=session.budget.branch_cells)
+    first = steps.query(*args, **static, max_new_cap=1)
+    looped = steps.query(*args, **static, max_new_cap=session.budget.max_new_tokens)
+    np.testing.assert_array_equal(first.first_logits, looped.first_logits)
+    np.testing.assert_array_equal(first.tokens[:, 0], looped.tokens[:, 0])
+    np.testing.assert_array_equal(first.gaps[:, 0], looped.gaps[:, 0])
+    np.testing.assert_array_equal(first.num_tokens, looped.num_tokens)
+    assert first.tokens.shape == (1, 1)
+    loops = [steps.query.lower(*args, **static, max_new_cap=g).as_text().count("stablehlo.while")
+             for g in (1, 4)]
+    assert loops[1] == loops[0] + 1  # (the PRNG's own loops are in both)
+    assert generation_width([1, 1], session.budget) == 1
+    assert generation_width([1, 3], session.budget) == session.budget.max_new_tokens
+    # Session.query(..., 1) takes the loop-free program and agrees with a longer answer.
+    assert session.query(question, 1).tokens[0] == session.query(question, 5).tokens[0]
+
+
 def test_query_batch_equals_single_queries_and_stops_at_stop_token(tiny):
     cfg, params = tiny
     session = Session(params, cfg, _budget(), ByteTokenizer())
@@ -140,6 +167,7 @@ def test_streaming_steady_state_never_recompiles(tiny):
     session.append(_random_ids(1, 10))   # warm-up: both chunk sizes, one query shape
     session.append(_random_ids(2, 40))
     session.query("warm up?", 8)
+    session.query("warm up?", 1)  # first-token queries compile without the generation loop
     compiled = (steps.append._cache_size(), steps.query._cache_size())
     for i in range(40):
         session.append(_random_ids(100 + i, int(rng.integers(1, 64))))
@@ -155,7 +183,7 @@ def test_compiled_shapes_stay_within_budget(tiny):
     append_before, query_before = steps.append._cache_size(), steps.query._cache_size()
     for i in range(60):
         session.append(_random_ids(i, 1 + (i * 7) % 40))
-        session.query("q?", 2)
+        session.query("q?", 1 + i % 2)
     limit = budget.compiled_shapes()
     assert steps.append._cache_size() - append_before <= limit["append"]
     assert steps.query._cache_size() - query_before <= limit["query"]

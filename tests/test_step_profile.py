@@ -67,22 +67,3 @@ def test_query_step_is_the_sessions_own_device_call(impl):
     empty = args[1].replace(lengths=args[1].lengths * 0)
     other = steps.query(args[0], empty, *args[2:], **static)
     assert not np.allclose(np.asarray(other.first_logits), np.asarray(gen.first_logits))
-
-
-def test_kernel_launches_counts_the_entry_computation_only():
-    hlo = """HloModule m
-
-%fused (p: f32[4]) -> f32[4] {
-  %p = f32[4]{0} parameter(0)
-  ROOT %n = f32[4]{0} negate(f32[4]{0} %p)
-}
-
-ENTRY %main (a: f32[4], b: f32[4]) -> (f32[4], f32[4]) {
-  %a = f32[4]{0} parameter(0)
-  %b = f32[4]{0} parameter(1)
-  %f = f32[4]{0} fusion(f32[4]{0} %a), kind=kLoop, calls=%fused
-  %g = f32[4]{0} custom-call(f32[4]{0} %b), custom_call_target="__cublas$gemm"
-  ROOT %t = (f32[4]{0}, f32[4]{0}) tuple(f32[4]{0} %f, f32[4]{0} %g)
-}
-"""
-    assert step_profile.kernel_launches(hlo) == 2

@@ -1,0 +1,91 @@
+"""Kernel census of compiled steps, and compiling for a GPU target from a CPU-only machine."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+
+from statejax import cache, gpu_target, step_census
+from statejax.errors import InputError
+from statejax.model.config import preset
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HAS_CUDA_PLUGIN = any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None
+                      for v in (12, 13)) if importlib.util.find_spec("jax_plugins") else False
+
+HLO = """HloModule m
+
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(f32[4]{0} %p)
+}
+
+ENTRY %main (a: f32[4], b: f32[4], w: bf16[64,32]) -> (f32[4], f32[4]) {
+  %a = f32[4]{0} parameter(0)
+  %b = f32[4]{0} parameter(1)
+  %w = bf16[64,32]{1,0} parameter(2)
+  %f = f32[4]{0} fusion(f32[4]{0} %a), kind=kLoop, calls=%fused
+  %g = f32[4]{0} custom-call(f32[4]{0} %b), custom_call_target="__cublas$gemm"
+  %d = f32[4]{0} fusion(f32[4]{0} %a), kind=kCustom, calls=%gemm_fusion_dot.1_computation
+  %k = f32[4]{0} custom-call(f32[4]{0} %b), custom_call_target="__gpu$xla.gpu.triton"
+  %wrapped_transpose.1 = bf16[32,64]{1,0} fusion(bf16[64,32]{1,0} %w), kind=kLoop, calls=%t
+  %c = bf16[2,8]{1,0} copy(bf16[2,8]{1,0} %x)
+  ROOT %t = (f32[4]{0}, f32[4]{0}) tuple(f32[4]{0} %f, f32[4]{0} %g)
+}
+"""
+
+
+def test_kernel_kinds_counts_the_entry_computation_only():
+    # The fused computation's negate and the parameters / tuple launch nothing.
+    assert step_census.kernel_kinds(HLO) == dict(gemm=2, pallas=1, fusion=2, other=1, total=6)
+    with pytest.raises(ValueError, match="ENTRY"):
+        step_census.kernel_kinds("HloModule m\n")
+
+
+def test_large_copies_are_copies_as_large_as_a_kv_weight():
+    # A copy or transpose counts at >= embed * kv_heads * head_dim elements.
+    small = preset("tiny").replace(embed_dim=8, num_kv_heads=1, head_dim=4)  # 32
+    big = small.replace(embed_dim=4096)
+    assert step_census.large_copies(HLO, small) == 1  # the 2048-element transpose
+    assert step_census.large_copies(HLO, big) == 0
+
+
+def test_compiling_for_switches_the_kernels_to_compiled_and_back():
+    assert cache.pallas_interpret()  # CPU: interpret mode
+    device = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
+    with gpu_target.compiling_for(device):
+        assert gpu_target.compiling_for_gpu() and not cache.pallas_interpret()
+    assert cache.pallas_interpret() and not gpu_target.compiling_for_gpu()
+    with pytest.raises(InputError, match="known"):
+        gpu_target.target_device("b200")
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN,
+                    reason="compiling for a GPU target needs jax's CUDA plugin "
+                           "(CI's second leg installs it)")
+def test_census_compiles_the_query_step_for_an_h100(tmp_path):
+    """The launcher compiles the tiny model's query step for the H100 target on this CPU."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.step_census", "--config=configs/step_census.py:tiny",
+         f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    layers = results["layers"]
+    assert results["target"].startswith("NVIDIA H100")
+    rows = {(r["impl"], r["max_new_cap"]): r for r in results["rows"]}
+    assert set(rows) == {(i, g) for i in ("reference", "pallas") for g in (1, 32)}
+    for cap in (1, 32):
+        # Two attention kernels per layer (shared cells, private cells), compiled (Triton).
+        assert rows["pallas", cap]["pallas"] == 2 * layers
+        assert rows["reference", cap]["pallas"] == 0
+    for impl in ("reference", "pallas"):
+        # A first-token query has no generation loop: fewer kernels, fewer re-laid-out weights.
+        assert rows[impl, 1]["total"] < rows[impl, 32]["total"]
+        assert rows[impl, 1]["large_copies"] < rows[impl, 32]["large_copies"]
+    assert "| 256 | pallas | 1 |" in (tmp_path / "results.md").read_text()
