@@ -74,3 +74,5 @@ def test_query_with_pallas_equals_greedy_full_forward(tiny):
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, session.state))
     expected = _greedy_reference(params, cfg, np.concatenate([session.tokens, question]), 6)
     assert answer.tokens.tolist() == expected
+    # A first-token query (compiled without the generation loop) agrees too.
+    assert session.query(question, max_new_tokens=1).tokens.tolist() == expected[:1]
