@@ -47,6 +47,10 @@ def default_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int,
 def combine_splits(out_BxTxHxNxD, lse_BxTxHxN, dtype):
     """Log-sum-exp merge of N split partials.
 
+    One variadic reduction over the split axis whose combiner merges two (lse, out) pairs
+    exactly (an associative, commutative operation): XLA emits it as one kernel, where
+    logsumexp-then-weights-then-sum took three.
+
     Args:
       out_BxTxHxNxD: partial outputs, each normalised over its split's keys.
       lse_BxTxHxN: their float32 log-sum-exps (MASK_VALUE for an empty split).
@@ -55,10 +59,17 @@ def combine_splits(out_BxTxHxNxD, lse_BxTxHxN, dtype):
     Returns:
       out_BxTxHxD in `dtype`, lse_BxTxH float32.
     """
-    lse = jax.nn.logsumexp(lse_BxTxHxN, axis=-1)
-    weights = jnp.exp(lse_BxTxHxN - lse[..., None])
-    out = jnp.einsum("bthn,bthnd->bthd", weights, out_BxTxHxNxD.astype(jnp.float32))
-    return out.astype(dtype), lse
+    def merge(a, b):
+        (lse_a, out_a), (lse_b, out_b) = a, b
+        lse = jnp.logaddexp(lse_a, lse_b)
+        return lse, jnp.exp(lse_a - lse) * out_a + jnp.exp(lse_b - lse) * out_b
+
+    out = out_BxTxHxNxD.astype(jnp.float32)
+    lse = jnp.broadcast_to(lse_BxTxHxN[..., None], out.shape)
+    # The identity is an empty partial: finite MASK_VALUE, so two of them merge without NaN.
+    identity = (jnp.float32(aa.MASK_VALUE), jnp.float32(0.0))
+    lse, out = jax.lax.reduce((lse, out), identity, merge, (out.ndim - 2,))
+    return out.astype(dtype), lse[..., 0]
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",
