@@ -9,11 +9,12 @@ sorted into a kind:
 - `pallas`: statejax's attention kernels (Triton or Mosaic GPU custom calls),
 - `fusion`: every other fused kernel (norms, RoPE, residuals, split-K reductions, merges,
   page-table arithmetic, cache writes),
-- `other`: copies, loops, other library calls (e.g. top-k).
+- `other`: copies, loops, other library calls (e.g. top-k). A loop counts once: its body
+  (the generation steps) is not in the count.
 
-On the GPU each is at least one kernel in a command buffer: at ~1-3 us apiece, hundreds of them
-rival the ~0.8 ms in which a 1B model's weights can be read. The launcher is
-`experiments/step_census.py`.
+On the GPU each is at least one kernel launch (XLA records them into a CUDA graph); at even a
+few microseconds apiece, hundreds of them are a large share of the ~0.8 ms in which a 1B
+model's weights can be read. The launcher is `experiments/step_census.py`.
 """
 
 import collections
