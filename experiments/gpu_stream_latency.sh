@@ -31,8 +31,8 @@ python3 -m experiments.stream_latency --config="${STUDY_CONFIG:-configs/stream_l
 timeout "${PROFILE_TIMEOUT_S:-180}" python3 -m experiments.step_profile \
   --config=configs/step_profile.py:${PROFILE_VARIANT:-gpu} --workdir="$OUT/step_profile" 2>&1 \
   | tee "$OUT/step_profile.log" || echo "step_profile failed or timed out"
-# Optional A/B of XLA flags on the same profile (e.g. launch overhead: PROFILE_XLA_FLAGS=
-# "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL").
+# Optional A/B of XLA flags on the same profile (e.g. what CUDA graphs save per launch:
+# PROFILE_XLA_FLAGS="--xla_gpu_enable_command_buffer=").
 if [ -n "${PROFILE_XLA_FLAGS:-}" ]; then
   XLA_FLAGS="${XLA_FLAGS:-} $PROFILE_XLA_FLAGS" timeout "${PROFILE_TIMEOUT_S:-180}" \
     python3 -m experiments.step_profile --config=configs/step_profile.py:${PROFILE_VARIANT:-gpu} \
