@@ -43,14 +43,14 @@ class BlockSizes:
 
     @classmethod
     def for_shape(cls, *, branches: int, tokens: int, group: int, k_heads: int, head_dim: int,
-                  shared_page_size: int, shared_window: int,
-                  private_page_size: int) -> "BlockSizes":
+                  shared_page_size: int, shared_window: int, private_page_size: int,
+                  itemsize: int = 2) -> "BlockSizes":
         """Shared: decode-style splits over one row of R x T x G query rows per kv-head.
-        Private: append tiles for T x G rows per branch."""
+        Private: append tiles for T x G rows per branch. `itemsize`: bytes per cell element."""
         rows = branches * tokens * group
         shared = da.default_block_sizes(batch=1, rows=rows, k_heads=k_heads,
                                         head_dim=head_dim, page_size=shared_page_size,
-                                        window=shared_window)
+                                        window=shared_window, itemsize=itemsize)
         if rows > shared.block_q:  # many rows: use full-size query tiles
             shared = dataclasses.replace(shared, block_q=min(128, aa._next_pow2(rows)),
                                          num_warps=8 if head_dim >= 128 else 4)
@@ -127,7 +127,7 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     bs = block_sizes or BlockSizes.for_shape(
         branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
         shared_page_size=shared_k_pool.shape[1], shared_window=shared_window,
-        private_page_size=branch_k_pool.shape[1])
+        private_page_size=branch_k_pool.shape[1], itemsize=q_RxTxHxD.dtype.itemsize)
     aa.validate_block_sizes(bs.shared, shared_k_pool.shape[1])
     aa.validate_block_sizes(bs.private, branch_k_pool.shape[1])
     if bs.private.num_splits != 1:

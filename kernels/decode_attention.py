@@ -27,21 +27,31 @@ __all__ = ["BlockSizes", "combine_splits", "decode_attention", "decode_attention
 _TARGET_PROGRAMS = 512
 
 
+# Shared memory the default tiles may stage K/V blocks in (the H100 allows 227 KB per block).
+_KV_STAGING_BYTES = 160 * 1024
+
+
 def default_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int,
-                        page_size: int, window: int) -> BlockSizes:
+                        page_size: int, window: int, itemsize: int = 2) -> BlockSizes:
     """Decode tiles for B rows of `rows` query rows (T x G) per kv-head over S cells.
 
     One query block holds all rows (up to 64); KV steps of 128 cells (bigger loads in flight
-    for a memory-bound kernel); enough splits that B x K x splits reaches ~512 programs while
-    every split keeps >= 2 KV blocks.
+    for a memory-bound kernel), halved while the two pipeline stages of K and V blocks of
+    `itemsize`-byte cells would not fit `_KV_STAGING_BYTES` (float32 at D = 128: 64 cells);
+    enough splits that B x K x splits reaches ~512 programs while every split keeps >= 2 KV
+    blocks.
     """
+    num_stages = 2
     block_q = min(64, max(16, aa._next_pow2(rows)))
-    block_k = max(page_size, 128)
+    block_k = 128
+    while block_k > 16 and 2 * num_stages * block_k * head_dim * itemsize > _KV_STAGING_BYTES:
+        block_k //= 2
+    block_k = max(page_size, block_k)
     num_blocks = pl.cdiv(window, block_k)
     programs = batch * k_heads * pl.cdiv(rows, block_q)
     splits = max(1, min(pl.cdiv(_TARGET_PROGRAMS, programs), num_blocks // 2))
     return BlockSizes(block_q=block_q, block_k=block_k, num_splits=splits, num_warps=4,
-                      num_stages=2)
+                      num_stages=num_stages)
 
 
 def combine_splits(out_BxTxHxNxD, lse_BxTxHxN, dtype):
@@ -118,7 +128,8 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
     b, t, h, d = q_BxTxHxD.shape
     page_size, k_heads = k_pool.shape[1], k_pool.shape[2]
     bs = block_sizes or default_block_sizes(batch=b, rows=t * (h // k_heads), k_heads=k_heads,
-                                            head_dim=d, page_size=page_size, window=window)
+                                            head_dim=d, page_size=page_size, window=window,
+                                            itemsize=q_BxTxHxD.dtype.itemsize)
     aa.validate_block_sizes(bs, page_size)
     out, lse = aa.paged_attention_partials(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=True,

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from statejax import attention
+from configs import kernel_bench as kb_config
+from statejax import attention, gpu_target
 from statejax.errors import InputError
 from statejax.kernels import append_attention as aa
 from statejax.kernels import cascade_attention as ca
@@ -291,6 +292,11 @@ def test_default_block_sizes_follow_the_shape():
     one = da.default_block_sizes(batch=1, rows=32, k_heads=8, head_dim=64, page_size=16,
                                  window=32768)
     assert one.num_splits == 64  # one long session still fills the GPU
+    # float32 cells at D = 128: 128-cell K/V blocks in two stages would need 256 KB of shared
+    # memory (the H100 has 227 KB per block); the default halves the block.
+    wide = da.default_block_sizes(batch=1, rows=2, k_heads=8, head_dim=128, page_size=16,
+                                  window=384, itemsize=4)
+    assert wide.block_k == 64 and decode.num_stages == wide.num_stages == 2
 
 
 # ---------------------------------------------------------------- larger cases for the GPU
@@ -322,8 +328,21 @@ _H100 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.Abs
     device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
 
 
-def _lower_for_cuda(case: Case, *, causal: bool, block_sizes: aa.BlockSizes):
-    """Lowers the kernel call of `case` for CUDA (Pallas -> Triton IR, no GPU needed)."""
+def _compile_only_h100():
+    """The compile-only H100 (`statejax.gpu_target`), or None without jax's CUDA plugin."""
+    try:
+        return gpu_target.target_device("h100")
+    except InputError:
+        return None
+
+
+H100 = _compile_only_h100()
+
+
+def _lower_for_cuda(case: Case, *, causal: bool, block_sizes: aa.BlockSizes,
+                    compile_for=None):
+    """Lowers the kernel call of `case` for CUDA (Pallas -> Triton IR, no GPU needed); with
+    `compile_for` (a compile-only device), compiles it too (Triton -> PTX -> machine code)."""
     b = len(case.lengths)
     dtype = jnp.dtype(case.dtype)
     q = jax.ShapeDtypeStruct((b, case.t, case.h, case.d), dtype)
@@ -334,10 +353,26 @@ def _lower_for_cuda(case: Case, *, causal: bool, block_sizes: aa.BlockSizes):
         *args, window=_window(case), causal=causal, block_sizes=block_sizes,
         out_dtype=dtype if block_sizes.num_splits == 1 else jnp.float32, interpret=False,
         poison_outputs=True))
+    if compile_for is not None:
+        text = gpu_target.compile_for(call, compile_for, q, pool, pool, table, lengths).as_text()
+        assert "xla.gpu.triton" in text
+        return
     with jax.sharding.use_abstract_mesh(_H100):
         traced = call.trace(q, pool, pool, table, lengths)
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
+
+
+def _tuning_cases():
+    """The benchmark's Triton tuning grids on the target shapes they are timed on."""
+    tune = kb_config.get_config("gpu-tune")
+    for kind, shape, grid in (("decode", tune.decode[0], tune.tune_decode),
+                              ("append", tune.append[0], tune.tune_append)):
+        rows, cells, t, h, k, d = shape
+        case = Case(lengths=(cells,) * rows, t=t, h=h, k=k, d=d, page_size=tune.page_size,
+                    pages=-(-(cells + t) // tune.page_size), dtype=tune.dtype)
+        for entry in grid:
+            yield pytest.param(case, True, aa.BlockSizes(*entry), id=f"tune-{kind}-{entry}")
 
 
 def _lowering_cases():
@@ -351,7 +386,8 @@ def _lowering_cases():
                                    dtype="bfloat16")]:
         bs = case.block_sizes or da.default_block_sizes(
             batch=len(case.lengths), rows=case.t * case.h // case.k, k_heads=case.k,
-            head_dim=case.d, page_size=case.page_size, window=_window(case))
+            head_dim=case.d, page_size=case.page_size, window=_window(case),
+            itemsize=jnp.dtype(case.dtype).itemsize)
         yield pytest.param(case, True, bs, id=f"decode-{case}")
     for c in GPU_CASCADE:
         r = len(c.branch_lengths)
@@ -359,7 +395,7 @@ def _lowering_cases():
             branches=r, tokens=c.t, group=c.h // c.k, k_heads=c.k, head_dim=c.d,
             shared_page_size=c.shared_page_size,
             shared_window=c.shared_pages * c.shared_page_size,
-            private_page_size=c.branch_page_size)
+            private_page_size=c.branch_page_size, itemsize=jnp.dtype(c.dtype).itemsize)
         shared = Case(lengths=(0,), t=r * c.t, h=c.h, k=c.k, pages=c.shared_pages, d=c.d,
                       page_size=c.shared_page_size, dtype=c.dtype)
         private = Case(lengths=c.branch_lengths, t=c.t, h=c.h, k=c.k, pages=c.branch_pages,
@@ -373,6 +409,16 @@ def test_triton_lowering_on_cpu(case, causal, block_sizes):
     """Every compiled configuration of the GPU tests (and the benchmark's targets) lowers to
     Triton IR: power-of-two tensors, supported primitives. Compiling the IR needs the GPU."""
     _lower_for_cuda(case, causal=causal, block_sizes=block_sizes)
+
+
+@pytest.mark.skipif(H100 is None, reason="compiling for a GPU target needs jax's CUDA plugin "
+                                         "(CI's second leg installs it)")
+@pytest.mark.parametrize("case, causal, block_sizes",
+                         list(_lowering_cases()) + list(_tuning_cases()))
+def test_triton_kernels_compile_for_an_h100(case, causal, block_sizes):
+    """... and compiles for the H100 (compile-only target): Triton -> PTX within the card's
+    shared memory and registers, every tuning entry included, so none fails on device time."""
+    _lower_for_cuda(case, causal=causal, block_sizes=block_sizes, compile_for=H100)
 
 
 # ---------------------------------------------------------------- compiled on a GPU
