@@ -1,4 +1,4 @@
-"""Kernels a query step launches on a GPU target, compiled on any machine (no GPU needed).
+"""Kernels a session's steps launch on a GPU target, compiled on any machine (no GPU needed).
 
 Run from the repo root (needs jax's CUDA plugin; see statejax/gpu_target.py):
   python -m experiments.step_census                                    # Llama-3.2-1B on H100
@@ -21,10 +21,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.contexts = (1024, 32768)  # session cells behind the question
     c.impls = ("reference", "pallas")
     c.max_new_caps = (1, 32)  # steps.query's static generation width (1: first token only)
+    c.append_chunks = (256,)  # steps.append chunk sizes (the data plane's ingestion)
     if variant == "tiny":
         c.model = "tiny"
         c.dtype = "float32"
         c.contexts = (256,)
+        c.append_chunks = (16,)
     elif variant != "default":
         raise ValueError(f"unknown variant {arg!r}; allowed: None, 'tiny'")
     return c

@@ -1,4 +1,4 @@
-"""Kernels per query step on a GPU target, from its compiled program (issue 3's profile).
+"""Kernels per query / append step on a GPU target, from the compiled programs (issue 3).
 
   python -m experiments.step_census                                    # Llama-3.2-1B, H100
   python -m experiments.step_census --config=configs/step_census.py:tiny --workdir=/tmp/sc

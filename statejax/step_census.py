@@ -1,6 +1,7 @@
-"""Kernels a query step launches on a GPU, counted from its compiled program on any machine.
+"""Kernels a session's steps launch on a GPU, counted from their compiled programs on any
+machine: the query (`steps.query`) and the data append (`steps.append`).
 
-The step is compiled for a compile-only GPU target (`statejax.gpu_target`: what the card would
+Each step is compiled for a compile-only GPU target (`statejax.gpu_target`: what the card would
 run, minus autotuning) at abstract inputs, so the Llama-3.2-1B shape at 32k cells compiles on a
 laptop. Each top-level instruction of the optimised entry computation that launches work is
 sorted into a kind:
@@ -79,6 +80,12 @@ def _entry(hlo_text: str) -> str:
     return entry.group(1)
 
 
+def _abstract_state(cfg, cells: int) -> SessionState:
+    cells_ = jax.ShapeDtypeStruct((cfg.num_layers, 1, cells, cfg.num_kv_heads, cfg.head_dim),
+                                  cfg.jnp_dtype)
+    return SessionState(k=cells_, v=cells_, lengths=jax.ShapeDtypeStruct((1,), jnp.int32))
+
+
 def abstract_query_args(cfg, *, context: int, tokens: int, branch_cells: int,
                         max_new_cap: int):
     """Abstract inputs of `steps.query` for one session row of `context` cells and one branch.
@@ -87,25 +94,48 @@ def abstract_query_args(cfg, *, context: int, tokens: int, branch_cells: int,
       (args, static) with args as ShapeDtypeStructs: `steps.query(*args, **static)`.
     """
     params = jax.eval_shape(lambda: init_params(cfg))
-    cells_shape = (cfg.num_layers, 1, context, cfg.num_kv_heads, cfg.head_dim)
-    cells = jax.ShapeDtypeStruct(cells_shape, cfg.jnp_dtype)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    state = SessionState(k=cells, v=cells, lengths=i32(1))
     key = jax.eval_shape(lambda: jax.random.key(0))
-    args = (params, state, i32(), i32(1, tokens), i32(1), i32(1), i32(),
+    args = (params, _abstract_state(cfg, context), i32(), i32(1, tokens), i32(1), i32(1), i32(),
             jax.ShapeDtypeStruct((), jnp.float32), key, i32())
     static = dict(cfg=cfg, window=context, branch_cells=branch_cells, max_new_cap=max_new_cap)
     return args, static
 
 
-def run(config) -> dict:
-    """Compiles the query step for `config.target` at each (context, impl, max_new_cap) and
-    counts its kernels.
+def abstract_append_args(cfg, *, context: int, chunk: int):
+    """Abstract inputs of `steps.append` of a `chunk`-token chunk to one row of `context` cells.
 
     Returns:
-      {"rows": [{context, impl, max_new_cap, total, per_layer, gemm, pallas, fusion, other,
-       large_copies}], "target", "model", "dtype", "tokens", "layers", "jax_version", "date"}.
-      `large_copies`: see `large_copies`.
+      (args, static): `steps.append(*args, **static)`.
+    """
+    params = jax.eval_shape(lambda: init_params(cfg))
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    args = (params, _abstract_state(cfg, context), i32(1, chunk), i32(1))
+    return args, dict(cfg=cfg, window=context)
+
+
+def donated_buffers(hlo_text: str) -> int:
+    """Outputs that alias an input buffer (updated in place) in optimised HLO text."""
+    header = hlo_text.split("\n", 1)[0]
+    return len(re.findall(r"\((\d+), \{[\d,]*\}, (?:may|must)-alias\)", header))
+
+
+def _row(step, context, impl, text, cfg, **extra) -> dict:
+    kinds = kernel_kinds(text)
+    return dict(step=step, context=context, impl=impl, **extra,
+                per_layer=kinds["total"] / cfg.num_layers, large_copies=large_copies(text, cfg),
+                donated=donated_buffers(text), **kinds)
+
+
+def run(config) -> dict:
+    """Compiles the steps for `config.target` and counts their kernels: the query at each
+    (context, impl, max_new_cap), the append of each chunk size at each (context, impl).
+
+    Returns:
+      {"rows": [{step, context, impl, max_new_cap | chunk, total, per_layer, gemm, pallas,
+       fusion, other, large_copies, donated}], "target", "model", "dtype", "tokens", "layers",
+       "jax_version", "date"}. `large_copies` and `donated` (buffers updated in place): see
+      the functions of those names.
     """
     cfg = preset(config.model, dtype=config.dtype)
     device = gpu_target.target_device(config.target)
@@ -118,10 +148,13 @@ def run(config) -> dict:
             for impl in config.impls:
                 text = gpu_target.compile_for(steps.query, device, *args, **static,
                                               impl=impl).as_text()
-                kinds = kernel_kinds(text)
-                rows.append(dict(context=context, impl=impl, max_new_cap=cap,
-                                 per_layer=kinds["total"] / cfg.num_layers,
-                                 large_copies=large_copies(text, cfg), **kinds))
+                rows.append(_row("query", context, impl, text, cfg, max_new_cap=cap))
+        for chunk in config.append_chunks:
+            args, static = abstract_append_args(cfg, context=context, chunk=chunk)
+            for impl in config.impls:
+                text = gpu_target.compile_for(steps.append, device, *args, **static,
+                                              impl=impl).as_text()
+                rows.append(_row("append", context, impl, text, cfg, chunk=chunk))
     return dict(target=f"{device.device_kind} (compile-only, no autotuning)",
                 model=config.model, dtype=config.dtype, tokens=config.tokens,
                 layers=cfg.num_layers, jax_version=jax.__version__,
@@ -130,20 +163,22 @@ def run(config) -> dict:
 
 
 def results_markdown(results: dict) -> str:
-    """A markdown table: one row per (context, impl)."""
+    """A markdown table: one row per compiled step."""
     lines = [
-        f"# Kernels per query step: {results['model']} ({results['dtype']}), "
-        f"{results['tokens']}-token question, batch 1", "",
+        f"# Kernels per step: {results['model']} ({results['dtype']}), batch 1", "",
         f"- target: {results['target']}; jax {results['jax_version']}; {results['date']}",
-        f"- {results['layers']} layers; the step is `steps.query` (question as a branch, then "
-        "up to max_new_cap tokens; 1 = first token only, no generation loop), compiled at "
-        "abstract inputs", "",
-        "| context | impl | max_new_cap | kernels | per layer | gemm | pallas | fusion | other "
-        "| large copies |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"- {results['layers']} layers, compiled at abstract inputs. query: `steps.query`, a "
+        f"{results['tokens']}-token question as a branch, then up to `width` tokens (1 = first "
+        "token only, no generation loop); append: `steps.append` of a `width`-token chunk",
+        "- large copies: entry-level copies / transposes as large as a k/v weight or more; "
+        "donated: state buffers updated in place", "",
+        "| step | context | impl | width | kernels | per layer | gemm | pallas | fusion | other "
+        "| large copies | donated |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
-        lines.append(f"| {r['context']} | {r['impl']} | {r['max_new_cap']} | {r['total']} | "
+        width = r["max_new_cap"] if r["step"] == "query" else r["chunk"]
+        lines.append(f"| {r['step']} | {r['context']} | {r['impl']} | {width} | {r['total']} | "
                      f"{r['per_layer']:.1f} | {r['gemm']} | {r['pallas']} | {r['fusion']} | "
-                     f"{r['other']} | {r['large_copies']} |")
+                     f"{r['other']} | {r['large_copies']} | {r['donated']} |")
     return "\n".join(lines) + "\n"

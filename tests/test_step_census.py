@@ -47,6 +47,13 @@ def test_kernel_kinds_counts_the_entry_computation_only():
         step_census.kernel_kinds("HloModule m\n")
 
 
+def test_donated_buffers_are_read_from_the_module_header():
+    header = ("HloModule m, input_output_alias={ {0}: (3, {}, may-alias), {1}: (4, {}, "
+              "must-alias) }, entry_computation_layout={()->()}\n")
+    assert step_census.donated_buffers(header + HLO) == 2
+    assert step_census.donated_buffers(HLO) == 0
+
+
 def test_large_copies_are_copies_as_large_as_a_kv_weight():
     # A copy or transpose counts at >= embed * kv_heads * head_dim elements.
     small = preset("tiny").replace(embed_dim=8, num_kv_heads=1, head_dim=4)  # 32
@@ -78,8 +85,13 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     layers = results["layers"]
     assert results["target"].startswith("NVIDIA H100")
-    rows = {(r["impl"], r["max_new_cap"]): r for r in results["rows"]}
+    rows = {(r["impl"], r["max_new_cap"]): r for r in results["rows"] if r["step"] == "query"}
     assert set(rows) == {(i, g) for i in ("reference", "pallas") for g in (1, 32)}
+    appends = {r["impl"]: r for r in results["rows"] if r["step"] == "append"}
+    assert set(appends) == {"reference", "pallas"}
+    for impl, row in appends.items():
+        assert row["donated"] == 3  # k, v, lengths updated in place, never copied
+        assert row["pallas"] == (layers if impl == "pallas" else 0)  # one append kernel a layer
     for cap in (1, 32):
         # Two attention kernels per layer (shared cells, private cells), compiled (Triton).
         assert rows["pallas", cap]["pallas"] == 2 * layers
@@ -88,4 +100,6 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
         # A first-token query has no generation loop: fewer kernels, fewer re-laid-out weights.
         assert rows[impl, 1]["total"] < rows[impl, 32]["total"]
         assert rows[impl, 1]["large_copies"] < rows[impl, 32]["large_copies"]
-    assert "| 256 | pallas | 1 |" in (tmp_path / "results.md").read_text()
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| query | 256 | pallas | 1 |" in markdown
+    assert "| append | 256 | pallas | 16 |" in markdown
