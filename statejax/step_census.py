@@ -20,6 +20,7 @@ model's weights can be read. The launcher is `experiments/step_census.py`.
 
 import collections
 import datetime
+import functools
 import math
 import re
 
@@ -80,6 +81,12 @@ def _entry(hlo_text: str) -> str:
     return entry.group(1)
 
 
+@functools.cache
+def _abstract_params(cfg):
+    """Parameter shapes of `cfg` (traced once per config, not once per compiled step)."""
+    return jax.eval_shape(lambda: init_params(cfg))
+
+
 def _abstract_state(cfg, cells: int) -> SessionState:
     cells_ = jax.ShapeDtypeStruct((cfg.num_layers, 1, cells, cfg.num_kv_heads, cfg.head_dim),
                                   cfg.jnp_dtype)
@@ -93,7 +100,7 @@ def abstract_query_args(cfg, *, context: int, tokens: int, branch_cells: int,
     Returns:
       (args, static) with args as ShapeDtypeStructs: `steps.query(*args, **static)`.
     """
-    params = jax.eval_shape(lambda: init_params(cfg))
+    params = _abstract_params(cfg)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     args = (params, _abstract_state(cfg, context), i32(), i32(1, tokens), i32(1), i32(1), i32(),
@@ -108,7 +115,7 @@ def abstract_append_args(cfg, *, context: int, chunk: int):
     Returns:
       (args, static): `steps.append(*args, **static)`.
     """
-    params = jax.eval_shape(lambda: init_params(cfg))
+    params = _abstract_params(cfg)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     args = (params, _abstract_state(cfg, context), i32(1, chunk), i32(1))
     return args, dict(cfg=cfg, window=context)
