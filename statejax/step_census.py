@@ -10,8 +10,10 @@ sorted into a kind:
 - `pallas`: statejax's attention kernels (Triton or Mosaic GPU custom calls),
 - `fusion`: every other fused kernel (norms, RoPE, residuals, split-K reductions, merges,
   page-table arithmetic, cache writes),
-- `other`: copies, loops, other library calls (e.g. top-k). A loop counts once: its body
-  (the generation steps) is not in the count.
+- `other`: copies, loops, other library calls (e.g. top-k). A loop counts once here; its
+  body (one generated token) is counted apart: `per_token` kernels, and `token_writes`,
+  intermediates as large as a weight written per token (a product materialised before its
+  reduction, say), which a one-token step should never need.
 
 On the GPU each is at least one kernel launch (XLA records them into a CUDA graph); at even a
 few microseconds apiece, hundreds of them are a large share of the ~0.8 ms in which a 1B
@@ -52,9 +54,13 @@ def _kind(line: str) -> str:
 
 
 def kernel_kinds(hlo_text: str) -> dict[str, int]:
-    """{kind: launches} of optimised HLO text (`KINDS`, plus "total")."""
+    """{kind: launches} of the entry computation of optimised HLO text (`KINDS`, "total")."""
+    return _kinds(_entry(hlo_text))
+
+
+def _kinds(computation: str) -> dict[str, int]:
     counts = collections.Counter()
-    for line in _entry(hlo_text).splitlines():
+    for line in computation.splitlines():
         op = re.match(r"\s*(?:ROOT )?\S+ = [^=]*?\s([a-z][\w-]*)\(", line)
         if op and op.group(1) not in _NO_LAUNCH:
             counts[_kind(line)] += 1
@@ -74,11 +80,52 @@ def large_copies(hlo_text: str, cfg) -> int:
     return count
 
 
+def generation_loop(hlo_text: str) -> str | None:
+    """The instructions of one turn of the entry computation's loop (the generation loop:
+    its condition and body), or None when the entry has no loop."""
+    loop = re.search(r" while\(.*?condition=%([\w.-]+), body=%([\w.-]+)", _entry(hlo_text))
+    if loop is None:
+        return None
+    return "".join(_computation(hlo_text, name) for name in loop.groups())
+
+
+def per_token_kernels(hlo_text: str) -> int:
+    """Launches per turn of the generation loop (one generated token); 0 without a loop."""
+    turn = generation_loop(hlo_text)
+    return 0 if turn is None else _kinds(turn)["total"]
+
+
+def token_writes(hlo_text: str, cfg) -> int:
+    """Instructions of a generation-loop turn that write as many elements as a k/v
+    projection weight or more, in-place cache updates aside: in a one-token step only the
+    weights themselves are that large, so these are re-laid-out weights or products
+    materialised before their reduction (each a weight's worth of extra traffic per token)."""
+    turn = generation_loop(hlo_text) or ""
+    smallest = cfg.embed_dim * cfg.num_kv_heads * cfg.head_dim
+    count = 0
+    for line in turn.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\(", line)
+        if (m is None or m.group(3) in _NO_LAUNCH or "dynamic_update_slice" in m.group(1)
+                or "scatter" in m.group(1)):
+            continue
+        sizes = [math.prod(int(x) for x in dims.split(",") if x)
+                 for dims in re.findall(r"\w\[([\d,]*)\]", m.group(2))]
+        count += max(sizes, default=0) >= smallest
+    return count
+
+
 def _entry(hlo_text: str) -> str:
     entry = re.search(r"^ENTRY .*?\n(.*?)^}", hlo_text, re.M | re.S)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     return entry.group(1)
+
+
+def _computation(hlo_text: str, name: str) -> str:
+    body = re.search(rf"^%{re.escape(name)} .*?\n(.*?)^}}", hlo_text, re.M | re.S)
+    if body is None:
+        raise ValueError(f"no computation {name} in the HLO text")
+    return body.group(1)
 
 
 @functools.cache
@@ -131,7 +178,8 @@ def _row(step, context, impl, text, cfg, **extra) -> dict:
     kinds = kernel_kinds(text)
     return dict(step=step, context=context, impl=impl, **extra,
                 per_layer=kinds["total"] / cfg.num_layers, large_copies=large_copies(text, cfg),
-                donated=donated_buffers(text), **kinds)
+                donated=donated_buffers(text), per_token=per_token_kernels(text),
+                token_writes=token_writes(text, cfg), **kinds)
 
 
 def run(config) -> dict:
@@ -140,9 +188,10 @@ def run(config) -> dict:
 
     Returns:
       {"rows": [{step, context, impl, max_new_cap | chunk, total, per_layer, gemm, pallas,
-       fusion, other, large_copies, donated}], "target", "model", "dtype", "tokens", "layers",
-       "jax_version", "date"}. `large_copies` and `donated` (buffers updated in place): see
-      the functions of those names.
+       fusion, other, large_copies, donated, per_token, token_writes}], "target", "model",
+      "dtype", "tokens", "layers", "jax_version", "date"}. `large_copies`, `donated`
+      (buffers updated in place), `per_token` (kernels) and `token_writes`: see the
+      functions of those names.
     """
     cfg = preset(config.model, dtype=config.dtype)
     device = gpu_target.target_device(config.target)
@@ -178,14 +227,16 @@ def results_markdown(results: dict) -> str:
         f"{results['tokens']}-token question as a branch, then up to `width` tokens (1 = first "
         "token only, no generation loop); append: `steps.append` of a `width`-token chunk",
         "- large copies: entry-level copies / transposes as large as a k/v weight or more; "
-        "donated: state buffers updated in place", "",
+        "donated: state buffers updated in place; per token: kernels of one turn of the "
+        "generation loop; token writes: intermediates that large written per token", "",
         "| step | context | impl | width | kernels | per layer | gemm | pallas | fusion | other "
-        "| large copies | donated |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| large copies | donated | per token | token writes |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         width = r["max_new_cap"] if r["step"] == "query" else r["chunk"]
         lines.append(f"| {r['step']} | {r['context']} | {r['impl']} | {width} | {r['total']} | "
                      f"{r['per_layer']:.1f} | {r['gemm']} | {r['pallas']} | {r['fusion']} | "
-                     f"{r['other']} | {r['large_copies']} | {r['donated']} |")
+                     f"{r['other']} | {r['large_copies']} | {r['donated']} | {r['per_token']} | "
+                     f"{r['token_writes']} |")
     return "\n".join(lines) + "\n"

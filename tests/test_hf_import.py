@@ -193,7 +193,7 @@ def test_half_precision_checkpoints(llama, tmp_path, torch_dtype):
     # ModelConfig has no float16: float16 files load as float32 (exact) by default.
     assert native.cfg.dtype == {"bfloat16": "bfloat16", "float16": "float32"}[torch_dtype]
     if torch_dtype == "bfloat16":
-        leaf = native.params["layer_0"]["attn"]["q_proj"]["kernel"]
+        leaf = native.params["layer_0"]["attn"]["q_proj"]["weight"]
         assert leaf.dtype == jnp.bfloat16
         diff = _max_diff(steps.forward(native.params, jnp.asarray(TOKENS), cfg=native.cfg),
                          ref)

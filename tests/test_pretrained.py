@@ -1,6 +1,9 @@
 """The embedded default model loads and still reaches its recorded held-out accuracy."""
 
+import json
+
 import jax
+import numpy as np
 import pytest
 
 from statejax import pretrained
@@ -42,3 +45,36 @@ def test_default_model_reaches_recorded_accuracy(default):
 def test_load_refuses_a_folder_without_a_model(tmp_path):
     with pytest.raises(InputError, match="params.msgpack is missing"):
         pretrained.load(tmp_path)
+
+
+def test_format_1_folders_load_as_the_same_model(default, tmp_path):
+    """A folder written before weights were stored [out, in] (format 1: flax `kernel`
+    [*in, *out]) loads to exactly the params of today's format."""
+    cfg, params, _, info = default
+    kernels = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = [k.key for k in path]
+        if keys[-1] == "weight":  # back to flax's layout: o_proj has two input axes
+            in_axes = 2 if keys[-2] == "o_proj" else 1
+            leaf, keys[-1] = np.moveaxis(leaf, range(-in_axes, 0), range(in_axes)), "kernel"
+        node = kernels
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = np.asarray(leaf)
+    old = pretrained.save(tmp_path / "old", kernels, cfg, info)
+    meta = json.loads((old / "model.json").read_text())
+    (old / "model.json").write_text(json.dumps({**meta, "format": 1}))
+    _, loaded, _, loaded_info = pretrained.load(old)
+    assert loaded_info == info
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_refuses_an_unknown_format(default, tmp_path):
+    cfg, params, _, info = default
+    folder = pretrained.save(tmp_path / "m", params, cfg, info)
+    meta = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**meta, "format": 3}))
+    with pytest.raises(InputError, match="format 3; allowed: 1, 2"):
+        pretrained.load(folder)

@@ -62,6 +62,47 @@ def test_large_copies_are_copies_as_large_as_a_kv_weight():
     assert step_census.large_copies(HLO, big) == 0
 
 
+LOOP = """HloModule m
+
+%cond (c: (s32[], bf16[64,32])) -> pred[] {
+  %c = (s32[], bf16[64,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element((s32[], bf16[64,32]{1,0}) %c), index=0
+  ROOT %lt = pred[] fusion(s32[] %i), kind=kLoop, calls=%fused_compare
+}
+
+%body (b: (s32[], bf16[64,32])) -> (s32[], bf16[64,32]) {
+  %b = (s32[], bf16[64,32]{1,0}) parameter(0)
+  %w = bf16[64,32]{1,0} get-tuple-element((s32[], bf16[64,32]{1,0}) %b), index=1
+  %loop_multiply_fusion = bf16[64,32]{1,0} fusion(bf16[64,32]{1,0} %w), kind=kLoop, calls=%m
+  %input_reduce_fusion = (bf16[32]{0}, bf16[8]{0}) fusion(bf16[64,32]{1,0} %w), kind=kInput
+  %loop_dynamic_update_slice_fusion = bf16[64,32]{1,0} fusion(bf16[64,32]{1,0} %w), kind=kLoop
+  %i = s32[] get-tuple-element((s32[], bf16[64,32]{1,0}) %b), index=0
+  ROOT %t = (s32[], bf16[64,32]{1,0}) tuple(s32[] %i, bf16[64,32]{1,0} %w)
+}
+
+ENTRY %main (w: bf16[64,32]) -> bf16[64,32] {
+  %w = bf16[64,32]{1,0} parameter(0)
+  %z = s32[] constant(0)
+  %init = (s32[], bf16[64,32]{1,0}) tuple(s32[] %z, bf16[64,32]{1,0} %w)
+  %loop = (s32[], bf16[64,32]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[64,32]{1,0} get-tuple-element((s32[], bf16[64,32]{1,0}) %loop), index=1
+}
+"""
+
+
+def test_per_token_counts_one_turn_of_the_generation_loop():
+    # Condition (1) + body (3 fusions); the loop itself is one "other" of the entry.
+    assert step_census.kernel_kinds(LOOP)["total"] == 1
+    assert step_census.per_token_kernels(LOOP) == 4
+    assert step_census.per_token_kernels(HLO) == 0  # no loop
+    # Writes as large as a k/v weight (2048 elements here), in-place cache updates aside:
+    # the materialised product only (the reduction's outputs are small).
+    small = preset("tiny").replace(embed_dim=8, num_kv_heads=1, head_dim=4)  # 32 elements
+    assert step_census.token_writes(LOOP, small.replace(embed_dim=512)) == 1
+    assert step_census.token_writes(LOOP, small.replace(embed_dim=4096)) == 0
+    assert step_census.token_writes(HLO, small) == 0
+
+
 def test_compiling_for_switches_the_kernels_to_compiled_and_back():
     assert cache.pallas_interpret()  # CPU: interpret mode
     device = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
@@ -97,9 +138,15 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
         assert rows["pallas", cap]["pallas"] == 2 * layers
         assert rows["reference", cap]["pallas"] == 0
     for impl in ("reference", "pallas"):
-        # A first-token query has no generation loop: fewer kernels, fewer re-laid-out weights.
+        # A first-token query has no generation loop, so nothing per generated token.
         assert rows[impl, 1]["total"] < rows[impl, 32]["total"]
-        assert rows[impl, 1]["large_copies"] < rows[impl, 32]["large_copies"]
+        assert rows[impl, 1]["per_token"] == 0 < rows[impl, 32]["per_token"]
+    # Weights stored [out, in]: the loop's one-token products read them in place, neither
+    # re-laid-out before the loop (no copies beyond the first-token step's activation
+    # transposes) nor materialised as products inside it. (The reference attention does
+    # write cell-sized intermediates per token.)
+    assert rows["pallas", 32]["large_copies"] == rows["pallas", 1]["large_copies"]
+    assert rows["pallas", 32]["token_writes"] == 0
     markdown = (tmp_path / "results.md").read_text()
     assert "| query | 256 | pallas | 1 |" in markdown
     assert "| append | 256 | pallas | 16 |" in markdown

@@ -5,17 +5,18 @@ A checkpoint directory holds `config.json`, then either `model.safetensors` or s
 `tokenizer.json`, `tokenizer_config.json` / `chat_template.jinja` (chat template).
 
 Layout notes:
-- HF `nn.Linear` stores weight [out, in]; statejax kernels are [in, out] and per-head kernels
-  split the head axis: q/k/v `[N*D, E] -> [E, N, D]`, o_proj `[E, H*D] -> [H, D, E]`.
+- HF `nn.Linear` stores weight [out, in], as statejax does (`statejax.model.llama.Linear`);
+  per-head weights split the head axis: q/k/v `[N*D, E] -> [N, D, E]`, o_proj
+  `[E, H*D] -> [E, H, D]`. Every tensor is a reshape of the file's: nothing is transposed.
 - RoPE needs no q/k permutation: statejax rotates in the same half-split ("rotate_half")
   layout as HF's Llama/Qwen modelling code (`statejax.model.rope`). Checkpoints converted from
   Meta's original interleaved layout are already permuted by HF's conversion script.
 
 Loading streams one tensor at a time: its bytes are read (large `preadv` calls) into one
-aligned host buffer, which becomes the parameter itself on CPU when no cast or transpose is
-needed (XLA adopts aligned buffers), else is handed to the device and cast / transposed there
-into a fresh buffer. The next tensor is read while the current one moves, so host RAM holds no
-copy of the weights beyond the page cache, the params (on CPU) and two tensors in flight.
+aligned host buffer, which becomes the parameter itself on CPU when no cast is needed (XLA
+adopts aligned buffers), else is handed to the device and cast there into a fresh buffer.
+The next tensor is read while the current one moves, so host RAM holds no copy of the
+weights beyond the page cache, the params (on CPU) and two tensors in flight.
 """
 
 import concurrent.futures
@@ -197,24 +198,22 @@ def config_from_hf(config_json: dict, *, dtype=None, name: str | None = None) ->
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """Where one HF tensor goes: `params[path]` = reshape(transpose?(hf), shape)."""
+    """Where one HF tensor goes: `params[path]` = reshape(hf, shape)."""
 
     hf_name: str
     path: tuple[str, ...]
     hf_shape: tuple[int, ...]
-    transpose: bool
     shape: tuple[int, ...]
 
 
 def _norm(hf_name: str, module: tuple[str, ...], width: int) -> TensorSpec:
-    return TensorSpec(hf_name, (*module, "scale"), (width,), False, (width,))
+    return TensorSpec(hf_name, (*module, "scale"), (width,), (width,))
 
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """Every HF tensor a checkpoint of `cfg` must hold, with its statejax destination."""
     e, d, f, v = cfg.embed_dim, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
-    specs = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), (v, e), False,
-                        (v, e))]
+    specs = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), (v, e), (v, e))]
     for i in range(cfg.num_layers):
         hf, me = f"model.layers.{i}", f"layer_{i}"
         specs.append(_norm(f"{hf}.input_layernorm.weight", (me, "input_norm"), e))
@@ -223,33 +222,31 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
                             ("v", cfg.num_kv_heads)):
             name = f"{hf}.self_attn.{proj}_proj"
             path = (me, "attn", f"{proj}_proj")
-            specs.append(TensorSpec(f"{name}.weight", (*path, "kernel"), (heads * d, e), True,
-                                    (e, heads, d)))
+            specs.append(TensorSpec(f"{name}.weight", (*path, "weight"), (heads * d, e),
+                                    (heads, d, e)))
             if cfg.qkv_bias:
-                specs.append(TensorSpec(f"{name}.bias", (*path, "bias"), (heads * d,), False,
+                specs.append(TensorSpec(f"{name}.bias", (*path, "bias"), (heads * d,),
                                         (heads, d)))
         specs.append(TensorSpec(f"{hf}.self_attn.o_proj.weight", (me, "attn", "o_proj",
-                                "kernel"), (e, cfg.num_heads * d), True, (cfg.num_heads, d, e)))
+                                "weight"), (e, cfg.num_heads * d), (e, cfg.num_heads, d)))
         if cfg.qk_norm:
             specs.append(_norm(f"{hf}.self_attn.q_norm.weight", (me, "attn", "q_norm"), d))
             specs.append(_norm(f"{hf}.self_attn.k_norm.weight", (me, "attn", "k_norm"), d))
         for proj, out, inp in (("gate", f, e), ("up", f, e), ("down", e, f)):
             specs.append(TensorSpec(f"{hf}.mlp.{proj}_proj.weight",
-                                    (me, "mlp", f"{proj}_proj", "kernel"), (out, inp), True,
-                                    (inp, out)))
+                                    (me, "mlp", f"{proj}_proj", "weight"), (out, inp),
+                                    (out, inp)))
     specs.append(_norm("model.norm.weight", ("final_norm",), e))
     if not cfg.tie_embeddings:
-        specs.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (v, e), True, (e, v)))
+        specs.append(TensorSpec("lm_head.weight", ("lm_head", "weight"), (v, e), (v, e)))
     return specs
 
 
-@functools.partial(jax.jit, static_argnames=("transpose", "shape", "dtype"))
-def _convert(x, *, transpose: bool, shape: tuple[int, ...], dtype: str):
-    # Cast and transpose on the device: XLA's tiled transpose beats numpy's strided copy, and
-    # on an accelerator the host only ever ships the file's bytes. Round-to-nearest-even, as
-    # torch's `.to(bfloat16)`.
-    x = x.astype(dtype)
-    return (x.T if transpose else x).reshape(shape)
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _convert(x, *, shape: tuple[int, ...], dtype: str):
+    # Cast on the device: on an accelerator the host only ever ships the file's bytes.
+    # Round-to-nearest-even, as torch's `.to(bfloat16)`.
+    return x.astype(dtype).reshape(shape)
 
 
 # ------------------------------------------------------------------ files
@@ -352,7 +349,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None) -> Checkpoint:
 
     Returns:
       A `Checkpoint`; `params` leaves have the `statejax.model.llama` shapes, e.g.
-      `layer_0/attn/q_proj/kernel` [E, H, D].
+      `layer_0/attn/q_proj/weight` [H, D, E].
 
     Raises InputError for: an unsupported architecture or setting, a corrupt or truncated
     safetensors file or index, missing or unexpected tensors, a tensor whose shape does not
@@ -372,12 +369,11 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None) -> Checkpoint:
     _check_tensors(cfg, specs, weights, root)  # before reading any data: fail fast
     params: dict = {}
     for s, host in _read_ahead(specs, weights):
-        if not s.transpose and host.dtype == cfg.jnp_dtype:
+        if host.dtype == cfg.jnp_dtype:
             # Adopted without a copy on CPU (our own buffer, so nothing aliases the file).
             leaf = jax.device_put(host.reshape(s.shape))
         else:
-            leaf = _convert(jax.device_put(host), transpose=s.transpose, shape=s.shape,
-                            dtype=cfg.dtype)
+            leaf = _convert(jax.device_put(host), shape=s.shape, dtype=cfg.dtype)
         # Blocking bounds what is in flight: this tensor on the device, the next on the host.
         leaf.block_until_ready()
         del host

@@ -8,11 +8,45 @@ The model is cache-agnostic: each attention layer hands its q/k/v to a cache *vi
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from statejax.model.config import ModelConfig
 from statejax.model.rope import apply_rope, inverse_frequencies
 
 _INIT = nn.initializers.normal(stddev=0.02)
+
+
+class Linear(nn.Module):
+    """`y = x . W^T (+ b)` over the trailing `in_axes` axes of x, W stored [*features, *in].
+
+    The weight layout is PyTorch's (output axes first, the contracted input axes minor), not
+    flax's [in, out], for the batch-1 decode step: XLA's GPU compiler lowers a vector-matrix
+    product of this size as multiply + reduce over the input axes, which with those axes
+    minor is a row reduction reading each weight once. In flax's layout the same step either
+    transposes the weights (hoisted out of a decode loop: a copy of every weight per answer)
+    or writes the whole product to memory before reducing it (3x the weight traffic).
+    Larger products are GEMMs in either layout. HF checkpoints store this layout too.
+
+    Call: x [..., *in] -> [..., *features].
+    """
+
+    features: tuple[int, ...]
+    in_axes: int = 1
+    use_bias: bool = False
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.in_axes:]
+        weight = self.param("weight", _INIT, (*self.features, *in_shape), self.param_dtype)
+        bias = (self.param("bias", nn.initializers.zeros, self.features, self.param_dtype)
+                if self.use_bias else None)
+        x, weight, bias = promote_dtype(x, weight, bias, dtype=self.dtype)
+        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)),
+                    tuple(range(len(self.features), weight.ndim)))
+        y = jax.lax.dot_general(x, weight, (contract, ((), ())))
+        return y if bias is None else y + jnp.broadcast_to(bias, y.shape)
 
 
 class Attention(nn.Module):
@@ -22,9 +56,9 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxE, positions_BxT, view):
         cfg = self.cfg
-        dense = lambda heads, name: nn.DenseGeneral(
+        dense = lambda heads, name: Linear(
             (heads, cfg.head_dim), use_bias=cfg.qkv_bias, dtype=cfg.jnp_dtype,
-            param_dtype=cfg.jnp_dtype, kernel_init=_INIT, name=name)
+            param_dtype=cfg.jnp_dtype, name=name)
         q = dense(cfg.num_heads, "q_proj")(x_BxTxE)
         k = dense(cfg.num_kv_heads, "k_proj")(x_BxTxE)
         v = dense(cfg.num_kv_heads, "v_proj")(x_BxTxE)
@@ -35,9 +69,8 @@ class Attention(nn.Module):
         q = apply_rope(q, positions_BxT, inv_freq)
         k = apply_rope(k, positions_BxT, inv_freq)
         out_BxTxHxD, view = view.update_and_attend(self.layer, q, k, v)
-        out = nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), use_bias=False,
-                              dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,
-                              kernel_init=_INIT, name="o_proj")(out_BxTxHxD)
+        out = Linear((cfg.embed_dim,), in_axes=2, dtype=cfg.jnp_dtype,
+                     param_dtype=cfg.jnp_dtype, name="o_proj")(out_BxTxHxD)
         return out, view
 
 
@@ -47,9 +80,8 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxE):
         cfg = self.cfg
-        dense = lambda width, name: nn.Dense(width, use_bias=False, dtype=cfg.jnp_dtype,
-                                             param_dtype=cfg.jnp_dtype, kernel_init=_INIT,
-                                             name=name)
+        dense = lambda width, name: Linear((width,), dtype=cfg.jnp_dtype,
+                                           param_dtype=cfg.jnp_dtype, name=name)
         gate = dense(cfg.mlp_dim, "gate_proj")(x_BxTxE)
         up = dense(cfg.mlp_dim, "up_proj")(x_BxTxE)
         return dense(cfg.embed_dim, "down_proj")(nn.silu(gate) * up)
@@ -92,9 +124,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxTxE)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
-                              param_dtype=cfg.jnp_dtype, kernel_init=_INIT,
-                              name="lm_head")(x_BxTxE)
+            logits = Linear((cfg.vocab_size,), dtype=cfg.jnp_dtype,
+                            param_dtype=cfg.jnp_dtype, name="lm_head")(x_BxTxE)
         logits = logits.astype(jnp.float32)
         if logit_index_B is not None:
             logits = logits[:, 0]

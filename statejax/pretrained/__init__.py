@@ -3,7 +3,9 @@
 A shipped model is a folder with two files:
 
 - `params.msgpack`: the float32 params pytree, written by `flax.serialization` (msgpack is
-  already a flax dependency, so loading needs nothing extra);
+  already a flax dependency, so loading needs nothing extra); format 2 stores projection
+  weights [out, in] (`statejax.model.llama.Linear`); format 1 (flax's [in, out] `kernel`)
+  is converted on load;
 - `model.json`: the `ModelConfig` fields, the tokenizer identity, the serving format (prompt
   prefix, question template, stop token) and the held-out accuracies recorded at export.
 
@@ -26,7 +28,8 @@ from statejax.model.config import ModelConfig, RopeScaling
 from statejax.tokenizer import ByteTokenizer
 
 DEFAULT = "ladder-l-long"  # folder of the embedded default, beside this file
-FORMAT = 1
+FORMAT = 2
+_FORMATS = (1, 2)
 _PARAMS, _META = "params.msgpack", "model.json"
 
 
@@ -58,8 +61,9 @@ def load(path) -> tuple[ModelConfig, Any, ByteTokenizer, dict[str, Any]]:
         if not (path / name).is_file():
             raise InputError(f"{path} is not a shipped model: {name} is missing")
     info = json.loads((path / _META).read_text())
-    if info.get("format") != FORMAT:
-        raise InputError(f"{path / _META} has format {info.get('format')!r}; allowed: {FORMAT}")
+    if info.get("format") not in _FORMATS:
+        raise InputError(f"{path / _META} has format {info.get('format')!r}; allowed: "
+                         f"{', '.join(map(str, _FORMATS))}")
     if info.get("tokenizer") != ByteTokenizer.name:
         raise InputError(f"{path} needs tokenizer {info.get('tokenizer')!r}; this loader "
                          f"knows {ByteTokenizer.name!r}")
@@ -68,6 +72,8 @@ def load(path) -> tuple[ModelConfig, Any, ByteTokenizer, dict[str, Any]]:
         fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
     cfg = ModelConfig(**fields)
     params = serialization.msgpack_restore((path / _PARAMS).read_bytes())
+    if info.pop("format") == 1:
+        params = _weights_from_kernels(params)
     params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
     return cfg, params, ByteTokenizer(), info
 
@@ -80,6 +86,19 @@ def load_default() -> tuple[ModelConfig, Any, ByteTokenizer, dict[str, Any]]:
     through the serving path (docs/ladder.md).
     """
     return load(Path(__file__).parent / DEFAULT)
+
+
+def _weights_from_kernels(tree, name: str = ""):
+    """Format 1 -> 2: flax `kernel` [*in, *out] -> `weight` [*out, *in]; o_proj alone
+    contracts two input axes (heads, head_dim)."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: _weights_from_kernels(v, k) for k, v in tree.items() if k != "kernel"}
+    if "kernel" in tree:
+        kernel = tree["kernel"]
+        in_axes = 2 if name == "o_proj" else 1
+        out["weight"] = np.transpose(kernel, (*range(in_axes, kernel.ndim), *range(in_axes)))
+    return out
 
 
 def _plain(tree):
