@@ -22,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.repeats = 10
     c.context = 1024  # session cells behind the query rows (query_step, session_query)
     c.impl = "reference"  # their attention: "reference" or "pallas"
+    c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
     if variant == "gpu":
         c.model = "llama-3.2-1b"
         c.dtype = "bfloat16"

@@ -14,6 +14,9 @@ chained, so per-call launch cost is amortised as in the real step):
 - `query_step`: `steps.query` (what `Session.query` runs on the device: the question as a
   branch over a session of `context` cells, then the first token) on device-resident inputs,
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included),
+- `decode_token`: one generated token of a query that generates (`steps.query` at width
+  `decode_tokens`, no stop token): the time of all tokens minus that of the first, over the
+  rest, in one compiled program; its kernels are one turn of the generation loop,
 
 and reports for each: ms, bytes that must be read (weights; plus the session's K/V for the
 query rows), GB/s and the fraction of the copy bandwidth measured in the same run, and for the
@@ -110,7 +113,7 @@ def query_path(cfg, params, config):
     page = 16
     cells = -(-(config.context + 2 * config.tokens) // page) * page
     budget = Budget(cells=cells, page_size=page, chunk_sizes=(16, 32, 64, 256),
-                    question_cells=64, max_new_tokens=32)
+                    question_cells=64, max_new_tokens=config.decode_tokens)
     session = Session(params, cfg, budget, ByteTokenizer(), impl=config.impl)
     rng = np.random.default_rng(0)
     session.append(rng.integers(0, 256, config.context).astype(np.int32))
@@ -123,6 +126,25 @@ def query_path(cfg, params, config):
                   branch_cells=budget.branch_cells,
                   max_new_cap=generation_width([1], budget), impl=config.impl)
     return session, question[0], args, static
+
+
+def _time_per_generated_token(args, static, width: int, timing) -> tuple[float, int]:
+    """(median seconds per generated token, kernels per token) of the query at `args`
+    generating `width` tokens: (t(width) - t(1)) / (width - 1) of one compiled program, the
+    stop token disabled so no answer ends early."""
+    if width < 2:
+        raise ValueError(f"decode_tokens must be >= 2 to time a generated token, got {width}")
+    static = dict(static, max_new_cap=width)
+    never_stop = jnp.int32(-1)  # token ids are >= 0
+
+    def with_max_new(n):
+        return (*args[:5], jnp.full((1,), n, jnp.int32), never_stop, *args[7:])
+
+    compiled = steps.query.lower(*with_max_new(width), **static).compile()
+    all_tokens = roofline.median_seconds(compiled, *with_max_new(width), **timing)
+    first_only = roofline.median_seconds(compiled, *with_max_new(1), **timing)
+    return ((all_tokens - first_only) / (width - 1),
+            step_census.per_token_kernels(compiled.as_text()))
 
 
 def _median_wall_seconds(fn, *, warmup: int, repeats: int) -> float:
@@ -157,6 +179,8 @@ def run(config) -> dict:
     add("query_step", *_time_compiled(steps.query, args, timing, **static), query_bytes)
     add("session_query", _median_wall_seconds(lambda: session.query(question, 1), **timing),
         None, query_bytes)
+    add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
+        query_bytes)
     device = jax.devices()[0]
     return dict(device=f"{device.device_kind} ({device.platform})", jax_version=jax.__version__,
                 date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

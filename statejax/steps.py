@@ -109,9 +109,8 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
       window: static S >= n.
       branch_cells: static Tb >= question length + max_new.
       max_new_cap: static G, the width of the generation buffers. G = 1 compiles no
-        generation loop: XLA lays the projection weights out for the loop's vector-matrix
-        products before entering a loop (a copy of the q/k/v weights, 192 MiB at the 1B
-        shape), even one that runs zero times, so first-token queries should use G = 1.
+        generation loop (nor its carried buffers and per-turn condition), the step a
+        first-token query should use.
 
     Returns:
       A `Generation`.

@@ -33,14 +33,16 @@ def test_tiny_run_reports_each_component_against_the_floor():
     results = step_profile.run(sp_config.get_config("tiny"))
     names = [r["component"] for r in results["rows"]]
     assert names == ["attn_projections", "mlp", "embed_logits", "step_without_attention",
-                     "step_with_attention", "query_step", "session_query"]
+                     "step_with_attention", "query_step", "session_query", "decode_token"]
     for r in results["rows"]:
         assert r["ms"] > 0
         assert np.isclose(r["floor_ms"], 1e3 * r["weight_bytes"] / results["copy_bytes_per_s"])
         assert np.isclose(r["frac_copy"], r["floor_ms"] / r["ms"])
     rows = {r["component"]: r for r in results["rows"]}
-    assert all(rows[n]["kernels"] > 0 for n in names[:-1]) and rows["session_query"][
-        "kernels"] is None
+    assert all(rows[n]["kernels"] > 0 for n in names if n != "session_query")
+    assert rows["session_query"]["kernels"] is None
+    # A generated token runs one turn of the loop: fewer kernels than the whole query step.
+    assert rows["decode_token"]["kernels"] < rows["query_step"]["kernels"]
     # The query rows read the session's K/V on top of the weights.
     cfg = preset("tiny")
     assert rows["query_step"]["weight_bytes"] == cfg.weight_bytes + (64 + 32) * (
