@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import old_layouts
+import orbax.checkpoint as ocp
 import pytest
 
 from statejax.checkpoint import orbax_io
@@ -73,3 +75,20 @@ def test_bad_paths_and_names_are_refused(tmp_path, tiny):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no statejax checkpoint"):
         orbax_io.restore(tmp_path / "empty")
+
+
+def test_v1_checkpoints_restore_in_todays_layout(tmp_path, tiny):
+    """A checkpoint written before weights were stored [out, in] (statejax-orbax-v1, flax
+    kernels) restores bit-identically to today's params."""
+    cfg, params = tiny
+    target = tmp_path / "v1"
+    meta = {"format": "statejax-orbax-v1", "model_config": orbax_io.config_to_json(cfg),
+            "tokenizer_name": "bytes-v1", "step": None}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(target, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(old_layouts.flax_kernel_layout(params)),
+            meta=ocp.args.JsonSave(meta)))
+    restored, restored_cfg, tokenizer_name = orbax_io.restore(target, cfg=cfg)
+    _assert_bit_identical(params, restored)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))
+    assert restored_cfg == cfg and tokenizer_name == "bytes-v1"

@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import old_layouts
 import pytest
 
 from statejax import pretrained
@@ -51,16 +52,7 @@ def test_format_1_folders_load_as_the_same_model(default, tmp_path):
     """A folder written before weights were stored [out, in] (format 1: flax `kernel`
     [*in, *out]) loads to exactly the params of today's format."""
     cfg, params, _, info = default
-    kernels = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        keys = [k.key for k in path]
-        if keys[-1] == "weight":  # back to flax's layout: o_proj has two input axes
-            in_axes = 2 if keys[-2] == "o_proj" else 1
-            leaf, keys[-1] = np.moveaxis(leaf, range(-in_axes, 0), range(in_axes)), "kernel"
-        node = kernels
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = np.asarray(leaf)
+    kernels = old_layouts.flax_kernel_layout(params)
     old = pretrained.save(tmp_path / "old", kernels, cfg, info)
     meta = json.loads((old / "model.json").read_text())
     (old / "model.json").write_text(json.dumps({**meta, "format": 1}))

@@ -17,9 +17,10 @@ import orbax.checkpoint as ocp
 
 from statejax.errors import InputError
 from statejax.model.config import ModelConfig, RopeScaling
-from statejax.model.llama import init_params
+from statejax.model.llama import from_flax_kernel_layout, init_params
 
-FORMAT = "statejax-orbax-v1"
+FORMAT = "statejax-orbax-v2"  # projection weights [out, in] (statejax.model.llama.Linear)
+_FORMAT_V1 = "statejax-orbax-v1"  # flax [in, out] kernels: converted on restore
 
 
 def config_to_json(cfg: ModelConfig) -> dict:
@@ -139,18 +140,24 @@ def restore(path: str | os.PathLike, *, cfg: ModelConfig | None = None,
                 "meta"]
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise InputError(f"{target} is not a readable statejax checkpoint: {e}") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, _FORMAT_V1):
             raise InputError(f"{target} has metadata format "
                              f"{meta.get('format') if isinstance(meta, dict) else meta!r}; "
-                             f"allowed: {FORMAT!r}")
+                             f"allowed: {FORMAT!r}, {_FORMAT_V1!r}")
         stored = config_from_json(meta["model_config"])
         if cfg is not None and (diff := _differences(stored, cfg)):
             raise InputError(f"checkpoint {target} was saved for a different model config: "
                              + "; ".join(diff))
+        v1 = meta["format"] == _FORMAT_V1
         try:
+            # v1 leaves have the old shapes: restored as stored, converted, then checked.
             params = ckptr.restore(target, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract_params(stored))))["params"]
+                params=ocp.args.StandardRestore(None if v1 else _abstract_params(stored))))[
+                    "params"]
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise InputError(f"{target}: params do not match the stored config {stored.name}: "
                              f"{e}") from e
+    if v1:
+        params = jax.tree.map(jnp.asarray, from_flax_kernel_layout(params))
+        _check_params(params, stored)
     return params, stored, meta["tokenizer_name"]

@@ -132,6 +132,27 @@ class Transformer(nn.Module):
         return logits, view
 
 
+def from_flax_kernel_layout(tree):
+    """Params saved before `Linear` (flax `kernel` [*in, *out]) -> today's `weight`
+    [*out, *in]. o_proj alone contracts two input axes (heads, head_dim).
+
+    For checkpoints written before 2026-11-27 (`statejax.pretrained` format 1, orbax
+    `statejax-orbax-v1`); leaves may be numpy or jax arrays.
+    """
+    return _from_kernels(tree, "")
+
+
+def _from_kernels(tree, name: str):
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: _from_kernels(v, k) for k, v in tree.items() if k != "kernel"}
+    if "kernel" in tree:
+        kernel = tree["kernel"]
+        in_axes = 2 if name == "o_proj" else 1
+        out["weight"] = jnp.transpose(kernel, (*range(in_axes, kernel.ndim), *range(in_axes)))
+    return out
+
+
 def _rms_norm(cfg: ModelConfig, name: str) -> nn.RMSNorm:
     # Norm statistics in float32 whatever the activation dtype.
     return nn.RMSNorm(epsilon=cfg.rms_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,

@@ -25,6 +25,7 @@ from flax import serialization
 
 from statejax.errors import InputError
 from statejax.model.config import ModelConfig, RopeScaling
+from statejax.model.llama import from_flax_kernel_layout
 from statejax.tokenizer import ByteTokenizer
 
 DEFAULT = "ladder-l-long"  # folder of the embedded default, beside this file
@@ -73,7 +74,7 @@ def load(path) -> tuple[ModelConfig, Any, ByteTokenizer, dict[str, Any]]:
     cfg = ModelConfig(**fields)
     params = serialization.msgpack_restore((path / _PARAMS).read_bytes())
     if info.pop("format") == 1:
-        params = _weights_from_kernels(params)
+        params = from_flax_kernel_layout(params)
     params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
     return cfg, params, ByteTokenizer(), info
 
@@ -86,19 +87,6 @@ def load_default() -> tuple[ModelConfig, Any, ByteTokenizer, dict[str, Any]]:
     through the serving path (docs/ladder.md).
     """
     return load(Path(__file__).parent / DEFAULT)
-
-
-def _weights_from_kernels(tree, name: str = ""):
-    """Format 1 -> 2: flax `kernel` [*in, *out] -> `weight` [*out, *in]; o_proj alone
-    contracts two input axes (heads, head_dim)."""
-    if not isinstance(tree, dict):
-        return tree
-    out = {k: _weights_from_kernels(v, k) for k, v in tree.items() if k != "kernel"}
-    if "kernel" in tree:
-        kernel = tree["kernel"]
-        in_axes = 2 if name == "o_proj" else 1
-        out["weight"] = np.transpose(kernel, (*range(in_axes, kernel.ndim), *range(in_axes)))
-    return out
 
 
 def _plain(tree):
