@@ -23,7 +23,7 @@ class Linear(nn.Module):
     flax's [in, out], for the batch-1 decode step: XLA's GPU compiler lowers a vector-matrix
     product of this size as multiply + reduce over the input axes, which with those axes
     minor is a row reduction reading each weight once. In flax's layout the same step either
-    transposes the weights (hoisted out of a decode loop: a copy of every weight per answer)
+    transposes the weights (hoisted out of a decode loop: a copy of each per answer)
     or writes the whole product to memory before reducing it (3x the weight traffic).
     Larger products are GEMMs in either layout. HF checkpoints store this layout too.
 
