@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from statejax.model.llama import Linear
+from statejax.model.llama import Linear, RMSNorm
 
 
 @pytest.mark.parametrize("features, in_axes, use_bias", [((24,), 1, False), ((3, 8), 1, True),
@@ -35,3 +35,17 @@ def test_linear_computes_in_its_dtype():
     params = layer.init(jax.random.key(0), x)["params"]
     assert params["weight"].dtype == jnp.float32
     assert layer.apply({"params": params}, x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 8e-3)])
+def test_rms_norm_normalises_in_float32_then_scales_in_its_dtype(dtype, rtol):
+    """HF's order: x / rms(x) in float32, rounded to the dtype, times the scale."""
+    x = (3 * jax.random.normal(jax.random.key(0), (2, 3, 64))).astype(dtype)
+    scale = (1 + jax.random.normal(jax.random.key(1), (64,))).astype(dtype)
+    got = RMSNorm(epsilon=1e-5, dtype=dtype, param_dtype=dtype).apply(
+        {"params": {"scale": scale}}, x)
+    assert got.dtype == dtype and got.shape == x.shape
+    x32 = np.asarray(x, np.float32)
+    normed = x32 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5)
+    want = np.asarray(jnp.asarray(normed, dtype) * scale[None, None], np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=rtol)
