@@ -150,3 +150,37 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
     markdown = (tmp_path / "results.md").read_text()
     assert "| query | 256 | pallas | 1 |" in markdown
     assert "| append | 256 | pallas | 16 |" in markdown
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN,
+                    reason="compiling for a GPU target needs jax's CUDA plugin "
+                           "(CI's second leg installs it)")
+@pytest.mark.parametrize("norm", ["statejax", "flax"])
+def test_residual_add_and_rms_norm_compile_to_one_kernel_for_an_h100(norm):
+    """The model's RMSNorm (HF's order) after a residual add, before a projection, at the 1B
+    width: one kernel besides the two GEMMs, the scale folded into the second GEMM. flax's
+    nn.RMSNorm (scaled before rounding) compiles to three: the claim of RMSNorm's docstring."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from statejax.model.llama import Linear, RMSNorm
+
+    width, bf16 = 2048, jnp.bfloat16
+    make = (lambda: RMSNorm(1e-5, bf16, bf16)) if norm == "statejax" else (
+        lambda: nn.RMSNorm(epsilon=1e-5, dtype=bf16, param_dtype=bf16))
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x + Linear((width,), dtype=bf16, param_dtype=bf16)(x)
+            return Linear((3 * width // 2,), dtype=bf16, param_dtype=bf16)(make()(x))
+
+    x = jax.ShapeDtypeStruct((1, 32, width), bf16)
+    params = jax.eval_shape(Block().init, jax.random.key(0), x)
+    text = gpu_target.compile_for(jax.jit(Block().apply), gpu_target.target_device("h100"),
+                                  params, x).as_text()
+    kinds = step_census.kernel_kinds(text)
+    assert kinds["gemm"] == 2
+    # Besides the GEMMs: the norm (with the add) and the second GEMM's split-K reduction.
+    assert kinds["total"] - kinds["gemm"] == (2 if norm == "statejax" else 4)
