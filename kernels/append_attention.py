@@ -163,12 +163,15 @@ def validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
 
 
 def _flash_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens, causal,
-                  window, page_size, pages_per_block, blocks_per_split, num_pages, page_offset):
+                  window, page_size, pages_per_block, blocks_per_split, num_pages, page_offset,
+                  merge_splits):
     """One (row, kv-head, query block, split) program.
 
     Refs: len_ref [1] the row's n; pt_ref [P] its page table; q_ref [block_q, D];
-    k_ref, v_ref [num_pages, page_size, D] (this kv-head's slice of the pool);
-    refs[-2:] = o_ref [block_q, D], lse_ref [block_q] (earlier refs: aliased poison inputs).
+    k_ref, v_ref [num_pages, page_size, D] (this kv-head's slice of the pool); with
+    `merge_splits` N > 0, then earlier_o_ref [N, block_q, D] and earlier_lse_ref [N, block_q],
+    partials of the same query rows over other keys, merged into this program's result;
+    refs[-2:] = o_ref [block_q, D], lse_ref [block_q] (refs between: aliased poison inputs).
     """
     o_ref, lse_ref = refs[-2:]
     block_q, head_dim = q_ref.shape
@@ -233,8 +236,27 @@ def _flash_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens
     # it then merges with weight zero.
     empty = denom == 0.0
     denom = jnp.where(empty, 1.0, denom)
-    o_ref[...] = (o / denom[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, MASK_VALUE, (m + jnp.log2(denom)) * _LN2)
+    out = o / denom[:, None]
+    lse = jnp.where(empty, MASK_VALUE, (m + jnp.log2(denom)) * _LN2)
+    if merge_splits:
+        out, lse = _merge_earlier(out, lse, *refs[:2], merge_splits)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _merge_earlier(out, lse, earlier_o_ref, earlier_lse_ref, num: int):
+    """Exact log-sum-exp merge of `num` earlier float32 partials (out normalised, lse natural;
+    MASK_VALUE for an empty one) into (out, lse), one at a time, as `combine_splits` does."""
+    def merge(i, carry):
+        out, lse = carry
+        lse_i = earlier_lse_ref[i]
+        new = jnp.maximum(lse, lse_i)
+        w, w_i = jnp.exp(lse - new), jnp.exp(lse_i - new)
+        total = w + w_i
+        out = (w[:, None] * out + w_i[:, None] * earlier_o_ref[i]) / total[:, None]
+        return out, new + jnp.log(total)
+
+    return lax.fori_loop(0, num, merge, (out, lse))
 
 
 def _fold_queries(q_BxTxHxD, k_heads: int, rows_padded: int):
@@ -246,8 +268,8 @@ def _fold_queries(q_BxTxHxD, k_heads: int, rows_padded: int):
     return jnp.pad(q, ((0, 0), (0, 0), (0, rows_padded - t * g), (0, 0)))
 
 
-def _unfold_rows(x_BxKxMx_, t: int, h: int):
-    """Inverse of `_fold_queries` on [B, K, M_pad, ...] -> [B, T, H, ...]."""
+def unfold_rows(x_BxKxMx_, t: int, h: int):
+    """Inverse of the kernels' query folding: [B, K, M_pad, ...] -> [B, T, H, ...]."""
     b, k_heads = x_BxKxMx_.shape[:2]
     g = h // k_heads
     tail = x_BxKxMx_.shape[3:]
@@ -276,6 +298,32 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
     Returns:
       out_BxTxHxNxD partial outputs (N = num_splits) in `out_dtype`, lse_BxTxHxN float32.
     """
+    t, h = q_BxTxHxD.shape[1:3]
+    out, lse = paged_flash_folded(
+        q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=causal,
+        block_sizes=block_sizes, out_dtype=out_dtype, interpret=interpret,
+        page_offset=page_offset, poison_outputs=poison_outputs)
+    out = unfold_rows(jnp.moveaxis(out, 2, 3), t, h)  # [B, T, H, N, D]
+    lse = unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)  # [B, T, H, N]
+    return out, lse
+
+
+def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window: int,
+                       causal: bool, block_sizes: BlockSizes, out_dtype, interpret: bool,
+                       page_offset: int = 0, poison_outputs: bool = False, earlier=None):
+    """`paged_attention_partials` in the kernel's folded layout (query rows m = t * G + g,
+    padded to the query tile), optionally merging `earlier` partials of the same rows.
+
+    Args:
+      earlier: None, or float32 partials (out [1, K, N', M', D], lse [1, K, N', M']) of the
+        queries of ALL B rows folded into one row (as `cascade_attention`'s shared call
+        folds them): row b's m is their row b * T * G + m. Requires T * G to be a multiple
+        of block_q (no padded rows) and num_splits == 1; the result is then the exact
+        log-sum-exp merge of this call's keys and the earlier ones.
+
+    Returns:
+      out [B, K, N, M_pad, D] in `out_dtype`, lse [B, K, N, M_pad] float32.
+    """
     b, t, h, d = q_BxTxHxD.shape
     num_pages, page_size, k_heads, _ = k_pool.shape
     bs = block_sizes
@@ -291,13 +339,18 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
         page_table_BxP = jnp.pad(page_table_BxP,
                                  ((0, 0), (0, need_pages - page_table_BxP.shape[1])))
     table_width = page_table_BxP.shape[1]
+    merge_splits = 0 if earlier is None else earlier[0].shape[2]
+    if earlier is not None and (rows % bs.block_q or bs.num_splits != 1):
+        raise InputError(f"merging earlier partials needs T * G ({rows}) a multiple of "
+                         f"block_q ({bs.block_q}) and num_splits 1 (got {bs.num_splits})")
 
     q = _fold_queries(q_BxTxHxD, k_heads, rows_padded)
     grid = (b, k_heads, rows_padded // bs.block_q, bs.num_splits)
     kernel = functools.partial(
         _flash_kernel, group=g, num_tokens=t, causal=causal, window=window,
         page_size=page_size, pages_per_block=pages_per_block,
-        blocks_per_split=blocks_per_split, num_pages=num_pages, page_offset=page_offset)
+        blocks_per_split=blocks_per_split, num_pages=num_pages, page_offset=page_offset,
+        merge_splits=merge_splits)
     pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i, s: (0, 0, h, 0))
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
@@ -306,6 +359,16 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
         pool_spec,
         pool_spec,
     ]
+    args = [lengths_B.reshape(b, 1), page_table_BxP, q, k_pool, v_pool]
+    if earlier is not None:
+        row_blocks = rows // bs.block_q  # query tiles per row; row b's follow row b - 1's
+        in_specs += [
+            pl.BlockSpec((None, None, merge_splits, bs.block_q, d),
+                         lambda b, h, i, s: (0, h, 0, b * row_blocks + i, 0)),
+            pl.BlockSpec((None, None, merge_splits, bs.block_q),
+                         lambda b, h, i, s: (0, h, 0, b * row_blocks + i)),
+        ]
+        args += list(earlier)
     out_specs = [
         pl.BlockSpec((None, None, None, bs.block_q, d), lambda b, h, i, s: (b, h, s, i, 0)),
         pl.BlockSpec((None, None, None, bs.block_q), lambda b, h, i, s: (b, h, s, i)),
@@ -314,13 +377,12 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
         jax.ShapeDtypeStruct((b, k_heads, bs.num_splits, rows_padded, d), out_dtype),
         jax.ShapeDtypeStruct((b, k_heads, bs.num_splits, rows_padded), jnp.float32),
     ]
-    args = [lengths_B.reshape(b, 1), page_table_BxP, q, k_pool, v_pool]
     aliases = {}
     if poison_outputs:
+        aliases = {len(args): 0, len(args) + 1: 1}
         args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
         in_specs += out_specs
-        aliases = {5: 0, 6: 1}
-    out, lse = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
@@ -331,9 +393,6 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
         interpret=interpret,
         name="statejax_paged_flash",
     )(*args)
-    out = _unfold_rows(jnp.moveaxis(out, 2, 3), t, h)  # [B, T, H, N, D]
-    lse = _unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)  # [B, T, H, N]
-    return out, lse
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",

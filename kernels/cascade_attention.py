@@ -9,7 +9,9 @@ The two key sets are disjoint, so the result is exact by log-sum-exp merge:
   are read once per query block for all branches instead of once per branch; long prefixes
   are split along the sequence as in flash-decoding;
 - private part: `append_attention`'s kernel with the branches as rows over their own pages;
-- merge: the private part is one more float32 partial beside the shared splits, and one
+- merge: exact by log-sum-exp. When a branch's T x G query rows fill whole query tiles the
+  private kernel merges the shared splits into its own result in its epilogue (one launch,
+  output in q's dtype); otherwise the private part is one more float32 partial and
   `decode_attention.combine_splits` merges them all.
 """
 
@@ -57,23 +59,6 @@ class BlockSizes:
         private = aa.BlockSizes.for_append(rows=tokens * group, head_dim=head_dim,
                                            page_size=private_page_size)
         return cls(shared=shared, private=private)
-
-
-def _shared_partials(q_RxTxHxD, k_pool, v_pool, page_table_P, shared_len, *, window,
-                     block_sizes, interpret, backend, page_offset, poison_outputs):
-    """All R x T queries against the shared cells [0, n) in one call.
-
-    Returns:
-      float32 per-split partials: out [R, T, H, N, D], lse [R, T, H, N].
-    """
-    r, t, h, d = q_RxTxHxD.shape
-    q_1xRTxHxD = q_RxTxHxD.reshape(1, r * t, h, d)
-    out, lse = aa.paged_attention_partials(
-        q_1xRTxHxD, k_pool, v_pool, page_table_P[None], jnp.reshape(shared_len, (1,)),
-        window=window, causal=False, block_sizes=block_sizes, out_dtype=jnp.float32,
-        interpret=interpret, backend=backend, page_offset=page_offset,
-        poison_outputs=poison_outputs)
-    return out.reshape(r, t, h, -1, d), lse.reshape(r, t, h, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("shared_window", "branch_window", "block_sizes",
@@ -133,17 +118,33 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     if bs.private.num_splits != 1:
         raise InputError("the private part runs unsplit: block_sizes.private.num_splits=1")
 
-    out_s, lse_s = _shared_partials(
-        q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P, shared_len,
-        window=shared_window, block_sizes=bs.shared, interpret=interpret, backend=backend,
-        page_offset=shared_page_offset, poison_outputs=poison_outputs)
-    out_p, lse_p = aa.paged_attention_partials(
+    common = dict(interpret=interpret, poison_outputs=poison_outputs)
+    # Shared part: all R x T queries folded into the rows of one batch row (row r's query
+    # rows follow row r - 1's), float32 partials per split.
+    out_s, lse_s = aa.paged_flash_folded(
+        q_RxTxHxD.reshape(1, r * t, h, d), shared_k_pool, shared_v_pool,
+        shared_page_table_P[None], jnp.reshape(shared_len, (1,)), window=shared_window,
+        causal=False, block_sizes=bs.shared, out_dtype=jnp.float32,
+        page_offset=shared_page_offset, **common)
+    private = dict(window=branch_window, causal=True, block_sizes=bs.private,
+                   page_offset=branch_page_offset, **common)
+    rows = t * (h // k_heads)
+    if rows % bs.private.block_q == 0:
+        # The private kernel merges the shared splits into its own result (one launch, no
+        # merge kernels after it) and writes q's dtype.
+        out, lse = aa.paged_flash_folded(
+            q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
+            out_dtype=q_RxTxHxD.dtype, earlier=(out_s, lse_s), **private)
+        return aa.unfold_rows(out[:, :, 0], t, h), aa.unfold_rows(lse[:, :, 0], t, h)
+    # Padded query tiles (e.g. one token of a small GQA group): the private part is one more
+    # float32 partial, merged with the shared splits in one log-sum-exp.
+    out_p, lse_p = aa.paged_flash_folded(
         q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
-        window=branch_window, causal=True, block_sizes=bs.private, out_dtype=jnp.float32,
-        interpret=interpret, backend=backend, page_offset=branch_page_offset,
-        poison_outputs=poison_outputs)
-    # The private part is one more partial: one log-sum-exp merge over all of them, in float32
-    # (one fused pass on the GPU, and no rounding of the shared part before the merge).
+        out_dtype=jnp.float32, **private)
+    out_s = aa.unfold_rows(jnp.moveaxis(out_s, 2, 3), r * t, h).reshape(r, t, h, -1, d)
+    lse_s = aa.unfold_rows(jnp.moveaxis(lse_s, 2, 3), r * t, h).reshape(r, t, h, -1)
+    out_p = aa.unfold_rows(jnp.moveaxis(out_p, 2, 3), t, h)
+    lse_p = aa.unfold_rows(jnp.moveaxis(lse_p, 2, 3), t, h)
     return da.combine_splits(jnp.concatenate([out_s, out_p], axis=3),
                              jnp.concatenate([lse_s, lse_p], axis=3), q_RxTxHxD.dtype)
 

@@ -8,6 +8,8 @@ leaves an output unwritten, or reads a block beyond a row's length without maski
 """
 
 import dataclasses
+import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -324,8 +326,8 @@ GPU_CASCADE = CASCADE_CASES + [
 
 # The lowering reads the target GPU's compute capability: from the device (jax 0.10) or, with no
 # GPU present, only from an abstract device (jax 0.11). Lower for the bench's card.
-_H100 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+# What Triton's lowering reads of the target (its model), where no compile-only device exists.
+_H100_KIND = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
 
 
 def _compile_only_h100():
@@ -339,10 +341,17 @@ def _compile_only_h100():
 H100 = _compile_only_h100()
 
 
-def _lower_for_cuda(case: Case, *, causal: bool, block_sizes: aa.BlockSizes,
-                    compile_for=None):
-    """Lowers the kernel call of `case` for CUDA (Pallas -> Triton IR, no GPU needed); with
-    `compile_for` (a compile-only device), compiles it too (Triton -> PTX -> machine code)."""
+def _lower_or_compile(fn, args, static, compile_for) -> str:
+    """Lowers jitted `fn` for CUDA (Pallas -> Triton IR, no GPU needed); with `compile_for`
+    (a compile-only device), compiles it too (Triton -> PTX -> machine code)."""
+    if compile_for is not None:
+        return gpu_target.compile_for(fn, compile_for, *args, **static).as_text()
+    with gpu_target.compiling_for(_H100_KIND):
+        return fn.trace(*args, **static).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _lower_paged(case: Case, *, causal: bool, block_sizes: aa.BlockSizes, compile_for=None):
+    """One kernel call of `case` (append or decode tiles)."""
     b = len(case.lengths)
     dtype = jnp.dtype(case.dtype)
     q = jax.ShapeDtypeStruct((b, case.t, case.h, case.d), dtype)
@@ -353,14 +362,25 @@ def _lower_for_cuda(case: Case, *, causal: bool, block_sizes: aa.BlockSizes,
         *args, window=_window(case), causal=causal, block_sizes=block_sizes,
         out_dtype=dtype if block_sizes.num_splits == 1 else jnp.float32, interpret=False,
         poison_outputs=True))
-    if compile_for is not None:
-        text = gpu_target.compile_for(call, compile_for, q, pool, pool, table, lengths).as_text()
-        assert "xla.gpu.triton" in text
-        return
-    with jax.sharding.use_abstract_mesh(_H100):
-        traced = call.trace(q, pool, pool, table, lengths)
-        text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    assert "xla.gpu.triton" in text
+    text = _lower_or_compile(call, (q, pool, pool, table, lengths), {}, compile_for)
+    assert text.count("xla.gpu.triton") >= 1
+
+
+def _lower_cascade(c: CascadeCase, *, compile_for=None):
+    """The whole cascade call of `c`: the shared kernel and the private one (which merges the
+    shared splits in its epilogue when the branch's query rows fill whole tiles)."""
+    r = len(c.branch_lengths)
+    dtype = jnp.dtype(c.dtype)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    q = jax.ShapeDtypeStruct((r, c.t, c.h, c.d), dtype)
+    s_pool = jax.ShapeDtypeStruct((c.shared_pages + 3, c.shared_page_size, c.k, c.d), dtype)
+    b_pool = jax.ShapeDtypeStruct((r * c.branch_pages + 3, c.branch_page_size, c.k, c.d),
+                                  dtype)
+    args = (q, s_pool, s_pool, i32(c.shared_pages), i32(), b_pool, b_pool,
+            i32(r, c.branch_pages), i32(r))
+    static = dict(block_sizes=c.block_sizes, interpret=False, poison_outputs=True)
+    text = _lower_or_compile(ca.cascade_attention, args, static, compile_for)
+    assert text.count("xla.gpu.triton") >= 2
 
 
 def _tuning_cases():
@@ -372,7 +392,9 @@ def _tuning_cases():
         case = Case(lengths=(cells,) * rows, t=t, h=h, k=k, d=d, page_size=tune.page_size,
                     pages=-(-(cells + t) // tune.page_size), dtype=tune.dtype)
         for entry in grid:
-            yield pytest.param(case, True, aa.BlockSizes(*entry), id=f"tune-{kind}-{entry}")
+            yield pytest.param(functools.partial(_lower_paged, case, causal=True,
+                                                 block_sizes=aa.BlockSizes(*entry)),
+                               id=f"tune-{kind}-{entry}")
 
 
 def _lowering_cases():
@@ -381,44 +403,34 @@ def _lowering_cases():
         rows = case.t * case.h // case.k
         bs = case.block_sizes or aa.BlockSizes.for_append(rows=rows, head_dim=case.d,
                                                           page_size=case.page_size)
-        yield pytest.param(case, True, bs, id=f"append-{case}")
+        yield pytest.param(functools.partial(_lower_paged, case, causal=True, block_sizes=bs),
+                           id=f"append-{case}")
     for case in GPU_DECODE + [Case(lengths=(0,) * 8, t=1, h=32, k=8, pages=1024, d=128,
                                    dtype="bfloat16")]:
         bs = case.block_sizes or da.default_block_sizes(
             batch=len(case.lengths), rows=case.t * case.h // case.k, k_heads=case.k,
             head_dim=case.d, page_size=case.page_size, window=_window(case),
             itemsize=jnp.dtype(case.dtype).itemsize)
-        yield pytest.param(case, True, bs, id=f"decode-{case}")
+        yield pytest.param(functools.partial(_lower_paged, case, causal=True, block_sizes=bs),
+                           id=f"decode-{case}")
     for c in GPU_CASCADE:
-        r = len(c.branch_lengths)
-        bs = c.block_sizes or ca.BlockSizes.for_shape(
-            branches=r, tokens=c.t, group=c.h // c.k, k_heads=c.k, head_dim=c.d,
-            shared_page_size=c.shared_page_size,
-            shared_window=c.shared_pages * c.shared_page_size,
-            private_page_size=c.branch_page_size, itemsize=jnp.dtype(c.dtype).itemsize)
-        shared = Case(lengths=(0,), t=r * c.t, h=c.h, k=c.k, pages=c.shared_pages, d=c.d,
-                      page_size=c.shared_page_size, dtype=c.dtype)
-        private = Case(lengths=c.branch_lengths, t=c.t, h=c.h, k=c.k, pages=c.branch_pages,
-                       d=c.d, page_size=c.branch_page_size, dtype=c.dtype)
-        yield pytest.param(shared, False, bs.shared, id=f"cascade-shared-{c}")
-        yield pytest.param(private, True, bs.private, id=f"cascade-private-{c}")
+        yield pytest.param(functools.partial(_lower_cascade, c), id=f"cascade-{c}")
 
 
-@pytest.mark.parametrize("case, causal, block_sizes", list(_lowering_cases()))
-def test_triton_lowering_on_cpu(case, causal, block_sizes):
+@pytest.mark.parametrize("lower", list(_lowering_cases()))
+def test_triton_lowering_on_cpu(lower):
     """Every compiled configuration of the GPU tests (and the benchmark's targets) lowers to
     Triton IR: power-of-two tensors, supported primitives. Compiling the IR needs the GPU."""
-    _lower_for_cuda(case, causal=causal, block_sizes=block_sizes)
+    lower()
 
 
 @pytest.mark.skipif(H100 is None, reason="compiling for a GPU target needs jax's CUDA plugin "
                                          "(CI's second leg installs it)")
-@pytest.mark.parametrize("case, causal, block_sizes",
-                         list(_lowering_cases()) + list(_tuning_cases()))
-def test_triton_kernels_compile_for_an_h100(case, causal, block_sizes):
+@pytest.mark.parametrize("lower", list(_lowering_cases()) + list(_tuning_cases()))
+def test_triton_kernels_compile_for_an_h100(lower):
     """... and compiles for the H100 (compile-only target): Triton -> PTX within the card's
     shared memory and registers, every tuning entry included, so none fails on device time."""
-    _lower_for_cuda(case, causal=causal, block_sizes=block_sizes, compile_for=H100)
+    lower(compile_for=H100)
 
 
 # ---------------------------------------------------------------- compiled on a GPU
