@@ -277,6 +277,12 @@ def unfold_rows(x_BxKxMx_, t: int, h: int):
     return jnp.moveaxis(x, 2, 1).reshape(b, t, h, *tail)
 
 
+def unfold_partials(out_BxKxNxMxD, lse_BxKxNxM, t: int, h: int):
+    """Per-split partials in the kernels' folded layout -> out [B, T, H, N, D], lse [B, T, H, N]."""
+    return (unfold_rows(jnp.moveaxis(out_BxKxNxMxD, 2, 3), t, h),
+            unfold_rows(jnp.moveaxis(lse_BxKxNxM, 2, 3), t, h))
+
+
 def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                              window: int, causal: bool, block_sizes: BlockSizes,
                              out_dtype, interpret: bool, backend: str = "triton",
@@ -303,9 +309,7 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=causal,
         block_sizes=block_sizes, out_dtype=out_dtype, interpret=interpret,
         page_offset=page_offset, poison_outputs=poison_outputs)
-    out = unfold_rows(jnp.moveaxis(out, 2, 3), t, h)  # [B, T, H, N, D]
-    lse = unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)  # [B, T, H, N]
-    return out, lse
+    return unfold_partials(out, lse, t, h)
 
 
 def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window: int,

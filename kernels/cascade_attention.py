@@ -138,13 +138,11 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
         return aa.unfold_rows(out[:, :, 0], t, h), aa.unfold_rows(lse[:, :, 0], t, h)
     # Padded query tiles (e.g. one token of a small GQA group): the private part is one more
     # float32 partial, merged with the shared splits in one log-sum-exp.
-    out_p, lse_p = aa.paged_flash_folded(
+    out_p, lse_p = aa.unfold_partials(*aa.paged_flash_folded(
         q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
-        out_dtype=jnp.float32, **private)
-    out_s = aa.unfold_rows(jnp.moveaxis(out_s, 2, 3), r * t, h).reshape(r, t, h, -1, d)
-    lse_s = aa.unfold_rows(jnp.moveaxis(lse_s, 2, 3), r * t, h).reshape(r, t, h, -1)
-    out_p = aa.unfold_rows(jnp.moveaxis(out_p, 2, 3), t, h)
-    lse_p = aa.unfold_rows(jnp.moveaxis(lse_p, 2, 3), t, h)
+        out_dtype=jnp.float32, **private), t, h)
+    out_s, lse_s = aa.unfold_partials(out_s, lse_s, r * t, h)
+    out_s, lse_s = out_s.reshape(r, t, h, -1, d), lse_s.reshape(r, t, h, -1)
     return da.combine_splits(jnp.concatenate([out_s, out_p], axis=3),
                              jnp.concatenate([lse_s, lse_p], axis=3), q_RxTxHxD.dtype)
 

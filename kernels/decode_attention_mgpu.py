@@ -272,6 +272,4 @@ def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **ops.kernel_params(),
     )(lengths_B, table, q, k_pool, v_pool)
-    out = aa.unfold_rows(jnp.moveaxis(out, 2, 3), t, h)  # [B, T, H, N, D]
-    lse = aa.unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)  # [B, T, H, N]
-    return combine_splits(out, lse, q_BxTxHxD.dtype)
+    return combine_splits(*aa.unfold_partials(out, lse, t, h), q_BxTxHxD.dtype)
