@@ -9,6 +9,10 @@ wgmma callback that does both; the kernels' other gaps are switched off by
 """
 
 import contextlib
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -95,3 +99,25 @@ def patched():
     finally:
         gc.wgmma = original
         ipc.reset_gpu_interpret_mode_state()
+
+
+def run_with_deadline(code: str, deadline_s: float) -> tuple[bool, str]:
+    """Runs `code` in a fresh Python with tests/ and the repo on the path.
+
+    An error inside the interpreter (a race, an unobserved barrier phase, a failed check)
+    leaves its simulated warpgroups waiting on barriers forever, so a broken kernel hangs its
+    process rather than failing it: hence a process per case, with a deadline.
+
+    Returns:
+      (finished and exited 0, the tail of its output or why it did not finish).
+    """
+    tests_dir = pathlib.Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tests_dir), str(tests_dir.parent), os.environ.get("PYTHONPATH", "")])}
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=deadline_s)
+    except subprocess.TimeoutExpired:
+        return False, (f"did not finish in {deadline_s} s (a barrier wait that never "
+                       "completes, or an error in a simulated thread)")
+    return proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -11,10 +11,6 @@ docstrings): a kernel that lets one through fails by far.
 
 import dataclasses
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -334,20 +330,11 @@ def run_in_interpreter(index: int):
 @pytest.mark.parametrize("index", range(len(INTERPRET_CASES)),
                          ids=[str(c) for c in INTERPRET_CASES])
 def test_mosaic_kernels_in_the_gpu_interpreter(index):
-    """Each case in its own process with a deadline: an error inside the interpreter (a race,
-    an unobserved barrier phase, a failed check) leaves its simulated warpgroups waiting on
-    barriers forever, so a broken kernel would hang this process rather than fail it."""
-    tests_dir = pathlib.Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(tests_dir), str(tests_dir.parent), os.environ.get("PYTHONPATH", "")])}
-    code = f"import test_kernels_mgpu as t; t.run_in_interpreter({index})"
-    try:
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True, timeout=_INTERPRETER_DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the interpreted kernel did not finish in {_INTERPRETER_DEADLINE_S} s "
-                    "(a barrier wait that never completes, or an error in a simulated thread)")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    """Each case in its own process with a deadline (`mgpu_interpreter.run_with_deadline`)."""
+    ok, output = mgpu_interpreter.run_with_deadline(
+        f"import test_kernels_mgpu as t; t.run_in_interpreter({index})",
+        _INTERPRETER_DEADLINE_S)
+    assert ok, output
 
 
 # Every configuration the tests and the benchmark compile, to machine code (sm_90a).
