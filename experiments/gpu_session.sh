@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Issue 3's device checks in one call: the parts named in PARTS, in that order, each under its
+# own timeout so a hang or a slow part costs only its slot (a session has 15 minutes of device
+# time in all, machine start included). Parts and their caps (seconds, env overrides):
+#   stream   the HF peer, then the stateful query with Pallas kernels vs its floor
+#            (configs/stream_latency.py:gpu-floor; STREAM_FLAGS adds flags)      STREAM_S=300
+#   tests    compiled-GPU tests: kernels (Triton), the model on the kernels      TESTS_S=150
+#   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=120
+#   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
+#   profile  step profile: projections / MLP / logits vs their floor, decode token PROFILE_S=150
+#   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
+# Measured on an H100 (2026-11-27): stream with 2 contexts took 240 s (compiles and the flash
+# refresh's first calls dominate), tests > 70 s, tune ~95 s, mosaic tests + rows ~75 s.
+# Everything is written under a work folder and packed after each part into $OUT/session.tgz
+# (a device call returns at most 8 files); the short tables are printed last.
+# Run from the repo root with carry [".whl", ".peer"] (docs/gpu.md); CPU dry run: docs/gpu.md.
+set -uo pipefail
+OUT=${OUT:-/tmp/statejax_gpu_session}
+WORK=${WORK:-/tmp/statejax_gpu_session_work}
+PARTS=${PARTS:-stream tests tune profile mosaic}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+# `kernels/` installs as `statejax.kernels`; offline, link it into the package for this run.
+if ! python3 -c "import statejax.kernels.append_attention" 2>/dev/null \
+    && [ ! -e statejax/kernels ]; then
+  ln -s ../kernels statejax/kernels
+  trap 'rm -f statejax/kernels' EXIT
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+    --format=csv || echo "no nvidia-smi"; } | tee "$WORK/gpu.txt"
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, \
+jax.devices())" | tee "$WORK/env.txt"
+t0=$SECONDS
+pack() { echo "== $1: $((SECONDS - t0)) s" | tee -a "$WORK/parts.txt"
+         tar -czf "$OUT/session.tgz" -C "$WORK" . ; }
+
+run_stream() {
+  timeout "${STREAM_S:-300}" bash -c '
+    OUT="$0" python3 .peer/hf_peer.py 2>&1 | tail -8
+    python3 -m experiments.stream_latency \
+      --config="${STREAM_CONFIG:-configs/stream_latency.py:gpu-floor}" \
+      --workdir="$0/stream_latency" --config.roofline.peer_json="$0/hf_peer.json" \
+      ${STREAM_FLAGS:-}' "$WORK" > "$WORK/stream_latency.log" 2>&1
+  echo "stream exit: $?" | tee -a "$WORK/stream_latency.log"
+}
+
+run_tests() {
+  timeout "${TESTS_S:-150}" python3 -m pytest -p no:cacheprovider -m gpu -q -rfEs \
+    --durations=5 tests/test_kernels.py tests/test_kernels_model.py \
+    > "$WORK/pytest_gpu.log" 2>&1
+  echo "pytest exit: $?" | tee -a "$WORK/pytest_gpu.log"
+}
+
+run_tune() {
+  timeout "${TUNE_S:-120}" python3 -m experiments.kernel_bench \
+    --config="${TUNE_CONFIG:-configs/kernel_bench.py:gpu-tune}" --config.mosaic=False \
+    --config.time_budget_s="$(( ${TUNE_S:-120} - 20 ))" --workdir="$WORK/bench_triton" \
+    > "$WORK/bench_triton.log" 2>&1
+  echo "tune exit: $?" | tee -a "$WORK/bench_triton.log"
+}
+
+run_bench() {
+  timeout "${BENCH_S:-150}" python3 -m experiments.kernel_bench \
+    --config="${BENCH_CONFIG:-configs/kernel_bench.py:gpu}" \
+    --config.time_budget_s="$(( ${BENCH_S:-150} - 20 ))" --workdir="$WORK/bench" \
+    > "$WORK/bench.log" 2>&1
+  echo "bench exit: $?" | tee -a "$WORK/bench.log"
+}
+
+run_profile() {
+  timeout "${PROFILE_S:-150}" python3 -m experiments.step_profile \
+    --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/step_profile" \
+    > "$WORK/step_profile.log" 2>&1
+  echo "profile exit: $?" | tee -a "$WORK/step_profile.log"
+}
+
+run_mosaic() {
+  timeout "${MOSAIC_S:-60}" python3 -m pytest -p no:cacheprovider -m gpu \
+    tests/test_kernels_mgpu.py -q -rfEs -x > "$WORK/pytest_mosaic.log" 2>&1
+  local rc=$?
+  echo "pytest mosaic exit: $rc" | tee -a "$WORK/pytest_mosaic.log"
+  [ "$rc" -eq 0 ] || return 0
+  timeout "${MOSAIC_S:-60}" python3 -m experiments.kernel_bench \
+    --config=configs/kernel_bench.py:gpu-tune --config.tune_decode='()' \
+    --config.tune_append='()' --config.time_budget_s="$(( ${MOSAIC_S:-60} - 15 ))" \
+    --workdir="$WORK/bench_mosaic" > "$WORK/bench_mosaic.log" 2>&1
+  echo "bench mosaic exit: $?" | tee -a "$WORK/bench_mosaic.log"
+}
+
+for part in $PARTS; do
+  pack "start $part"
+  case "$part" in
+    stream|tests|tune|bench|profile|mosaic) "run_$part" ;;
+    *) echo "unknown part $part; allowed: stream tests tune bench profile mosaic" ;;
+  esac
+done
+pack "done"
+
+# The reply carries the tail of stdout: the short results last.
+for f in stream_latency/results.md bench/results.md bench_triton/results.md \
+    bench_mosaic/results.md step_profile/results.md; do
+  [ -f "$WORK/$f" ] && { echo "### $f"; grep -v '^$' "$WORK/$f" | tail -25; }
+done
+tail -n 3 "$WORK/pytest_gpu.log" "$WORK/pytest_mosaic.log" 2>/dev/null
+exit 0
