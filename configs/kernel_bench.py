@@ -7,6 +7,9 @@ CPU check (interpret mode, tiny shapes, a minute):
   python -m experiments.kernel_bench --config=configs/kernel_bench.py:cpu --workdir=/tmp/kb
 Block-size tuning on the GPU (the two target shapes, default tiles, then each grid entry):
   python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu-tune --workdir=...
+The end-to-end query's attention (Llama-3.2-1B: one session, 32 question tokens, H = 32, K = 8,
+D = 64; the shared part of its cascade call is the decode kernel at T = 32), its tiles tuned:
+  python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu-query --workdir=...
 
 Shape tuples, one per benchmarked call:
   decode  (B sessions, S cached cells per session, T new tokens, H, K, D)
@@ -42,9 +45,18 @@ def _append_grid():
         (64, 128), (64, 128), ((4, 2), (4, 3), (8, 2), (8, 3))))
 
 
+def _query_grid():
+    # 1 session x 8 kv-heads x 128 rows (T = 32, G = 4): 8..64 programs per split. The
+    # cascade's default (128-row tiles, 4 warps) compiles for the H100 to 255 registers with
+    # 168 bytes of spills; 64-row tiles or 8 warps to ~210 with none (ptxas -v, 2026-11-27).
+    return tuple((bq, bk, s, w, 2) for bq, bk, s, w in itertools.product(
+        (16, 32, 64, 128), (64, 128), (8, 16, 32, 64), (4, 8)))
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """arg: "gpu" (default), "gpu-tune" (target shapes + block-size grids) or "cpu" (the
-    shrink switch: tiny shapes, interpret mode, a two-entry grid)."""
+    """arg: "gpu" (default), "gpu-tune" (target shapes + block-size grids), "gpu-query" (the
+    end-to-end query's attention + its tiles grid) or "cpu" (the shrink switch: tiny shapes,
+    interpret mode, a two-entry grid)."""
     variant = arg or "gpu"
     c = ml_collections.ConfigDict()
     c.variant = variant
@@ -109,7 +121,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 64 cells or 2 of 128 (beside the Q and float32 out tiles).
         c.tune_decode_mosaic = tuple(itertools.product((64,), (3, 5), (4, 8, 16))) + tuple(
             itertools.product((128,), (2,), (4, 8, 16)))
+    elif variant == "gpu-query":
+        # The stateful query's attention at 32k and 1k cells: its shared part alone (decode at
+        # T = 32, grid on the first shape) and the whole cascade call with one branch.
+        c.decode = ((1, 32768, 32, 32, 8, 64), (1, 1024, 32, 32, 8, 64))
+        c.append = ()
+        c.cascade = ((1, 32768, 32, 32, 8, 64), (1, 1024, 32, 32, 8, 64))
+        c.baselines = False
+        c.mosaic = False
+        c.repeats = 5
+        c.tune_decode = _query_grid()
     elif variant != "gpu":
         raise ValueError(f"unknown variant {arg!r}; allowed: 'gpu' (default), 'gpu-tune', "
-                         "'cpu'")
+                         "'gpu-query', 'cpu'")
     return c

@@ -7,6 +7,7 @@
 #   tests    compiled-GPU tests: kernels (Triton), the model on the kernels      TESTS_S=150
 #   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=120
 #   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
+#   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=150
 #   profile  step profile: projections / MLP / logits vs their floor, decode token PROFILE_S=150
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
 # Measured on an H100 (2026-11-27): stream with 2 contexts took 240 s (compiles and the flash
@@ -17,7 +18,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/statejax_gpu_session}
 WORK=${WORK:-/tmp/statejax_gpu_session_work}
-PARTS=${PARTS:-stream tests tune profile mosaic}
+PARTS=${PARTS:-query profile tests stream}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -73,6 +74,14 @@ run_bench() {
   echo "bench exit: $?" | tee -a "$WORK/bench.log"
 }
 
+run_query() {
+  timeout "${QUERY_S:-150}" python3 -m experiments.kernel_bench \
+    --config=configs/kernel_bench.py:gpu-query \
+    --config.time_budget_s="$(( ${QUERY_S:-150} - 20 ))" --workdir="$WORK/bench_query" \
+    > "$WORK/bench_query.log" 2>&1
+  echo "query exit: $?" | tee -a "$WORK/bench_query.log"
+}
+
 run_profile() {
   timeout "${PROFILE_S:-150}" python3 -m experiments.step_profile \
     --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/step_profile" \
@@ -96,15 +105,15 @@ run_mosaic() {
 for part in $PARTS; do
   pack "start $part"
   case "$part" in
-    stream|tests|tune|bench|profile|mosaic) "run_$part" ;;
-    *) echo "unknown part $part; allowed: stream tests tune bench profile mosaic" ;;
+    stream|tests|tune|bench|query|profile|mosaic) "run_$part" ;;
+    *) echo "unknown part $part; allowed: stream tests tune bench query profile mosaic" ;;
   esac
 done
 pack "done"
 
 # The reply carries the tail of stdout: the short results last.
 for f in stream_latency/results.md bench/results.md bench_triton/results.md \
-    bench_mosaic/results.md step_profile/results.md; do
+    bench_query/results.md bench_mosaic/results.md step_profile/results.md; do
   [ -f "$WORK/$f" ] && { echo "### $f"; grep -v '^$' "$WORK/$f" | tail -25; }
 done
 tail -n 3 "$WORK/pytest_gpu.log" "$WORK/pytest_mosaic.log" 2>/dev/null

@@ -395,10 +395,11 @@ def _lower_cascade(c: CascadeCase, *, compile_for=None):
 
 
 def _tuning_cases():
-    """The benchmark's Triton tuning grids on the target shapes they are timed on."""
-    tune = kb_config.get_config("gpu-tune")
+    """The benchmark's Triton tuning grids on the shapes they are timed on."""
+    tune, query = kb_config.get_config("gpu-tune"), kb_config.get_config("gpu-query")
     for kind, shape, grid in (("decode", tune.decode[0], tune.tune_decode),
-                              ("append", tune.append[0], tune.tune_append)):
+                              ("append", tune.append[0], tune.tune_append),
+                              ("query", query.decode[0], query.tune_decode)):
         rows, cells, t, h, k, d = shape
         case = Case(lengths=(cells,) * rows, t=t, h=h, k=k, d=d, page_size=tune.page_size,
                     pages=-(-(cells + t) // tune.page_size), dtype=tune.dtype)
