@@ -66,6 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.baselines = True  # jax's Pallas decode kernel, cuDNN, the XLA reference (GPU only)
     c.warmup = 2  # untimed calls after compilation
     c.repeats = 10  # timed samples (of 5 calls each); the median is reported
+    # Device time per call: this many calls chained in one program, minus one call (0: time
+    # pipelined Python calls instead, whose dispatch bounds kernels of a few microseconds; the
+    # H100 tuning run of 2026-11-27 used that).
+    c.chain_calls = 8
     c.time_budget_s = 150.0  # shapes not started by then are recorded as skipped
     c.copy_mib = 2048  # device-to-device copy that measures the bandwidth (read + write)
     c.matmul_size = 8192  # N of the bf16 N x N x N matmul that measures the matrix rate
@@ -99,6 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.baselines = False
         c.warmup = 1
         c.repeats = 2
+        c.chain_calls = 0  # interpreted kernels: milliseconds per call, no dispatch question
         c.time_budget_s = 600.0
         c.copy_mib = 16
         c.matmul_size = 256

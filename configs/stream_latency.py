@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # The query's memory floor (weights + K/V read once at the copy bandwidth measured in the
     # same run) and, optionally, the HF peer's JSON from the same device call
-    # (`../shared/bench/hf_peer.py`; experiments/gpu_stream_latency.sh passes it).
+    # (`../shared/bench/hf_peer.py`; experiments/gpu_session.sh passes it).
     c.roofline = ml_collections.ConfigDict(dict(
         copy_mib=256,
         floor_bound=config_dict.placeholder(float),  # target: stateful <= bound x floor

@@ -5,10 +5,11 @@
 #   stream   the HF peer, then the stateful query with Pallas kernels vs its floor
 #            (configs/stream_latency.py:gpu-floor; STREAM_FLAGS adds flags)      STREAM_S=300
 #   tests    compiled-GPU tests: kernels (Triton), the model on the kernels      TESTS_S=150
-#   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=120
+#   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=180
 #   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
-#   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=150
+#   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=200
 #   profile  step profile: projections / MLP / logits vs their floor, decode token PROFILE_S=150
+#            (again with PROFILE_XLA_FLAGS added to XLA_FLAGS, when set: an A/B in one call)
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
 # Measured on an H100 (2026-11-27): stream with 2 contexts took 240 s (compiles and the flash
 # refresh's first calls dominate), tests > 70 s, tune ~95 s, mosaic tests + rows ~75 s.
@@ -59,9 +60,9 @@ run_tests() {
 }
 
 run_tune() {
-  timeout "${TUNE_S:-120}" python3 -m experiments.kernel_bench \
+  timeout "${TUNE_S:-180}" python3 -m experiments.kernel_bench \
     --config="${TUNE_CONFIG:-configs/kernel_bench.py:gpu-tune}" --config.mosaic=False \
-    --config.time_budget_s="$(( ${TUNE_S:-120} - 20 ))" --workdir="$WORK/bench_triton" \
+    --config.time_budget_s="$(( ${TUNE_S:-180} - 20 ))" --workdir="$WORK/bench_triton" \
     > "$WORK/bench_triton.log" 2>&1
   echo "tune exit: $?" | tee -a "$WORK/bench_triton.log"
 }
@@ -75,9 +76,9 @@ run_bench() {
 }
 
 run_query() {
-  timeout "${QUERY_S:-150}" python3 -m experiments.kernel_bench \
+  timeout "${QUERY_S:-200}" python3 -m experiments.kernel_bench \
     --config=configs/kernel_bench.py:gpu-query \
-    --config.time_budget_s="$(( ${QUERY_S:-150} - 20 ))" --workdir="$WORK/bench_query" \
+    --config.time_budget_s="$(( ${QUERY_S:-200} - 20 ))" --workdir="$WORK/bench_query" \
     > "$WORK/bench_query.log" 2>&1
   echo "query exit: $?" | tee -a "$WORK/bench_query.log"
 }
@@ -87,6 +88,14 @@ run_profile() {
     --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/step_profile" \
     > "$WORK/step_profile.log" 2>&1
   echo "profile exit: $?" | tee -a "$WORK/step_profile.log"
+  # Optional A/B of XLA flags on the same profile, e.g. what CUDA graphs save per launch:
+  # PROFILE_XLA_FLAGS="--xla_gpu_enable_command_buffer=".
+  [ -n "${PROFILE_XLA_FLAGS:-}" ] || return 0
+  XLA_FLAGS="${XLA_FLAGS:-} $PROFILE_XLA_FLAGS" timeout "${PROFILE_S:-150}" \
+    python3 -m experiments.step_profile \
+    --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" \
+    --workdir="$WORK/step_profile_xla_flags" > "$WORK/step_profile_xla_flags.log" 2>&1
+  echo "profile (PROFILE_XLA_FLAGS) exit: $?" | tee -a "$WORK/step_profile_xla_flags.log"
 }
 
 run_mosaic() {

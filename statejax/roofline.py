@@ -35,6 +35,46 @@ def median_seconds(fn, *args, warmup: int, repeats: int, inner: int = _INNER) ->
     return statistics.median(samples)
 
 
+class BelowResolution(RuntimeError):
+    """A timed difference that came out zero or negative."""
+
+
+def chained(fn, calls: int):
+    """jit of `calls` dependent calls of fn: x -> fn(x, *rest)[0] -> fn(that, *rest)[0] ...
+
+    fn's first output (or its only one) must hold x's number of elements; it is reshaped and
+    cast to x's shape and dtype (free for attention, whose output is shaped like q) and fed
+    to the next call, so XLA can neither merge the calls nor hoist them. Returns the last x.
+    """
+    def run(x, *rest):
+        for _ in range(calls):
+            out = fn(x, *rest)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            x = out.reshape(x.shape).astype(x.dtype)
+        return x
+
+    return jax.jit(run)
+
+
+def device_seconds_per_call(fn, x, *rest, calls: int, warmup: int, repeats: int) -> float:
+    """Median seconds per call of fn(x, *rest) on the device, without dispatch or sync.
+
+    Times one program of `calls` chained calls (`chained`) and one of a single call; their
+    difference over calls - 1 cancels what both pay once (dispatch, argument handling, the
+    sync), which for a kernel of a few microseconds is most of a timed Python call. Raises
+    if the difference is not positive (below the timing's resolution).
+    """
+    if calls < 2:
+        raise ValueError(f"calls={calls}; need >= 2 chained calls to take a difference")
+    timed = dict(warmup=warmup, repeats=repeats)
+    many = median_seconds(chained(fn, calls), x, *rest, **timed)
+    one = median_seconds(chained(fn, 1), x, *rest, **timed)
+    if many <= one:
+        raise BelowResolution(f"{calls} chained calls took {many:.3g} s, one took {one:.3g} s: "
+                           "below the timing's resolution")
+    return (many - one) / (calls - 1)
+
+
 def copy_bandwidth(mib: int, *, warmup: int = 2, repeats: int = 10) -> float:
     """Device copy bandwidth in bytes/s (read + write) of a `mib` MiB bf16 array."""
     x = jnp.ones((mib << 19,), jnp.bfloat16)

@@ -42,7 +42,7 @@ def test_targets_report_the_fastest_blocks():
     assert "10% of copy" in line and line.endswith("blocks q16 k128 s16 w4 st3")
 
 
-@pytest.mark.parametrize("variant", ["gpu-tune", "cpu"])
+@pytest.mark.parametrize("variant", ["gpu-tune", "gpu-query", "cpu"])
 def test_tuning_grids_are_valid_block_sizes(variant):
     cfg = kb_config.get_config(variant)
     entries = list(cfg.tune_decode) + list(cfg.tune_append)
@@ -52,7 +52,7 @@ def test_tuning_grids_are_valid_block_sizes(variant):
 
 
 def test_unknown_variant_is_refused():
-    with pytest.raises(ValueError, match="allowed: 'gpu' .*'gpu-tune'"):
+    with pytest.raises(ValueError, match="allowed: 'gpu' .*'gpu-tune', 'gpu-query'"):
         kb_config.get_config("tpu")
 
 
@@ -87,3 +87,29 @@ def test_a_failing_mosaic_row_is_recorded_not_raised(tmp_path):
     assert "compiled only" in rows[3]["error"]
     md = (tmp_path / "results.md").read_text()
     assert "mosaic_gpu default error: InputError" in md
+
+
+def test_gpu_query_times_the_query_attention_and_its_grid():
+    cfg = kb_config.get_config("gpu-query")
+    # The Llama-3.2-1B query: one session, 32 tokens, H = 32, K = 8, D = 64, at 32k first.
+    assert cfg.decode[0] == (1, 32768, 32, 32, 8, 64) and cfg.cascade[0] == cfg.decode[0]
+    work = kernel_bench.tuning_work(cfg)
+    assert len(work) == len(cfg.tune_decode) == 64
+    assert {(w[0], w[1]) for w in work} == {("decode", cfg.decode[0])}
+
+
+def test_seconds_take_device_time_from_chained_calls(monkeypatch):
+    seen = {}
+
+    def fake(fn, *args, calls, warmup, repeats):
+        seen.update(fn=fn, args=args, calls=calls, warmup=warmup, repeats=repeats)
+        return 2e-6
+
+    monkeypatch.setattr(kernel_bench.roofline, "device_seconds_per_call", fake)
+    cfg = kb_config.get_config("gpu")
+    fn = object()
+    assert kernel_bench._seconds(cfg, fn, "q", "k") == 2e-6
+    assert seen == dict(fn=fn, args=("q", "k"), calls=8, warmup=cfg.warmup,
+                        repeats=cfg.repeats)
+    assert "8 chained calls" in kernel_bench.timing_label(cfg)
+    assert "dispatch" in kernel_bench.timing_label(kb_config.get_config("cpu"))
