@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmup = 2
     c.repeats = 10
     c.context = 1024  # session cells behind the query rows (query_step, session_query)
-    c.impl = "reference"  # their attention: "reference" or "pallas"
+    c.impl = "reference"  # their attention: "reference", "pallas" or "pallas-mosaic"
     c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
     if variant == "gpu":
         c.model = "llama-3.2-1b"

@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = "cpu-small"  # statejax.model.config preset; random weights
     c.dtype = "float32"
     c.seed = 0
-    c.impl = "reference"  # attention: "reference" or "pallas" (statejax.kernels; GPU compiled)
+    c.impl = "reference"  # attention: "reference", "pallas" or "pallas-mosaic" (statejax.cache)
     c.baselines = True  # time the stateless and prefix-cache engines too
     c.system_prompt = SYSTEM_PROMPT  # the session's frozen prefix
     c.question = QUESTION
@@ -86,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.baselines = False
             c.context_sizes = (1024, 4096, 16384, 32768)
             c.repeats = 5
+            # A one-token flash answer runs the query's own compiled first-token step; at 32
+            # tokens its refresh compiled a generation loop per context (17-20 s each on the
+            # H100, 2026-11-27) in a run whose device time is short.
+            c.flash_max_new_tokens = 1
     elif variant == "tiny":
         c.model = "tiny"
         c.system_prompt = "OHLCV bars:\n"

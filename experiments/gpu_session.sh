@@ -8,7 +8,7 @@
 #   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=180
 #   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
 #   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=200
-#   profile  step profile: projections / MLP / logits vs their floor, decode token PROFILE_S=150
+#   profile  step profile: projections / MLP / logits vs their floor, decode token PROFILE_S=180
 #            (again with PROFILE_XLA_FLAGS added to XLA_FLAGS, when set: an A/B in one call)
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
 # Measured on an H100 (2026-11-27): stream with 2 contexts took 240 s (compiles and the flash
@@ -84,14 +84,14 @@ run_query() {
 }
 
 run_profile() {
-  timeout "${PROFILE_S:-150}" python3 -m experiments.step_profile \
+  timeout "${PROFILE_S:-180}" python3 -m experiments.step_profile \
     --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/step_profile" \
     > "$WORK/step_profile.log" 2>&1
   echo "profile exit: $?" | tee -a "$WORK/step_profile.log"
   # Optional A/B of XLA flags on the same profile, e.g. what CUDA graphs save per launch:
   # PROFILE_XLA_FLAGS="--xla_gpu_enable_command_buffer=".
   [ -n "${PROFILE_XLA_FLAGS:-}" ] || return 0
-  XLA_FLAGS="${XLA_FLAGS:-} $PROFILE_XLA_FLAGS" timeout "${PROFILE_S:-150}" \
+  XLA_FLAGS="${XLA_FLAGS:-} $PROFILE_XLA_FLAGS" timeout "${PROFILE_S:-180}" \
     python3 -m experiments.step_profile \
     --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" \
     --workdir="$WORK/step_profile_xla_flags" > "$WORK/step_profile_xla_flags.log" 2>&1

@@ -84,6 +84,7 @@ def test_floor_run_skips_the_baselines(tmp_path):
     config = stream_latency.get_config("tiny")
     config.baselines = False
     config.impl = "pallas"  # as :gpu-floor (interpret mode here)
+    config.flash_max_new_tokens = 1  # as :gpu-floor: the flash refresh is a first-token step
     config.context_sizes = (64, 128)
     results = latency.run_stream_latency(config)
     for row in results["rows"]:
@@ -97,7 +98,8 @@ def test_floor_run_skips_the_baselines(tmp_path):
     assert "| – | – |" in md and "stateless largest" not in md
     assert "attention impl `pallas`" in md
     floor = stream_latency.get_config("gpu-floor")
-    assert (floor.impl, floor.baselines, floor.roofline.floor_bound) == ("pallas", False, 1.3)
+    assert (floor.impl, floor.baselines, floor.roofline.floor_bound,
+            floor.flash_max_new_tokens) == ("pallas", False, 1.3, 1)
     assert floor.model == "llama-3.2-1b" and floor.context_sizes[-1] == 32768
 
 
