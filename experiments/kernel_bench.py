@@ -81,6 +81,7 @@ def _seconds(cfg, fn, *args) -> float:
 
 
 def timing_label(cfg) -> str:
+    """How `_seconds` times, for the results' header."""
     if cfg.chain_calls:
         return (f"device time per call: ({cfg.chain_calls} chained calls in one program - one "
                 f"call) / {cfg.chain_calls - 1}, medians of {cfg.repeats} samples")
