@@ -21,16 +21,26 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/step_profile", "Where results are written.")
 
 
-def main(argv):
-    del argv
-    results = step_profile.run(_CONFIG.value)
+def _write(results: dict) -> str:
+    """Writes results.json and results.md to --workdir; returns the markdown."""
     os.makedirs(_WORKDIR.value, exist_ok=True)
     with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     markdown = step_profile.results_markdown(results)
     with open(os.path.join(_WORKDIR.value, "results.md"), "w") as f:
         f.write(markdown)
-    print(markdown)
+    return markdown
+
+
+def _row_done(results: dict):
+    """After each row: print it and rewrite the results (a timeout keeps what was measured)."""
+    print(json.dumps(results["rows"][-1]), flush=True)
+    _write(results)
+
+
+def main(argv):
+    del argv
+    print(_write(step_profile.run(_CONFIG.value, on_row=_row_done)))
 
 
 if __name__ == "__main__":

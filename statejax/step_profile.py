@@ -158,22 +158,34 @@ def _median_wall_seconds(fn, *, warmup: int, repeats: int) -> float:
     return float(np.median(samples))
 
 
-def run(config) -> dict:
-    """Measures the copy bandwidth, then every component; returns the results dict."""
+def run(config, on_row=None) -> dict:
+    """Measures the copy bandwidth, then every piece; returns the results dict.
+
+    The query path comes first (the device call, `Session.query` end to end, one generated
+    token), then the weight groups. `on_row(results)`, if given, sees the results after every
+    row, so a run cut short keeps what it measured.
+    """
     cfg = preset(config.model, dtype=config.dtype)
     params = init_params(cfg, seed=0)
     timing = dict(warmup=config.warmup, repeats=config.repeats)
     bandwidth = roofline.copy_bandwidth(config.copy_mib, **timing)
-    rows = []
+    device = jax.devices()[0]
+    results = dict(device=f"{device.device_kind} ({device.platform})",
+                   jax_version=jax.__version__,
+                   date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                   model=config.model, dtype=config.dtype, tokens=config.tokens,
+                   context=config.context, impl=config.impl,
+                   params=cfg.num_params, weight_bytes=cfg.weight_bytes,
+                   copy_bytes_per_s=bandwidth, copy_mib=config.copy_mib, rows=[])
 
     def add(name, seconds, launches, nbytes):
-        rows.append(dict(component=name, ms=1e3 * seconds, weight_bytes=nbytes,
-                         floor_ms=1e3 * nbytes / bandwidth,
-                         gbytes_per_s=nbytes / seconds / 1e9,
-                         frac_copy=nbytes / seconds / bandwidth, kernels=launches))
+        results["rows"].append(dict(component=name, ms=1e3 * seconds, weight_bytes=nbytes,
+                                    floor_ms=1e3 * nbytes / bandwidth,
+                                    gbytes_per_s=nbytes / seconds / 1e9,
+                                    frac_copy=nbytes / seconds / bandwidth, kernels=launches))
+        if on_row is not None:
+            on_row(results)
 
-    for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
-        add(name, *_time_compiled(fn, args, timing), nbytes)
     session, question, args, static = query_path(cfg, params, config)
     query_bytes = cfg.weight_bytes + (config.context + config.tokens) * cfg.kv_bytes_per_token
     add("query_step", *_time_compiled(steps.query, args, timing, **static), query_bytes)
@@ -181,13 +193,9 @@ def run(config) -> dict:
         None, query_bytes)
     add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
         query_bytes)
-    device = jax.devices()[0]
-    return dict(device=f"{device.device_kind} ({device.platform})", jax_version=jax.__version__,
-                date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                model=config.model, dtype=config.dtype, tokens=config.tokens,
-                context=config.context, impl=config.impl,
-                params=cfg.num_params, weight_bytes=cfg.weight_bytes,
-                copy_bytes_per_s=bandwidth, copy_mib=config.copy_mib, rows=rows)
+    for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
+        add(name, *_time_compiled(fn, args, timing), nbytes)
+    return results
 
 
 def results_markdown(results: dict) -> str:
