@@ -59,43 +59,44 @@ run_tests() {
   echo "pytest exit: $?" | tee -a "$WORK/pytest_gpu.log"
 }
 
+# kernel_bench NAME CAP CONFIG [FLAGS...]: one benchmark run into $WORK/NAME, under CAP seconds
+# (its own time budget 20 s less, so it writes its results before the timeout).
+kernel_bench() {
+  local name=$1 cap=$2 config=$3
+  shift 3
+  timeout "$cap" python3 -m experiments.kernel_bench --config="$config" \
+    --config.time_budget_s="$(( cap - 20 ))" --workdir="$WORK/$name" "$@" \
+    > "$WORK/$name.log" 2>&1
+  echo "$name exit: $?" | tee -a "$WORK/$name.log"
+}
+
 run_tune() {
-  timeout "${TUNE_S:-180}" python3 -m experiments.kernel_bench \
-    --config="${TUNE_CONFIG:-configs/kernel_bench.py:gpu-tune}" --config.mosaic=False \
-    --config.time_budget_s="$(( ${TUNE_S:-180} - 20 ))" --workdir="$WORK/bench_triton" \
-    > "$WORK/bench_triton.log" 2>&1
-  echo "tune exit: $?" | tee -a "$WORK/bench_triton.log"
+  kernel_bench bench_triton "${TUNE_S:-180}" "${TUNE_CONFIG:-configs/kernel_bench.py:gpu-tune}" \
+    --config.mosaic=False
 }
 
 run_bench() {
-  timeout "${BENCH_S:-150}" python3 -m experiments.kernel_bench \
-    --config="${BENCH_CONFIG:-configs/kernel_bench.py:gpu}" \
-    --config.time_budget_s="$(( ${BENCH_S:-150} - 20 ))" --workdir="$WORK/bench" \
-    > "$WORK/bench.log" 2>&1
-  echo "bench exit: $?" | tee -a "$WORK/bench.log"
+  kernel_bench bench "${BENCH_S:-150}" "${BENCH_CONFIG:-configs/kernel_bench.py:gpu}"
 }
 
 run_query() {
-  timeout "${QUERY_S:-200}" python3 -m experiments.kernel_bench \
-    --config=configs/kernel_bench.py:gpu-query \
-    --config.time_budget_s="$(( ${QUERY_S:-200} - 20 ))" --workdir="$WORK/bench_query" \
-    > "$WORK/bench_query.log" 2>&1
-  echo "query exit: $?" | tee -a "$WORK/bench_query.log"
+  kernel_bench bench_query "${QUERY_S:-200}" configs/kernel_bench.py:gpu-query
+}
+
+# step_profile NAME: the profile into $WORK/NAME (XLA_FLAGS as the caller sets them).
+step_profile() {
+  timeout "${PROFILE_S:-180}" python3 -m experiments.step_profile \
+    --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/$1" \
+    > "$WORK/$1.log" 2>&1
+  echo "$1 exit: $?" | tee -a "$WORK/$1.log"
 }
 
 run_profile() {
-  timeout "${PROFILE_S:-180}" python3 -m experiments.step_profile \
-    --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/step_profile" \
-    > "$WORK/step_profile.log" 2>&1
-  echo "profile exit: $?" | tee -a "$WORK/step_profile.log"
+  step_profile step_profile
   # Optional A/B of XLA flags on the same profile, e.g. what CUDA graphs save per launch:
   # PROFILE_XLA_FLAGS="--xla_gpu_enable_command_buffer=".
   [ -n "${PROFILE_XLA_FLAGS:-}" ] || return 0
-  XLA_FLAGS="${XLA_FLAGS:-} $PROFILE_XLA_FLAGS" timeout "${PROFILE_S:-180}" \
-    python3 -m experiments.step_profile \
-    --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" \
-    --workdir="$WORK/step_profile_xla_flags" > "$WORK/step_profile_xla_flags.log" 2>&1
-  echo "profile (PROFILE_XLA_FLAGS) exit: $?" | tee -a "$WORK/step_profile_xla_flags.log"
+  XLA_FLAGS="${XLA_FLAGS:-} $PROFILE_XLA_FLAGS" step_profile step_profile_xla_flags
 }
 
 run_mosaic() {
@@ -104,11 +105,8 @@ run_mosaic() {
   local rc=$?
   echo "pytest mosaic exit: $rc" | tee -a "$WORK/pytest_mosaic.log"
   [ "$rc" -eq 0 ] || return 0
-  timeout "${MOSAIC_S:-60}" python3 -m experiments.kernel_bench \
-    --config=configs/kernel_bench.py:gpu-tune --config.tune_decode='()' \
-    --config.tune_append='()' --config.time_budget_s="$(( ${MOSAIC_S:-60} - 15 ))" \
-    --workdir="$WORK/bench_mosaic" > "$WORK/bench_mosaic.log" 2>&1
-  echo "bench mosaic exit: $?" | tee -a "$WORK/bench_mosaic.log"
+  kernel_bench bench_mosaic "${MOSAIC_S:-60}" configs/kernel_bench.py:gpu-tune \
+    --config.tune_decode='()' --config.tune_append='()'
 }
 
 for part in $PARTS; do
