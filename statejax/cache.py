@@ -19,9 +19,9 @@ Attention implementations (`impl`, static; `IMPLS`):
   one is attached, or a compile-only target is on), and are compiled (Triton lowering) then.
 - "pallas-mosaic": as "pallas", but `AppendView` (ingestion) runs the Mosaic GPU append
   kernel: Hopper only, compiled only, bf16/f16 cells, D a multiple of 64. On an H100
-  (2026-11-27, jax 0.11.2) it took
-  0.93 ms where the tuned Triton kernel took 1.49 ms (8 x 512 tokens over 8k cells, D = 128;
-  docs/kernels.md). Queries keep the Triton cascade kernel.
+  (2026-11-27, jax 0.11.2) it took 0.93 ms where the tuned Triton kernel took 1.49 ms
+  (8 x 512 tokens over 8k cells, D = 128; docs/kernels.md). Queries keep the Triton cascade
+  kernel.
 A failing kernel raises (on CPU, "pallas-mosaic" raises); nothing falls back.
 """
 
