@@ -18,8 +18,10 @@ Shape tuples, one per benchmarked call:
 Cached cells are the same for every session; K/V live in a shuffled page pool.
 
 Tuning grids: `tune_decode` / `tune_append` hold `BlockSizes` tuples
-(block_q, block_k, num_splits, num_warps, num_stages) timed on the FIRST decode / append shape;
-the targets report the fastest row of each target shape.
+(block_q, block_k, num_splits, num_warps, num_stages) timed on the FIRST decode / append shape
+(`tune_decode_second`: on the second decode shape); the targets report the fastest row of each
+target shape. With `tuned_dir`, the fastest tiles of each decode shape with a grid are recorded
+there for this GPU model (`statejax.kernels.tuned`), and become that shape's defaults.
 Mosaic GPU (Hopper) variants: with `mosaic`, their default tiles on every decode and append
 shape, the `tune_decode_mosaic` grid of (block_k, max_concurrent_steps, num_splits) on the
 first decode shape and the `tune_append_mosaic` grid of (block_q, block_k,
@@ -45,12 +47,14 @@ def _append_grid():
         (64, 128), (64, 128), ((4, 2), (4, 3), (8, 2), (8, 3))))
 
 
-def _query_grid():
-    # 1 session x 8 kv-heads x 128 rows (T = 32, G = 4): 8..64 programs per split. The
-    # cascade's default (128-row tiles, 4 warps) compiles for the H100 to 255 registers with
-    # 168 bytes of spills; 64-row tiles or 8 warps to ~210 with none (ptxas -v, 2026-11-27).
+def _query_grid(splits):
+    # 1 session x 8 kv-heads x 128 rows (T = 32, G = 4): 8..32 programs per split. The
+    # cascade's rule tiles (128-row tiles, 4 warps) compile for the H100 to 255 registers with
+    # 232 bytes of spills; 8 warps or 64-row tiles to <= 211 with none (ptxas -v, 2026-11-27,
+    # docs/results/kernel_registers_h100). 16-row tiles (8 query blocks re-reading every K/V
+    # block) are left out.
     return tuple((bq, bk, s, w, 2) for bq, bk, s, w in itertools.product(
-        (16, 32, 64, 128), (64, 128), (8, 16, 32, 64), (4, 8)))
+        (32, 64, 128), (64, 128), splits, (4, 8)))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -92,6 +96,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.tune_decode = ()
     c.tune_append = ()
+    c.tune_decode_second = ()  # a grid on the second decode shape
+    # Where to record the fastest tiles of each decode shape timed with a grid
+    # (`statejax.kernels.tuned`: the kernels' defaults read them on this GPU model). "" = off;
+    # experiments/gpu_session.sh passes kernels/tuned.
+    c.tuned_dir = ""
     c.mosaic = True  # time the Mosaic GPU variants too (compiled only: GPU variants)
     c.tune_decode_mosaic = ()
     c.tune_append_mosaic = ()
@@ -135,7 +144,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.baselines = False
         c.mosaic = False
         c.repeats = 5
-        c.tune_decode = _query_grid()
+        c.time_budget_s = 170.0
+        # 32k: 256 blocks of 128 cells, so 16..64 splits fill the 132 SMs; 1k: 8 to 16 blocks.
+        c.tune_decode = _query_grid((16, 32, 64))
+        c.tune_decode_second = _query_grid((2, 4, 8))
     elif variant != "gpu":
         raise ValueError(f"unknown variant {arg!r}; allowed: 'gpu' (default), 'gpu-tune', "
                          "'gpu-query', 'cpu'")

@@ -7,7 +7,8 @@
 #   tests    compiled-GPU tests: kernels (Triton), the model on the kernels      TESTS_S=150
 #   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=180
 #   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
-#   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=200
+#   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=190
+#            grid; records the fastest tiles in kernels/tuned/ for the parts after it
 #   profile  step profile: projections / MLP / logits vs their floor, decode token PROFILE_S=180
 #            (again with PROFILE_XLA_FLAGS added to XLA_FLAGS, when set: an A/B in one call)
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
@@ -19,7 +20,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/statejax_gpu_session}
 WORK=${WORK:-/tmp/statejax_gpu_session_work}
-PARTS=${PARTS:-query profile tests stream}
+PARTS=${PARTS:-query stream profile tests}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -79,8 +80,14 @@ run_bench() {
   kernel_bench bench "${BENCH_S:-150}" "${BENCH_CONFIG:-configs/kernel_bench.py:gpu}"
 }
 
+# The query's tiles: the fastest of each grid shape are recorded in kernels/tuned/ (this GPU
+# model's table), which the kernels' defaults read: parts after this one (stream, profile)
+# run them. The table travels back in the pack.
 run_query() {
-  kernel_bench bench_query "${QUERY_S:-200}" configs/kernel_bench.py:gpu-query
+  local tuned=${TUNED_DIR:-kernels/tuned}
+  kernel_bench bench_query "${QUERY_S:-190}" \
+    "${QUERY_CONFIG:-configs/kernel_bench.py:gpu-query}" --config.tuned_dir="$tuned"
+  [ -d "$tuned" ] && cp -r "$tuned" "$WORK/tuned"
 }
 
 # step_profile NAME: the profile into $WORK/NAME (XLA_FLAGS as the caller sets them).

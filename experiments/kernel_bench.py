@@ -13,6 +13,7 @@ the append kernel over R rows whose tables alias the shared pages). A baseline t
 recorded with its error; our kernels raise. Writes results.json and results.md to --workdir.
 """
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -31,6 +32,7 @@ from statejax.kernels import append_attention_mgpu as mg
 from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
 from statejax.kernels import decode_attention_mgpu as dm
+from statejax.kernels import tuned
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -134,6 +136,11 @@ def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None, backend="triton"
     lengths = jnp.full((b,), s, jnp.int32)
     window = table.shape[1] * cfg.page_size
     fn = da.decode_attention if kind == "decode" else aa.append_attention
+    if kind == "decode" and backend == "triton" and block_sizes is None:
+        # The tiles the default resolves to (a measured table's entry, on a GPU), recorded.
+        block_sizes = da.default_block_sizes(batch=b, rows=t * (h // k), k_heads=k,
+                                             head_dim=d, page_size=cfg.page_size,
+                                             window=window, itemsize=dtype.itemsize)
     call = jax.jit(functools.partial(fn, window=window, block_sizes=block_sizes,
                                      interpret=cfg.interpret, backend=backend))
     seconds = _seconds(cfg, call, q, k_pool, v_pool, table, lengths)
@@ -141,6 +148,8 @@ def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None, backend="triton"
                                        itemsize=dtype.itemsize)
     row = _row(kind, dict(sessions=b, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
                seconds, nbytes, flops, peaks)
+    if isinstance(block_sizes, aa.BlockSizes):
+        row.update(window=window, tiles=dataclasses.asdict(block_sizes))
     if cfg.baselines and block_sizes is None and backend == "triton":
         row.update(_baselines_paged(cfg, kind, q, k_pool, v_pool, table, lengths, window))
     return row
@@ -184,13 +193,49 @@ def bench_cascade(cfg, peaks, shape, key) -> dict:
 
 def tuning_work(cfg) -> list[tuple]:
     """(kind, shape, BlockSizes, backend) for the Triton tuning grids: `cfg.tune_decode` on
-    `cfg.decode[0]`, `cfg.tune_append` on `cfg.append[0]` (the target shapes)."""
+    `cfg.decode[0]`, `cfg.tune_append` on `cfg.append[0]` (the target shapes), then
+    `cfg.tune_decode_second` on `cfg.decode[1]`."""
     work = []
-    for kind, shapes, grid in (("decode", cfg.decode, cfg.tune_decode),
-                               ("append", cfg.append, cfg.tune_append)):
+    for kind, shape, grid in (
+            ("decode", cfg.decode[:1], cfg.tune_decode),
+            ("append", cfg.append[:1], cfg.tune_append),
+            ("decode", cfg.decode[1:2], cfg.get("tune_decode_second", ()))):
         for entry in grid:
-            work.append((kind, shapes[0], aa.BlockSizes(*entry), "triton"))
+            work.append((kind, shape[0], aa.BlockSizes(*entry), "triton"))
     return work
+
+
+def tuned_entries(results: dict) -> list[dict]:
+    """Per Triton decode shape timed with more than one set of tiles: the fastest tiles, as a
+    `statejax.kernels.tuned` entry (with its time, the default tiles' time, provenance)."""
+    by_shape = {}
+    for row in results["rows"]:
+        if row["kernel"] == "decode" and "tiles" in row and "ms" in row:
+            key = tuple(row[k] for k in ("sessions", "context", "t", "heads", "kv_heads",
+                                         "head_dim"))
+            by_shape.setdefault(key, []).append(row)
+    entries = []
+    itemsize = jnp.dtype(results["dtype"]).itemsize
+    for (b, _, t, h, k, d), rows in by_shape.items():
+        if len(rows) < 2:
+            continue
+        best = min(rows, key=lambda r: r["ms"])
+        default = [r["ms"] for r in rows if r["blocks"] == "default"]
+        entries.append(dict(
+            kernel="decode", batch=b, rows=t * (h // k), k_heads=k, head_dim=d,
+            itemsize=itemsize, window=best["window"], block_sizes=best["tiles"],
+            dtype=results["dtype"], ms=best["ms"], default_ms=default[0] if default else None,
+            frac_copy=best["frac_copy"], timing=results["timing"],
+            source=f"experiments/kernel_bench.py :{results['variant']}, {results['device']}, "
+                   f"jax {results['jax_version']}, {results['date']}"))
+    return entries
+
+
+def record_tuned(results: dict, directory: str) -> list[str]:
+    """Writes `tuned_entries` into `directory`'s table for this run's device model."""
+    kind = results["device"].split(": ", 1)[1]
+    return [str(tuned.record(e, device_kind=kind, directory=directory))
+            for e in tuned_entries(results)]
 
 
 def mosaic_work(cfg) -> list[tuple]:
@@ -355,10 +400,13 @@ def write_results(results: dict, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    results = run(_CONFIG.value, _WORKDIR.value)
-    paths = write_results(results, _WORKDIR.value)
+    cfg = _CONFIG.value
+    results = run(cfg, _WORKDIR.value)
+    paths = list(write_results(results, _WORKDIR.value).values())
+    if cfg.get("tuned_dir"):
+        paths += sorted(set(record_tuned(results, cfg.tuned_dir)))
     print(results_markdown(results))
-    print(f"wrote {', '.join(paths.values())}")
+    print(f"wrote {', '.join(paths)}")
 
 
 if __name__ == "__main__":

@@ -8,5 +8,7 @@ attention contract they implement is `statejax.attention` (docs/kernels.md):
 - `decode_attention`: split-sequence (flash-decoding) paged attention for T = 1 .. a few;
 - `cascade_attention`: branches over one session's shared cells, merged by log-sum-exp;
 - `decode_attention_mgpu`: the decode kernel's Hopper variant; `mosaic_common`: what the two
-  Mosaic GPU kernels share.
+  Mosaic GPU kernels share;
+- `tuned`: tiles measured by the benchmark per GPU model (`kernels/tuned/*.json`), which the
+  decode defaults read first.
 """

@@ -166,12 +166,14 @@ def validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
     return window
 
 
-def _flash_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens, causal,
-                  window, page_size, pages_per_block, blocks_per_split, num_pages, page_offset,
+def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens,
+                  causal, window, page_size, pages_per_block, blocks_per_split, num_pages,
                   merge_splits):
     """One (row, kv-head, query block, split) program.
 
-    Refs: len_ref [1] the row's n; pt_ref [P] its page table; q_ref [block_q, D];
+    Refs: len_ref [1] the row's n; pt_ref [P] its page table; offset_ref [1] added to its
+    entries (an operand, not a constant of the kernel: the layers of a step then launch one
+    identical kernel, compiled once); q_ref [block_q, D];
     k_ref, v_ref [num_pages, page_size, D] (this kv-head's slice of the pool); with
     `merge_splits` N > 0, then earlier_o_ref [N, block_q, D] and earlier_lse_ref [N, block_q],
     partials of the same query rows over other keys, merged into this program's result;
@@ -197,6 +199,7 @@ def _flash_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens
 
     q = q_ref[...]
     scale = head_dim**-0.5 * _LOG2E  # scores in base 2: exp2 is the fast path
+    page_offset = offset_ref[0]
 
     def load_kv(j):
         if pages_per_block == 1:
@@ -357,17 +360,20 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     kernel = functools.partial(
         _flash_kernel, group=g, num_tokens=t, causal=causal, window=window,
         page_size=page_size, pages_per_block=pages_per_block,
-        blocks_per_split=blocks_per_split, num_pages=num_pages, page_offset=page_offset,
-        merge_splits=merge_splits)
+        blocks_per_split=blocks_per_split, num_pages=num_pages, merge_splits=merge_splits)
     pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i, s: (0, 0, h, 0))
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
         pl.BlockSpec((None, table_width), lambda b, h, i, s: (b, 0)),
+        pl.BlockSpec((None, 1), lambda b, h, i, s: (0, 0)),
         pl.BlockSpec((None, None, bs.block_q, d), lambda b, h, i, s: (b, h, i, 0)),
         pool_spec,
         pool_spec,
     ]
-    args = [lengths_B.reshape(b, 1), page_table_BxP, q, k_pool, v_pool]
+    # The layer's page offset travels as data: as a static constant it made each layer's
+    # kernel distinct, and XLA compiled 16 copies per step (one when identical).
+    offset = jnp.full((1, 1), page_offset, jnp.int32)
+    args = [lengths_B.reshape(b, 1), page_table_BxP, offset, q, k_pool, v_pool]
     if earlier is not None:
         row_blocks = rows // bs.block_q  # query tiles per row; row b's follow row b - 1's
         in_specs += [

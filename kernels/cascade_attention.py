@@ -47,15 +47,19 @@ class BlockSizes:
     def for_shape(cls, *, branches: int, tokens: int, group: int, k_heads: int, head_dim: int,
                   shared_page_size: int, shared_window: int, private_page_size: int,
                   itemsize: int = 2) -> "BlockSizes":
-        """Shared: decode-style splits over one row of R x T x G query rows per kv-head.
+        """Shared: decode-style splits over one row of R x T x G query rows per kv-head (tiles
+        measured for the shape on this GPU model, `decode_attention.tuned_block_sizes`, else
+        the decode rule with full-size query tiles when the rows exceed one).
         Private: append tiles for T x G rows per branch. `itemsize`: bytes per cell element."""
         rows = branches * tokens * group
-        shared = da.default_block_sizes(batch=1, rows=rows, k_heads=k_heads,
-                                        head_dim=head_dim, page_size=shared_page_size,
-                                        window=shared_window, itemsize=itemsize)
-        if rows > shared.block_q:  # many rows: use full-size query tiles
-            shared = dataclasses.replace(shared, block_q=min(128, aa._next_pow2(rows)),
-                                         num_warps=8 if head_dim >= 128 else 4)
+        shape = dict(batch=1, rows=rows, k_heads=k_heads, head_dim=head_dim,
+                     page_size=shared_page_size, window=shared_window, itemsize=itemsize)
+        shared = da.tuned_block_sizes(**shape)
+        if shared is None:
+            shared = da.default_block_sizes(**shape)
+            if rows > shared.block_q:  # many rows: use full-size query tiles
+                shared = dataclasses.replace(shared, block_q=min(128, aa._next_pow2(rows)),
+                                             num_warps=8 if head_dim >= 128 else 4)
         private = aa.BlockSizes.for_append(rows=tokens * group, head_dim=head_dim,
                                            page_size=private_page_size)
         return cls(shared=shared, private=private)

@@ -9,19 +9,23 @@ length reads nothing and writes an empty partial (out 0, lse MASK_VALUE). `combi
 merges the partials by log-sum-exp in plain JAX.
 """
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from statejax import gpu_target
 from statejax.errors import InputError
 
 from . import append_attention as aa
+from . import tuned
 from .append_attention import BlockSizes
 
 __all__ = ["BlockSizes", "combine_splits", "decode_attention", "decode_attention_cells",
-           "decode_attention_reference", "default_block_sizes"]
+           "decode_attention_reference", "default_block_sizes", "default_splits",
+           "tuned_block_sizes"]
 
 # Programs to aim for: a few waves over an H100's 132 SMs.
 _TARGET_PROGRAMS = 512
@@ -39,18 +43,51 @@ def default_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int,
                         page_size: int, window: int, itemsize: int = 2) -> BlockSizes:
     """Decode tiles for B rows of `rows` query rows (T x G) per kv-head over S cells.
 
-    One query block holds all rows (up to 64); KV steps of `_KV_BLOCK_BYTES` per K block
+    Tiles measured for this shape on the GPU model compiled for (`tuned`), else the rule:
+    one query block holds all rows (up to 64); KV steps of `_KV_BLOCK_BYTES` per K block
     (64 cells at D = 128 in bf16, 128 at D = 64; 16..128 cells, at least a page); enough
     splits that B x K x splits reaches ~512 programs while every split keeps >= 2 KV blocks.
     """
+    measured = tuned_block_sizes(batch=batch, rows=rows, k_heads=k_heads, head_dim=head_dim,
+                                 page_size=page_size, window=window, itemsize=itemsize)
+    if measured is not None:
+        return measured
     block_q = min(64, max(16, aa._next_pow2(rows)))
     cells = min(128, max(16, _KV_BLOCK_BYTES // (head_dim * itemsize)))
     block_k = max(page_size, 1 << (cells.bit_length() - 1))  # a power of two
+    return BlockSizes(block_q=block_q, block_k=block_k,
+                      num_splits=default_splits(batch=batch, rows=rows, k_heads=k_heads,
+                                                block_q=block_q, block_k=block_k,
+                                                window=window),
+                      num_warps=4, num_stages=2)
+
+
+def default_splits(*, batch: int, rows: int, k_heads: int, block_q: int, block_k: int,
+                   window: int) -> int:
+    """Splits so that B x K x query blocks x splits reaches ~512 programs, every split keeping
+    >= 2 KV blocks."""
     num_blocks = pl.cdiv(window, block_k)
     programs = batch * k_heads * pl.cdiv(rows, block_q)
-    splits = max(1, min(pl.cdiv(_TARGET_PROGRAMS, programs), num_blocks // 2))
-    return BlockSizes(block_q=block_q, block_k=block_k, num_splits=splits, num_warps=4,
-                      num_stages=2)
+    return max(1, min(pl.cdiv(_TARGET_PROGRAMS, programs), num_blocks // 2))
+
+
+def tuned_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int, page_size: int,
+                      window: int, itemsize: int = 2) -> BlockSizes | None:
+    """The tiles `kernels/tuned/` holds for this call on the GPU model compiled for, or None
+    (none recorded, or not compiling for a GPU). Splits are the measured ones near the
+    measured window, else `default_splits` of the measured tiles."""
+    found = tuned.decode_tiles(device_kind=gpu_target.device_kind(), batch=batch, rows=rows,
+                               k_heads=k_heads, head_dim=head_dim, itemsize=itemsize,
+                               page_size=page_size, window=window)
+    if found is None:
+        return None
+    tiles, keep_splits = found
+    bs = BlockSizes(**tiles)
+    if keep_splits:
+        return bs
+    return dataclasses.replace(bs, num_splits=default_splits(
+        batch=batch, rows=rows, k_heads=k_heads, block_q=bs.block_q, block_k=bs.block_k,
+        window=window))
 
 
 def combine_splits(out_BxTxHxNxD, lse_BxTxHxN, dtype):

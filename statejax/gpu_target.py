@@ -33,6 +33,16 @@ def compiling_for_gpu() -> bool:
     return jax.default_backend() == "gpu" or _TARGET.get() is not None
 
 
+def device_kind() -> str | None:
+    """The GPU model kernels compile for (`jax.Device.device_kind`, e.g. "NVIDIA H100 80GB
+    HBM3"): the compile-only target's inside `compiling_for`, else the attached GPU's; None
+    when kernels do not compile for a GPU."""
+    target = _TARGET.get()
+    if target is not None:
+        return target.device_kind
+    return jax.devices()[0].device_kind if jax.default_backend() == "gpu" else None
+
+
 def target_device(name: str = "h100") -> jax.Device:
     """A compile-only device of the named GPU (`TARGETS`).
 

@@ -25,6 +25,7 @@ import datetime
 import functools
 import math
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,18 @@ def _kinds(computation: str) -> dict[str, int]:
             counts[_kind(line)] += 1
     total = sum(counts.values())
     return {kind: counts[kind] for kind in KINDS} | {"total": total}
+
+
+def distinct_pallas(hlo_text: str) -> int:
+    """Distinct Pallas kernels in the whole program, loop bodies included (same kernel config =
+    one compile: XLA compiles identical Triton calls once, so this is what the step's compile
+    pays for)."""
+    configs = set()
+    for line in hlo_text.splitlines():
+        if _kind(line) == "pallas":
+            config = re.search(r"backend_config=(.*)$", line)
+            configs.add(config.group(1) if config else line)
+    return len(configs)
 
 
 def large_copies(hlo_text: str, cfg) -> int:
@@ -174,9 +187,17 @@ def donated_buffers(hlo_text: str) -> int:
     return len(re.findall(r"\((\d+), \{[\d,]*\}, (?:may|must)-alias\)", header))
 
 
+def _compile(step_fn, device, args, static) -> tuple[str, float]:
+    """(optimised HLO text, seconds to trace, lower and compile on this host)."""
+    start = time.perf_counter()
+    text = gpu_target.compile_for(step_fn, device, *args, **static).as_text()
+    return text, time.perf_counter() - start
+
+
 def _row(step, context, impl, text, cfg, **extra) -> dict:
     kinds = kernel_kinds(text)
     return dict(step=step, context=context, impl=impl, **extra,
+                distinct_pallas=distinct_pallas(text),
                 per_layer=kinds["total"] / cfg.num_layers, large_copies=large_copies(text, cfg),
                 donated=donated_buffers(text), per_token=per_token_kernels(text),
                 token_writes=token_writes(text, cfg), **kinds)
@@ -187,11 +208,13 @@ def run(config) -> dict:
     (context, impl, max_new_cap), the append of each chunk size at each (context, impl).
 
     Returns:
-      {"rows": [{step, context, impl, max_new_cap | chunk, total, per_layer, gemm, pallas,
-       fusion, other, large_copies, donated, per_token, token_writes}], "target", "model",
-      "dtype", "tokens", "layers", "jax_version", "date"}. `large_copies`, `donated`
-      (buffers updated in place), `per_token` (kernels) and `token_writes`: see the
-      functions of those names.
+      {"rows": [{step, context, impl, max_new_cap | chunk, compile_s, distinct_pallas,
+       total, per_layer, gemm, pallas, fusion, other, large_copies, donated, per_token,
+       token_writes}], "target", "model", "dtype", "tokens", "layers", "jax_version",
+      "date"}. `compile_s`: seconds to trace, lower and compile on this host (steps compile
+      in the order of the rows: a later one may reuse caches). `distinct_pallas`,
+      `large_copies`, `donated` (buffers updated in place), `per_token` (kernels) and
+      `token_writes`: see the functions of those names.
     """
     cfg = preset(config.model, dtype=config.dtype)
     device = gpu_target.target_device(config.target)
@@ -202,15 +225,15 @@ def run(config) -> dict:
                                                branch_cells=config.branch_cells,
                                                max_new_cap=cap)
             for impl in config.impls:
-                text = gpu_target.compile_for(steps.query, device, *args, **static,
-                                              impl=impl).as_text()
-                rows.append(_row("query", context, impl, text, cfg, max_new_cap=cap))
+                text, secs = _compile(steps.query, device, args, static | dict(impl=impl))
+                rows.append(_row("query", context, impl, text, cfg, max_new_cap=cap,
+                                 compile_s=secs))
         for chunk in config.append_chunks:
             args, static = abstract_append_args(cfg, context=context, chunk=chunk)
             for impl in config.impls:
-                text = gpu_target.compile_for(steps.append, device, *args, **static,
-                                              impl=impl).as_text()
-                rows.append(_row("append", context, impl, text, cfg, chunk=chunk))
+                text, secs = _compile(steps.append, device, args, static | dict(impl=impl))
+                rows.append(_row("append", context, impl, text, cfg, chunk=chunk,
+                                 compile_s=secs))
     return dict(target=f"{device.device_kind} (compile-only, no autotuning)",
                 model=config.model, dtype=config.dtype, tokens=config.tokens,
                 layers=cfg.num_layers, jax_version=jax.__version__,
@@ -228,14 +251,18 @@ def results_markdown(results: dict) -> str:
         "token only, no generation loop); append: `steps.append` of a `width`-token chunk",
         "- large copies: entry-level copies / transposes as large as a k/v weight or more; "
         "donated: state buffers updated in place; per token: kernels of one turn of the "
-        "generation loop; token writes: intermediates that large written per token", "",
-        "| step | context | impl | width | kernels | per layer | gemm | pallas | fusion | other "
-        "| large copies | donated | per token | token writes |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "generation loop; token writes: intermediates that large written per token; compile "
+        "s: trace + lower + compile on the host that ran this (a CPU); Pallas compiled: "
+        "distinct Pallas kernels in the whole program, generation loop included (XLA compiles "
+        "identical Triton calls once)", "",
+        "| step | context | impl | width | compile s | Pallas compiled | kernels | per layer "
+        "| gemm | pallas | fusion | other | large copies | donated | per token | token writes |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         width = r["max_new_cap"] if r["step"] == "query" else r["chunk"]
-        lines.append(f"| {r['step']} | {r['context']} | {r['impl']} | {width} | {r['total']} | "
+        lines.append(f"| {r['step']} | {r['context']} | {r['impl']} | {width} | "
+                     f"{r['compile_s']:.1f} | {r['distinct_pallas']} | {r['total']} | "
                      f"{r['per_layer']:.1f} | {r['gemm']} | {r['pallas']} | {r['fusion']} | "
                      f"{r['other']} | {r['large_copies']} | {r['donated']} | {r['per_token']} | "
                      f"{r['token_writes']} |")

@@ -93,9 +93,14 @@ def test_gpu_query_times_the_query_attention_and_its_grid():
     cfg = kb_config.get_config("gpu-query")
     # The Llama-3.2-1B query: one session, 32 tokens, H = 32, K = 8, D = 64, at 32k first.
     assert cfg.decode[0] == (1, 32768, 32, 32, 8, 64) and cfg.cascade[0] == cfg.decode[0]
+    assert cfg.decode[1] == (1, 1024, 32, 32, 8, 64)
     work = kernel_bench.tuning_work(cfg)
-    assert len(work) == len(cfg.tune_decode) == 64
-    assert {(w[0], w[1]) for w in work} == {("decode", cfg.decode[0])}
+    assert len(cfg.tune_decode) == len(cfg.tune_decode_second) == 36
+    assert [(w[0], w[1]) for w in work] == (
+        [("decode", cfg.decode[0])] * 36 + [("decode", cfg.decode[1])] * 36)
+    # No more splits than KV blocks to read.
+    for _, (_, cells, t, _, _, _), bs, _ in work:
+        assert bs.num_splits <= -(-(cells + t) // bs.block_k), bs
 
 
 def test_seconds_take_device_time_from_chained_calls(monkeypatch):

@@ -399,7 +399,8 @@ def _tuning_cases():
     tune, query = kb_config.get_config("gpu-tune"), kb_config.get_config("gpu-query")
     for kind, shape, grid in (("decode", tune.decode[0], tune.tune_decode),
                               ("append", tune.append[0], tune.tune_append),
-                              ("query", query.decode[0], query.tune_decode)):
+                              ("query", query.decode[0], query.tune_decode),
+                              ("query-1k", query.decode[1], query.tune_decode_second)):
         rows, cells, t, h, k, d = shape
         case = Case(lengths=(cells,) * rows, t=t, h=h, k=k, d=d, page_size=tune.page_size,
                     pages=-(-(cells + t) // tune.page_size), dtype=tune.dtype)

@@ -133,10 +133,15 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
     for impl, row in appends.items():
         assert row["donated"] == 3  # k, v, lengths updated in place, never copied
         assert row["pallas"] == (layers if impl == "pallas" else 0)  # one append kernel a layer
+        # The layers' kernels are identical (the layer's page offset is an operand), so the
+        # step compiles one append kernel, not one per layer.
+        assert row["distinct_pallas"] == (1 if impl == "pallas" else 0)
+        assert row["compile_s"] > 0
     for cap in (1, 32):
         # Two attention kernels per layer (shared cells, private cells), compiled (Triton).
         assert rows["pallas", cap]["pallas"] == 2 * layers
         assert rows["reference", cap]["pallas"] == 0
+    assert rows["pallas", 1]["distinct_pallas"] == 2  # one shared, one private kernel
     for impl in ("reference", "pallas"):
         # A first-token query has no generation loop, so nothing per generated token.
         assert rows[impl, 1]["total"] < rows[impl, 32]["total"]
