@@ -8,7 +8,7 @@ CPU check (interpret mode, tiny shapes, a minute):
 Block-size tuning on the GPU (the two target shapes, default tiles, then each grid entry):
   python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu-tune --workdir=...
 The end-to-end query's attention (Llama-3.2-1B: one session, 32 question tokens, H = 32, K = 8,
-D = 64; the shared part of its cascade call is the decode kernel at T = 32), its tiles tuned:
+D = 64: the cascade call with one branch), its tiles tuned:
   python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu-query --workdir=...
 
 Shape tuples, one per benchmarked call:
@@ -19,9 +19,10 @@ Cached cells are the same for every session; K/V live in a shuffled page pool.
 
 Tuning grids: `tune_decode` / `tune_append` hold `BlockSizes` tuples
 (block_q, block_k, num_splits, num_warps, num_stages) timed on the FIRST decode / append shape
-(`tune_decode_second`: on the second decode shape); the targets report the fastest row of each
-target shape. With `tuned_dir`, the fastest tiles of each decode shape with a grid are recorded
-there for this GPU model (`statejax.kernels.tuned`), and become that shape's defaults.
+(`tune_cascade` / `tune_cascade_second`: cascade tiles on the first / second cascade shape, see
+`_query_grid`); the targets report the fastest row of each target shape. With `tuned_dir`, the
+fastest tiles of each decode or cascade shape timed with a grid are recorded there for this GPU
+model (`statejax.kernels.tuned`), and become that shape's defaults.
 Mosaic GPU (Hopper) variants: with `mosaic`, their default tiles on every decode and append
 shape, the `tune_decode_mosaic` grid of (block_k, max_concurrent_steps, num_splits) on the
 first decode shape and the `tune_append_mosaic` grid of (block_q, block_k,
@@ -47,14 +48,14 @@ def _append_grid():
         (64, 128), (64, 128), ((4, 2), (4, 3), (8, 2), (8, 3))))
 
 
-def _query_grid(splits):
-    # 1 session x 8 kv-heads x 128 rows (T = 32, G = 4): 8..32 programs per split. The
-    # cascade's rule tiles (128-row tiles, 4 warps) compile for the H100 to 255 registers with
-    # 232 bytes of spills; 8 warps or 64-row tiles to <= 211 with none (ptxas -v, 2026-11-27,
-    # docs/results/kernel_registers_h100). 16-row tiles (8 query blocks re-reading every K/V
-    # block) are left out.
-    return tuple((bq, bk, s, w, 2) for bq, bk, s, w in itertools.product(
-        (32, 64, 128), (64, 128), splits, (4, 8)))
+def _query_grid(splits, private_block_q=(32, 128)):
+    # The end-to-end query's cascade call: 1 session x 8 kv-heads x 128 shared rows (T = 32,
+    # G = 4), the private kernel merging the shared splits of its rows in its epilogue (8
+    # programs at 128-row private tiles, 32 at 32). Entries: (shared block_q, block_k, splits,
+    # warps; private block_q). The rule's shared tiles (128 x 128, 4 warps) compile for the
+    # H100 to 255 registers with 232 bytes of spills; 8 warps or 64-row tiles to <= 211 with
+    # none (ptxas -v, 2026-11-27, docs/results/kernel_registers_h100).
+    return tuple(itertools.product((64, 128), (64, 128), splits, (4, 8), private_block_q))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -96,7 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.tune_decode = ()
     c.tune_append = ()
-    c.tune_decode_second = ()  # a grid on the second decode shape
+    c.tune_cascade = ()  # cascade grids, on the first / second cascade shape: see _query_grid
+    c.tune_cascade_second = ()
     # Where to record the fastest tiles of each decode shape timed with a grid
     # (`statejax.kernels.tuned`: the kernels' defaults read them on this GPU model). "" = off;
     # experiments/gpu_session.sh passes kernels/tuned.
@@ -121,6 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.cascade = ((1, 128, 4, 8, 2, 16), (4, 128, 4, 8, 2, 16))
         c.tune_decode = ((16, 32, 2, 4, 2), (16, 64, 1, 4, 2))
         c.tune_append = ((16, 16, 1, 4, 2),)
+        c.tune_cascade = ((16, 32, 2, 4, 16), (16, 16, 1, 4, 16))
         c.mosaic = False
     elif variant == "gpu-tune":
         c.decode, c.append, c.cascade = c.decode[:1], c.append[:1], ()
@@ -136,8 +139,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.tune_decode_mosaic = tuple(itertools.product((64,), (3, 5), (4, 8, 16))) + tuple(
             itertools.product((128,), (2,), (4, 8, 16)))
     elif variant == "gpu-query":
-        # The stateful query's attention at 32k and 1k cells: its shared part alone (decode at
-        # T = 32, grid on the first shape) and the whole cascade call with one branch.
+        # The stateful query's attention at 32k and 1k cells: the whole cascade call with one
+        # branch, with a tiles grid on each (the rows that decide the tuned table), and its
+        # shared part alone (the decode kernel at T = 32, default tiles, its splits merged
+        # by XLA instead).
         c.decode = ((1, 32768, 32, 32, 8, 64), (1, 1024, 32, 32, 8, 64))
         c.append = ()
         c.cascade = ((1, 32768, 32, 32, 8, 64), (1, 1024, 32, 32, 8, 64))
@@ -145,9 +150,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.mosaic = False
         c.repeats = 5
         c.time_budget_s = 170.0
-        # 32k: 256 blocks of 128 cells, so 16..64 splits fill the 132 SMs; 1k: 8 to 16 blocks.
-        c.tune_decode = _query_grid((16, 32, 64))
-        c.tune_decode_second = _query_grid((2, 4, 8))
+        # 32k: 256-512 KV blocks; 1k: 8-16. The private kernel reads every split's partial
+        # of its rows: more splits, more serial merge work in its few programs (at 1k, with
+        # 2-4 splits, little: one private tile size there).
+        c.tune_cascade = _query_grid((8, 16, 32))
+        c.tune_cascade_second = _query_grid((2, 4), private_block_q=(128,))
     elif variant != "gpu":
         raise ValueError(f"unknown variant {arg!r}; allowed: 'gpu' (default), 'gpu-tune', "
                          "'gpu-query', 'cpu'")

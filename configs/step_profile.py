@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.context = 1024  # session cells behind the query rows (query_step, session_query)
     c.impl = "reference"  # their attention: "reference", "pallas" or "pallas-mosaic"
     c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
+    c.trace_calls = 5  # query_step calls traced by the profiler for its kernel breakdown
     if variant == "gpu":
         c.model = "llama-3.2-1b"
         c.dtype = "bfloat16"

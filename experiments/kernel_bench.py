@@ -155,18 +155,41 @@ def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None, backend="triton"
     return row
 
 
-def bench_cascade(cfg, peaks, shape, key) -> dict:
-    """R branches of T tokens over S shared cells: (R, S, T, H, K, D)."""
+def branch_page_size(cfg, t: int) -> int:
+    """Page size of the cascade rows' private pools: T cells, 16..cfg.page_size."""
+    return min(cfg.page_size, max(16, 1 << (t - 1).bit_length()))
+
+
+def cascade_block_sizes(cfg, shape, entry) -> ca.BlockSizes:
+    """A `tune_cascade` grid entry (shared block_q, block_k, splits, warps; private block_q)
+    as tiles: shared 2 stages, the private part's other tiles as its default."""
+    r, _, t, h, k, d = shape
+    private = aa.BlockSizes.for_append(rows=t * (h // k), head_dim=d,
+                                       page_size=branch_page_size(cfg, t))
+    sq, sk, splits, warps, pq = entry
+    return ca.BlockSizes(shared=aa.BlockSizes(sq, sk, splits, warps, 2),
+                         private=dataclasses.replace(private, block_q=pq))
+
+
+def bench_cascade(cfg, peaks, shape, key, block_sizes=None) -> dict:
+    """R branches of T tokens over S shared cells: (R, S, T, H, K, D); `block_sizes` None =
+    the defaults (which the row records, as `tiles`, with the shared window)."""
     r, s, t, h, k, d = shape
     dtype = jnp.dtype(cfg.dtype)
     q, sk, sv, s_table = _paged_inputs(key, rows=1, cells=s, t=t, h=h, k=k, d=d,
                                        page_size=cfg.page_size, dtype=dtype)
     q = jax.random.normal(jax.random.fold_in(key, 1), (r, t, h, d), dtype)
-    branch_ps = min(cfg.page_size, max(16, 1 << (t - 1).bit_length()))
+    branch_ps = branch_page_size(cfg, t)
     _, bk, bv, b_table = _paged_inputs(jax.random.fold_in(key, 2), rows=r, cells=t, t=1, h=h,
                                        k=k, d=d, page_size=branch_ps, dtype=dtype)
     branch_lengths = jnp.zeros((r,), jnp.int32)
-    call = jax.jit(functools.partial(ca.cascade_attention, interpret=cfg.interpret))
+    window = s_table.shape[1] * cfg.page_size
+    block_sizes = block_sizes or ca.BlockSizes.for_shape(
+        branches=r, tokens=t, group=h // k, k_heads=k, head_dim=d,
+        shared_page_size=cfg.page_size, shared_window=window, private_page_size=branch_ps,
+        itemsize=dtype.itemsize)
+    call = jax.jit(functools.partial(ca.cascade_attention, interpret=cfg.interpret,
+                                     block_sizes=block_sizes))
     args = (q, sk, sv, s_table[0], jnp.int32(s), bk, bv, b_table, branch_lengths)
     seconds = _seconds(cfg, call, *args)
     io = 2 * r * t * h * d * dtype.itemsize
@@ -174,6 +197,7 @@ def bench_cascade(cfg, peaks, shape, key) -> dict:
     flops = 4 * d * r * h * (t * s + t * (t + 1) // 2)
     row = _row("cascade", dict(sessions=r, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
                seconds, nbytes, flops, peaks)
+    row.update(window=window, tiles=dataclasses.asdict(block_sizes))
     if cfg.baselines and s % cfg.page_size == 0:
         # No sharing: the append kernel over R rows whose tables alias the shared pages.
         pages_t = math.ceil(t / cfg.page_size)
@@ -192,39 +216,48 @@ def bench_cascade(cfg, peaks, shape, key) -> dict:
 
 
 def tuning_work(cfg) -> list[tuple]:
-    """(kind, shape, BlockSizes, backend) for the Triton tuning grids: `cfg.tune_decode` on
+    """(kind, shape, block sizes, backend) for the Triton tuning grids: `cfg.tune_decode` on
     `cfg.decode[0]`, `cfg.tune_append` on `cfg.append[0]` (the target shapes), then
-    `cfg.tune_decode_second` on `cfg.decode[1]`."""
+    `cfg.tune_cascade` / `cfg.tune_cascade_second` on `cfg.cascade[0]` / `cfg.cascade[1]`."""
     work = []
-    for kind, shape, grid in (
+    for kind, shapes, grid in (
             ("decode", cfg.decode[:1], cfg.tune_decode),
             ("append", cfg.append[:1], cfg.tune_append),
-            ("decode", cfg.decode[1:2], cfg.get("tune_decode_second", ()))):
+            ("cascade", cfg.cascade[:1], cfg.get("tune_cascade", ())),
+            ("cascade", cfg.cascade[1:2], cfg.get("tune_cascade_second", ()))):
+        if grid and not shapes:
+            raise ValueError(f"a {kind} tuning grid needs the {kind} shape it runs on; the "
+                             f"config's {kind} shapes are too few")
         for entry in grid:
-            work.append((kind, shape[0], aa.BlockSizes(*entry), "triton"))
+            blocks = (cascade_block_sizes(cfg, shapes[0], entry) if kind == "cascade"
+                      else aa.BlockSizes(*entry))
+            work.append((kind, shapes[0], blocks, "triton"))
     return work
 
 
 def tuned_entries(results: dict) -> list[dict]:
-    """Per Triton decode shape timed with more than one set of tiles: the fastest tiles, as a
-    `statejax.kernels.tuned` entry (with its time, the default tiles' time, provenance)."""
+    """Per decode or cascade shape timed with more than one set of Triton tiles: the fastest
+    tiles, as a `statejax.kernels.tuned` entry (with its time, the default tiles' time and
+    where it was measured)."""
     by_shape = {}
     for row in results["rows"]:
-        if row["kernel"] == "decode" and "tiles" in row and "ms" in row:
-            key = tuple(row[k] for k in ("sessions", "context", "t", "heads", "kv_heads",
-                                         "head_dim"))
+        if row["kernel"] in ("decode", "cascade") and "tiles" in row and "ms" in row:
+            key = tuple(row[k] for k in ("kernel", "sessions", "context", "t", "heads",
+                                         "kv_heads", "head_dim"))
             by_shape.setdefault(key, []).append(row)
     entries = []
     itemsize = jnp.dtype(results["dtype"]).itemsize
-    for (b, _, t, h, k, d), rows in by_shape.items():
+    for (kernel, b, _, t, h, k, d), rows in by_shape.items():
         if len(rows) < 2:
             continue
         best = min(rows, key=lambda r: r["ms"])
         default = [r["ms"] for r in rows if r["blocks"] == "default"]
+        shape = (dict(batch=b, rows=t * (h // k)) if kernel == "decode"
+                 else dict(branches=b, tokens=t, group=h // k))
         entries.append(dict(
-            kernel="decode", batch=b, rows=t * (h // k), k_heads=k, head_dim=d,
-            itemsize=itemsize, window=best["window"], block_sizes=best["tiles"],
-            dtype=results["dtype"], ms=best["ms"], default_ms=default[0] if default else None,
+            kernel=kernel, shape=shape | dict(k_heads=k, head_dim=d, itemsize=itemsize),
+            window=best["window"], block_sizes=best["tiles"], dtype=results["dtype"],
+            ms=best["ms"], default_ms=default[0] if default else None,
             frac_copy=best["frac_copy"], timing=results["timing"],
             source=f"experiments/kernel_bench.py :{results['variant']}, {results['device']}, "
                    f"jax {results['jax_version']}, {results['date']}"))
@@ -261,6 +294,9 @@ def _blocks_label(bs, backend: str = "triton") -> str:
         return f"{prefix}q{bs.block_q} k{bs.block_k} c{bs.max_concurrent_steps}"
     if isinstance(bs, dm.MosaicDecodeBlockSizes):
         return f"{prefix}k{bs.block_k} c{bs.max_concurrent_steps} s{bs.num_splits}"
+    if isinstance(bs, ca.BlockSizes):
+        return (f"{prefix}shared {_blocks_label(bs.shared)}, private q{bs.private.block_q} "
+                f"k{bs.private.block_k} w{bs.private.num_warps}")
     return (f"{prefix}q{bs.block_q} k{bs.block_k} s{bs.num_splits} w{bs.num_warps} "
             f"st{bs.num_stages}")
 
@@ -300,7 +336,7 @@ def run(cfg, workdir: str | None = None) -> dict:
         key_i = jax.random.fold_in(key, i)
         try:
             if kind == "cascade":
-                row = bench_cascade(cfg, results, shape, key_i)
+                row = bench_cascade(cfg, results, shape, key_i, block_sizes)
             else:
                 row = bench_paged(cfg, results, kind, shape, key_i, block_sizes, backend)
         except roofline.BelowResolution as e:  # a result of the timing, not of the kernel

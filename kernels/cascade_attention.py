@@ -21,11 +21,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from statejax import attention
+from statejax import attention, gpu_target
 from statejax.errors import InputError
 
 from . import append_attention as aa
 from . import decode_attention as da
+from . import tuned
 
 __all__ = ["BlockSizes", "cascade_attention", "cascade_attention_cells",
            "cascade_attention_reference"]
@@ -47,21 +48,49 @@ class BlockSizes:
     def for_shape(cls, *, branches: int, tokens: int, group: int, k_heads: int, head_dim: int,
                   shared_page_size: int, shared_window: int, private_page_size: int,
                   itemsize: int = 2) -> "BlockSizes":
-        """Shared: decode-style splits over one row of R x T x G query rows per kv-head (tiles
-        measured for the shape on this GPU model, `decode_attention.tuned_block_sizes`, else
-        the decode rule with full-size query tiles when the rows exceed one).
-        Private: append tiles for T x G rows per branch. `itemsize`: bytes per cell element."""
+        """Tiles measured for this shape on the GPU model compiled for (`measured`), else:
+        shared: decode-style splits over one row of R x T x G query rows per kv-head, with
+        full-size query tiles when the rows exceed one; private: append tiles for T x G rows
+        per branch. `itemsize`: bytes per cell element."""
+        found = cls.measured(branches=branches, tokens=tokens, group=group, k_heads=k_heads,
+                             head_dim=head_dim, shared_page_size=shared_page_size,
+                             shared_window=shared_window, private_page_size=private_page_size,
+                             itemsize=itemsize)
+        if found is not None:
+            return found
         rows = branches * tokens * group
-        shape = dict(batch=1, rows=rows, k_heads=k_heads, head_dim=head_dim,
-                     page_size=shared_page_size, window=shared_window, itemsize=itemsize)
-        shared = da.tuned_block_sizes(**shape)
-        if shared is None:
-            shared = da.default_block_sizes(**shape)
-            if rows > shared.block_q:  # many rows: use full-size query tiles
-                shared = dataclasses.replace(shared, block_q=min(128, aa._next_pow2(rows)),
-                                             num_warps=8 if head_dim >= 128 else 4)
+        shared = da.default_block_sizes(batch=1, rows=rows, k_heads=k_heads, head_dim=head_dim,
+                                        page_size=shared_page_size, window=shared_window,
+                                        itemsize=itemsize)
+        if rows > shared.block_q:  # many rows: use full-size query tiles
+            shared = dataclasses.replace(shared, block_q=min(128, aa._next_pow2(rows)),
+                                         num_warps=8 if head_dim >= 128 else 4)
         private = aa.BlockSizes.for_append(rows=tokens * group, head_dim=head_dim,
                                            page_size=private_page_size)
+        return cls(shared=shared, private=private)
+
+    @classmethod
+    def measured(cls, *, branches: int, tokens: int, group: int, k_heads: int, head_dim: int,
+                 shared_page_size: int, shared_window: int, private_page_size: int,
+                 itemsize: int = 2) -> "BlockSizes | None":
+        """The tiles `kernels/tuned/` holds for this shape on the GPU model compiled for, or
+        None. Shared splits are the measured ones near the measured window, else the decode
+        split rule (`decode_attention.default_splits`) of the measured tiles."""
+        found = tuned.lookup(
+            "cascade", dict(branches=branches, tokens=tokens, group=group, k_heads=k_heads,
+                            head_dim=head_dim, itemsize=itemsize), shared_window,
+            device_kind=gpu_target.device_kind(),
+            usable=lambda bs: (tuned.fits_pages(bs["shared"], shared_page_size)
+                               and tuned.fits_pages(bs["private"], private_page_size)
+                               and bs["private"]["num_splits"] == 1))
+        if found is None:
+            return None
+        tiles, keep_splits = found
+        shared, private = aa.BlockSizes(**tiles["shared"]), aa.BlockSizes(**tiles["private"])
+        if not keep_splits:
+            shared = dataclasses.replace(shared, num_splits=da.default_splits(
+                batch=1, rows=branches * tokens * group, k_heads=k_heads,
+                block_q=shared.block_q, block_k=shared.block_k, window=shared_window))
         return cls(shared=shared, private=private)
 
 

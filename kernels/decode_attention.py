@@ -76,9 +76,10 @@ def tuned_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int, pag
     """The tiles `kernels/tuned/` holds for this call on the GPU model compiled for, or None
     (none recorded, or not compiling for a GPU). Splits are the measured ones near the
     measured window, else `default_splits` of the measured tiles."""
-    found = tuned.decode_tiles(device_kind=gpu_target.device_kind(), batch=batch, rows=rows,
-                               k_heads=k_heads, head_dim=head_dim, itemsize=itemsize,
-                               page_size=page_size, window=window)
+    found = tuned.lookup(
+        "decode", dict(batch=batch, rows=rows, k_heads=k_heads, head_dim=head_dim,
+                       itemsize=itemsize), window, device_kind=gpu_target.device_kind(),
+        usable=lambda tiles: tuned.fits_pages(tiles, page_size))
     if found is None:
         return None
     tiles, keep_splits = found

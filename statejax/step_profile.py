@@ -12,7 +12,9 @@ chained, so per-call launch cost is amortised as in the real step):
   of the step the kernels do not cover),
 - `step_with_attention`: the same forward with causal attention over the 32 tokens only,
 - `query_step`: `steps.query` (what `Session.query` runs on the device: the question as a
-  branch over a session of `context` cells, then the first token) on device-resident inputs,
+  branch over a session of `context` cells, then the first token) on device-resident inputs;
+  then its kernels from a profiler trace (`device_trace`: kernel time by kind and by HLO op,
+  against the untraced step time),
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included),
 - `decode_token`: one generated token of a query that generates (`steps.query` at width
   `decode_tokens`, no stop token): the time of all tokens minus that of the first, over the
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from statejax import roofline, step_census, steps
+from statejax import device_trace, roofline, step_census, steps
 from statejax.budget import Budget
 from statejax.cache import FullView
 from statejax.model.config import preset
@@ -95,11 +97,12 @@ def components(cfg, params, tokens: int):
     return {name: (jax.jit(fn), args, _nbytes(args[0])) for name, (fn, args) in pieces.items()}
 
 
-def _time_compiled(fn, args, timing, **static) -> tuple[float, int]:
-    """(median seconds, kernel launches) of jitted `fn` at `args`, from one compilation."""
+def _time_compiled(fn, args, timing, **static) -> tuple[float, int, object]:
+    """(median seconds, kernel launches, the compiled fn) of jitted `fn` at `args`, from one
+    compilation."""
     compiled = fn.lower(*args, **static).compile()
     return (roofline.median_seconds(compiled, *args, **timing),
-            step_census.kernel_kinds(compiled.as_text())["total"])
+            step_census.kernel_kinds(compiled.as_text())["total"], compiled)
 
 
 def query_path(cfg, params, config):
@@ -188,13 +191,23 @@ def run(config, on_row=None) -> dict:
 
     session, question, args, static = query_path(cfg, params, config)
     query_bytes = cfg.weight_bytes + (config.context + config.tokens) * cfg.kv_bytes_per_token
-    add("query_step", *_time_compiled(steps.query, args, timing, **static), query_bytes)
+    seconds, launches, compiled = _time_compiled(steps.query, args, timing, **static)
+    add("query_step", seconds, launches, query_bytes)
+    # Its kernels' device time (a profiler trace): what is kernels, what is idle. A profiler
+    # that fails is recorded, not raised: the rows after this one still count.
+    try:
+        results["query_kernels"] = device_trace.kernel_breakdown(compiled, args,
+                                                                 calls=config.trace_calls)
+    except Exception as e:  # noqa: BLE001 - any profiler failure
+        results["query_kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if on_row is not None:
+        on_row(results)
     add("session_query", _median_wall_seconds(lambda: session.query(question, 1), **timing),
         None, query_bytes)
     add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
         query_bytes)
     for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
-        add(name, *_time_compiled(fn, args, timing), nbytes)
+        add(name, *_time_compiled(fn, args, timing)[:2], nbytes)
     return results
 
 
@@ -217,4 +230,26 @@ def results_markdown(results: dict) -> str:
         lines.append(f"| {r['component']} | {r['ms']:.3f} | {r['weight_bytes'] / 1e6:.1f} | "
                      f"{r['floor_ms']:.3f} | {r['gbytes_per_s']:.1f} | "
                      f"{100 * r['frac_copy']:.0f}% | {kernels} |")
+    if "query_kernels" in results:
+        step_ms = next(r["ms"] for r in results["rows"] if r["component"] == "query_step")
+        lines += ["", *_kernels_markdown(results["query_kernels"], step_ms)]
+    if "query_kernels_error" in results:
+        lines += ["", f"query_step kernel trace failed: {results['query_kernels_error']}"]
     return "\n".join(lines) + "\n"
+
+
+def _kernels_markdown(k: dict, step_ms: float) -> list[str]:
+    lines = [
+        "## query_step by kernel (profiler trace)", "",
+        f"- per call ({k['source']} events): {k['kernels']:.0f} kernels, {k['kernel_ms']:.3f} "
+        f"ms of kernel time against "
+        f"{step_ms:.3f} ms untraced: {step_ms - k['kernel_ms']:.3f} ms not in kernels (launch "
+        f"gaps, host); traced span {k['span_ms']:.3f} ms (kernels may launch one by one "
+        "under the profiler)", "",
+        "| kind | kernels | ms |", "|---|---:|---:|",
+        *[f"| {kind} | {v['kernels']:.0f} | {v['ms']:.3f} |" for kind, v in k["by_kind"].items()],
+        "", "| op (most time) | kind | kernels | ms | µs each |", "|---|---|---:|---:|---:|",
+    ]
+    lines += [f"| {t['op']} | {t['kind']} | {t['kernels']:.0f} | {t['ms']:.3f} | "
+              f"{t['us_each']:.1f} |" for t in k["top"]]
+    return lines

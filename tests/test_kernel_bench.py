@@ -18,7 +18,10 @@ def test_cpu_run_measures_every_shape_and_grid_entry(tmp_path):
                 + [("decode", kernel_bench._blocks_label(aa.BlockSizes(*e)))
                    for e in cfg.tune_decode]
                 + [("append", kernel_bench._blocks_label(aa.BlockSizes(*e)))
-                   for e in cfg.tune_append])
+                   for e in cfg.tune_append]
+                + [("cascade", kernel_bench._blocks_label(
+                    kernel_bench.cascade_block_sizes(cfg, cfg.cascade[0], e)))
+                   for e in cfg.tune_cascade])
     assert [(r["kernel"], r["blocks"]) for r in rows] == expected
     assert all(r["ms"] > 0 and r["gbytes_per_s"] > 0 for r in rows)
     # Tuned rows run the FIRST shape of their kernel; bytes = Q + K/V once + out (f32).
@@ -26,8 +29,16 @@ def test_cpu_run_measures_every_shape_and_grid_entry(tmp_path):
     tuned = rows[len(cfg.decode) + len(cfg.append) + len(cfg.cascade)]
     assert (tuned["sessions"], tuned["context"], tuned["t"]) == (b, s, t)
     assert tuned["bytes"] == 2 * b * t * h * d * 4 + b * (s + t) * k * d * 2 * 4
+    # A cascade grid row runs the first cascade shape with the entry's shared tiles.
+    cascade = rows[-len(cfg.tune_cascade)]
+    assert cascade["sessions"] == cfg.cascade[0][0]
+    assert cascade["tiles"]["shared"] == dict(zip(
+        ("block_q", "block_k", "num_splits", "num_warps"), cfg.tune_cascade[0][:4],
+        strict=True)) | {"num_stages": 2}
+    assert cascade["tiles"]["private"]["block_q"] == cfg.tune_cascade[0][4]
     md = (tmp_path / "results.md").read_text()
     assert "| blocks |" in md and "q16 k32 s2 w4 st2" in md
+    assert "shared q16 k32 s2 w4 st2, private q16" in md
 
 
 def _row(ms, blocks):
@@ -45,10 +56,21 @@ def test_targets_report_the_fastest_blocks():
 @pytest.mark.parametrize("variant", ["gpu-tune", "gpu-query", "cpu"])
 def test_tuning_grids_are_valid_block_sizes(variant):
     cfg = kb_config.get_config(variant)
-    entries = list(cfg.tune_decode) + list(cfg.tune_append)
-    assert entries and len(set(entries)) == len(entries)
-    for entry in entries:
-        aa.validate_block_sizes(aa.BlockSizes(*entry), cfg.page_size)  # raises if invalid
+    work = kernel_bench.tuning_work(cfg)
+    assert work and len({w[1:3] for w in work}) == len(work)  # no entry twice
+    for kind, (_, _, t, _, _, _), bs, _ in work:  # raises if invalid
+        if kind == "cascade":
+            aa.validate_block_sizes(bs.shared, cfg.page_size)
+            aa.validate_block_sizes(bs.private, kernel_bench.branch_page_size(cfg, t))
+        else:
+            aa.validate_block_sizes(bs, cfg.page_size)
+
+
+def test_a_grid_without_its_shape_is_refused():
+    cfg = kb_config.get_config("cpu")
+    cfg.cascade = ()
+    with pytest.raises(ValueError, match="cascade tuning grid needs the cascade shape"):
+        kernel_bench.tuning_work(cfg)
 
 
 def test_unknown_variant_is_refused():
@@ -78,7 +100,8 @@ def test_a_failing_mosaic_row_is_recorded_not_raised(tmp_path):
     """On CPU the Mosaic variant cannot compile: its rows carry the error, the rest runs."""
     cfg = kb_config.get_config("cpu")
     cfg.update(repeats=1, mosaic=True, tune_append_mosaic=((64, 64, 2),),
-               decode=cfg.decode[:1], cascade=(), tune_decode=(), tune_append=())
+               decode=cfg.decode[:1], cascade=(), tune_decode=(), tune_append=(),
+               tune_cascade=())
     rows = kernel_bench.run(cfg, str(tmp_path))["rows"]
     assert [(r["kernel"], r["blocks"], "error" in r) for r in rows] == [
         ("decode", "default", False), ("append", "default", False),
@@ -91,16 +114,16 @@ def test_a_failing_mosaic_row_is_recorded_not_raised(tmp_path):
 
 def test_gpu_query_times_the_query_attention_and_its_grid():
     cfg = kb_config.get_config("gpu-query")
-    # The Llama-3.2-1B query: one session, 32 tokens, H = 32, K = 8, D = 64, at 32k first.
-    assert cfg.decode[0] == (1, 32768, 32, 32, 8, 64) and cfg.cascade[0] == cfg.decode[0]
-    assert cfg.decode[1] == (1, 1024, 32, 32, 8, 64)
+    # The Llama-3.2-1B query: one session, 32 tokens, H = 32, K = 8, D = 64; 32k, then 1k.
+    assert cfg.cascade == ((1, 32768, 32, 32, 8, 64), (1, 1024, 32, 32, 8, 64)) == cfg.decode
     work = kernel_bench.tuning_work(cfg)
-    assert len(cfg.tune_decode) == len(cfg.tune_decode_second) == 36
+    assert (len(cfg.tune_cascade), len(cfg.tune_cascade_second)) == (48, 16)
     assert [(w[0], w[1]) for w in work] == (
-        [("decode", cfg.decode[0])] * 36 + [("decode", cfg.decode[1])] * 36)
-    # No more splits than KV blocks to read.
-    for _, (_, cells, t, _, _, _), bs, _ in work:
-        assert bs.num_splits <= -(-(cells + t) // bs.block_k), bs
+        [("cascade", cfg.cascade[0])] * 48 + [("cascade", cfg.cascade[1])] * 16)
+    for _, (_, cells, _, _, _, _), bs, _ in work:
+        assert bs.shared.num_splits <= -(-cells // bs.shared.block_k)  # no empty splits
+        # Every entry keeps the private kernel merging the shared splits (whole row tiles).
+        assert 128 % bs.private.block_q == 0 and bs.private.num_splits == 1
 
 
 def test_seconds_take_device_time_from_chained_calls(monkeypatch):

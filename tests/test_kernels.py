@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from configs import kernel_bench as kb_config
+from experiments import kernel_bench
 from statejax import attention, gpu_target
 from statejax.errors import InputError
 from statejax.kernels import append_attention as aa
@@ -398,9 +399,7 @@ def _tuning_cases():
     """The benchmark's Triton tuning grids on the shapes they are timed on."""
     tune, query = kb_config.get_config("gpu-tune"), kb_config.get_config("gpu-query")
     for kind, shape, grid in (("decode", tune.decode[0], tune.tune_decode),
-                              ("append", tune.append[0], tune.tune_append),
-                              ("query", query.decode[0], query.tune_decode),
-                              ("query-1k", query.decode[1], query.tune_decode_second)):
+                              ("append", tune.append[0], tune.tune_append)):
         rows, cells, t, h, k, d = shape
         case = Case(lengths=(cells,) * rows, t=t, h=h, k=k, d=d, page_size=tune.page_size,
                     pages=-(-(cells + t) // tune.page_size), dtype=tune.dtype)
@@ -408,6 +407,18 @@ def _tuning_cases():
             yield pytest.param(functools.partial(_lower_paged, case, causal=True,
                                                  block_sizes=aa.BlockSizes(*entry)),
                                id=f"tune-{kind}-{entry}")
+    for name, shape, grid in (("query", query.cascade[0], query.tune_cascade),
+                              ("query-1k", query.cascade[1], query.tune_cascade_second)):
+        r, cells, t, h, k, d = shape
+        for entry in grid:
+            case = CascadeCase(
+                shared_lengths=(cells,), branch_lengths=(0,) * r, t=t, h=h, k=k,
+                shared_pages=cells // query.page_size, branch_pages=1, d=d,
+                shared_page_size=query.page_size,
+                branch_page_size=kernel_bench.branch_page_size(query, t), dtype=query.dtype,
+                block_sizes=kernel_bench.cascade_block_sizes(query, shape, entry))
+            yield pytest.param(functools.partial(_lower_cascade, case),
+                               id=f"tune-{name}-{entry}")
 
 
 def _lowering_cases():

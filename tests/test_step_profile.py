@@ -37,7 +37,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
     # The query path first: a run cut short by its time limit keeps the rows that matter most.
     assert names == ["query_step", "session_query", "decode_token", "attn_projections", "mlp",
                      "embed_logits", "step_without_attention", "step_with_attention"]
-    assert seen == list(range(1, len(names) + 1))
+    # Rewritten after every row, and once more after query_step's kernel trace.
+    assert seen == [1, *range(1, len(names) + 1)]
     for r in results["rows"]:
         assert r["ms"] > 0
         assert np.isclose(r["floor_ms"], 1e3 * r["weight_bytes"] / results["copy_bytes_per_s"])
@@ -54,6 +55,11 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert jax.__version__ == results["jax_version"]
     md = step_profile.results_markdown(results)
     assert "| step_without_attention |" in md and "| kernels |" in md
+    # The query step's kernels from a profiler trace: on CPU, its XLA ops, each call the same.
+    k = results["query_kernels"]
+    assert k["source"] == "host" and k["kernels"] >= 1 and k["kernels"] == int(k["kernels"])
+    assert k["kernel_ms"] > 0
+    assert "## query_step by kernel (profiler trace)" in md and f"{k['kernels']:.0f} kernels" in md
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas"])  # :gpu profiles the Pallas path

@@ -1,0 +1,134 @@
+"""Where a compiled step's device time goes: its kernels, from a jax profiler trace.
+
+A step time above its memory floor is either kernels running slowly or the device idling
+between them (launches, host work). `kernel_breakdown` runs a compiled call a few times under
+`jax.profiler.trace`, reads the trace back (`jax.profiler.ProfileData`) and sums the executed
+XLA ops: on a GPU the kernel events of the device planes (CUPTI; each carries the HLO op that
+launched it), elsewhere the host's XLA op events (CPU: the ops of the thunk runtime). Set
+against the step's untraced time, the kernel sum says how much is idle. Caveat: under the
+profiler XLA may launch kernels one by one instead of replaying a CUDA graph, so the traced
+span is not the step time; kernel durations are.
+
+Kinds (`KINDS`): `pallas` (statejax's kernels and other Pallas calls), `gemm` (cuBLAS / cuBLASLt
+/ XLA GEMM fusions), `copy` (memcpy / memset), `other` (every other fused kernel).
+"""
+
+import collections
+import dataclasses
+import glob
+import os
+import tempfile
+
+import jax
+
+KINDS = ("pallas", "gemm", "copy", "other")
+_GEMM_MARKS = ("gemm", "cublas", "cutlass", "xmma", "nvjet", "matmul", "dot")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelEvent:
+    """One executed kernel (GPU) or XLA op (CPU)."""
+
+    name: str  # the kernel's name (GPU) or the op's (CPU)
+    hlo_op: str  # the HLO instruction it ran for ("" if the trace does not say)
+    start_ns: float
+    duration_ns: float
+
+
+def kind(event: KernelEvent) -> str:
+    """The `KINDS` entry of an event, from its kernel and HLO op names."""
+    text = f"{event.name} {event.hlo_op}".lower()
+    if any(mark in text for mark in ("statejax", "pallas", "mosaic")):
+        return "pallas"
+    if "memcpy" in text or "memset" in text:
+        return "copy"
+    if any(mark in text for mark in _GEMM_MARKS):
+        return "gemm"
+    return "other"
+
+
+def kernel_events(profile: jax.profiler.ProfileData) -> list[KernelEvent]:
+    """Executed kernels of a trace: device-plane events where the trace has a device plane
+    ("/device:..."), else host events that carry an `hlo_op` stat (XLA on CPU). Only leaves:
+    an event enclosing later events of its line (a loop or call op around its body's ops, on
+    CPU) is dropped, so no time counts twice."""
+    device_planes = [p for p in profile.planes if p.name.startswith("/device:")]
+    events = []
+    for plane in device_planes or profile.planes:
+        for line in plane.lines:
+            line_events = []
+            for event in line.events:
+                stats = dict(event.stats)
+                if device_planes or "hlo_op" in stats:
+                    line_events.append(KernelEvent(event.name, str(stats.get("hlo_op", "")),
+                                                   event.start_ns, event.duration_ns))
+            events += _leaves(line_events)
+    return events
+
+
+def _leaves(events: list[KernelEvent]) -> list[KernelEvent]:
+    """Events of one line that enclose no later event (a parent starts first: ties sort the
+    longer first)."""
+    ordered = sorted(events, key=lambda e: (e.start_ns, -e.duration_ns))
+    return [e for i, e in enumerate(ordered)
+            if i + 1 == len(ordered) or ordered[i + 1].start_ns >= e.start_ns + e.duration_ns]
+
+
+def breakdown(events: list[KernelEvent], calls: int, top: int = 12) -> dict:
+    """Per-call totals of `events` recorded over `calls` identical calls.
+
+    Returns:
+      {"kernels": launches per call, "kernel_ms": summed durations per call, "span_ms": first
+       start to last end over the calls / calls, "by_kind": {kind: {"kernels", "ms"}},
+       "top": the `top` HLO ops by time, [{"op", "kind", "kernels", "ms", "us_each"}]}.
+    """
+    if calls < 1:
+        raise ValueError(f"calls={calls}; allowed: >= 1")
+    if not events:
+        return {"kernels": 0, "kernel_ms": 0.0, "span_ms": 0.0, "by_kind": {}, "top": []}
+    by_kind = {k: {"kernels": 0, "ms": 0.0} for k in KINDS}
+    by_op = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        k = kind(e)
+        by_kind[k]["kernels"] += 1
+        by_kind[k]["ms"] += e.duration_ns / 1e6
+        op = by_op[(e.hlo_op or e.name, k)]
+        op[0] += 1
+        op[1] += e.duration_ns / 1e6
+    for totals in by_kind.values():
+        totals["kernels"] /= calls
+        totals["ms"] /= calls
+    ranked = sorted(by_op.items(), key=lambda item: -item[1][1])[:top]
+    start = min(e.start_ns for e in events)
+    end = max(e.start_ns + e.duration_ns for e in events)
+    return {
+        "kernels": len(events) / calls,
+        "kernel_ms": sum(e.duration_ns for e in events) / 1e6 / calls,
+        "span_ms": (end - start) / 1e6 / calls,
+        "by_kind": by_kind,
+        "top": [{"op": op, "kind": k, "kernels": n / calls, "ms": ms / calls,
+                 "us_each": 1e3 * ms / n} for (op, k), (n, ms) in ranked],
+    }
+
+
+def trace(fn, args, *, calls: int, logdir: str | None = None) -> jax.profiler.ProfileData:
+    """Runs `fn(*args)` once untraced (compile, warm up), then `calls` times back to back
+    under the profiler; returns the trace."""
+    jax.block_until_ready(fn(*args))
+    logdir = logdir or tempfile.mkdtemp(prefix="statejax_trace_")
+    with jax.profiler.trace(logdir):
+        outs = [fn(*args) for _ in range(calls)]
+        jax.block_until_ready(outs)
+    paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True),
+                   key=os.path.getmtime)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no trace under {logdir}")
+    return jax.profiler.ProfileData.from_file(paths[-1])
+
+
+def kernel_breakdown(fn, args, *, calls: int = 5, top: int = 12) -> dict:
+    """`breakdown` of `calls` back-to-back calls of `fn(*args)` (a jitted or compiled fn), with
+    "source": "device" (kernels of a device plane) or "host" (XLA ops on the host)."""
+    profile = trace(fn, args, calls=calls)
+    source = "device" if any(p.name.startswith("/device:") for p in profile.planes) else "host"
+    return breakdown(kernel_events(profile), calls, top) | {"source": source}

@@ -1,0 +1,95 @@
+"""Kernel time of a compiled step from a profiler trace (`statejax.device_trace`)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.profiler import ProfileData
+
+from statejax import device_trace
+
+# Two calls of a step on a GPU, as CUPTI records them (event name = the kernel, stat hlo_op =
+# the HLO instruction), and a host plane whose XLA-op events must not count beside them.
+_GPU_TRACE = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines {
+    id: 1
+    name: "Stream #7(Compute)"
+    timestamp_ns: 1000
+    %s
+  }
+  event_metadata { key: 1 value { id: 1 name: "sm90_xmma_gemm_bf16bf16_bf16f32" } }
+  event_metadata { key: 2 value { id: 2 name: "statejax_paged_flash" } }
+  event_metadata { key: 3 value { id: 3 name: "loop_add_fusion" } }
+  event_metadata { key: 4 value { id: 4 name: "MemcpyD2D" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+planes {
+  id: 2
+  name: "/host:CPU"
+  lines {
+    id: 1
+    name: "python"
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 99000000 stats { metadata_id: 1
+      str_value: "host_op" } }
+  }
+  event_metadata { key: 1 value { id: 1 name: "host_op" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+"""
+# (kernel metadata id, hlo_op, start us, duration us) per call; the second call 100 us later.
+_CALL = [(1, "gemm_fusion.1", 0, 40), (2, "pallas_call.2", 41, 10), (3, "add.3", 52, 2),
+         (2, "pallas_call.4", 55, 10), (1, "gemm_fusion.1", 66, 20), (4, "copy.5", 87, 3)]
+
+
+def _gpu_profile() -> ProfileData:
+    events = []
+    for call in range(2):
+        for meta, op, start, dur in _CALL:
+            events.append(f'events {{ metadata_id: {meta} offset_ps: {(start + 100 * call) * 10**6}'
+                          f' duration_ps: {dur * 10**6} stats {{ metadata_id: 1 str_value: '
+                          f'"{op}" }} }}')
+    return ProfileData.from_text_proto(_GPU_TRACE % "\n    ".join(events))
+
+
+def test_gpu_kernels_are_summed_per_call_by_kind_and_op():
+    events = device_trace.kernel_events(_gpu_profile())
+    assert len(events) == 12  # the device plane only
+    b = device_trace.breakdown(events, calls=2, top=3)
+    assert b["kernels"] == 6 and b["kernel_ms"] == pytest.approx(0.085)
+    assert b["span_ms"] == pytest.approx(0.190 / 2)  # first start to last end, per call
+    assert b["by_kind"] == {
+        "pallas": {"kernels": 2, "ms": pytest.approx(0.020)},
+        "gemm": {"kernels": 2, "ms": pytest.approx(0.060)},
+        "copy": {"kernels": 1, "ms": pytest.approx(0.003)},
+        "other": {"kernels": 1, "ms": pytest.approx(0.002)}}
+    # Ops ranked by time per call; the two launches of gemm_fusion.1 are one op.
+    assert [(t["op"], t["kind"], t["kernels"]) for t in b["top"]] == [
+        ("gemm_fusion.1", "gemm", 2), ("pallas_call.2", "pallas", 1),
+        ("pallas_call.4", "pallas", 1)]
+    assert b["top"][0]["ms"] == pytest.approx(0.060)
+    assert b["top"][0]["us_each"] == pytest.approx(30)
+
+
+def test_enclosing_events_do_not_count_twice():
+    ev = lambda start, dur, op: device_trace.KernelEvent(op, op, start, dur)  # noqa: E731
+    # A loop op around its body's two ops, then an op after it, on one line.
+    line = [ev(0, 100, "while"), ev(0, 40, "a"), ev(50, 30, "b"), ev(120, 5, "c")]
+    assert [e.hlo_op for e in device_trace._leaves(line)] == ["a", "b", "c"]
+    assert device_trace._leaves([]) == []
+
+
+def test_a_cpu_trace_counts_the_ops_of_every_call():
+    f = jax.jit(lambda x: jnp.tanh(x @ x).sum(axis=0) * 2.0)
+    x = jnp.ones((128, 128))
+    b = device_trace.kernel_breakdown(f, (x,), calls=3)
+    assert b["kernels"] >= 1 and b["kernels"] == int(b["kernels"])  # the same ops each call
+    assert 0 < b["kernel_ms"] and sum(v["kernels"] for v in b["by_kind"].values()) == (
+        b["kernels"])
+
+
+def test_breakdown_of_nothing_and_bad_calls():
+    assert device_trace.breakdown([], calls=1)["kernels"] == 0
+    with pytest.raises(ValueError, match="calls=0"):
+        device_trace.breakdown([], calls=0)
