@@ -9,7 +9,8 @@
 #   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
 #   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=190
 #            grid; records the fastest tiles in kernels/tuned/ for the parts after it
-#   profile  step profile: projections / MLP / logits vs their floor, decode token PROFILE_S=180
+#   profile  step profile: the query step (and its kernels, profiler trace), a   PROFILE_S=180
+#            decode token, projections / MLP / logits vs their floor
 #            (again with PROFILE_XLA_FLAGS added to XLA_FLAGS, when set: an A/B in one call)
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
 # Measured on an H100 (2026-11-27): stream with 2 contexts took 240 s (compiles and the flash

@@ -51,6 +51,11 @@ def test_targets_report_the_fastest_blocks():
                         _row(4.0, "q16 k64 s4 w4 st2")]}
     (line,) = [x for x in kernel_bench.target_lines(results) if x.startswith("- decode")]
     assert "10% of copy" in line and line.endswith("blocks q16 k128 s16 w4 st3")
+    # Cascade: R = 8 against one branch, each at its fastest tiles, one line per shape.
+    cascade = lambda r, ms: dict(_row(ms, "x"), kernel="cascade", sessions=r)  # noqa: E731
+    results = {"rows": [cascade(1, 2.0), cascade(1, 1.0), cascade(8, 1.4), cascade(8, 1.2)]}
+    (line,) = [x for x in kernel_bench.target_lines(results) if x.startswith("- cascade")]
+    assert "8 branches take 1.20x one branch" in line
 
 
 @pytest.mark.parametrize("variant", ["gpu-tune", "gpu-query", "cpu"])
