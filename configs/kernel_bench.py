@@ -23,9 +23,11 @@ Tuning grids: `tune_decode` / `tune_append` hold `BlockSizes` tuples
 `_query_grid`); the targets report the fastest row of each target shape. With `tuned_dir`, the
 fastest tiles of each decode or cascade shape timed with a grid are recorded there for this GPU
 model (`statejax.kernels.tuned`), and become that shape's defaults.
-Mosaic GPU (Hopper) variants: with `mosaic`, their default tiles on every decode and append
-shape, the `tune_decode_mosaic` grid of (block_k, max_concurrent_steps, num_splits) on the
-first decode shape and the `tune_append_mosaic` grid of (block_q, block_k,
+Mosaic GPU (Hopper) variants: with `mosaic`, the cascade with its shared part on the Mosaic
+decode kernel (shapes of <= 128 shared rows) and the `tune_cascade_mosaic` grid of (block_k,
+max_concurrent_steps, num_splits) on the first cascade shape, their default tiles on every
+decode and append shape, the `tune_decode_mosaic` grid of (block_k, max_concurrent_steps,
+num_splits) on the first decode shape and the `tune_append_mosaic` grid of (block_q, block_k,
 max_concurrent_steps) on the first append shape; these rows run after the default rows, before
 the Triton grids.
 """
@@ -106,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mosaic = True  # time the Mosaic GPU variants too (compiled only: GPU variants)
     c.tune_decode_mosaic = ()
     c.tune_append_mosaic = ()
+    c.tune_cascade_mosaic = ()
 
     if variant == "cpu":
         c.dtype = "float32"
@@ -147,9 +150,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.append = ()
         c.cascade = ((1, 32768, 32, 32, 8, 64), (1, 1024, 32, 32, 8, 64))
         c.baselines = False
-        c.mosaic = False
         c.repeats = 5
         c.time_budget_s = 170.0
+        # The shared part on the Mosaic GPU decode kernel (two compute warpgroups for the 128
+        # rows): its defaults, then (block_k, slots, splits) at 32k.
+        c.tune_cascade_mosaic = ((128, 4, 8), (128, 4, 16), (128, 4, 32), (64, 4, 16),
+                                 (128, 2, 16), (64, 2, 16))
         # 32k: 256-512 KV blocks; 1k: 8-16. The private kernel reads every split's partial
         # of its rows: more splits, more serial merge work in its few programs (at 1k, with
         # 2-4 splits, little: one private tile size there).

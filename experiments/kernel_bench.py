@@ -171,9 +171,19 @@ def cascade_block_sizes(cfg, shape, entry) -> ca.BlockSizes:
                          private=dataclasses.replace(private, block_q=pq))
 
 
-def bench_cascade(cfg, peaks, shape, key, block_sizes=None) -> dict:
+def mosaic_cascade_block_sizes(cfg, shape, entry) -> ca.BlockSizes:
+    """A `tune_cascade_mosaic` entry (block_k, max_concurrent_steps, splits of the shared
+    part on the Mosaic decode kernel) as tiles; the private part's as its default."""
+    r, _, t, h, k, d = shape
+    private = aa.BlockSizes.for_append(rows=t * (h // k), head_dim=d,
+                                       page_size=branch_page_size(cfg, t))
+    return ca.BlockSizes(shared=dm.MosaicDecodeBlockSizes(*entry), private=private)
+
+
+def bench_cascade(cfg, peaks, shape, key, block_sizes=None, backend="triton") -> dict:
     """R branches of T tokens over S shared cells: (R, S, T, H, K, D); `block_sizes` None =
-    the defaults (which the row records, as `tiles`, with the shared window)."""
+    the defaults (Triton rows record them, as `tiles`, with the shared window); `backend`
+    "mosaic_gpu" runs the shared part on the Mosaic GPU decode kernel."""
     r, s, t, h, k, d = shape
     dtype = jnp.dtype(cfg.dtype)
     q, sk, sv, s_table = _paged_inputs(key, rows=1, cells=s, t=t, h=h, k=k, d=d,
@@ -184,12 +194,13 @@ def bench_cascade(cfg, peaks, shape, key, block_sizes=None) -> dict:
                                        k=k, d=d, page_size=branch_ps, dtype=dtype)
     branch_lengths = jnp.zeros((r,), jnp.int32)
     window = s_table.shape[1] * cfg.page_size
-    block_sizes = block_sizes or ca.BlockSizes.for_shape(
+    defaults = ca.BlockSizes.for_mosaic if backend == "mosaic_gpu" else ca.BlockSizes.for_shape
+    block_sizes = block_sizes or defaults(
         branches=r, tokens=t, group=h // k, k_heads=k, head_dim=d,
         shared_page_size=cfg.page_size, shared_window=window, private_page_size=branch_ps,
         itemsize=dtype.itemsize)
     call = jax.jit(functools.partial(ca.cascade_attention, interpret=cfg.interpret,
-                                     block_sizes=block_sizes))
+                                     block_sizes=block_sizes, backend=backend))
     args = (q, sk, sv, s_table[0], jnp.int32(s), bk, bv, b_table, branch_lengths)
     seconds = _seconds(cfg, call, *args)
     io = 2 * r * t * h * d * dtype.itemsize
@@ -197,8 +208,9 @@ def bench_cascade(cfg, peaks, shape, key, block_sizes=None) -> dict:
     flops = 4 * d * r * h * (t * s + t * (t + 1) // 2)
     row = _row("cascade", dict(sessions=r, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
                seconds, nbytes, flops, peaks)
-    row.update(window=window, tiles=dataclasses.asdict(block_sizes))
-    if cfg.baselines and s % cfg.page_size == 0:
+    if backend == "triton":  # the tuned table holds Triton tiles only
+        row.update(window=window, tiles=dataclasses.asdict(block_sizes))
+    if cfg.baselines and s % cfg.page_size == 0 and backend == "triton":
         # No sharing: the append kernel over R rows whose tables alias the shared pages.
         pages_t = math.ceil(t / cfg.page_size)
         _, pk, pv, p_table = _paged_inputs(jax.random.fold_in(key, 3), rows=r,
@@ -272,13 +284,20 @@ def record_tuned(results: dict, directory: str) -> list[str]:
 
 
 def mosaic_work(cfg) -> list[tuple]:
-    """The Mosaic GPU rows: default tiles on every decode and append shape, then
-    `cfg.tune_decode_mosaic` / `cfg.tune_append_mosaic` on the target shapes. They run after
-    the default rows and before the Triton grids; a failure is recorded in its row (a new
-    backend must not cost the other rows)."""
+    """The Mosaic GPU rows: the cascade with its shared part on the Mosaic decode kernel on
+    every cascade shape of <= 128 shared rows, then `cfg.tune_cascade_mosaic` on the first;
+    default tiles on every decode and append shape, then `cfg.tune_decode_mosaic` /
+    `cfg.tune_append_mosaic` on the target shapes. They run after the default rows and before
+    the Triton grids; a failure is recorded in its row (a new backend must not cost the other
+    rows)."""
     if not cfg.mosaic:
         return []
-    work = [("decode", shape, None, "mosaic_gpu") for shape in cfg.decode]
+    work = [("cascade", shape, None, "mosaic_gpu") for shape in cfg.cascade
+            if shape[2] * shape[3] // shape[4] * shape[0] <= dm.MAX_ROWS]
+    if cfg.cascade:
+        work += [("cascade", cfg.cascade[0], mosaic_cascade_block_sizes(cfg, cfg.cascade[0], e),
+                  "mosaic_gpu") for e in cfg.get("tune_cascade_mosaic", ())]
+    work += [("decode", shape, None, "mosaic_gpu") for shape in cfg.decode]
     work += [("append", shape, None, "mosaic_gpu") for shape in cfg.append]
     work += [("decode", cfg.decode[0], dm.MosaicDecodeBlockSizes(*entry), "mosaic_gpu")
              for entry in cfg.tune_decode_mosaic]
@@ -336,7 +355,7 @@ def run(cfg, workdir: str | None = None) -> dict:
         key_i = jax.random.fold_in(key, i)
         try:
             if kind == "cascade":
-                row = bench_cascade(cfg, results, shape, key_i, block_sizes)
+                row = bench_cascade(cfg, results, shape, key_i, block_sizes, backend)
             else:
                 row = bench_paged(cfg, results, kind, shape, key_i, block_sizes, backend)
         except roofline.BelowResolution as e:  # a result of the timing, not of the kernel

@@ -26,6 +26,8 @@ from statejax.errors import InputError
 
 from . import append_attention as aa
 from . import decode_attention as da
+from . import decode_attention_mgpu as dm
+from . import mosaic_common as mc
 from . import tuned
 
 __all__ = ["BlockSizes", "cascade_attention", "cascade_attention_cells",
@@ -37,11 +39,12 @@ class BlockSizes:
     """Tiles of the two kernel calls.
 
     Attributes:
-      shared: tiles (with splits) of the folded shared-prefix call.
+      shared: tiles (with splits) of the folded shared-prefix call (`MosaicDecodeBlockSizes`
+        with `backend="mosaic_gpu"`).
       private: tiles of the per-branch private call (unsplit).
     """
 
-    shared: aa.BlockSizes
+    shared: "aa.BlockSizes | dm.MosaicDecodeBlockSizes"
     private: aa.BlockSizes
 
     @classmethod
@@ -65,6 +68,20 @@ class BlockSizes:
         if rows > shared.block_q:  # many rows: use full-size query tiles
             shared = dataclasses.replace(shared, block_q=min(128, aa._next_pow2(rows)),
                                          num_warps=8 if head_dim >= 128 else 4)
+        private = aa.BlockSizes.for_append(rows=tokens * group, head_dim=head_dim,
+                                           page_size=private_page_size)
+        return cls(shared=shared, private=private)
+
+    @classmethod
+    def for_mosaic(cls, *, branches: int, tokens: int, group: int, k_heads: int,
+                   head_dim: int, shared_page_size: int, shared_window: int,
+                   private_page_size: int, itemsize: int = 2) -> "BlockSizes":
+        """Tiles with the shared part on the Mosaic GPU decode kernel
+        (`MosaicDecodeBlockSizes.for_decode` of its rows); private as `for_shape`."""
+        del itemsize  # the Mosaic kernel takes 16-bit cells only
+        shared = dm.MosaicDecodeBlockSizes.for_decode(
+            batch=1, k_heads=k_heads, head_dim=head_dim, page_size=shared_page_size,
+            window=shared_window, rows=branches * tokens * group)
         private = aa.BlockSizes.for_append(rows=tokens * group, head_dim=head_dim,
                                            page_size=private_page_size)
         return cls(shared=shared, private=private)
@@ -116,15 +133,26 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
       branch_lengths_R: int32 m_r, private cells of branch r in use before this step.
       shared_window: static S <= P * page_size (default P * page_size).
       branch_window: static Tb <= Pb * page_size_b (default Pb * page_size_b).
-      block_sizes: default `BlockSizes.for_shape` of this shape.
-      interpret, backend, poison_outputs: as `append_attention.append_attention`.
+      block_sizes: default `BlockSizes.for_shape` of this shape (with `backend="mosaic_gpu"`
+        its `shared` part is a `MosaicDecodeBlockSizes`).
+      interpret, poison_outputs: as `append_attention.append_attention`.
+      backend: "triton", or "mosaic_gpu": the shared part on the Mosaic GPU decode kernel
+        (`decode_attention_mgpu.decode_partials_mgpu`, non-causal; Hopper, compiled only,
+        bf16/f16, D % 64 == 0, R x T x G <= 128 rows, no poisoning), the private part and
+        the merge on Triton as ever.
       shared_page_offset, branch_page_offset: static offsets added to the entries of the
         two tables (`append_attention.append_attention`'s `page_offset`).
 
     Returns:
       out_RxTxHxD in q's dtype, lse_RxTxH float32 over shared + private keys.
     """
-    aa.check_backend(backend, interpret)
+    mosaic = backend == "mosaic_gpu"
+    if mosaic:
+        mc.check_device()  # compiled only: raises where no Hopper GPU compiles it
+        if interpret or poison_outputs:
+            raise InputError("backend='mosaic_gpu' runs compiled only (interpret=False) and "
+                             "has no poison_outputs hook; use backend='triton' for those")
+    aa.check_backend("triton" if mosaic else backend, interpret)
     aa.check_page_offset(shared_page_offset)
     aa.check_page_offset(branch_page_offset)
     if shared_page_table_P.ndim != 1:
@@ -142,11 +170,20 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
         raise InputError(f"shared and branch pools differ in [K, D]: "
                          f"{shared_k_pool.shape[2:]} vs {branch_k_pool.shape[2:]}")
     k_heads = shared_k_pool.shape[2]
-    bs = block_sizes or BlockSizes.for_shape(
-        branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
-        shared_page_size=shared_k_pool.shape[1], shared_window=shared_window,
-        private_page_size=branch_k_pool.shape[1], itemsize=q_RxTxHxD.dtype.itemsize)
-    aa.validate_block_sizes(bs.shared, shared_k_pool.shape[1])
+    shape = dict(branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
+                 shared_page_size=shared_k_pool.shape[1], shared_window=shared_window,
+                 private_page_size=branch_k_pool.shape[1], itemsize=q_RxTxHxD.dtype.itemsize)
+    if mosaic and r * t * (h // k_heads) > dm.MAX_ROWS:
+        raise InputError(f"R x T x G = {r * t * (h // k_heads)} shared query rows; "
+                         f"backend='mosaic_gpu' holds at most {dm.MAX_ROWS} (use 'triton')")
+    bs = block_sizes or (BlockSizes.for_mosaic(**shape) if mosaic
+                         else BlockSizes.for_shape(**shape))
+    if mosaic != isinstance(bs.shared, dm.MosaicDecodeBlockSizes):
+        raise InputError(f"backend={backend!r} takes shared tiles of type "
+                         f"{'MosaicDecodeBlockSizes' if mosaic else 'BlockSizes'}, got "
+                         f"{type(bs.shared).__name__}")
+    if not mosaic:
+        aa.validate_block_sizes(bs.shared, shared_k_pool.shape[1])
     aa.validate_block_sizes(bs.private, branch_k_pool.shape[1])
     if bs.private.num_splits != 1:
         raise InputError("the private part runs unsplit: block_sizes.private.num_splits=1")
@@ -154,11 +191,16 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     common = dict(interpret=interpret, poison_outputs=poison_outputs)
     # Shared part: all R x T queries folded into the rows of one batch row (row r's query
     # rows follow row r - 1's), float32 partials per split.
-    out_s, lse_s = aa.paged_flash_folded(
-        q_RxTxHxD.reshape(1, r * t, h, d), shared_k_pool, shared_v_pool,
-        shared_page_table_P[None], jnp.reshape(shared_len, (1,)), window=shared_window,
-        causal=False, block_sizes=bs.shared, out_dtype=jnp.float32,
-        page_offset=shared_page_offset, **common)
+    shared_args = (q_RxTxHxD.reshape(1, r * t, h, d), shared_k_pool, shared_v_pool,
+                   shared_page_table_P[None] + shared_page_offset if mosaic
+                   else shared_page_table_P[None], jnp.reshape(shared_len, (1,)))
+    if mosaic:
+        out_s, lse_s = dm.decode_partials_mgpu(*shared_args, window=shared_window,
+                                               block_sizes=bs.shared, causal=False)
+    else:
+        out_s, lse_s = aa.paged_flash_folded(
+            *shared_args, window=shared_window, causal=False, block_sizes=bs.shared,
+            out_dtype=jnp.float32, page_offset=shared_page_offset, **common)
     private = dict(window=branch_window, causal=True, block_sizes=bs.private,
                    page_offset=branch_page_offset, **common)
     rows = t * (h // k_heads)

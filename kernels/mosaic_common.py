@@ -31,15 +31,15 @@ def validate_operands(q_BxTxHxD, page_size: int):
                          f"(tile rows) and <= 256 (a TMA box), got {page_size}")
 
 
-def validate_tiles(bs, *, head_dim: int, itemsize: int, page_size: int):
+def validate_tiles(bs, *, head_dim: int, itemsize: int, page_size: int, **smem_args):
     """block_k, slots and shared memory of a Mosaic tile set (`block_k`,
-    `max_concurrent_steps`, `smem_bytes`)."""
+    `max_concurrent_steps`, `smem_bytes(head_dim, itemsize, **smem_args)`)."""
     if bs.block_k % 64 or bs.block_k % page_size:
         raise InputError(f"block_k={bs.block_k} must be a multiple of 64 and of page_size="
                          f"{page_size}")
     if bs.max_concurrent_steps < 2:
         raise InputError(f"max_concurrent_steps={bs.max_concurrent_steps} must be >= 2")
-    if (smem := bs.smem_bytes(head_dim, itemsize)) > SMEM_LIMIT:
+    if (smem := bs.smem_bytes(head_dim, itemsize, **smem_args)) > SMEM_LIMIT:
         raise InputError(f"tiles {bs} need {smem} bytes of shared memory at D={head_dim}; "
                          f"Hopper has {SMEM_LIMIT}")
 

@@ -97,8 +97,20 @@ def test_mosaic_rows_on_gpu_variants_only():
     decode_labels = labels[2:2 + len(cfg.tune_decode_mosaic)]
     assert len(set(decode_labels)) == len(decode_labels)
     gpu = kb_config.get_config("gpu")  # default tiles on every shape, no grid
-    assert len(kernel_bench.mosaic_work(gpu)) == len(gpu.decode) + len(gpu.append)
+    # Cascades of one 32-token branch (128 shared rows) fit the Mosaic shared part; 8 do not.
+    fits = [s for s in gpu.cascade if s[0] == 1]
+    assert len(fits) == 2 and len(kernel_bench.mosaic_work(gpu)) == (
+        len(fits) + len(gpu.decode) + len(gpu.append))
     assert kernel_bench.mosaic_work(kb_config.get_config("cpu")) == []
+    # The query's: the cascade's shared part on Mosaic, default at 32k and 1k, then a grid.
+    query = kb_config.get_config("gpu-query")
+    work = kernel_bench.mosaic_work(query)
+    assert [(w[0], w[1]) for w in work] == (
+        [("cascade", s) for s in query.cascade]
+        + [("cascade", query.cascade[0])] * len(query.tune_cascade_mosaic)
+        + [("decode", s) for s in query.decode])
+    labels = [kernel_bench._blocks_label(w[2], w[3]) for w in work]
+    assert labels[2] == "mosaic_gpu shared k128 c4 s8, private q128 k128 w4"
 
 
 def test_a_failing_mosaic_row_is_recorded_not_raised(tmp_path):

@@ -10,6 +10,7 @@ docstrings): a kernel that lets one through fails by far.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -18,12 +19,14 @@ import mgpu_interpreter
 import mosaic_ptxas
 import numpy as np
 import pytest
-from test_kernels import GPU, Case, _pools, _queries, _reference, _window
+from test_kernels import _H100_KIND, GPU, CascadeCase, Case, _pools, _queries, _reference, _window
 
 from configs import kernel_bench as kb_config
+from statejax import gpu_target
 from statejax.errors import InputError
 from statejax.kernels import append_attention as aa
 from statejax.kernels import append_attention_mgpu as mg
+from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
 from statejax.kernels import decode_attention_mgpu as dm
 from statejax.kernels import mosaic_common as mc
@@ -49,13 +52,30 @@ class MosaicCase:
     @property
     def build(self):
         """The kernel call without the device check (lowers on CPU)."""
-        return mg._append_mgpu if self.kind == "append" else dm._decode_mgpu
+        return {"append": mg._append_mgpu, "decode": dm._decode_mgpu,
+                "shared": _shared_mgpu}[self.kind]
 
     @property
     def wrapper_and_reference(self):
         if self.kind == "append":
             return aa.append_attention, aa.append_attention_reference
+        if self.kind == "shared":
+            return None, functools.partial(aa.paged_attention_reference, causal=False)
         return da.decode_attention, da.decode_attention_reference
+
+    def visible(self, n: int) -> int:
+        """Cells row n's queries may see (the rest hold garbage)."""
+        return min(n if self.kind == "shared" else n + self.case.t, _window(self.case))
+
+
+def _shared_mgpu(q, k_pool, v_pool, table, lengths, *, window, block_sizes, interpret=False):
+    """The cascade's shared part on the Mosaic decode kernel (every row sees its n cells),
+    its splits merged: comparable with the non-causal reference."""
+    t, h = q.shape[1:3]
+    out, lse = dm.decode_partials_mgpu(q, k_pool, v_pool, table, lengths, window=window,
+                                       block_sizes=block_sizes, causal=False,
+                                       interpret=interpret)
+    return da.combine_splits(*aa.unfold_partials(out, lse, t, h), q.dtype)
 
 
 CASES = [
@@ -92,6 +112,17 @@ DECODE_CASES = [
     MosaicCase(Case(lengths=(300, 900), t=2, h=4, k=4, pages=8, d=128, page_size=128,
                     dtype="bfloat16", window=1000),
                dm.MosaicDecodeBlockSizes(128, 2, 4), "decode"),
+    # A 32-token question at GQA 4: 128 folded rows, two compute warpgroups; default tiles.
+    MosaicCase(Case(lengths=(3000, 40), t=32, h=32, k=8, pages=200, d=64, dtype="bfloat16"),
+               kind="decode"),
+    # The same rows as a cascade's shared part (non-causal: every row sees its n cells),
+    # 24 rows (one warpgroup) and 100 (two, the second partly padding).
+    MosaicCase(Case(lengths=(3000, 0), t=32, h=32, k=8, pages=200, d=64, page_size=64,
+                    dtype="bfloat16"), dm.MosaicDecodeBlockSizes(128, 3, 4), "shared"),
+    MosaicCase(Case(lengths=(700,), t=3, h=8, k=1, pages=64, d=128, dtype="float16"),
+               kind="shared"),
+    MosaicCase(Case(lengths=(500, 64), t=25, h=16, k=4, pages=40, d=64, dtype="bfloat16"),
+               dm.MosaicDecodeBlockSizes(64, 2, 3), "shared"),
 ]
 # The benchmark's targets: ingestion (8 sessions, T = 512 over 8k cached, 32 heads, D = 128)
 # and decode (8 sessions x 16k, K = 8, D = 128).
@@ -116,6 +147,14 @@ TUNED = [dataclasses.replace(TARGET, tiles=mg.MosaicBlockSizes(*entry))
          for entry in _TUNE.tune_append_mosaic]
 TUNED += [dataclasses.replace(DECODE_TARGET, tiles=dm.MosaicDecodeBlockSizes(*entry))
           for entry in _TUNE.tune_decode_mosaic]
+# The end-to-end query's shared part (32 tokens, G = 4: 128 rows, D = 64, 32k cells) with the
+# `:gpu-query` Mosaic tiles and the defaults.
+_QUERY = kb_config.get_config("gpu-query")
+QUERY_SHARED = MosaicCase(Case(lengths=(32768,), t=32, h=32, k=8, pages=512, d=64,
+                               page_size=_QUERY.page_size, dtype="bfloat16"), kind="shared")
+TUNED += [QUERY_SHARED] + [dataclasses.replace(QUERY_SHARED,
+                                               tiles=dm.MosaicDecodeBlockSizes(*entry))
+                           for entry in _QUERY.tune_cascade_mosaic]
 
 
 @pytest.mark.parametrize("mc", CASES + DECODE_CASES + [TARGET, DECODE_TARGET] + TUNED,
@@ -165,10 +204,10 @@ def test_mosaic_validation(args, tiles, match):
 def test_mosaic_decode_validation(args, tiles, match):
     with pytest.raises(InputError, match=match):
         dm._decode_mgpu(*args, window=None, block_sizes=tiles)
-    # 17 tokens x G = 4 folded rows do not fit one 64-row tile.
-    q17 = jnp.ones((2, 17, 8, 64), jnp.bfloat16)
-    with pytest.raises(InputError, match="at most 64"):
-        dm._decode_mgpu(q17, *_valid()[1:], window=None, block_sizes=None)
+    # 33 tokens x G = 4 folded rows do not fit two 64-row warpgroup tiles.
+    q33 = jnp.ones((2, 33, 8, 64), jnp.bfloat16)
+    with pytest.raises(InputError, match="at most 128"):
+        dm._decode_mgpu(q33, *_valid()[1:], window=None, block_sizes=None)
 
 
 @pytest.mark.parametrize("fn, tiles, kind", [
@@ -243,25 +282,28 @@ def test_append_block_plan_covers_what_each_token_sees():
                 assert full * block_k <= tokens.min() < (full + 1) * block_k
 
 
-def test_decode_splits_partition_the_visible_blocks():
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_splits_partition_the_visible_blocks(causal):
     rng = np.random.default_rng(1)
     for _ in range(300):
-        t, group = int(rng.integers(1, 5)), int(rng.choice([1, 4, 8]))
-        if t * group > 64:
+        t, group = int(rng.integers(1, 33)), int(rng.choice([1, 4, 8]))
+        if t * group > dm.MAX_ROWS:
             continue
         block_k, splits = int(rng.choice([64, 128])), int(rng.integers(1, 9))
         n = int(rng.integers(0, 3000))
         window = n + t + int(rng.integers(0, 300))
         blocks_per_split = math.ceil(math.ceil(window / block_k) / splits)
-        rows = np.arange(64)
-        limits = [int(dm.row_limit(n, r, group=group, num_tokens=t, window=window))
-                  for r in rows]
-        assert limits[t * group - 1] == max(limits) == min(n + t, window)
+        rows = np.arange(dm.MAX_ROWS)
+        limits = [int(dm.row_limit(n, r, group=group, num_tokens=t, window=window,
+                                   causal=causal)) for r in rows[:t * group]]
+        # Causal: the last token sees the most; the shared part: every row sees n.
+        assert limits[-1] == max(limits) == (min(n + t, window) if causal else n)
+        assert causal or min(limits) == n
         visited = []
         for s in range(splits):
             first, steps = (int(x) for x in dm.split_plan(
                 n, s, blocks_per_split=blocks_per_split, group=group, num_tokens=t,
-                window=window, block_k=block_k))
+                window=window, block_k=block_k, causal=causal))
             assert steps >= 0 and (steps == 0 or first == s * blocks_per_split)
             visited += range(first, first + steps)
         assert visited == list(range(math.ceil(max(limits) / block_k)))  # each block once
@@ -273,7 +315,7 @@ def check_mosaic(mc: MosaicCase, seed: int = 0, *, interpret: bool = False):
     case = mc.case
     rng = np.random.default_rng(seed)
     lengths = jnp.asarray(case.lengths, jnp.int32)
-    visible = [min(n + case.t, _window(case)) for n in case.lengths]
+    visible = [mc.visible(n) for n in case.lengths]
     clean, poisoned, table = _pools(rng, case, visible)
     garbage = [jnp.where(jnp.isnan(p), _GARBAGE, p).astype(p.dtype) for p in poisoned]
     q = _queries(rng, (len(case.lengths), case.t, case.h, case.d), case.dtype)
@@ -284,6 +326,9 @@ def check_mosaic(mc: MosaicCase, seed: int = 0, *, interpret: bool = False):
                                                  window=case.window, block_sizes=mc.tiles,
                                                  interpret=mgpu_interpreter.params()))
             assert not mgpu_interpreter.races_found()
+    elif fn is None:  # no public wrapper of its own (the shared part): the kernel call
+        got = jax.jit(functools.partial(mc.build, window=case.window, block_sizes=mc.tiles))(
+            q, *garbage, table, lengths)
     else:
         got = fn(q, *garbage, table, lengths, window=case.window, block_sizes=mc.tiles,
                  interpret=False, backend="mosaic_gpu")
@@ -312,6 +357,12 @@ INTERPRET_CASES = [
     # Decode: T = 3 at GQA 8, an empty row (its later splits read nothing), 3 slots.
     MosaicCase(Case(lengths=(0, 90), t=3, h=8, k=1, pages=16, d=64, page_size=8,
                     dtype="bfloat16"), dm.MosaicDecodeBlockSizes(64, 3, 3), "decode"),
+    # Decode: 128 folded rows (T = 16 at GQA 8): two compute warpgroups share the slots.
+    MosaicCase(Case(lengths=(5, 300), t=16, h=8, k=1, pages=24, d=64, dtype="bfloat16"),
+               dm.MosaicDecodeBlockSizes(64, 2, 2), "decode"),
+    # Shared part (non-causal) of 100 rows, an empty row, 3 slots.
+    MosaicCase(Case(lengths=(0, 200), t=25, h=8, k=2, pages=16, d=64, dtype="bfloat16"),
+               dm.MosaicDecodeBlockSizes(64, 3, 2), "shared"),
     # Decode: GQA 1, D = 128, 128-cell pages, a window short of the table, one split.
     MosaicCase(Case(lengths=(300,), t=2, h=2, k=2, pages=4, d=128, page_size=128,
                     dtype="float16", window=350), dm.MosaicDecodeBlockSizes(128, 2, 1),
@@ -360,8 +411,22 @@ def test_mosaic_kernels_compile_to_sm90a_without_spills(mc, tmp_path):
             "mosaic_ptxas.compile_lowered_kernel()")
     report = mosaic_ptxas.ptxas_report(code, tmp_path, timeout_s=_PTXAS_DEADLINE_S)
     assert report["spill_stores"] == report["spill_loads"] == 0, report["log"]
-    threads = 128 * (mg._COMPUTE_WGS + 1 if mc.kind == "append" else 2)  # + memory wg
+    rows = mc.case.t * mc.case.h // mc.case.k
+    decode_wgs = 1 if rows <= 64 else 2
+    threads = 128 * ((mg._COMPUTE_WGS if mc.kind == "append" else decode_wgs) + 1)  # + memory
     assert report["registers"] * threads <= 65536, report["log"]
+
+
+# The end-to-end query's attention (one branch: T = 32, G = 4, D = 64, 128 shared rows) and
+# two branches of 12 tokens at GQA 4 (96 rows) with private history, default tiles.
+CASCADE_MOSAIC = [
+    CascadeCase(shared_lengths=(3000, 0), branch_lengths=(0,), t=32, h=32, k=8,
+                shared_pages=64, branch_pages=2, d=64, shared_page_size=64,
+                branch_page_size=32, dtype="bfloat16"),
+    CascadeCase(shared_lengths=(517,), branch_lengths=(9, 0), t=12, h=8, k=2,
+                shared_pages=40, branch_pages=4, d=128, branch_page_size=16,
+                dtype="float16"),
+]
 
 
 @pytest.mark.gpu
@@ -374,3 +439,79 @@ class TestCompiledMosaicGpu:
     @pytest.mark.parametrize("mc", DECODE_CASES, ids=str)
     def test_decode(self, mc):
         check_mosaic(mc)
+
+    @pytest.mark.parametrize("case", CASCADE_MOSAIC, ids=str)
+    def test_cascade_with_the_shared_part_on_mosaic(self, case):
+        check_cascade_mosaic(case)
+
+
+def check_cascade_mosaic(case: CascadeCase, seed: int = 0):
+    """`cascade_attention(backend="mosaic_gpu")` against its reference, finite garbage in
+    every cell no query may see (the Mosaic kernel's contract; no output poisoning)."""
+    r = len(case.branch_lengths)
+    rng = np.random.default_rng(seed)
+    q = _queries(rng, (r, case.t, case.h, case.d), case.dtype)
+    finite = lambda pools: [jnp.where(jnp.isnan(p), _GARBAGE, p).astype(p.dtype)  # noqa
+                            for p in pools]
+    branch = Case(lengths=case.branch_lengths, t=case.t, h=case.h, k=case.k,
+                  pages=case.branch_pages, d=case.d, page_size=case.branch_page_size,
+                  dtype=case.dtype)
+    b_clean, b_poisoned, b_table = _pools(rng, branch, [m + case.t for m in case.branch_lengths])
+    b_lengths = jnp.asarray(case.branch_lengths, jnp.int32)
+    for n in case.shared_lengths:
+        shared = Case(lengths=(n,), t=case.t, h=case.h, k=case.k, pages=case.shared_pages,
+                      d=case.d, page_size=case.shared_page_size, dtype=case.dtype)
+        s_clean, s_poisoned, s_table = _pools(rng, shared, [n])
+        got = ca.cascade_attention(q, *finite(s_poisoned), s_table[0], jnp.int32(n),
+                                   *b_poisoned, b_table, b_lengths, interpret=False,
+                                   backend="mosaic_gpu")
+        want = _reference(ca.cascade_attention_reference, q, *s_clean, s_table[0],
+                          jnp.int32(n), *b_clean, b_table, b_lengths)
+        out_tol, lse_tol = TOLERANCE[case.dtype]
+        np.testing.assert_allclose(np.asarray(got[0], np.float32),
+                                   np.asarray(want[0], np.float32), **out_tol)
+        np.testing.assert_allclose(got[1], want[1], **lse_tol)
+
+
+def _cascade_args(case: CascadeCase):
+    r = len(case.branch_lengths)
+    dtype = jnp.dtype(case.dtype)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    pool = lambda pages, size: jax.ShapeDtypeStruct((pages, size, case.k, case.d), dtype)  # noqa
+    s_pool = pool(case.shared_pages + 3, case.shared_page_size)
+    b_pool = pool(r * case.branch_pages + 3, case.branch_page_size)
+    return (jax.ShapeDtypeStruct((r, case.t, case.h, case.d), dtype), s_pool, s_pool,
+            i32(case.shared_pages), i32(), b_pool, b_pool, i32(r, case.branch_pages), i32(r))
+
+
+def test_cascade_on_mosaic_lowers_to_both_backends(monkeypatch):
+    """The shared part lowers to a Mosaic GPU call, the private part (with the merge) to a
+    Triton call: the compiled-only check is all that stands between this CPU and a device."""
+    monkeypatch.setattr(mc, "check_device", lambda: None)
+    call = jax.jit(functools.partial(ca.cascade_attention, interpret=False,
+                                     backend="mosaic_gpu"))
+    with gpu_target.compiling_for(_H100_KIND):
+        text = call.trace(*_cascade_args(CASCADE_MOSAIC[0])).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 1 and text.count("xla.gpu.triton") == 1
+
+
+def test_cascade_on_mosaic_is_explicit_and_bounded(monkeypatch):
+    args = _cascade_args(CASCADE_MOSAIC[0])
+
+    def trace(args=args, **kw):
+        ca.cascade_attention.trace(*args, **kw)
+
+    if not GPU:  # nothing falls back to Triton
+        with pytest.raises(InputError, match="no interpret mode"):
+            trace(interpret=False, backend="mosaic_gpu")
+    monkeypatch.setattr(mc, "check_device", lambda: None)
+    with pytest.raises(InputError, match="compiled only"):
+        trace(interpret=True, backend="mosaic_gpu")
+    with gpu_target.compiling_for(_H100_KIND):
+        with pytest.raises(InputError, match="takes shared tiles of type MosaicDecodeBlock"):
+            trace(interpret=False, backend="mosaic_gpu",
+                  block_sizes=ca.BlockSizes(aa.BlockSizes(128, 128), aa.BlockSizes(128, 128)))
+        three = _cascade_args(dataclasses.replace(CASCADE_MOSAIC[0], branch_lengths=(0,) * 3))
+        with pytest.raises(InputError, match="384 shared query rows.*at most 128"):
+            trace(three, interpret=False, backend="mosaic_gpu")
