@@ -245,8 +245,18 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
       out_RxTxHxD, lse_RxTxH.
     """
     c, tb = shared_k.shape[-3], branch_k.shape[-3]
-    shared_ps = aa.cells_page_size(c, block_sizes.shared.block_k if block_sizes else 128)
-    branch_ps = aa.cells_page_size(tb, block_sizes.private.block_k if block_sizes else 128)
+    if block_sizes is None:
+        # Tiles first (measured ones included, whatever their KV block), at the finest
+        # page size that any tile fits; then the cells are viewed as pages of one KV block.
+        r, t, h, d = q_RxTxHxD.shape
+        k_heads = shared_k.shape[-2]
+        defaults = BlockSizes.for_mosaic if backend == "mosaic_gpu" else BlockSizes.for_shape
+        block_sizes = defaults(
+            branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
+            shared_page_size=aa.cells_page_size(c, 16), shared_window=shared_window,
+            private_page_size=aa.cells_page_size(tb, 16), itemsize=q_RxTxHxD.dtype.itemsize)
+    shared_ps = aa.cells_page_size(c, block_sizes.shared.block_k)
+    branch_ps = aa.cells_page_size(tb, block_sizes.private.block_k)
     rows = jnp.reshape(jnp.asarray(row, jnp.int32), (1,))
     sk_pool, s_table, s_offset = aa.cells_as_pool(shared_k, layer=layer, rows=rows,
                                                   window=shared_window, page_size=shared_ps)

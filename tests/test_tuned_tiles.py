@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import kernel_bench as kb_config
@@ -146,3 +148,29 @@ def test_the_bench_records_the_fastest_tiles_of_each_grid_shape(tmp_path):
     b, _, t, h, k, d = cfg.decode[0]
     assert by_kernel["decode"]["shape"] == dict(batch=b, rows=t * h // k, k_heads=k,
                                                 head_dim=d, itemsize=4)
+
+
+def test_contiguous_cells_take_measured_tiles_whatever_their_kv_block(table_dir, monkeypatch):
+    """The model's cells (C = 33792 here, so 128-cell pages would fit) are viewed as pages of
+    the chosen KV block: a measured 64-cell block is usable, not rejected by the view."""
+    shared, private = _tiles(64, 64, 16, 8), _tiles(128, 128, 1, 4)
+    tuned.record(dict(kernel="cascade", shape=CASCADE, window=32768,
+                      block_sizes=dict(shared=shared, private=private)), device_kind=H100)
+    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs, shared_page_size=args[1].shape[1])
+        return "out", "lse"
+
+    monkeypatch.setattr(ca, "cascade_attention", spy)
+    cells = jax.ShapeDtypeStruct((16, 1, 33792, 8, 64), jnp.bfloat16)
+    branch = jax.ShapeDtypeStruct((16, 1, 96, 8, 64), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, 32, 32, 64), jnp.bfloat16)
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    jax.eval_shape(lambda *a: ca.cascade_attention_cells.__wrapped__(
+        *a, layer=3, shared_window=32768, interpret=False)[0] and None,
+        q, cells, cells, i32, i32, branch, branch, jax.ShapeDtypeStruct((1,), jnp.int32))
+    assert seen["block_sizes"] == ca.BlockSizes(aa.BlockSizes(**shared),
+                                                aa.BlockSizes(**private))
+    assert seen["shared_page_size"] == 64  # one page per 64-cell KV block
