@@ -138,7 +138,7 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
         "mosaic_gpu": `decode_attention_mgpu.MosaicDecodeBlockSizes`).
       interpret, page_offset, poison_outputs: as `append_attention.append_attention`.
       backend: "triton" or "mosaic_gpu" (`decode_attention_mgpu`: Hopper, bf16/f16,
-        T x H / K <= 64, compiled only, no poisoning).
+        T x H / K <= 128, compiled only, no poisoning).
 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32.

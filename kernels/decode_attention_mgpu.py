@@ -243,7 +243,7 @@ def decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
     """`decode_attention` (same arguments and results) on the Mosaic GPU backend; compiled.
 
     Args:
-      q_BxTxHxD: bf16/f16 queries of the tokens at positions [n_b, n_b + T); T x H / K <= 64.
+      q_BxTxHxD: bf16/f16 queries of the tokens at positions [n_b, n_b + T); T x H / K <= 128.
       k_pool, v_pool: [num_pages, page_size, K, D] cell pools, q's dtype; D % 64 == 0,
         page_size % 8 == 0. Cells a row cannot see must be finite.
       page_table_BxP: int32 page of each page-sized group of row b's cells.
