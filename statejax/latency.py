@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from statejax import flash_study, roofline
+from statejax import flash_study, gpu_target, roofline
 from statejax.baselines import PrefixCacheEngine, StatelessEngine
 from statejax.budget import Budget
 from statejax.data.market import format_bar, iter_synthetic_bars
@@ -160,8 +160,22 @@ def run_stream_latency(config) -> dict:
         "question_tokens": question_tokens,
         "runtime_s": time.perf_counter() - start,
         "targets": check_targets(rows, floor_bound=rc.floor_bound, peer_bound=rc.peer_bound),
+        "tuned_tiles": tuned_tiles(config.impl),
         "config": config.to_dict(),
     }
+
+
+def tuned_tiles(impl: str) -> list[dict]:
+    """The measured tiles the kernels read on the GPU model compiled for
+    (`statejax.kernels.tuned`): which tiles a Pallas run's numbers came from. Empty for the
+    reference attention or when no GPU is compiled for (interpret mode)."""
+    device_kind = gpu_target.device_kind()
+    if impl == "reference" or device_kind is None:
+        return []
+    from statejax.kernels import tuned  # noqa: PLC0415 - the reference path needs no kernels
+
+    keep = ("kernel", "shape", "window", "block_sizes", "ms", "source")
+    return [{k: e.get(k) for k in keep} for e in tuned.entries(device_kind)]
 
 
 def _measure_paths(config, session, stateless, prefix_cache, last) -> dict:
@@ -264,7 +278,8 @@ def results_markdown(results: dict) -> str:
         "",
         f"- device: {results['device']}, {results['host_cpus']} host CPUs, "
         f"jax {results['jax_version']}, {results['date']}",
-        f"- attention impl `{results['config'].get('impl', 'reference')}`; "
+        f"- attention impl `{results['config'].get('impl', 'reference')}`"
+        f"{_tiles_note(results)}; "
         f"model `{m['preset']}` ({m['dtype']}, "
         f"random weights): {m['layers']} layers, width "
         f"{m['width']}, {m['heads']} heads, {m['kv_heads']} kv heads, head dim {m['head_dim']}, "
@@ -311,6 +326,16 @@ def results_markdown(results: dict) -> str:
     if "flash" in results:  # the launcher adds the flash-query study when enabled
         lines += ["", flash_study.flash_markdown(results["flash"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def _tiles_note(results: dict) -> str:
+    if results["config"].get("impl", "reference") == "reference":
+        return ""
+    entries = results.get("tuned_tiles") or []
+    if not entries:
+        return " (kernel tiles: the shape rules)"
+    return (f" (kernel tiles: {len(entries)} measured entries of kernels/tuned/ for this GPU, "
+            "else the shape rules)")
 
 
 def _ms(value: float) -> str:

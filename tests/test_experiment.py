@@ -96,7 +96,9 @@ def test_floor_run_skips_the_baselines(tmp_path):
     paths = latency.write_results(results, str(tmp_path))
     md = pathlib.Path(paths["md"]).read_text()
     assert "| – | – |" in md and "stateless largest" not in md
-    assert "attention impl `pallas`" in md
+    # Which tiles the kernels ran: none measured here (interpret mode reads no table).
+    assert results["tuned_tiles"] == []
+    assert "attention impl `pallas` (kernel tiles: the shape rules)" in md
     floor = stream_latency.get_config("gpu-floor")
     assert (floor.impl, floor.baselines, floor.roofline.floor_bound,
             floor.flash_max_new_tokens) == ("pallas", False, 1.3, 1)

@@ -174,3 +174,17 @@ def test_contiguous_cells_take_measured_tiles_whatever_their_kv_block(table_dir,
     assert seen["block_sizes"] == ca.BlockSizes(aa.BlockSizes(**shared),
                                                 aa.BlockSizes(**private))
     assert seen["shared_page_size"] == 64  # one page per 64-cell KV block
+
+
+def test_the_stream_study_records_the_tiles_it_ran(table_dir, monkeypatch):
+    from statejax import latency  # noqa: PLC0415
+
+    tuned.record(_decode(32768) | {"ms": 0.1}, device_kind=H100)
+    assert latency.tuned_tiles("pallas") == []  # no GPU compiled for: no table read
+    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    (entry,) = latency.tuned_tiles("pallas")
+    assert entry["block_sizes"] == _tiles() and entry["ms"] == 0.1 and entry["source"] == "test"
+    assert latency.tuned_tiles("reference") == []
+    note = latency._tiles_note({"config": {"impl": "pallas"}, "tuned_tiles": [entry]})
+    assert note == " (kernel tiles: 1 measured entries of kernels/tuned/ for this GPU, else " \
+                   "the shape rules)"
