@@ -23,6 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -41,6 +42,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/kernel_bench", "Where results are written.")
 
 _XLA_SCORES_LIMIT = 8 << 30  # skip the XLA reference when its score matrix exceeds this
+# A decode or cascade row's output and lse match the reference when every element is within
+# tol x (1 + |reference|): only matching tiles may be recorded as measured.
+_MATCH_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
 
 
 def measure_peaks(cfg) -> dict:
@@ -90,6 +94,18 @@ def timing_label(cfg) -> str:
     return f"median of {cfg.repeats} samples of 5 pipelined calls (includes dispatch)"
 
 
+def check_against_reference(got, want, dtype) -> dict:
+    """{max_abs_err: of the output, matches: output and lse within `_MATCH_TOLERANCE`}.
+
+    got, want: (out, lse) of a kernel and of its reference on the same inputs."""
+    tol = _MATCH_TOLERANCE[jnp.dtype(dtype).name]
+    pairs = [(np.asarray(g, np.float32), np.asarray(w, np.float32)) for g, w in zip(got, want,
+                                                                                    strict=True)]
+    matches = all(bool(np.all(np.abs(g - w) <= tol * (1 + np.abs(w)))) for g, w in pairs)
+    out, ref = pairs[0]
+    return dict(max_abs_err=float(np.max(np.abs(out - ref))), matches=matches)
+
+
 def _try(fn):
     """Runs a baseline; returns its seconds or the error it raised."""
     try:
@@ -126,6 +142,10 @@ def _baselines_paged(cfg, kind, q, k_pool, v_pool, table, lengths, window):
     return out
 
 
+_decode_reference = jax.jit(da.decode_attention_reference, static_argnames="window")
+_cascade_reference = jax.jit(ca.cascade_attention_reference)
+
+
 def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None, backend="triton") -> dict:
     """One decode or append shape: (B, S, T, H, K, D); `block_sizes` None = the defaults;
     `backend` "mosaic_gpu" (append only) times the Hopper variant."""
@@ -144,10 +164,16 @@ def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None, backend="triton"
     call = jax.jit(functools.partial(fn, window=window, block_sizes=block_sizes,
                                      interpret=cfg.interpret, backend=backend))
     seconds = _seconds(cfg, call, q, k_pool, v_pool, table, lengths)
+    checked = {}
+    if kind == "decode":  # its tiles may be recorded: check them (append's reference is big)
+        checked = check_against_reference(
+            call(q, k_pool, v_pool, table, lengths),
+            _decode_reference(q, k_pool, v_pool, table, lengths, window=window),
+            dtype)
     nbytes, flops = _attention_traffic(rows=b, cells=s + t, t=t, h=h, k=k, d=d,
                                        itemsize=dtype.itemsize)
     row = _row(kind, dict(sessions=b, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
-               seconds, nbytes, flops, peaks)
+               seconds, nbytes, flops, peaks) | checked
     if isinstance(block_sizes, aa.BlockSizes):
         row.update(window=window, tiles=dataclasses.asdict(block_sizes))
     if cfg.baselines and block_sizes is None and backend == "triton":
@@ -160,30 +186,36 @@ def branch_page_size(cfg, t: int) -> int:
     return min(cfg.page_size, max(16, 1 << (t - 1).bit_length()))
 
 
+def _private_block_sizes(cfg, shape) -> aa.BlockSizes:
+    """The cascade's private part's default tiles for a (R, S, T, H, K, D) shape."""
+    _, _, t, h, k, d = shape
+    return aa.BlockSizes.for_append(rows=t * (h // k), head_dim=d,
+                                    page_size=branch_page_size(cfg, t))
+
+
 def cascade_block_sizes(cfg, shape, entry) -> ca.BlockSizes:
     """A `tune_cascade` grid entry (shared block_q, block_k, splits, warps; private block_q)
     as tiles: shared 2 stages, the private part's other tiles as its default."""
-    r, _, t, h, k, d = shape
-    private = aa.BlockSizes.for_append(rows=t * (h // k), head_dim=d,
-                                       page_size=branch_page_size(cfg, t))
     sq, sk, splits, warps, pq = entry
     return ca.BlockSizes(shared=aa.BlockSizes(sq, sk, splits, warps, 2),
-                         private=dataclasses.replace(private, block_q=pq))
+                         private=dataclasses.replace(_private_block_sizes(cfg, shape),
+                                                     block_q=pq))
 
 
 def mosaic_cascade_block_sizes(cfg, shape, entry) -> ca.BlockSizes:
     """A `tune_cascade_mosaic` entry (block_k, max_concurrent_steps, splits of the shared
     part on the Mosaic decode kernel) as tiles; the private part's as its default."""
-    r, _, t, h, k, d = shape
-    private = aa.BlockSizes.for_append(rows=t * (h // k), head_dim=d,
-                                       page_size=branch_page_size(cfg, t))
-    return ca.BlockSizes(shared=dm.MosaicDecodeBlockSizes(*entry), private=private)
+    return ca.BlockSizes(shared=dm.MosaicDecodeBlockSizes(*entry),
+                         private=_private_block_sizes(cfg, shape))
+
+
 
 
 def bench_cascade(cfg, peaks, shape, key, block_sizes=None, backend="triton") -> dict:
     """R branches of T tokens over S shared cells: (R, S, T, H, K, D); `block_sizes` None =
-    the defaults (Triton rows record them, as `tiles`, with the shared window); `backend`
-    "mosaic_gpu" runs the shared part on the Mosaic GPU decode kernel."""
+    the defaults (rows record the tiles they ran, as `tiles`, with the shared window, the
+    backend, and whether the output matched the reference); `backend` "mosaic_gpu" runs the
+    shared part on the Mosaic GPU decode kernel."""
     r, s, t, h, k, d = shape
     dtype = jnp.dtype(cfg.dtype)
     q, sk, sv, s_table = _paged_inputs(key, rows=1, cells=s, t=t, h=h, k=k, d=d,
@@ -203,13 +235,13 @@ def bench_cascade(cfg, peaks, shape, key, block_sizes=None, backend="triton") ->
                                      block_sizes=block_sizes, backend=backend))
     args = (q, sk, sv, s_table[0], jnp.int32(s), bk, bv, b_table, branch_lengths)
     seconds = _seconds(cfg, call, *args)
+    checked = check_against_reference(call(*args), _cascade_reference(*args), dtype)
     io = 2 * r * t * h * d * dtype.itemsize
     nbytes = io + (s + r * t) * k * d * 2 * dtype.itemsize
     flops = 4 * d * r * h * (t * s + t * (t + 1) // 2)
     row = _row("cascade", dict(sessions=r, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
-               seconds, nbytes, flops, peaks)
-    if backend == "triton":  # the tuned table holds Triton tiles only
-        row.update(window=window, tiles=dataclasses.asdict(block_sizes))
+               seconds, nbytes, flops, peaks) | checked
+    row.update(window=window, tiles=dataclasses.asdict(block_sizes), backend=backend)
     if cfg.baselines and s % cfg.page_size == 0 and backend == "triton":
         # No sharing: the append kernel over R rows whose tables alias the shared pages.
         pages_t = math.ceil(t / cfg.page_size)
@@ -248,9 +280,10 @@ def tuning_work(cfg) -> list[tuple]:
 
 
 def tuned_entries(results: dict) -> list[dict]:
-    """Per decode or cascade shape timed with more than one set of Triton tiles: the fastest
-    tiles, as a `statejax.kernels.tuned` entry (with its time, the default tiles' time and
-    where it was measured)."""
+    """Per decode or cascade shape timed with more than one set of tiles: the fastest tiles
+    of each backend (Triton; for the cascade also the Mosaic GPU shared part) whose output
+    matched the reference, as `statejax.kernels.tuned` entries (with the time, the default
+    Triton tiles' time and where it was measured)."""
     by_shape = {}
     for row in results["rows"]:
         if row["kernel"] in ("decode", "cascade") and "tiles" in row and "ms" in row:
@@ -262,25 +295,75 @@ def tuned_entries(results: dict) -> list[dict]:
     for (kernel, b, _, t, h, k, d), rows in by_shape.items():
         if len(rows) < 2:
             continue
-        best = min(rows, key=lambda r: r["ms"])
         default = [r["ms"] for r in rows if r["blocks"] == "default"]
         shape = (dict(batch=b, rows=t * (h // k)) if kernel == "decode"
                  else dict(branches=b, tokens=t, group=h // k))
-        entries.append(dict(
-            kernel=kernel, shape=shape | dict(k_heads=k, head_dim=d, itemsize=itemsize),
-            window=best["window"], block_sizes=best["tiles"], dtype=results["dtype"],
-            ms=best["ms"], default_ms=default[0] if default else None,
-            frac_copy=best["frac_copy"], timing=results["timing"],
-            source=f"experiments/kernel_bench.py :{results['variant']}, {results['device']}, "
-                   f"jax {results['jax_version']}, {results['date']}"))
+        for backend in tuned.BACKENDS[kernel]:
+            candidates = [r for r in rows if r.get("backend", "triton") == backend
+                          and r.get("matches", True)]
+            if not candidates:
+                continue
+            best = min(candidates, key=lambda r: r["ms"])
+            entries.append(dict(
+                kernel=kernel, shape=shape | dict(k_heads=k, head_dim=d, itemsize=itemsize),
+                window=best["window"], backend=backend, block_sizes=best["tiles"],
+                dtype=results["dtype"], ms=best["ms"], default_ms=default[0] if default else None,
+                frac_copy=best["frac_copy"], timing=results["timing"],
+                source=f"experiments/kernel_bench.py :{results['variant']}, "
+                       f"{results['device']}, jax {results['jax_version']}, {results['date']}"))
     return entries
 
 
-def record_tuned(results: dict, directory: str) -> list[str]:
-    """Writes `tuned_entries` into `directory`'s table for this run's device model."""
+def tiles_of(entry: dict) -> "ca.BlockSizes | aa.BlockSizes":
+    """A tuned entry's block_sizes as the tiles object of its kernel and backend."""
+    bs = entry["block_sizes"]
+    if entry["kernel"] == "decode":
+        return aa.BlockSizes(**bs)
+    shared = (dm.MosaicDecodeBlockSizes if tuned.backend_of(entry) == "mosaic_gpu"
+              else aa.BlockSizes)(**bs["shared"])
+    return ca.BlockSizes(shared=shared, private=aa.BlockSizes(**bs["private"]))
+
+
+def check_cells_form(cfg, entry: dict, key) -> dict:
+    """A cascade entry's tiles run through `cascade_attention_cells`, the form the model's
+    queries call (contiguous [L, B, C, K, D] cells viewed as pages of one KV block, at a
+    layer's page offset), against the reference on fresh inputs of the entry's shape and
+    window: `check_against_reference`'s {max_abs_err, matches}. The benchmark's rows run the
+    paged form; an entry is recorded only if this form matches too."""
+    shape, window = entry["shape"], entry["window"]
+    r, t, k, d = shape["branches"], shape["tokens"], shape["k_heads"], shape["head_dim"]
+    dtype, tb, n = jnp.dtype(cfg.dtype), 96, window - 7  # a ragged shared length
+    keys = jax.random.split(key, 5)
+    cells = [jax.random.normal(kk, (2, 1, window, k, d), dtype) for kk in keys[:2]]
+    branch = [jax.random.normal(kk, (2, r, tb, k, d), dtype) for kk in keys[2:4]]
+    q = jax.random.normal(keys[4], (r, t, shape["group"] * k, d), dtype)
+    lengths = jnp.zeros((r,), jnp.int32)  # the branch's first step: its T tokens at [0, T)
+    got = ca.cascade_attention_cells(
+        q, *cells, jnp.int32(0), jnp.int32(n), *branch, lengths, layer=1, shared_window=window,
+        block_sizes=tiles_of(entry), interpret=cfg.interpret, backend=tuned.backend_of(entry))
+    pools = [c[1].reshape(-1, 16, k, d) for c in (*cells, *branch)]
+    want = _cascade_reference(
+        q, pools[0], pools[1], jnp.arange(window // 16, dtype=jnp.int32), jnp.int32(n),
+        pools[2], pools[3], jnp.arange(r * tb // 16, dtype=jnp.int32).reshape(r, -1), lengths)
+    return check_against_reference(got, want, dtype)
+
+
+def record_tuned(results: dict, directory: str, cfg=None) -> list[str]:
+    """Writes `tuned_entries` into `directory`'s table for this run's device model; with the
+    run's `cfg`, cascade entries only if `check_cells_form` matches (a failure is printed)."""
     kind = results["device"].split(": ", 1)[1]
-    return [str(tuned.record(e, device_kind=kind, directory=directory))
-            for e in tuned_entries(results)]
+    paths = []
+    for i, entry in enumerate(tuned_entries(results)):
+        if cfg is not None and entry["kernel"] == "cascade":
+            checked = check_cells_form(cfg, entry, jax.random.key(1000 + i))
+            entry["cells_form_max_abs_err"] = checked["max_abs_err"]
+            if not checked["matches"]:
+                print(f"not recorded: {entry['backend']} cascade tiles {entry['block_sizes']} "
+                      f"for {entry['shape']} do not match the reference in the cells form "
+                      f"(max abs err {checked['max_abs_err']:.3g})", flush=True)
+                continue
+        paths.append(str(tuned.record(entry, device_kind=kind, directory=directory)))
+    return paths
 
 
 def mosaic_work(cfg) -> list[tuple]:
@@ -391,12 +474,14 @@ def results_markdown(results: dict) -> str:
         f"- measured bf16 matmul ({results['matmul_size']}^3): "
         f"{results['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s", "",
         "Bytes = Q + attended K/V cells read once + output once. "
-        "Baselines in ms; `cudnn_noncausal` attends to the same cells without the causal tail.",
+        "Baselines in ms; `cudnn_noncausal` attends to the same cells without the causal tail. "
+        "`vs reference`: decode and cascade outputs checked against the plain-JAX reference "
+        "in the run (only matching tiles are recorded as measured).",
         "",
     ]
     base_keys = sorted({k for row in results["rows"] for k in row if k.endswith("_ms")})
     header = ["kernel", "B/R", "S", "T", "H", "K", "D", "blocks", "ms", "GB/s", "% copy", "TFLOP/s",
-              "% matmul", *[k.removesuffix("_ms") for k in base_keys]]
+              "% matmul", "vs reference", *[k.removesuffix("_ms") for k in base_keys]]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["rows"]:
         if "skipped" in row or "error" in row:
@@ -407,6 +492,7 @@ def results_markdown(results: dict) -> str:
                  row["kv_heads"], row["head_dim"], row.get("blocks", ""), row["ms"],
                  row["gbytes_per_s"], 100 * row["frac_copy"], row["tflop_per_s"],
                  100 * row["frac_matmul"],
+                 {True: "match", False: "MISMATCH"}.get(row.get("matches"), ""),
                  *[row.get(k, "") for k in base_keys]]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines + ["", *target_lines(results)]) + "\n"
@@ -414,7 +500,8 @@ def results_markdown(results: dict) -> str:
 
 def target_lines(results: dict) -> list[str]:
     """Issue 3's targets, read off the rows that exist."""
-    rows = [r for r in results["rows"] if "skipped" not in r and "error" not in r]
+    rows = [r for r in results["rows"]  # a row that did not match its reference is no result
+            if "skipped" not in r and "error" not in r and r.get("matches", True)]
 
     def find(kind, **shape):
         """The fastest row of that shape (default or tuned blocks), or None."""
@@ -465,7 +552,7 @@ def main(argv):
     results = run(cfg, _WORKDIR.value)
     paths = list(write_results(results, _WORKDIR.value).values())
     if cfg.get("tuned_dir"):
-        paths += sorted(set(record_tuned(results, cfg.tuned_dir)))
+        paths += sorted(set(record_tuned(results, cfg.tuned_dir, cfg)))
     print(results_markdown(results))
     print(f"wrote {', '.join(paths)}")
 

@@ -31,7 +31,7 @@ from . import mosaic_common as mc
 from . import tuned
 
 __all__ = ["BlockSizes", "cascade_attention", "cascade_attention_cells",
-           "cascade_attention_reference"]
+           "cascade_attention_reference", "measured_backends"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +50,16 @@ class BlockSizes:
     @classmethod
     def for_shape(cls, *, branches: int, tokens: int, group: int, k_heads: int, head_dim: int,
                   shared_page_size: int, shared_window: int, private_page_size: int,
-                  itemsize: int = 2) -> "BlockSizes":
-        """Tiles measured for this shape on the GPU model compiled for (`measured`), else:
-        shared: decode-style splits over one row of R x T x G query rows per kv-head, with
-        full-size query tiles when the rows exceed one; private: append tiles for T x G rows
-        per branch. `itemsize`: bytes per cell element."""
+                  itemsize: int = 2, backends: tuple[str, ...] = ("triton",)) -> "BlockSizes":
+        """Tiles measured for this shape on the GPU model compiled for (`measured`, of these
+        `backends`), else the Triton rule: shared: decode-style splits over one row of
+        R x T x G query rows per kv-head, with full-size query tiles when the rows exceed
+        one; private: append tiles for T x G rows per branch. `itemsize`: bytes per cell
+        element."""
         found = cls.measured(branches=branches, tokens=tokens, group=group, k_heads=k_heads,
                              head_dim=head_dim, shared_page_size=shared_page_size,
                              shared_window=shared_window, private_page_size=private_page_size,
-                             itemsize=itemsize)
+                             itemsize=itemsize, backends=backends)
         if found is not None:
             return found
         rows = branches * tokens * group
@@ -89,26 +90,45 @@ class BlockSizes:
     @classmethod
     def measured(cls, *, branches: int, tokens: int, group: int, k_heads: int, head_dim: int,
                  shared_page_size: int, shared_window: int, private_page_size: int,
-                 itemsize: int = 2) -> "BlockSizes | None":
+                 itemsize: int = 2,
+                 backends: tuple[str, ...] = ("triton",)) -> "BlockSizes | None":
         """The tiles `kernels/tuned/` holds for this shape on the GPU model compiled for, or
-        None. Shared splits are the measured ones near the measured window, else the decode
-        split rule (`decode_attention.default_splits`) of the measured tiles."""
+        None: of the entries of these `backends` at the nearest window, the fastest (a
+        "mosaic_gpu" entry gives a `MosaicDecodeBlockSizes` shared part). Shared splits are
+        the measured ones near the measured window, else the split rule of its backend
+        applied to the measured tiles."""
         found = tuned.lookup(
             "cascade", dict(branches=branches, tokens=tokens, group=group, k_heads=k_heads,
                             head_dim=head_dim, itemsize=itemsize), shared_window,
-            device_kind=gpu_target.device_kind(),
+            device_kind=gpu_target.device_kind(), backends=backends,
             usable=lambda bs: (tuned.fits_pages(bs["shared"], shared_page_size)
                                and tuned.fits_pages(bs["private"], private_page_size)
                                and bs["private"]["num_splits"] == 1))
         if found is None:
             return None
-        tiles, keep_splits = found
-        shared, private = aa.BlockSizes(**tiles["shared"]), aa.BlockSizes(**tiles["private"])
-        if not keep_splits:
-            shared = dataclasses.replace(shared, num_splits=da.default_splits(
-                batch=1, rows=branches * tokens * group, k_heads=k_heads,
-                block_q=shared.block_q, block_k=shared.block_k, window=shared_window))
+        tiles, private = found.block_sizes, aa.BlockSizes(**found.block_sizes["private"])
+        if found.backend == "mosaic_gpu":
+            shared = dm.MosaicDecodeBlockSizes(**tiles["shared"])
+            splits = dm.default_splits(batch=1, k_heads=k_heads, block_k=shared.block_k,
+                                       window=shared_window)
+        else:
+            shared = aa.BlockSizes(**tiles["shared"])
+            splits = da.default_splits(batch=1, rows=branches * tokens * group,
+                                       k_heads=k_heads, block_q=shared.block_q,
+                                       block_k=shared.block_k, window=shared_window)
+        if not found.keep_splits:
+            shared = dataclasses.replace(shared, num_splits=splits)
         return cls(shared=shared, private=private)
+
+
+def measured_backends(*, interpret: bool, rows: int, head_dim: int,
+                      itemsize: int) -> tuple[str, ...]:
+    """Backends a call may take from the measured tiles (`backend=None`): Triton, and the
+    Mosaic GPU shared part where that kernel runs the call (compiled, R x T x G <= 128
+    folded rows, 16-bit cells, D a multiple of 64). Only a GPU model's table can name it."""
+    mosaic = (not interpret and rows <= dm.MAX_ROWS and itemsize == 2
+              and head_dim % 64 == 0)
+    return ("triton", "mosaic_gpu") if mosaic else ("triton",)
 
 
 @functools.partial(jax.jit, static_argnames=("shared_window", "branch_window", "block_sizes",
@@ -118,7 +138,7 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
                       branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R, *,
                       shared_window: int | None = None, branch_window: int | None = None,
                       block_sizes: BlockSizes | None = None, interpret: bool,
-                      backend: str = "triton", shared_page_offset: int = 0,
+                      backend: str | None = "triton", shared_page_offset: int = 0,
                       branch_page_offset: int = 0, poison_outputs: bool = False):
     """R branches of one session: shared cells read once for all, private cells per branch.
 
@@ -139,20 +159,15 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
       backend: "triton", or "mosaic_gpu": the shared part on the Mosaic GPU decode kernel
         (`decode_attention_mgpu.decode_partials_mgpu`, non-causal; Hopper, compiled only,
         bf16/f16, D % 64 == 0, R x T x G <= 128 rows, no poisoning), the private part and
-        the merge on Triton as ever.
+        the merge on Triton as ever; or None: the backend of `block_sizes`, and by default
+        the fastest measured for this shape on the GPU model compiled for
+        (`BlockSizes.measured` over `measured_backends`; Triton where none is recorded).
       shared_page_offset, branch_page_offset: static offsets added to the entries of the
         two tables (`append_attention.append_attention`'s `page_offset`).
 
     Returns:
       out_RxTxHxD in q's dtype, lse_RxTxH float32 over shared + private keys.
     """
-    mosaic = backend == "mosaic_gpu"
-    if mosaic:
-        mc.check_device()  # compiled only: raises where no Hopper GPU compiles it
-        if interpret or poison_outputs:
-            raise InputError("backend='mosaic_gpu' runs compiled only (interpret=False) and "
-                             "has no poison_outputs hook; use backend='triton' for those")
-    aa.check_backend("triton" if mosaic else backend, interpret)
     aa.check_page_offset(shared_page_offset)
     aa.check_page_offset(branch_page_offset)
     if shared_page_table_P.ndim != 1:
@@ -173,6 +188,19 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     shape = dict(branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
                  shared_page_size=shared_k_pool.shape[1], shared_window=shared_window,
                  private_page_size=branch_k_pool.shape[1], itemsize=q_RxTxHxD.dtype.itemsize)
+    if backend is None:  # the measured choice, or the backend of the given tiles
+        block_sizes = block_sizes or BlockSizes.for_shape(**shape, backends=measured_backends(
+            interpret=interpret or poison_outputs, rows=r * t * (h // k_heads), head_dim=d,
+            itemsize=shape["itemsize"]))
+        backend = ("mosaic_gpu" if isinstance(block_sizes.shared, dm.MosaicDecodeBlockSizes)
+                   else "triton")
+    mosaic = backend == "mosaic_gpu"
+    if mosaic:
+        mc.check_device()  # compiled only: raises where no Hopper GPU compiles it
+        if interpret or poison_outputs:
+            raise InputError("backend='mosaic_gpu' runs compiled only (interpret=False) and "
+                             "has no poison_outputs hook; use backend='triton' for those")
+    aa.check_backend("triton" if mosaic else backend, interpret)
     if mosaic and r * t * (h // k_heads) > dm.MAX_ROWS:
         raise InputError(f"R x T x G = {r * t * (h // k_heads)} shared query rows; "
                          f"backend='mosaic_gpu' holds at most {dm.MAX_ROWS} (use 'triton')")
@@ -227,7 +255,7 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
 def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, branch_k,
                             branch_v, branch_lengths_R, *, layer: int | None,
                             shared_window: int, block_sizes: BlockSizes | None = None,
-                            interpret: bool, backend: str = "triton"):
+                            interpret: bool, backend: str | None = "triton"):
     """`cascade_attention` over contiguous cells, as `statejax.cache.BranchView` holds them.
 
     Args:
@@ -239,7 +267,8 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
       branch_lengths_R: int32 private cells in use before this step.
       layer: static layer index for 5-D cells.
       shared_window: static S <= C, n <= S.
-      block_sizes, interpret, backend: as `cascade_attention`.
+      block_sizes, interpret, backend: as `cascade_attention` (backend None: the measured
+        choice).
 
     Returns:
       out_RxTxHxD, lse_RxTxH.
@@ -250,11 +279,16 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
         # page size that any tile fits; then the cells are viewed as pages of one KV block.
         r, t, h, d = q_RxTxHxD.shape
         k_heads = shared_k.shape[-2]
-        defaults = BlockSizes.for_mosaic if backend == "mosaic_gpu" else BlockSizes.for_shape
-        block_sizes = defaults(
-            branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
-            shared_page_size=aa.cells_page_size(c, 16), shared_window=shared_window,
-            private_page_size=aa.cells_page_size(tb, 16), itemsize=q_RxTxHxD.dtype.itemsize)
+        shape = dict(branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
+                     shared_page_size=aa.cells_page_size(c, 16), shared_window=shared_window,
+                     private_page_size=aa.cells_page_size(tb, 16),
+                     itemsize=q_RxTxHxD.dtype.itemsize)
+        if backend == "mosaic_gpu":
+            block_sizes = BlockSizes.for_mosaic(**shape)
+        else:
+            block_sizes = BlockSizes.for_shape(**shape, backends=("triton",) if backend else (
+                measured_backends(interpret=interpret, rows=r * t * (h // k_heads), head_dim=d,
+                                  itemsize=shape["itemsize"])))
     shared_ps = aa.cells_page_size(c, block_sizes.shared.block_k)
     branch_ps = aa.cells_page_size(tb, block_sizes.private.block_k)
     rows = jnp.reshape(jnp.asarray(row, jnp.int32), (1,))

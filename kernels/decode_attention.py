@@ -82,9 +82,8 @@ def tuned_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int, pag
         usable=lambda tiles: tuned.fits_pages(tiles, page_size))
     if found is None:
         return None
-    tiles, keep_splits = found
-    bs = BlockSizes(**tiles)
-    if keep_splits:
+    bs = BlockSizes(**found.block_sizes)
+    if found.keep_splits:
         return bs
     return dataclasses.replace(bs, num_splits=default_splits(
         batch=batch, rows=rows, k_heads=k_heads, block_q=bs.block_q, block_k=bs.block_k,

@@ -68,8 +68,7 @@ class MosaicDecodeBlockSizes:
         for `rows` (<= 128) query rows; enough splits that B x K x splits reaches ~512
         programs while every split keeps >= 4 KV blocks."""
         block_k = max(128 if head_dim <= 64 else 64, page_size)
-        num_blocks = pl.cdiv(window, block_k)
-        splits = max(1, min(pl.cdiv(_TARGET_PROGRAMS, batch * k_heads), num_blocks // 4))
+        splits = default_splits(batch=batch, k_heads=k_heads, block_k=block_k, window=window)
         for steps in (4, 3, 2):
             bs = cls(block_k=block_k, max_concurrent_steps=steps, num_splits=splits)
             if bs.smem_bytes(head_dim, 2, _padded_rows(rows)) <= mc.SMEM_LIMIT:
@@ -81,6 +80,12 @@ class MosaicDecodeBlockSizes:
         float32 out tiles, lse (per compute warpgroup), K/V slots."""
         kv = 2 * self.max_concurrent_steps * self.block_k * head_dim * itemsize
         return rows * head_dim * (itemsize + 4) + kv + rows * 4
+
+
+def default_splits(*, batch: int, k_heads: int, block_k: int, window: int) -> int:
+    """Splits so that B x K x splits reaches ~512 programs, every split keeping >= 4 KV
+    blocks of `block_k` cells."""
+    return max(1, min(pl.cdiv(_TARGET_PROGRAMS, batch * k_heads), pl.cdiv(window, block_k) // 4))
 
 
 def _padded_rows(rows: int) -> int:

@@ -8,15 +8,23 @@ for that GPU model (`gpu_target.device_kind()`; in interpret mode nothing is loo
 tiles measured in one device call are what the model runs in the next part of the same call,
 and what gets committed: data with its provenance, not an edited rule.
 
-An entry is {kernel, shape, window, block_sizes, provenance...}:
+An entry is {kernel, shape, window, block_sizes, backend, ms, provenance...}:
 - "decode" (the split-sequence paged flash kernel): shape (batch, rows = T x G, k_heads,
-  head_dim, itemsize); block_sizes the five `BlockSizes` fields;
+  head_dim, itemsize); block_sizes the five `BlockSizes` fields; backend "triton";
 - "cascade" (shared part + private part with the merge): shape (branches, tokens, group,
-  k_heads, head_dim, itemsize); block_sizes {"shared": five fields, "private": five fields}.
+  k_heads, head_dim, itemsize); block_sizes {"shared": ..., "private": five fields}, the
+  shared part's fields those of its backend: "triton" (five `BlockSizes` fields) or
+  "mosaic_gpu" (the Mosaic GPU decode kernel's `MosaicDecodeBlockSizes`).
+A missing backend is "triton" (tables written before there was a choice). The benchmark
+records the fastest tiles of each backend it timed, and only tiles whose output matched the
+reference in that run.
 
-A call finds the entries of its kernel and shape whose tiles suit it (page sizes), and takes
-the one whose window is nearest in log2; its split count stands within a factor sqrt(2) of
-the measured window, further away the caller's split rule is applied to the measured tiles.
+A call finds the entries of its kernel and shape whose backend it may run and whose tiles
+suit it (page sizes); it takes those whose window is nearest in log2, and of them the fastest
+(`ms`): so where a GPU model's table says the Mosaic shared part beat the Triton one, a
+caller that leaves the backend to the table runs it. The split count stands within a factor
+sqrt(2) of the measured window; further away the caller's split rule is applied to the
+measured tiles.
 """
 
 import functools
@@ -24,6 +32,7 @@ import json
 import math
 import pathlib
 import re
+from typing import NamedTuple
 
 from statejax.errors import InputError
 
@@ -33,6 +42,23 @@ SHAPES = {
     "cascade": ("branches", "tokens", "group", "k_heads", "head_dim", "itemsize"),
 }
 TILES = ("block_q", "block_k", "num_splits", "num_warps", "num_stages")
+# Shared-part tiles per cascade backend (`BlockSizes`, `MosaicDecodeBlockSizes` fields).
+SHARED_TILES = {"triton": TILES, "mosaic_gpu": ("block_k", "max_concurrent_steps", "num_splits")}
+BACKENDS = {"decode": ("triton",), "cascade": tuple(SHARED_TILES)}
+
+
+class Found(NamedTuple):
+    """A lookup's answer: the tiles as recorded, whether their splits stand (False: apply
+    the caller's split rule to them), and the backend they were measured on."""
+
+    block_sizes: dict
+    keep_splits: bool
+    backend: str
+
+
+def backend_of(entry: dict) -> str:
+    """The backend an entry was measured on ("triton" where the entry predates the field)."""
+    return entry.get("backend", "triton")
 
 
 def table_path(device_kind: str, directory: str | pathlib.Path | None = None) -> pathlib.Path:
@@ -51,12 +77,21 @@ def _check_entry(entry, where: str) -> dict:
     if sorted(entry["shape"]) != sorted(SHAPES[kernel]):
         raise InputError(f"{where}: a {kernel} shape has exactly {SHAPES[kernel]}, got "
                          f"{entry['shape']}")
+    backend = backend_of(entry)
+    if backend not in BACKENDS[kernel]:
+        raise InputError(f"{where}: a {kernel} entry's backend is one of {BACKENDS[kernel]}, "
+                         f"got {backend!r}")
     bs = entry["block_sizes"]
-    parts = [bs] if kernel == "decode" else [bs.get("shared", {}), bs.get("private", {})]
+    if kernel == "decode":
+        layout, parts = TILES, [(bs, TILES)]
+    else:
+        shared = SHARED_TILES[backend]
+        layout = f"{{shared: {shared}, private: {TILES}}}"
+        parts = [(bs.get("shared", {}), shared), (bs.get("private", {}), TILES)]
     if (kernel == "cascade" and sorted(bs) != ["private", "shared"]) or any(
-            sorted(p) != sorted(TILES) for p in parts):
-        layout = TILES if kernel == "decode" else f"{{shared: {TILES}, private: {TILES}}}"
-        raise InputError(f"{where}: {kernel} block_sizes must be {layout}, got {bs}")
+            sorted(p) != sorted(fields) for p, fields in parts):
+        raise InputError(f"{where}: {kernel} block_sizes ({backend}) must be {layout}, got "
+                         f"{bs}")
     return entry
 
 
@@ -88,8 +123,8 @@ def fits_pages(tiles: dict, page_size: int) -> bool:
 
 
 def lookup(kernel: str, shape: dict, window: int, *, device_kind: str | None,
-           usable=lambda block_sizes: True,
-           directory: str | pathlib.Path | None = None) -> tuple[dict, bool] | None:
+           usable=lambda block_sizes: True, backends: tuple[str, ...] = ("triton",),
+           directory: str | pathlib.Path | None = None) -> Found | None:
     """Measured tiles of `kernel` for a call, if any.
 
     Args:
@@ -97,30 +132,36 @@ def lookup(kernel: str, shape: dict, window: int, *, device_kind: str | None,
       window: the call's window S (the shared window for "cascade").
       device_kind: the GPU model compiled for; None (interpret mode) finds nothing.
       usable: predicate on an entry's block_sizes (e.g. its KV blocks suit the pages).
+      backends: the backends the caller may run; of the entries at the nearest window, the
+        fastest (`ms`) of these is taken.
 
     Returns:
-      None, or (block_sizes as recorded, keep_splits): keep_splits False means the caller
-      applies its split rule to these tiles.
+      None, or a `Found`.
     """
     if device_kind is None:
         return None
     if sorted(shape) != sorted(SHAPES[kernel]):
         raise InputError(f"a {kernel} shape has exactly {SHAPES[kernel]}, got {shape}")
     matches = [e for e in entries(device_kind, directory)
-               if e["kernel"] == kernel and e["shape"] == shape and usable(e["block_sizes"])]
+               if e["kernel"] == kernel and e["shape"] == shape and backend_of(e) in backends
+               and usable(e["block_sizes"])]
     if not matches:
         return None
-    best = min(matches, key=lambda e: abs(math.log2(e["window"] / window)))
-    return best["block_sizes"], abs(math.log2(best["window"] / window)) <= 0.5
+    distance = lambda e: abs(math.log2(e["window"] / window))  # noqa: E731
+    nearest = min(map(distance, matches))
+    best = min((e for e in matches if distance(e) == nearest),
+               key=lambda e: e.get("ms", math.inf))
+    return Found(best["block_sizes"], nearest <= 0.5, backend_of(best))
 
 
 def record(entry: dict, *, device_kind: str,
            directory: str | pathlib.Path | None = None) -> pathlib.Path:
-    """Adds `entry` to `device_kind`'s table, replacing one of the same kernel, shape and
-    window; returns the table's path."""
+    """Adds `entry` to `device_kind`'s table, replacing one of the same kernel, shape, window
+    and backend; returns the table's path."""
     _check_entry(entry, "record")
     path = table_path(device_kind, directory)
-    key = lambda e: (e["kernel"], sorted(e["shape"].items()), e["window"])  # noqa: E731
+    key = lambda e: (e["kernel"], sorted(e["shape"].items()), e["window"],  # noqa: E731
+                     backend_of(e))
     kept = [e for e in entries(device_kind, directory) if key(e) != key(entry)]
     table = {"device_kind": device_kind, "entries": sorted(kept + [entry], key=key)}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,11 @@ Attention implementations (`impl`, static; `IMPLS`):
 - "pallas-mosaic": as "pallas", but `AppendView` (ingestion) runs the Mosaic GPU append
   kernel: Hopper only, compiled only, bf16/f16 cells, D a multiple of 64. On an H100
   (2026-11-27, jax 0.11.2) it took 0.93 ms where the tuned Triton kernel took 1.49 ms
-  (8 x 512 tokens over 8k cells, D = 128; docs/kernels.md). Queries keep the Triton cascade
-  kernel.
+  (8 x 512 tokens over 8k cells, D = 128; docs/kernels.md).
+With either kernel impl, `BranchView` (queries) runs the cascade kernel with its shared part on
+the backend measured fastest for the call's shape on the GPU model compiled for
+(`kernels/tuned/`, written by the kernel benchmark from tiles that matched the reference):
+Triton unless that table says the Mosaic GPU shared part won.
 A failing kernel raises (on CPU, "pallas-mosaic" raises); nothing falls back.
 """
 
@@ -86,7 +89,7 @@ def _pallas_branch(layer, q_RxTxHxD, view, branch_k, branch_v):
     out, _ = cascade_attention.cascade_attention_cells(
         q_RxTxHxD, view.shared_k, view.shared_v, view.row, view.shared_len, branch_k,
         branch_v, view.branch_lengths, layer=layer, shared_window=view.window,
-        interpret=pallas_interpret())
+        interpret=pallas_interpret(), backend=None)
     return out
 
 

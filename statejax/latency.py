@@ -174,7 +174,7 @@ def tuned_tiles(impl: str) -> list[dict]:
         return []
     from statejax.kernels import tuned  # noqa: PLC0415 - the reference path needs no kernels
 
-    keep = ("kernel", "shape", "window", "block_sizes", "ms", "source")
+    keep = ("kernel", "shape", "window", "backend", "block_sizes", "ms", "source")
     return [{k: e.get(k) for k in keep} for e in tuned.entries(device_kind)]
 
 

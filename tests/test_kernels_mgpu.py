@@ -19,7 +19,17 @@ import mgpu_interpreter
 import mosaic_ptxas
 import numpy as np
 import pytest
-from test_kernels import _H100_KIND, GPU, CascadeCase, Case, _pools, _queries, _reference, _window
+from test_kernels import (
+    _H100_KIND,
+    GPU,
+    CascadeCase,
+    Case,
+    _pools,
+    _queries,
+    _reference,
+    _window,
+    check_cascade,
+)
 
 from configs import kernel_bench as kb_config
 from statejax import gpu_target
@@ -30,6 +40,7 @@ from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
 from statejax.kernels import decode_attention_mgpu as dm
 from statejax.kernels import mosaic_common as mc
+from statejax.kernels import tuned
 
 # approx_math exp2 and bf16 probabilities: as loose as the Triton kernel's bf16 tolerances.
 TOLERANCE = {"bfloat16": (dict(atol=2e-2, rtol=2e-2), dict(atol=2e-3, rtol=2e-3)),
@@ -442,35 +453,8 @@ class TestCompiledMosaicGpu:
 
     @pytest.mark.parametrize("case", CASCADE_MOSAIC, ids=str)
     def test_cascade_with_the_shared_part_on_mosaic(self, case):
-        check_cascade_mosaic(case)
-
-
-def check_cascade_mosaic(case: CascadeCase, seed: int = 0):
-    """`cascade_attention(backend="mosaic_gpu")` against its reference, finite garbage in
-    every cell no query may see (the Mosaic kernel's contract; no output poisoning)."""
-    r = len(case.branch_lengths)
-    rng = np.random.default_rng(seed)
-    q = _queries(rng, (r, case.t, case.h, case.d), case.dtype)
-    finite = lambda pools: [jnp.where(jnp.isnan(p), _GARBAGE, p).astype(p.dtype)  # noqa
-                            for p in pools]
-    branch = Case(lengths=case.branch_lengths, t=case.t, h=case.h, k=case.k,
-                  pages=case.branch_pages, d=case.d, page_size=case.branch_page_size,
-                  dtype=case.dtype)
-    b_clean, b_poisoned, b_table = _pools(rng, branch, [m + case.t for m in case.branch_lengths])
-    b_lengths = jnp.asarray(case.branch_lengths, jnp.int32)
-    for n in case.shared_lengths:
-        shared = Case(lengths=(n,), t=case.t, h=case.h, k=case.k, pages=case.shared_pages,
-                      d=case.d, page_size=case.shared_page_size, dtype=case.dtype)
-        s_clean, s_poisoned, s_table = _pools(rng, shared, [n])
-        got = ca.cascade_attention(q, *finite(s_poisoned), s_table[0], jnp.int32(n),
-                                   *b_poisoned, b_table, b_lengths, interpret=False,
-                                   backend="mosaic_gpu")
-        want = _reference(ca.cascade_attention_reference, q, *s_clean, s_table[0],
-                          jnp.int32(n), *b_clean, b_table, b_lengths)
-        out_tol, lse_tol = TOLERANCE[case.dtype]
-        np.testing.assert_allclose(np.asarray(got[0], np.float32),
-                                   np.asarray(want[0], np.float32), **out_tol)
-        np.testing.assert_allclose(got[1], want[1], **lse_tol)
+        check_cascade(case, interpret=False, backend="mosaic_gpu", tolerance=TOLERANCE,
+                      garbage=_GARBAGE)
 
 
 def _cascade_args(case: CascadeCase):
@@ -494,6 +478,31 @@ def test_cascade_on_mosaic_lowers_to_both_backends(monkeypatch):
         text = call.trace(*_cascade_args(CASCADE_MOSAIC[0])).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1 and text.count("xla.gpu.triton") == 1
+
+
+def test_cascade_leaves_the_backend_to_the_measured_table(monkeypatch, tmp_path):
+    """backend=None (the model's query path): the shared part lowers to Mosaic GPU where the
+    GPU model's table holds a faster Mosaic entry for the shape, else to Triton."""
+    monkeypatch.setattr(mc, "check_device", lambda: None)
+    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
+    case = CASCADE_MOSAIC[0]
+    shape = dict(branches=1, tokens=case.t, group=case.h // case.k, k_heads=case.k,
+                 head_dim=case.d, itemsize=2)
+    private = dict(block_q=128, block_k=32, num_splits=1, num_warps=4, num_stages=2)
+    triton = dict(block_q=128, block_k=64, num_splits=8, num_warps=8, num_stages=2)
+    mosaic = dict(block_k=128, max_concurrent_steps=4, num_splits=8)
+    call = functools.partial(ca.cascade_attention, interpret=False, backend=None)
+    for mosaic_ms, want_mosaic in ((0.1, True), (0.9, False)):
+        for backend, shared, ms in (("triton", triton, 0.5), ("mosaic_gpu", mosaic, mosaic_ms)):
+            tuned.record(dict(kernel="cascade", shape=shape, window=64 * 64, backend=backend,
+                              ms=ms, block_sizes=dict(shared=shared, private=private)),
+                         device_kind=_H100_KIND.device_kind)
+        jax.clear_caches()  # the table is read when a call is traced
+        with gpu_target.compiling_for(_H100_KIND):
+            text = jax.jit(call).trace(*_cascade_args(case)).lower(
+                lowering_platforms=("cuda",)).as_text()
+        assert (text.count("mosaic_gpu") >= 1) == want_mosaic
+        assert text.count("xla.gpu.triton") == (1 if want_mosaic else 2)
 
 
 def test_cascade_on_mosaic_is_explicit_and_bounded(monkeypatch):

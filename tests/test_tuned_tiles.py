@@ -1,6 +1,7 @@
 """Measured tiles (`statejax.kernels.tuned`): recorded by the benchmark, read by the defaults."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -14,6 +15,7 @@ from statejax.errors import InputError
 from statejax.kernels import append_attention as aa
 from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
+from statejax.kernels import decode_attention_mgpu as dm
 from statejax.kernels import tuned
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -45,10 +47,10 @@ def test_lookup_takes_the_nearest_window_and_keeps_its_splits_only_near_it(table
     tuned.record(_decode(1024, block_q=32, block_k=128, num_splits=4), device_kind=H100)
     look = lambda window, shape=DECODE, kind=H100, usable=lambda bs: True: tuned.lookup(  # noqa
         "decode", shape, window, device_kind=kind, usable=usable)
-    tiles, keep = look(32768)
+    tiles, keep, _ = look(32768)
     assert (tiles["block_q"], tiles["num_splits"], keep) == (64, 32, True)
-    assert look(40000)[1] is True and look(16384) == (tiles, False)  # log2 ratio 0.29, 1
-    tiles, keep = look(2048)  # nearer to 1k than to 32k
+    assert look(40000)[1] is True and look(16384)[:2] == (tiles, False)  # log2 0.29, 1
+    tiles, keep, _ = look(2048)  # nearer to 1k than to 32k
     assert (tiles["block_k"], tiles["num_splits"], keep) == (128, 4, False)
     assert look(1024)[1] is True
     # Another shape, another GPU, no usable tiles, or no GPU: nothing.
@@ -78,11 +80,86 @@ def test_a_malformed_table_is_refused_with_its_path(table_dir):
     tuned.table_path(H100).write_text("not json")
     with pytest.raises(InputError, match="not a tuned-tiles table"):
         tuned.entries(H100)
-    with pytest.raises(InputError, match="decode block_sizes must be"):
+    with pytest.raises(InputError, match=r"decode block_sizes \(triton\) must be"):
         tuned.record(_decode(1024) | {"block_sizes": {"block_q": 16}}, device_kind=H100)
-    with pytest.raises(InputError, match="cascade block_sizes must be"):
+    with pytest.raises(InputError, match=r"cascade block_sizes \(triton\) must be"):
         tuned.record(dict(kernel="cascade", shape=CASCADE, window=1024,
                           block_sizes=_tiles()), device_kind=H100)
+
+
+def _cascade(window, backend, ms, shared):
+    return dict(kernel="cascade", shape=CASCADE, window=window, backend=backend, ms=ms,
+                block_sizes=dict(shared=shared, private=_tiles(32, 32, 1, 4)), source="test")
+
+
+_MOSAIC = dict(block_k=128, max_concurrent_steps=4, num_splits=16)
+
+
+def test_lookup_takes_the_fastest_backend_allowed_at_the_nearest_window(table_dir):
+    tuned.record(_cascade(32768, "triton", 0.5, _tiles()), device_kind=H100)
+    tuned.record(_cascade(32768, "mosaic_gpu", 0.3, _MOSAIC), device_kind=H100)
+    tuned.record(_cascade(1024, "triton", 0.02, _tiles(num_splits=2)), device_kind=H100)
+    tuned.record(_cascade(1024, "mosaic_gpu", 0.04, _MOSAIC | {"num_splits": 2}),
+                 device_kind=H100)
+    assert len(tuned.entries(H100)) == 4  # one entry per backend: neither replaced the other
+    look = lambda window, backends: tuned.lookup(  # noqa: E731
+        "cascade", CASCADE, window, device_kind=H100, backends=backends)
+    shared = lambda found: (found.block_sizes["shared"], *found[1:])  # noqa: E731
+    assert shared(look(32768, ("triton", "mosaic_gpu"))) == (_MOSAIC, True, "mosaic_gpu")
+    assert shared(look(32768, ("triton",))) == (_tiles(), True, "triton")
+    assert look(1024, ("triton", "mosaic_gpu")).backend == "triton"  # faster there
+    assert look(2048, ("mosaic_gpu",))[1:] == (False, "mosaic_gpu")
+    # Tables written before the field: their entries are Triton's.
+    legacy = _cascade(4096, "triton", 0.1, _tiles())
+    del legacy["backend"]
+    tuned.record(legacy, device_kind=H100)
+    assert shared(look(4096, ("triton", "mosaic_gpu"))) == (_tiles(), True, "triton")
+    with pytest.raises(InputError, match=r"cascade block_sizes \(mosaic_gpu\) must be"):
+        tuned.record(_cascade(1024, "mosaic_gpu", 0.1, _tiles()), device_kind=H100)
+    with pytest.raises(InputError, match="decode entry's backend is one of"):
+        tuned.record(_decode(1024) | {"backend": "mosaic_gpu"}, device_kind=H100)
+
+
+def test_cascade_takes_the_mosaic_shared_part_where_measured_faster(table_dir, monkeypatch):
+    both = ca.measured_backends(interpret=False, rows=128, head_dim=64, itemsize=2)
+    assert both == ("triton", "mosaic_gpu")
+    # Where the Mosaic kernel cannot run the call, only Triton tiles are taken.
+    for kw in (dict(interpret=True), dict(rows=160), dict(itemsize=4), dict(head_dim=80)):
+        assert ca.measured_backends(**dict(interpret=False, rows=128, head_dim=64,
+                                           itemsize=2) | kw) == ("triton",)
+    tuned.record(_cascade(32768, "triton", 0.5, _tiles()), device_kind=H100)
+    tuned.record(_cascade(32768, "mosaic_gpu", 0.3, _MOSAIC), device_kind=H100)
+    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    private = aa.BlockSizes(**_tiles(32, 32, 1, 4))
+    mosaic = ca.BlockSizes.for_shape(**QUERY_SHAPE, shared_window=32768, backends=both)
+    assert mosaic == ca.BlockSizes(dm.MosaicDecodeBlockSizes(**_MOSAIC), private)
+    assert ca.BlockSizes.for_shape(**QUERY_SHAPE, shared_window=32768) == ca.BlockSizes(
+        aa.BlockSizes(**_tiles()), private)  # Triton only unless asked
+    far = ca.BlockSizes.for_shape(**QUERY_SHAPE, shared_window=4096, backends=both)
+    assert far.shared == dm.MosaicDecodeBlockSizes(128, 4, dm.default_splits(
+        batch=1, k_heads=8, block_k=128, window=4096)) != mosaic.shared
+
+
+def test_the_model_path_leaves_the_cascade_backend_to_the_table(table_dir, monkeypatch):
+    """`cascade_attention_cells(backend=None)` (what BranchView calls) passes the measured
+    choice on: Mosaic tiles when compiled, Triton tiles in interpret mode."""
+    tuned.record(_cascade(32768, "triton", 0.5, _tiles()), device_kind=H100)
+    tuned.record(_cascade(32768, "mosaic_gpu", 0.3, _MOSAIC), device_kind=H100)
+    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    seen = {}
+    monkeypatch.setattr(ca, "cascade_attention",
+                        lambda *args, **kwargs: seen.update(kwargs) or ("out", "lse"))
+    cells = jax.ShapeDtypeStruct((16, 1, 33792, 8, 64), jnp.bfloat16)
+    branch = jax.ShapeDtypeStruct((16, 1, 96, 8, 64), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, 32, 32, 64), jnp.bfloat16)
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    for interpret, shared in ((False, dm.MosaicDecodeBlockSizes(**_MOSAIC)),
+                              (True, aa.BlockSizes(**_tiles()))):
+        call = functools.partial(ca.cascade_attention_cells.__wrapped__, layer=3,
+                                 shared_window=32768, interpret=interpret, backend=None)
+        jax.eval_shape(lambda *a, call=call: call(*a)[0] and None, q, cells, cells, i32, i32,
+                       branch, branch, jax.ShapeDtypeStruct((1,), jnp.int32))
+        assert seen["block_sizes"].shared == shared and seen["backend"] is None
 
 
 def test_decode_defaults_use_measured_tiles_on_that_gpu_only(table_dir, monkeypatch):
@@ -138,10 +215,11 @@ def test_the_bench_records_the_fastest_tiles_of_each_grid_shape(tmp_path):
                  and (r["sessions"], r["context"], r["t"]) == shape[:3]]
         grid = cfg.tune_decode if kernel == "decode" else cfg.tune_cascade
         assert len(timed) == 1 + len(grid)
+        assert all(r["matches"] and r["max_abs_err"] < 1e-4 for r in timed)
         fastest, entry = min(timed, key=lambda r: r["ms"]), by_kernel[kernel]
         assert entry["block_sizes"] == fastest["tiles"] and entry["ms"] == fastest["ms"]
         assert entry["window"] == fastest["window"] and entry["default_ms"] == timed[0]["ms"]
-        assert "jax" in entry["source"]
+        assert "jax" in entry["source"] and entry["backend"] == "triton"
     b, _, t, h, k, d = cfg.cascade[0]
     assert by_kernel["cascade"]["shape"] == dict(branches=b, tokens=t, group=h // k,
                                                  k_heads=k, head_dim=d, itemsize=4)
@@ -188,3 +266,62 @@ def test_the_stream_study_records_the_tiles_it_ran(table_dir, monkeypatch):
     note = latency._tiles_note({"config": {"impl": "pallas"}, "tuned_tiles": [entry]})
     assert note == " (kernel tiles: 1 measured entries of kernels/tuned/ for this GPU, else " \
                    "the shape rules)"
+
+
+def test_the_bench_records_each_backends_fastest_matching_tiles():
+    """Of one cascade shape's rows: per backend the fastest whose output matched the
+    reference; a faster row that did not match is never recorded."""
+    shape = dict(kernel="cascade", sessions=1, context=32768, t=32, heads=32, kv_heads=8,
+                 head_dim=64, window=32768, frac_copy=0.5)
+    row = lambda ms, backend, blocks, matches=True: shape | dict(  # noqa: E731
+        ms=ms, backend=backend, blocks=blocks, matches=matches, tiles={"ms": ms})
+    results = dict(dtype="bfloat16", timing="t", variant="gpu-query", device="gpu: H100",
+                   jax_version="0.11.2", date="today", rows=[
+                       row(0.9, "triton", "default"), row(0.7, "triton", "grid"),
+                       row(0.1, "triton", "grid", matches=False),
+                       row(0.5, "mosaic_gpu", "mosaic_gpu default"),
+                       row(0.05, "mosaic_gpu", "grid", matches=False)])
+    entries = kernel_bench.tuned_entries(results)
+    assert [(e["backend"], e["ms"], e["block_sizes"], e["default_ms"]) for e in entries] == [
+        ("triton", 0.7, {"ms": 0.7}, 0.9), ("mosaic_gpu", 0.5, {"ms": 0.5}, 0.9)]
+    assert entries[0]["shape"] == CASCADE
+    mismatched = [r | {"matches": False} for r in results["rows"]]
+    assert kernel_bench.tuned_entries(results | {"rows": mismatched}) == []
+
+
+def _cpu_cascade_results(cfg, ms_rows):
+    """Synthetic bench results: rows of the cpu config's first cascade shape with its
+    default tiles (Triton, interpret mode), at the given times."""
+    r, s, t, h, k, d = cfg.cascade[0]
+    tiles = dataclasses.asdict(ca.BlockSizes.for_shape(
+        branches=r, tokens=t, group=h // k, k_heads=k, head_dim=d,
+        shared_page_size=cfg.page_size, shared_window=s,
+        private_page_size=kernel_bench.branch_page_size(cfg, t), itemsize=4))
+    rows = [dict(kernel="cascade", sessions=r, context=s, t=t, heads=h, kv_heads=k,
+                 head_dim=d, window=s, frac_copy=0.1, ms=ms, backend="triton", matches=True,
+                 blocks="default" if i == 0 else "grid", tiles=tiles)
+            for i, ms in enumerate(ms_rows)]
+    return dict(dtype=cfg.dtype, timing="t", variant="cpu", device="cpu: cpu",
+                jax_version=jax.__version__, date="today", rows=rows)
+
+
+def test_cascade_entries_are_recorded_only_if_the_model_form_matches(tmp_path, monkeypatch):
+    """`record_tuned` with the run's config runs each cascade entry's tiles through the cells
+    form the model calls; a mismatch there keeps the entry out of the table."""
+    cfg = kb_config.get_config("cpu")
+    results = _cpu_cascade_results(cfg, [0.2, 0.1])
+    (entry,) = kernel_bench.tuned_entries(results)
+    checked = kernel_bench.check_cells_form(cfg, entry, jax.random.key(0))
+    assert checked["matches"] and checked["max_abs_err"] < 1e-4
+    table = tmp_path / "tuned"
+    assert kernel_bench.record_tuned(results, str(table), cfg)
+    (recorded,) = tuned.entries("cpu", table)
+    assert 0 < recorded["cells_form_max_abs_err"] < 1e-4
+    # A kernel whose cells form is wrong (here: its output shifted) is not recorded.
+    real = ca.cascade_attention_cells
+    monkeypatch.setattr(ca, "cascade_attention_cells",
+                        lambda *a, **kw: (lambda out, lse: (out + 1, lse))(*real(*a, **kw)))
+    other = tmp_path / "other"
+    assert not kernel_bench.check_cells_form(cfg, entry, jax.random.key(0))["matches"]
+    assert kernel_bench.record_tuned(results, str(other), cfg) == []
+    assert tuned.entries("cpu", other) == ()
