@@ -77,9 +77,16 @@ class BlockSizes:
     def for_mosaic(cls, *, branches: int, tokens: int, group: int, k_heads: int,
                    head_dim: int, shared_page_size: int, shared_window: int,
                    private_page_size: int, itemsize: int = 2) -> "BlockSizes":
-        """Tiles with the shared part on the Mosaic GPU decode kernel
-        (`MosaicDecodeBlockSizes.for_decode` of its rows); private as `for_shape`."""
-        del itemsize  # the Mosaic kernel takes 16-bit cells only
+        """Tiles with the shared part on the Mosaic GPU decode kernel: measured ones for this
+        shape on the GPU model compiled for (`measured`), else
+        `MosaicDecodeBlockSizes.for_decode` of its rows and the private part as
+        `for_shape`."""
+        found = cls.measured(branches=branches, tokens=tokens, group=group, k_heads=k_heads,
+                             head_dim=head_dim, shared_page_size=shared_page_size,
+                             shared_window=shared_window, private_page_size=private_page_size,
+                             itemsize=itemsize, backends=("mosaic_gpu",))
+        if found is not None:
+            return found
         shared = dm.MosaicDecodeBlockSizes.for_decode(
             batch=1, k_heads=k_heads, head_dim=head_dim, page_size=shared_page_size,
             window=shared_window, rows=branches * tokens * group)
@@ -121,13 +128,15 @@ class BlockSizes:
         return cls(shared=shared, private=private)
 
 
-def measured_backends(*, interpret: bool, rows: int, head_dim: int,
-                      itemsize: int) -> tuple[str, ...]:
+def measured_backends(*, interpret: bool, rows: int, head_dim: int, itemsize: int,
+                      page_size: int | None) -> tuple[str, ...]:
     """Backends a call may take from the measured tiles (`backend=None`): Triton, and the
     Mosaic GPU shared part where that kernel runs the call (compiled, R x T x G <= 128
-    folded rows, 16-bit cells, D a multiple of 64). Only a GPU model's table can name it."""
-    mosaic = (not interpret and rows <= dm.MAX_ROWS and itemsize == 2
-              and head_dim % 64 == 0)
+    folded rows, `mosaic_common.runs`: 16-bit cells, D a multiple of 64 up to 256, shared
+    pages of 8k cells up to 256 or contiguous cells (`page_size` None), a CUDA runtime it
+    compiles correctly on). Only a GPU model's table can name it."""
+    mosaic = (not interpret and rows <= dm.MAX_ROWS
+              and mc.runs(itemsize=itemsize, head_dim=head_dim, page_size=page_size))
     return ("triton", "mosaic_gpu") if mosaic else ("triton",)
 
 
@@ -191,7 +200,7 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     if backend is None:  # the measured choice, or the backend of the given tiles
         block_sizes = block_sizes or BlockSizes.for_shape(**shape, backends=measured_backends(
             interpret=interpret or poison_outputs, rows=r * t * (h // k_heads), head_dim=d,
-            itemsize=shape["itemsize"]))
+            itemsize=shape["itemsize"], page_size=shape["shared_page_size"]))
         backend = ("mosaic_gpu" if isinstance(block_sizes.shared, dm.MosaicDecodeBlockSizes)
                    else "triton")
     mosaic = backend == "mosaic_gpu"
@@ -288,8 +297,11 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
         else:
             block_sizes = BlockSizes.for_shape(**shape, backends=("triton",) if backend else (
                 measured_backends(interpret=interpret, rows=r * t * (h // k_heads), head_dim=d,
-                                  itemsize=shape["itemsize"])))
-    shared_ps = aa.cells_page_size(c, block_sizes.shared.block_k)
+                                  itemsize=shape["itemsize"], page_size=None)))
+    mosaic = isinstance(block_sizes.shared, dm.MosaicDecodeBlockSizes)
+    # One page per KV block, but a Mosaic page is one TMA box: at most 256 cells.
+    shared_ps = aa.cells_page_size(c, min(block_sizes.shared.block_k, 256) if mosaic
+                                   else block_sizes.shared.block_k)
     branch_ps = aa.cells_page_size(tb, block_sizes.private.block_k)
     rows = jnp.reshape(jnp.asarray(row, jnp.int32), (1,))
     sk_pool, s_table, s_offset = aa.cells_as_pool(shared_k, layer=layer, rows=rows,

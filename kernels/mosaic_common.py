@@ -75,15 +75,29 @@ def check_device():
                          "use backend='triton' with interpret=True on CPU")
 
 
-def check_cuda_runtime():
-    """Raises on CUDA runtimes whose ptxas miscompiles masked FA3 kernels (as JAX's FA3 does)."""
+def _bad_cuda_runtime() -> int | None:
+    """The CUDA runtime version if its ptxas miscompiles masked FA3 kernels, else None."""
     from jax._src.lib import cuda_versions  # noqa: PLC0415 - None on CPU-only installs
 
     version = cuda_versions.cuda_runtime_get_version() if cuda_versions else None
-    if version is not None and 12080 <= version < 12091:
+    return version if version is not None and 12080 <= version < 12091 else None
+
+
+def check_cuda_runtime():
+    """Raises on CUDA runtimes whose ptxas miscompiles masked FA3 kernels (as JAX's FA3 does)."""
+    if (version := _bad_cuda_runtime()) is not None:
         raise InputError(f"CUDA runtime {version}: ptxas 12.8.0-12.9.0 miscompiles the masked "
                          "FA3 loop (see jax's attention_mgpu); use backend='triton' or CUDA "
                          ">= 12.9.1")
+
+
+def runs(*, itemsize: int, head_dim: int, page_size: int | None) -> bool:
+    """Whether the Mosaic kernels take these operands (`validate_operands`: 16-bit, D a
+    multiple of 64 up to 256, pages of 8k cells up to 256; None: any page size) on this
+    CUDA runtime (`check_cuda_runtime`)."""
+    pages_ok = page_size is None or (page_size % 8 == 0 and page_size <= 256)
+    return (itemsize == 2 and head_dim % 64 == 0 and head_dim <= 256 and pages_ok
+            and _bad_cuda_runtime() is None)
 
 
 class KernelOps:

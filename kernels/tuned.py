@@ -21,10 +21,14 @@ reference in that run.
 
 A call finds the entries of its kernel and shape whose backend it may run and whose tiles
 suit it (page sizes); it takes those whose window is nearest in log2, and of them the fastest
-(`ms`): so where a GPU model's table says the Mosaic shared part beat the Triton one, a
-caller that leaves the backend to the table runs it. The split count stands within a factor
-sqrt(2) of the measured window; further away the caller's split rule is applied to the
-measured tiles.
+(`ms`; Triton on a tie): so where a GPU model's table says the Mosaic shared part beat the
+Triton one, a caller that leaves the backend to the table runs it. The split count stands
+within a factor sqrt(2) of the measured window; further away the caller's split rule is
+applied to the measured tiles.
+
+The table is read when a kernel call is traced; jax caches traced calls, so a process that
+rewrites the table (the benchmark, then a study, run as separate processes by
+`experiments/gpu_session.sh`) must call `jax.clear_caches()` before its new entries apply.
 """
 
 import functools
@@ -148,10 +152,17 @@ def lookup(kernel: str, shape: dict, window: int, *, device_kind: str | None,
     if not matches:
         return None
     distance = lambda e: abs(math.log2(e["window"] / window))  # noqa: E731
-    nearest = min(map(distance, matches))
-    best = min((e for e in matches if distance(e) == nearest),
-               key=lambda e: e.get("ms", math.inf))
-    return Found(best["block_sizes"], nearest <= 0.5, backend_of(best))
+    # One window first (the nearer, the smaller on a tie), then its fastest entry (Triton on
+    # a tie, or where times are missing): times at different windows do not compare.
+    nearest = min(matches, key=lambda e: (distance(e), e["window"]))["window"]
+    best = min((e for e in matches if e["window"] == nearest),
+               key=lambda e: (_ms(e), backend_of(e) != "triton"))
+    return Found(best["block_sizes"], distance(best) <= 0.5, backend_of(best))
+
+
+def _ms(entry: dict) -> float:
+    ms = entry.get("ms")
+    return math.inf if ms is None else ms
 
 
 def record(entry: dict, *, device_kind: str,
@@ -162,8 +173,12 @@ def record(entry: dict, *, device_kind: str,
     path = table_path(device_kind, directory)
     key = lambda e: (e["kernel"], sorted(e["shape"].items()), e["window"],  # noqa: E731
                      backend_of(e))
-    kept = [e for e in entries(device_kind, directory) if key(e) != key(entry)]
+    # Read past the cache: a rewrite within the file system's timestamp resolution that keeps
+    # the size would look unchanged to it.
+    old = _read.__wrapped__(str(path), (0, 0)) if path.exists() else ()
+    kept = [e for e in old if key(e) != key(entry)]
     table = {"device_kind": device_kind, "entries": sorted(kept + [entry], key=key)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=1) + "\n")
+    _read.cache_clear()
     return path

@@ -174,8 +174,9 @@ def tuned_tiles(impl: str) -> list[dict]:
         return []
     from statejax.kernels import tuned  # noqa: PLC0415 - the reference path needs no kernels
 
-    keep = ("kernel", "shape", "window", "backend", "block_sizes", "ms", "source")
-    return [{k: e.get(k) for k in keep} for e in tuned.entries(device_kind)]
+    keep = ("kernel", "shape", "window", "block_sizes", "ms", "source")
+    return [{k: e.get(k) for k in keep} | {"backend": tuned.backend_of(e)}
+            for e in tuned.entries(device_kind)]
 
 
 def _measure_paths(config, session, stateless, prefix_cache, last) -> dict:

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,20 @@ def test_record_replaces_the_same_shape_and_window_only(table_dir):
         (1024, 4), (32768, 64)]
 
 
+def test_a_rewrite_is_read_even_where_timestamps_are_coarse(table_dir):
+    """Two writes of the same size within the file system's timestamp resolution look alike
+    to the read cache; `record` reads past it and clears it."""
+    path = tuned.record(_decode(1024, num_splits=2), device_kind=H100)
+    stamp = path.stat()
+    assert tuned.entries(H100)[0]["block_sizes"]["num_splits"] == 2  # now cached
+    tuned.record(_decode(1024, num_splits=3), device_kind=H100)  # same size
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size
+    assert tuned.entries(H100)[0]["block_sizes"]["num_splits"] == 3
+    tuned.record(_decode(2048, num_splits=4), device_kind=H100)
+    assert [e["window"] for e in tuned.entries(H100)] == [1024, 2048]
+
+
 def test_a_malformed_table_is_refused_with_its_path(table_dir):
     tuned.table_path(H100).write_text(json.dumps({"entries": [{"kernel": "decode"}]}))
     with pytest.raises(InputError, match="NVIDIA_H100_80GB_HBM3.json.*lacks"):
@@ -102,6 +117,8 @@ def test_lookup_takes_the_fastest_backend_allowed_at_the_nearest_window(table_di
     tuned.record(_cascade(1024, "mosaic_gpu", 0.04, _MOSAIC | {"num_splits": 2}),
                  device_kind=H100)
     assert len(tuned.entries(H100)) == 4  # one entry per backend: neither replaced the other
+    assert {(e["window"], e["backend"]) for e in tuned.entries(H100)} == {
+        (32768, "triton"), (32768, "mosaic_gpu"), (1024, "triton"), (1024, "mosaic_gpu")}
     look = lambda window, backends: tuned.lookup(  # noqa: E731
         "cascade", CASCADE, window, device_kind=H100, backends=backends)
     shared = lambda found: (found.block_sizes["shared"], *found[1:])  # noqa: E731
@@ -109,11 +126,18 @@ def test_lookup_takes_the_fastest_backend_allowed_at_the_nearest_window(table_di
     assert shared(look(32768, ("triton",))) == (_tiles(), True, "triton")
     assert look(1024, ("triton", "mosaic_gpu")).backend == "triton"  # faster there
     assert look(2048, ("mosaic_gpu",))[1:] == (False, "mosaic_gpu")
+    # Two windows equally near: the smaller's entries, not the faster across windows.
+    tuned.record(_cascade(4096, "mosaic_gpu", 0.01, _MOSAIC), device_kind=H100)
+    assert look(2048, ("triton", "mosaic_gpu"))[1:] == (False, "triton")
+    # Equal or missing times: Triton.
+    tuned.record(_cascade(8192, "triton", None, _tiles()), device_kind=H100)
+    tuned.record(_cascade(8192, "mosaic_gpu", None, _MOSAIC), device_kind=H100)
+    assert look(8192, ("triton", "mosaic_gpu")).backend == "triton"
     # Tables written before the field: their entries are Triton's.
-    legacy = _cascade(4096, "triton", 0.1, _tiles())
+    legacy = _cascade(16384, "triton", 0.1, _tiles())
     del legacy["backend"]
     tuned.record(legacy, device_kind=H100)
-    assert shared(look(4096, ("triton", "mosaic_gpu"))) == (_tiles(), True, "triton")
+    assert shared(look(16384, ("triton", "mosaic_gpu"))) == (_tiles(), True, "triton")
     with pytest.raises(InputError, match=r"cascade block_sizes \(mosaic_gpu\) must be"):
         tuned.record(_cascade(1024, "mosaic_gpu", 0.1, _tiles()), device_kind=H100)
     with pytest.raises(InputError, match="decode entry's backend is one of"):
@@ -121,12 +145,13 @@ def test_lookup_takes_the_fastest_backend_allowed_at_the_nearest_window(table_di
 
 
 def test_cascade_takes_the_mosaic_shared_part_where_measured_faster(table_dir, monkeypatch):
-    both = ca.measured_backends(interpret=False, rows=128, head_dim=64, itemsize=2)
-    assert both == ("triton", "mosaic_gpu")
+    query = dict(interpret=False, rows=128, head_dim=64, itemsize=2, page_size=64)
+    both = ca.measured_backends(**query)
+    assert both == ("triton", "mosaic_gpu") == ca.measured_backends(**query | {"page_size": None})
     # Where the Mosaic kernel cannot run the call, only Triton tiles are taken.
-    for kw in (dict(interpret=True), dict(rows=160), dict(itemsize=4), dict(head_dim=80)):
-        assert ca.measured_backends(**dict(interpret=False, rows=128, head_dim=64,
-                                           itemsize=2) | kw) == ("triton",)
+    for kw in (dict(interpret=True), dict(rows=160), dict(itemsize=4), dict(head_dim=80),
+               dict(head_dim=320), dict(page_size=4), dict(page_size=512)):
+        assert ca.measured_backends(**query | kw) == ("triton",), kw
     tuned.record(_cascade(32768, "triton", 0.5, _tiles()), device_kind=H100)
     tuned.record(_cascade(32768, "mosaic_gpu", 0.3, _MOSAIC), device_kind=H100)
     monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
@@ -135,6 +160,8 @@ def test_cascade_takes_the_mosaic_shared_part_where_measured_faster(table_dir, m
     assert mosaic == ca.BlockSizes(dm.MosaicDecodeBlockSizes(**_MOSAIC), private)
     assert ca.BlockSizes.for_shape(**QUERY_SHAPE, shared_window=32768) == ca.BlockSizes(
         aa.BlockSizes(**_tiles()), private)  # Triton only unless asked
+    # An explicit Mosaic backend takes the measured Mosaic tiles too, whatever Triton's time.
+    assert ca.BlockSizes.for_mosaic(**QUERY_SHAPE, shared_window=32768) == mosaic
     far = ca.BlockSizes.for_shape(**QUERY_SHAPE, shared_window=4096, backends=both)
     assert far.shared == dm.MosaicDecodeBlockSizes(128, 4, dm.default_splits(
         batch=1, k_heads=8, block_k=128, window=4096)) != mosaic.shared
@@ -325,3 +352,12 @@ def test_cascade_entries_are_recorded_only_if_the_model_form_matches(tmp_path, m
     assert not kernel_bench.check_cells_form(cfg, entry, jax.random.key(0))["matches"]
     assert kernel_bench.record_tuned(results, str(other), cfg) == []
     assert tuned.entries("cpu", other) == ()
+    # One that raises there is skipped too, and the benchmark goes on to its other entries.
+    def broken(*a, **kw):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(ca, "cascade_attention_cells", broken)
+    decode_row = dict(results["rows"][0], kernel="decode", tiles=_tiles(16, 16, 1, 4))
+    both = results | {"rows": results["rows"] + [decode_row, decode_row | {"ms": 0.05}]}
+    assert kernel_bench.record_tuned(both, str(other), cfg)
+    assert [e["kernel"] for e in tuned.entries("cpu", other)] == ["decode"]
