@@ -25,11 +25,11 @@ fastest tiles of each decode or cascade shape timed with a grid are recorded the
 model (`statejax.kernels.tuned`), and become that shape's defaults.
 Mosaic GPU (Hopper) variants: with `mosaic`, the cascade with its shared part on the Mosaic
 decode kernel (shapes of <= 128 shared rows) and the `tune_cascade_mosaic` grid of (block_k,
-max_concurrent_steps, num_splits) on the first cascade shape, their default tiles on every
-decode and append shape, the `tune_decode_mosaic` grid of (block_k, max_concurrent_steps,
-num_splits) on the first decode shape and the `tune_append_mosaic` grid of (block_q, block_k,
-max_concurrent_steps) on the first append shape; these rows run after the default rows, before
-the Triton grids.
+max_concurrent_steps, num_splits[, private block_q]) on the first cascade shape, their
+default tiles on every decode and append shape, the `tune_decode_mosaic` grid of (block_k,
+max_concurrent_steps, num_splits) on the first decode shape and the `tune_append_mosaic` grid
+of (block_q, block_k, max_concurrent_steps) on the first append shape; these rows run after
+the default rows, before the Triton grids.
 """
 
 import itertools
@@ -153,9 +153,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.repeats = 5
         c.time_budget_s = 170.0
         # The shared part on the Mosaic GPU decode kernel (two compute warpgroups for the 128
-        # rows): its defaults, then (block_k, slots, splits) at 32k.
-        c.tune_cascade_mosaic = ((128, 4, 8), (128, 4, 16), (128, 4, 32), (64, 4, 16),
-                                 (128, 2, 16), (64, 2, 16))
+        # rows): its defaults (64 splits at 32k), then (block_k, slots, splits, private
+        # block_q) at 32k: fewer splits, and 32-row private tiles (32 programs merging the
+        # splits instead of 8), as in the Triton grid.
+        c.tune_cascade_mosaic = ((128, 4, 8, 32), (128, 4, 16, 32), (128, 4, 32, 32),
+                                 (128, 4, 16, 128), (64, 4, 16, 32), (64, 4, 32, 32),
+                                 (128, 2, 16, 32))
         # 32k: 256-512 KV blocks; 1k: 8-16. The private kernel reads every split's partial
         # of its rows: more splits, more serial merge work in its few programs (at 1k, with
         # 2-4 splits, little: one private tile size there).

@@ -205,9 +205,12 @@ def cascade_block_sizes(cfg, shape, entry) -> ca.BlockSizes:
 
 def mosaic_cascade_block_sizes(cfg, shape, entry) -> ca.BlockSizes:
     """A `tune_cascade_mosaic` entry (block_k, max_concurrent_steps, splits of the shared
-    part on the Mosaic decode kernel) as tiles; the private part's as its default."""
-    return ca.BlockSizes(shared=dm.MosaicDecodeBlockSizes(*entry),
-                         private=_private_block_sizes(cfg, shape))
+    part on the Mosaic decode kernel[, private block_q]) as tiles; the private part's other
+    tiles (all, without a fourth element) as its default."""
+    private = _private_block_sizes(cfg, shape)
+    if len(entry) == 4:
+        private = dataclasses.replace(private, block_q=entry[3])
+    return ca.BlockSizes(shared=dm.MosaicDecodeBlockSizes(*entry[:3]), private=private)
 
 
 

@@ -110,7 +110,8 @@ def test_mosaic_rows_on_gpu_variants_only():
         + [("cascade", query.cascade[0])] * len(query.tune_cascade_mosaic)
         + [("decode", s) for s in query.decode])
     labels = [kernel_bench._blocks_label(w[2], w[3]) for w in work]
-    assert labels[2] == "mosaic_gpu shared k128 c4 s8, private q128 k128 w4"
+    assert labels[2] == "mosaic_gpu shared k128 c4 s8, private q32 k128 w4"
+    assert labels[5] == "mosaic_gpu shared k128 c4 s16, private q128 k128 w4"
 
 
 def test_a_failing_mosaic_row_is_recorded_not_raised(tmp_path):
