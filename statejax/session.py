@@ -121,22 +121,38 @@ class Session:
 
         Raises `InputError` for empty input, ids outside the vocabulary, wrong dtype or rank,
         and `CapacityError` when the cells are full under the `"error"` policy; the session
-        is unchanged in every failure.
+        is unchanged in every failure. An error raised by a step (e.g. a kernel refusing the
+        last chunk's shape after earlier chunks went in) also leaves it as it was: the item's
+        tokens are rolled back (`_restore`).
 
         Returns:
           [V] float32 logits after the item's last token.
         """
         ids = self._ids(data)
-        if self.length + ids.size > self.budget.cells:
-            if self.overflow == "error":
-                raise CapacityError(
-                    f"appending {ids.size} tokens to a session holding {self.length} of "
-                    f"{self.budget.cells} cells would overflow; free room: "
-                    f"{self.budget.cells - self.length} tokens (overflow='error'; use "
-                    f"overflow='slide' to drop the oldest data)")
-            return self._slide_and_append(ids)
-        self._item_starts.append(self.length)
-        return self._prefill(ids)
+        if self.length + ids.size > self.budget.cells and self.overflow == "error":
+            raise CapacityError(
+                f"appending {ids.size} tokens to a session holding {self.length} of "
+                f"{self.budget.cells} cells would overflow; free room: "
+                f"{self.budget.cells - self.length} tokens (overflow='error'; use "
+                f"overflow='slide' to drop the oldest data)")
+        before = (self._state, self._tokens, list(self._item_starts), self.evicted_tokens)
+        try:
+            if self.length + ids.size > self.budget.cells:
+                return self._slide_and_append(ids)
+            self._item_starts.append(self.length)
+            return self._prefill(ids)
+        except BaseException:
+            self._restore(*before)
+            raise
+
+    def _restore(self, state, tokens, item_starts, evicted_tokens):
+        """Puts back what `append` found. A step that ran donated that state (its buffers are
+        gone); the state it left holds the old cells and the new ones beyond, so the old
+        length restores it (cells at or beyond a row's length are never read; `truncate`)."""
+        if state is not self._state and state.k.is_deleted():
+            state = self._state.replace(lengths=jnp.full((1,), tokens.size, jnp.int32))
+        self._state, self._tokens, self._item_starts = state, tokens, item_starts
+        self.evicted_tokens = evicted_tokens
 
     def truncate(self, n: int):
         """Keeps the first `n` cells (prefix_len <= n <= length) and drops the rest.

@@ -253,6 +253,57 @@ def test_capacity_exhausted_is_a_capacity_error(tiny):
     assert session.length == 256
 
 
+def _fail_on_call(monkeypatch, n: int):
+    """`steps.append` raises on its n-th call from now; the calls before it run."""
+    real, calls = steps.append, []
+
+    def append(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("step failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "append", append)
+
+
+def test_a_step_failing_mid_item_leaves_the_session_as_it_was(tiny, monkeypatch):
+    """The item's first chunk went in (its step donated the state) and the second failed:
+    the session is as before the item, e.g. for the streaming worker's per-item retry."""
+    cfg, params = tiny
+    budget = _budget(cells=512)  # chunks of at most 256 tokens
+    session = Session(params, cfg, budget, ByteTokenizer(), prefix="p\n")
+    session.append("1 2 3\n")
+    old_state, tokens, starts = session.state, session.tokens, list(session._item_starts)
+    _fail_on_call(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="step failed"):
+        session.append("y" * 300)
+    monkeypatch.undo()
+    assert old_state.k.is_deleted()  # the first chunk ran: the old buffers are gone
+    np.testing.assert_array_equal(session.tokens, tokens)
+    assert session._item_starts == starts and int(session.state.lengths[0]) == tokens.size
+    # It goes on as a session that never saw the item.
+    fresh = Session(params, cfg, budget, ByteTokenizer(), prefix="p\n")
+    fresh.append("1 2 3\n")
+    np.testing.assert_allclose(session.append("4 5\n"), fresh.append("4 5\n"),
+                               **TOLERANCE[cfg.dtype])
+    np.testing.assert_array_equal(session.tokens, fresh.tokens)
+    assert session.query("q?", 6).tokens.tolist() == fresh.query("q?", 6).tokens.tolist()
+
+
+def test_a_step_failing_in_a_slide_restores_the_old_cells(tiny, monkeypatch):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(cells=256), ByteTokenizer(), prefix="p\n",
+                      overflow="slide")
+    for i in range(6):
+        session.append(f"item {i} " + "x" * 30)
+    snapshot, evicted = _snapshot(session), session.evicted_tokens
+    _fail_on_call(monkeypatch, 1)  # the re-prefill of the kept window
+    with pytest.raises(RuntimeError, match="step failed"):
+        session.append("item 6 " + "x" * 60)
+    _assert_unchanged(session, snapshot)
+    assert session.evicted_tokens == evicted
+
+
 @pytest.mark.parametrize("question, max_new, match", [
     ("q" * 33, 4, "at most 32"),
     ("", 4, "empty"),
