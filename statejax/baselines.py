@@ -17,6 +17,7 @@ import hashlib
 import numpy as np
 
 from statejax.budget import Budget
+from statejax.errors import CapacityError
 from statejax.model.config import ModelConfig
 from statejax.session import Answer, Session
 from statejax.tokenizer import Tokenizer, validate_token_ids
@@ -29,6 +30,27 @@ class _RequestEngine:
                  stop_token: int | None = None, impl: str = "reference"):
         self.session = Session(params, cfg, budget, tokenizer, stop_token=stop_token,
                                impl=impl)
+
+    def _check_context(self, context_ids) -> np.ndarray:
+        """Context -> [N] int32 ids, 1 <= N <= budget.cells (the engine has no overflow)."""
+        ids = validate_token_ids(context_ids, self.session.cfg.vocab_size)
+        cells = self.session.budget.cells
+        if ids.size > cells:
+            raise CapacityError(f"context has {ids.size} tokens; the engine holds at most "
+                                f"{cells} (budget.cells)")
+        return ids
+
+    def _check_request(self, context_ids, question, max_new_tokens, temperature, seed):
+        """Checks a whole request before any cell changes, so a refused one changes nothing.
+
+        Returns:
+          ([N] int32 context ids, [Tq] int32 question ids).
+        """
+        ids = self._check_context(context_ids)
+        question_ids = self.session.validate_question(question)
+        self.session.validate_max_new_tokens(max_new_tokens)
+        self.session.validate_sampling(temperature, seed)
+        return ids, question_ids
 
     def _answer(self, question, max_new_tokens, temperature, seed) -> Answer:
         return self.session.query(question, max_new_tokens, temperature=temperature, seed=seed)
@@ -44,11 +66,14 @@ class StatelessEngine(_RequestEngine):
               temperature: float = 0.0, seed: int = 0) -> Answer:
         """Prefills `context_ids` ([N] int32, N >= 1) from cell 0, then answers on a branch.
 
-        The context is appended in chunks of the budget's largest chunk size.
+        The context is appended in chunks of the budget's largest chunk size. Raises
+        `InputError` (`CapacityError` for N > budget.cells) before touching the session.
         """
+        ids, question_ids = self._check_request(context_ids, question, max_new_tokens,
+                                                temperature, seed)
         self.session.truncate(0)
-        self.session.append(np.asarray(context_ids))
-        return self._answer(question, max_new_tokens, temperature, seed)
+        self.session.append(ids)
+        return self._answer(question_ids, max_new_tokens, temperature, seed)
 
 
 def page_hashes(ids: np.ndarray, page_size: int) -> list[bytes]:
@@ -89,10 +114,14 @@ class PrefixCacheEngine(_RequestEngine):
     def load(self, context_ids):
         """Makes the cached prompt `context_ids` ([N] int32, N >= 1), reusing matching pages.
 
+        Raises `InputError` (`CapacityError` for N > budget.cells) with the cache unchanged.
+
         Returns:
           The number of cells kept from the previous prompt (also `last_reused_tokens`).
         """
-        ids = validate_token_ids(context_ids, self.session.cfg.vocab_size)
+        return self._load(self._check_context(context_ids))
+
+    def _load(self, ids: np.ndarray) -> int:
         hashes = page_hashes(ids, self.session.budget.page_size)
         matched = 0
         for old, new in zip(self._hashes, hashes, strict=False):
@@ -102,7 +131,7 @@ class PrefixCacheEngine(_RequestEngine):
         reused = matched * self.session.budget.page_size
         self.session.truncate(reused)
         # Pages past `matched` are hashed into the cache only once their cells are written, so
-        # a refused append (CapacityError) leaves a consistent cache.
+        # an append whose step fails (the session rolls the item back) leaves a consistent cache.
         self._hashes = hashes[:matched]
         if reused < ids.size:
             self.session.append(ids[reused:])
@@ -112,6 +141,11 @@ class PrefixCacheEngine(_RequestEngine):
 
     def query(self, context_ids, question, max_new_tokens: int = 32, *,
               temperature: float = 0.0, seed: int = 0) -> Answer:
-        """Loads `context_ids` (reusing full pages of the previous prompt), answers on a branch."""
-        self.load(context_ids)
-        return self._answer(question, max_new_tokens, temperature, seed)
+        """Loads `context_ids` (reusing full pages of the previous prompt), answers on a branch.
+
+        The whole request is checked first: a refused one keeps the cached prompt.
+        """
+        ids, question_ids = self._check_request(context_ids, question, max_new_tokens,
+                                                temperature, seed)
+        self._load(ids)
+        return self._answer(question_ids, max_new_tokens, temperature, seed)

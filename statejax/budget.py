@@ -9,6 +9,8 @@ The host pads work into these few shapes, so steady-state serving never recompil
 
 import dataclasses
 
+import numpy as np
+
 from statejax.errors import InputError
 
 
@@ -49,6 +51,15 @@ class Budget:
     max_new_tokens: int = 256
 
     def __post_init__(self):
+        for name in ("cells", "rows", "page_size", "question_cells", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise InputError(f"{name}={value!r}; allowed: a positive int")
+        for name in ("chunk_sizes", "branch_rows", "windows"):
+            values = getattr(self, name)
+            if values is not None and any(isinstance(v, bool) or not isinstance(
+                    v, int | np.integer) for v in values):
+                raise InputError(f"{name}={values!r}; allowed: a tuple of ints")
         if self.cells % self.page_size:
             raise InputError(f"cells={self.cells} must be a multiple of page_size="
                              f"{self.page_size}")
@@ -58,8 +69,10 @@ class Budget:
                 raise InputError(f"{name}={values} must be ascending positive integers")
         if self.windows is None:
             object.__setattr__(self, "windows", _default_windows(self.cells, self.page_size))
-        if self.windows[-1] != self.cells or list(self.windows) != sorted(set(self.windows)):
-            raise InputError(f"windows={self.windows} must ascend and end at cells={self.cells}")
+        if (not self.windows or self.windows[-1] != self.cells or self.windows[0] < 1
+                or list(self.windows) != sorted(set(self.windows))):
+            raise InputError(f"windows={self.windows} must be positive, ascend and end at "
+                             f"cells={self.cells}")
         if self.question_cells > self.chunk_sizes[-1]:
             raise InputError(f"question_cells={self.question_cells} exceeds the largest chunk "
                              f"size {self.chunk_sizes[-1]}")

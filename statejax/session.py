@@ -20,6 +20,7 @@ import numpy as np
 
 from statejax import steps
 from statejax.budget import Budget
+from statejax.cache import IMPLS
 from statejax.errors import CapacityError, InputError
 from statejax.model.config import ModelConfig
 from statejax.state import init_state
@@ -32,6 +33,7 @@ def _rng_key(seed: int) -> jax.Array:
     return jax.random.key(seed)
 
 OVERFLOW_POLICIES = ("error", "slide")
+NO_STOP = -1  # a `stop_token` that never stops generation: every requested token is made
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,22 +72,32 @@ class Session:
       prefix: frozen prefix, text or token ids (kept across `"slide"` overflows).
       overflow: `"error"` or `"slide"` (module docstring).
       keep_fraction: share of the data region kept by `"slide"`, in (0, 1).
-      stop_token: generation stops at this id (default: the tokenizer's eos).
-      impl: attention implementation for every step.
+      stop_token: generation stops at this id, one of the tokenizer's (default: its eos);
+        `NO_STOP` generates every requested token.
+      impl: attention implementation for every step (`statejax.cache.IMPLS`).
     """
 
     def __init__(self, params, cfg: ModelConfig, budget: Budget, tokenizer: Tokenizer, *,
                  prefix: str | np.ndarray = "", overflow: str = "error",
                  keep_fraction: float = 0.5, stop_token: int | None = None,
                  impl: str = "reference"):
+        if not isinstance(budget, Budget):
+            raise InputError(f"budget is a {type(budget).__name__}; allowed: a "
+                             "statejax.budget.Budget")
         if overflow not in OVERFLOW_POLICIES:
             raise InputError(f"overflow={overflow!r}; allowed: {OVERFLOW_POLICIES}")
-        if not 0.0 < keep_fraction < 1.0:
-            raise InputError(f"keep_fraction={keep_fraction}; allowed: 0 < keep_fraction < 1")
+        if not _is_real(keep_fraction) or not 0.0 < keep_fraction < 1.0:
+            raise InputError(f"keep_fraction={keep_fraction!r}; allowed: 0 < keep_fraction < 1")
+        if impl not in IMPLS:
+            raise InputError(f"impl={impl!r}; allowed: {IMPLS}")
         check_fits_vocab(tokenizer, cfg.vocab_size)
+        stop = tokenizer.eos_id if stop_token is None else stop_token
+        if not _is_int(stop) or not (stop == NO_STOP or 0 <= stop < tokenizer.vocab_size):
+            raise InputError(f"stop_token={stop_token!r}; allowed: a token id in [0, "
+                             f"{tokenizer.vocab_size}) or NO_STOP ({NO_STOP}: never stop)")
         self.params, self.cfg, self.budget, self.tokenizer = params, cfg, budget, tokenizer
         self.overflow, self.keep_fraction, self.impl = overflow, keep_fraction, impl
-        self.stop_token = tokenizer.eos_id if stop_token is None else int(stop_token)
+        self.stop_token = int(stop)
         self._state = init_state(cfg, rows=1, cells=budget.cells)
         # Host mirror of the cells' tokens, and where each appended item starts (slide cuts
         # only at item boundaries so no item is kept in part).
@@ -105,6 +117,13 @@ class Session:
     def length(self) -> int:
         """n, tokens in the session's cells (prefix + data)."""
         return int(self._tokens.size)
+
+    @property
+    def max_item_tokens(self) -> int:
+        """The most tokens one appended item can ever have: the data region (cells after the
+        prefix) under `"error"`, the kept data window under `"slide"`."""
+        data_room = self.budget.cells - self.prefix_len
+        return data_room if self.overflow == "error" else int(self.keep_fraction * data_room)
 
     @property
     def tokens(self) -> np.ndarray:
@@ -187,7 +206,7 @@ class Session:
 
     def _slide_and_append(self, ids: np.ndarray):
         data_room = self.budget.cells - self.prefix_len
-        keep_budget = int(self.keep_fraction * data_room)
+        keep_budget = self.max_item_tokens
         if ids.size > keep_budget:
             raise CapacityError(
                 f"an item of {ids.size} tokens is larger than the kept data window of "
@@ -222,21 +241,26 @@ class Session:
           temperature: 0 for greedy, else sampling temperature.
           seed: sampling seed.
         """
+        for name, values in (("questions", questions), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(values, list | tuple):
+                raise InputError(f"{name} is a {type(values).__name__}; allowed: a list or "
+                                 "tuple (one entry per question)")
         if len(questions) != len(max_new_tokens) or not questions:
             raise InputError(f"need one max_new_tokens per question and at least one question;"
                              f" got {len(questions)} questions, {len(max_new_tokens)} limits")
         ids = [self.validate_question(q) for q in questions]
         limits = [self.validate_max_new_tokens(m) for m in max_new_tokens]
-        if not np.isfinite(temperature) or temperature < 0:
-            raise InputError(f"temperature={temperature}; allowed: a finite value >= 0")
+        self.validate_sampling(temperature, seed)
         answers = []
         largest = self.budget.branch_rows[-1]
         for start in range(0, len(ids), largest):
+            # Each group of branches draws its own samples (one key would repeat them).
+            key = _rng_key(seed) if start == 0 else jax.random.fold_in(_rng_key(seed), start)
             answers += self._query_rows(ids[start:start + largest],
-                                        limits[start:start + largest], temperature, seed)
+                                        limits[start:start + largest], temperature, key)
         return answers
 
-    def _query_rows(self, ids, limits, temperature, seed):
+    def _query_rows(self, ids, limits, temperature, key):
         r = self.budget.rows_bucket(len(ids))
         t = self.budget.chunk_bucket(max(q.size for q in ids))
         question = np.zeros((r, t), np.int32)
@@ -249,7 +273,7 @@ class Session:
         # host time on CPU, measured by the step profile's session_query vs query_step).
         gen = steps.query(
             self.params, self._state, np.int32(0), question, question_len, max_new,
-            np.int32(self.stop_token), np.float32(temperature), _rng_key(seed),
+            np.int32(self.stop_token), np.float32(temperature), key,
             np.int32(self.tokenizer.vocab_size), cfg=self.cfg,
             window=self.budget.window_for(self.length), branch_cells=self.budget.branch_cells,
             max_new_cap=generation_width(limits, self.budget), impl=self.impl)
@@ -275,6 +299,13 @@ class Session:
                              f"{self.budget.question_cells} (budget.question_cells)")
         return ids
 
+    def validate_sampling(self, temperature, seed):
+        """Checks temperature (a finite real >= 0) and seed (an int64)."""
+        if not _is_real(temperature) or not np.isfinite(temperature) or temperature < 0:
+            raise InputError(f"temperature={temperature!r}; allowed: a finite number >= 0")
+        if not _is_int(seed) or not -2**63 <= seed < 2**63:
+            raise InputError(f"seed={seed!r}; allowed: an int in [-2**63, 2**63)")
+
     def validate_max_new_tokens(self, max_new_tokens) -> int:
         """Checks 1 <= max_new_tokens <= min(256, budget.max_new_tokens)."""
         cap = min(256, self.budget.max_new_tokens)
@@ -299,3 +330,11 @@ class Session:
         if n > self.budget.cells:
             raise CapacityError(f"a prefix of {n} tokens exceeds the session's "
                                 f"{self.budget.cells} cells")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)

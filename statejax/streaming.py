@@ -180,7 +180,8 @@ class StreamingSession:
           item: a `Bar` (serialised with `format_bar`) or non-empty text.
 
         Raises:
-          InputError: not a Bar or str, an invalid Bar, empty text.
+          InputError: not a Bar or str, an invalid Bar, empty text, an item longer than the
+            session can ever hold (`Session.max_item_tokens`).
           SessionClosedError: after `close`.
         """
         ids = self._item_ids(item)
@@ -208,6 +209,10 @@ class StreamingSession:
         ids = np.asarray(self._session.tokenizer.encode(text), np.int32)
         if ids.size == 0:
             raise InputError(f"text {text!r} encodes to no tokens; allowed: text with >= 1 token")
+        if ids.size > (limit := self._session.max_item_tokens):
+            raise InputError(f"an item of {ids.size} tokens can never be ingested; allowed: at "
+                             f"most {limit} (Session.max_item_tokens, overflow="
+                             f"{self._session.overflow!r})")
         return ids
 
     def flush(self, timeout: float | None = None) -> None:
@@ -273,6 +278,7 @@ class StreamingSession:
         # Host-side checks before queueing for the device, so bad input fails fast.
         self._session.validate_question(question)
         self._session.validate_max_new_tokens(max_new_tokens)
+        self._session.validate_sampling(kw.get("temperature", 0.0), kw.get("seed", 0))
         (a,), seq = self._device_query([question], [max_new_tokens], **kw)
         return QueryResult(text=a.text, tokens=a.tokens, first_gap=a.first_gap,
                            min_gap=a.min_gap, context_tokens=a.context_tokens, seq=seq,
@@ -350,7 +356,7 @@ class StreamingSession:
             refresh_if_stale: bool = False) -> FlashResult:
         """Answers from the flash cache when it can, else with a fresh (greedy) query.
 
-        A hit needs a registered question (by flash id, or identical text and, if given, the
+        A hit needs a registered question (by flash id or identical text, and, if given, the
         same max_new_tokens) with a cached answer; it costs a dict lookup. Fresh answers do not
         update the cache (only the worker writes it, so events stay ordered).
 
@@ -368,11 +374,15 @@ class StreamingSession:
         if not is_id and not isinstance(question_or_id, str):
             raise InputError(f"ask needs a flash id or question text; got "
                              f"{type(question_or_id).__name__}")
+        if max_new_tokens is not None:
+            self._session.validate_max_new_tokens(max_new_tokens)
         with self._cv:
             if self._closing:
                 raise SessionClosedError("ask on a closed StreamingSession")
             entry = self._find_flash(question_or_id, is_id, max_new_tokens)
-            cached = self._answers.get(entry.flash_id) if entry else None
+            # Another limit than the registered one is another question: no hit.
+            cached = (self._answers.get(entry.flash_id) if entry and max_new_tokens in (
+                None, entry.max_new_tokens) else None)
             ingested = self._ingested_seq
         if cached is not None and not (refresh_if_stale and ingested > cached.seq):
             return FlashResult(

@@ -5,7 +5,7 @@ import pytest
 
 from statejax.baselines import PrefixCacheEngine, StatelessEngine, page_hashes
 from statejax.budget import Budget
-from statejax.errors import InputError
+from statejax.errors import CapacityError, InputError
 from statejax.session import Session
 from statejax.tokenizer import ByteTokenizer
 
@@ -110,3 +110,77 @@ def test_truncate_is_checked_and_exact(setup):
     session.truncate(50)
     assert session.length == 50 and session.tokens.size == 50
     _assert_same(session.query(items[1][:20], MAX_NEW), expected)
+
+
+# Requests refused before any cell changes: (context, question, max_new_tokens, kwargs, error,
+# message). "long" stands for a context of BUDGET.cells + 88 tokens.
+_BAD_REQUESTS = {
+    "long_context": ("long", "q", MAX_NEW, {}, CapacityError,
+                     r"context has 600 tokens; the engine holds at most 512 \(budget.cells\)"),
+    "empty_question": (None, "", MAX_NEW, {}, InputError, "empty text"),
+    "long_question": (None, "q" * 65, MAX_NEW, {}, InputError,
+                      r"question has 65 tokens; the branch room allows at most 64"),
+    "no_new_tokens": (None, "q", 0, {}, InputError, r"max_new_tokens=0; allowed: 1\.\.8"),
+    "negative_temperature": (None, "q", MAX_NEW, {"temperature": -1.0}, InputError,
+                             r"temperature=-1\.0; allowed: a finite number >= 0"),
+    "text_seed": (None, "q", MAX_NEW, {"seed": "x"}, InputError, r"seed='x'; allowed: an int"),
+}
+
+
+def _bad_context(kind, cached, rng):
+    # A bad prompt sharing only its first 3 pages with the cached one: a prefix-cache engine
+    # that cut its cache before refusing would keep 48 of the cached prompt's 176 full-page cells.
+    if kind == "long":
+        return np.concatenate([cached[:48], _ids(rng, BUDGET.cells + 88 - 48)])
+    return np.concatenate([cached[:48], _ids(rng, 100)])
+
+
+@pytest.mark.parametrize("case", list(_BAD_REQUESTS))
+@pytest.mark.parametrize("engine_cls", [StatelessEngine, PrefixCacheEngine])
+def test_refused_query_changes_nothing(setup, engine_cls, case):
+    cfg, params, tok = setup
+    rng = np.random.default_rng(3)
+    cached, question = _ids(rng, 180), _ids(rng, 12)
+    engine = engine_cls(params, cfg, BUDGET, tok)
+    twin = engine_cls(params, cfg, BUDGET, tok)
+    engine.query(cached, question, MAX_NEW)
+    twin.query(cached, question, MAX_NEW)
+    kind, bad_question, max_new, kwargs, error, message = _BAD_REQUESTS[case]
+    with pytest.raises(error, match=message):
+        engine.query(_bad_context(kind, cached, rng), bad_question, max_new, **kwargs)
+    np.testing.assert_array_equal(engine.session.tokens, cached)
+    if engine_cls is PrefixCacheEngine:
+        assert engine.last_reused_tokens == 0
+    # The next request reuses every cached full page and answers as the untouched twin.
+    got = engine.query(cached, question, MAX_NEW)
+    _assert_same(got, twin.query(cached, question, MAX_NEW))
+    if engine_cls is PrefixCacheEngine:
+        assert engine.last_reused_tokens == twin.last_reused_tokens == 176
+
+
+def test_stateless_refuses_bad_context_ids_first(setup):
+    cfg, params, tok = setup
+    rng = np.random.default_rng(4)
+    cached, question = _ids(rng, 40), _ids(rng, 12)
+    engine = StatelessEngine(params, cfg, BUDGET, tok)
+    engine.query(cached, question, MAX_NEW)
+    for bad in (np.asarray([1, cfg.vocab_size], np.int32), np.zeros((0,), np.int32)):
+        with pytest.raises(InputError):
+            engine.query(bad, question, MAX_NEW)
+        np.testing.assert_array_equal(engine.session.tokens, cached)
+
+
+def test_prefix_cache_load_refuses_long_context_first(setup):
+    cfg, params, tok = setup
+    rng = np.random.default_rng(5)
+    cached = _ids(rng, 180)
+    engine = PrefixCacheEngine(params, cfg, BUDGET, tok)
+    assert engine.load(cached) == 0
+    with pytest.raises(CapacityError, match=r"context has 600 tokens; the engine holds at most "
+                                            r"512 \(budget.cells\)") as info:
+        engine.load(_bad_context("long", cached, rng))
+    # The message names the engine's limit, not the session's overflow policy.
+    assert "slide" not in str(info.value)
+    np.testing.assert_array_equal(engine.session.tokens, cached)
+    assert engine.last_reused_tokens == 0
+    assert engine.load(cached) == 176

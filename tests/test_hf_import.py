@@ -18,6 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from statejax import steps  # noqa: E402
 from statejax.budget import Budget  # noqa: E402
 from statejax.checkpoint.hf_import import config_from_hf, load_hf_checkpoint  # noqa: E402
+from statejax.checkpoint.safetensors_file import SafetensorsFile  # noqa: E402
 from statejax.errors import InputError  # noqa: E402
 from statejax.model.config import preset  # noqa: E402
 from statejax.model.llama import init_params  # noqa: E402
@@ -271,6 +272,36 @@ def test_missing_tensor_is_listed(ckpt_dir):
     safetensors_numpy.save_file(tensors, weights)
     with pytest.raises(InputError, match=r"lacks 1 tensors: \['model\.layers\.1\.mlp\.up_proj"):
         load_hf_checkpoint(ckpt_dir)
+
+
+@pytest.mark.parametrize("name, stored", [("model.embed_tokens.weight", "I8"),
+                                          ("model.norm.weight", "BOOL")])
+def test_integer_or_bool_tensor_is_refused(ckpt_dir, monkeypatch, name, stored):
+    """Right shape, not a float: refused before any tensor is read rather than cast."""
+    weights = ckpt_dir / "model.safetensors"
+    tensors = safetensors_numpy.load_file(weights)
+    tensors[name] = tensors[name].astype({"I8": np.int8, "BOOL": np.bool_}[stored])
+    safetensors_numpy.save_file(tensors, weights)
+    reads = []
+    monkeypatch.setattr(SafetensorsFile, "read", lambda self, n: reads.append(n))
+    with pytest.raises(InputError, match=rf"tensor '{name}' has dtype {stored}; "
+                                         r"allowed: F64, F32, F16, BF16$"):
+        load_hf_checkpoint(ckpt_dir)
+    assert reads == []
+
+
+def test_unknown_safetensors_tensor_name_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    safetensors_numpy.save_file({f"t{i}": np.full((2,), i, np.float32) for i in range(7)},
+                                path)
+    weights = SafetensorsFile(path)
+    np.testing.assert_array_equal(weights.read("t3"), [3.0, 3.0])
+    for method in ("get", "read", "shape", "dtype"):
+        with pytest.raises(InputError) as e:
+            getattr(weights, method)("t9")
+        assert str(e.value) == (f"safetensors file {path} has no tensor 't9'; it holds 7 "
+                                "tensors: ['t0', 't1', 't2', 't3', 't4'] ...")
+    assert weights.dtype("t3") == "F32"
 
 
 def test_config_tensor_shape_mismatch_is_refused(ckpt_dir):

@@ -10,7 +10,7 @@ from statejax.budget import Budget
 from statejax.errors import CapacityError, InputError
 from statejax.model.config import preset
 from statejax.model.llama import init_params
-from statejax.session import Session, generation_width
+from statejax.session import NO_STOP, Session, generation_width
 from statejax.state import init_state
 from statejax.tokenizer import ByteTokenizer
 
@@ -322,8 +322,64 @@ def test_bad_query_is_refused_and_session_unchanged(tiny, question, max_new, mat
     _assert_unchanged(session, snapshot)
 
 
+def test_query_arguments_are_checked(tiny):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer())
+    session.append("1 2 3\n")
+    snapshot = _snapshot(session)
+    for kw, match in ((dict(temperature="0.5"), "temperature"), (dict(temperature=None),
+                                                                   "temperature"),
+                      (dict(temperature=-1.0), "temperature"), (dict(seed=1.5), "seed"),
+                      (dict(seed="a"), "seed"), (dict(seed=2**70), "seed"),
+                      (dict(seed=True), "seed")):
+        with pytest.raises(InputError, match=match):
+            session.query("ok?", 4, **kw)
+    with pytest.raises(InputError, match="max_new_tokens is a int; allowed: a list"):
+        session.query_batch(["ok?"], 4)
+    with pytest.raises(InputError, match="questions is a str; allowed: a list"):
+        session.query_batch("ok?", [4])
+    _assert_unchanged(session, snapshot)
+
+
+def test_sampled_answers_differ_across_branch_groups(tiny):
+    """A batch larger than the largest branch-row bucket runs in groups; each group draws
+    its own samples (the first as a batch of its own would)."""
+    cfg, params = tiny
+    budget = Budget(cells=512, chunk_sizes=(16, 64), question_cells=16, max_new_tokens=8,
+                    branch_rows=(1, 2))
+    session = Session(params, cfg, budget, ByteTokenizer(), stop_token=NO_STOP)
+    session.append("1 2 3\n")
+    sample = dict(temperature=2.0, seed=3)
+    answers = session.query_batch(["same"] * 4, [8] * 4, **sample)
+    texts = [a.tokens.tolist() for a in answers]
+    assert texts[:2] == [a.tokens.tolist() for a in session.query_batch(["same"] * 2, [8] * 2,
+                                                                         **sample)]
+    assert texts[2:] != texts[:2]  # the second group does not repeat the first
+
+
+def test_bad_budgets_are_refused():
+    for kw, match in ((dict(cells=-16), "cells=-16; allowed: a positive int"),
+                      (dict(page_size=0), "page_size=0"), (dict(cells=256.0), "cells=256.0"),
+                      (dict(max_new_tokens=0), "max_new_tokens=0"),
+                      (dict(question_cells=0), "question_cells=0"),
+                      (dict(chunk_sizes=(16.5, 64)), "chunk_sizes"),
+                      (dict(windows=(0, 4096)), "windows"), (dict(rows=True), "rows")):
+        with pytest.raises(InputError, match=match):
+            Budget(**kw)
+
+
 def test_bad_session_options_are_refused(tiny):
     cfg, params = tiny
+    tok = ByteTokenizer()
+    for kw, match in ((dict(stop_token=10**6), "stop_token"), (dict(stop_token=-2),
+                                                               "stop_token"),
+                      (dict(stop_token="eos"), "stop_token"), (dict(impl="bogus"), "impl"),
+                      (dict(keep_fraction="0.5"), "keep_fraction")):
+        with pytest.raises(InputError, match=match):
+            Session(params, cfg, _budget(), tok, **kw)
+    with pytest.raises(InputError, match="budget is a str"):
+        Session(params, cfg, "big", tok)
+    assert Session(params, cfg, _budget(), tok, stop_token=NO_STOP).stop_token == NO_STOP
     with pytest.raises(InputError, match="overflow='drop'"):
         Session(params, cfg, _budget(), ByteTokenizer(), overflow="drop")
     with pytest.raises(CapacityError, match="exceeds"):

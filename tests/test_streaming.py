@@ -248,6 +248,22 @@ def test_unregister_and_ask_unregistered(make):
     assert r.text == s.query(QUESTION, 4).text
 
 
+def test_ask_by_id_with_another_limit_is_a_fresh_query(make):
+    s = make()
+    fid = s.register(QUESTION, 4)
+    s.push("1 2 3\n")
+    s.flush(TIMEOUT)
+    assert s.ask(fid).hit and s.ask(fid, 4).hit
+    other = s.ask(fid, 1)  # not the registered limit: answered fresh, with that limit
+    assert not other.hit and other.flash_id == fid and other.tokens.size <= 1
+    assert other.text == s.query(QUESTION, 1).text
+    for bad in (0, -3, 1.5):
+        with pytest.raises(InputError, match="max_new_tokens"):
+            s.ask(fid, bad)
+    with pytest.raises(InputError, match="temperature"):
+        s.query(QUESTION, 4, temperature="0.5")  # refused before queueing for the device
+
+
 def test_register_bad_input_registers_nothing(make):
     s = make()
     fid = s.register(QUESTION, 1)
@@ -283,9 +299,13 @@ def test_push_bad_input_queues_nothing(make):
     for item in (None, 42, b"bytes", np.arange(3)):
         with pytest.raises(InputError, match="allowed: a Bar"):
             s.push(item)
+    room = s.session.max_item_tokens
+    assert room == 1024 - len(PREFIX)
+    with pytest.raises(InputError, match=f"can never be ingested; allowed: at most {room}"):
+        s.push("z" * (room + 1))  # refused at once, not a later failure
     assert s.pushed_seq == 0
     s.flush(TIMEOUT)
-    assert history(s) == "ok\n"
+    assert history(s) == "ok\n" and s.failures() == {}
 
 
 def test_closed_session_refuses_work(make):

@@ -45,6 +45,9 @@ _DTYPE_FROM_HF = {"float32": "float32", "bfloat16": "bfloat16", "float16": "floa
 _ALLOWED_DTYPES = ("float32", "bfloat16")
 # Tensors some exporters write that carry nothing statejax loads (recomputed buffers).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Stored dtypes cast to the params' dtype on load; an integer or bool tensor would be cast
+# too, silently, so it is refused instead.
+_FLOAT_FILE_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +312,10 @@ def _check_tensors(cfg: ModelConfig, specs: list[TensorSpec], weights: dict, roo
         if found != s.hf_shape:
             raise InputError(f"tensor {s.hf_name!r} has shape {list(found)}; config.json "
                              f"requires {list(s.hf_shape)}")
+        stored = weights[s.hf_name].dtype(s.hf_name)
+        if stored not in _FLOAT_FILE_DTYPES:
+            raise InputError(f"tensor {s.hf_name!r} has dtype {stored}; allowed: "
+                             f"{', '.join(_FLOAT_FILE_DTYPES)}")
 
 
 def _read_ahead(specs: list[TensorSpec], weights: dict):
@@ -345,7 +352,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None) -> Checkpoint:
     Args:
       path: directory with config.json and safetensors weights (single or sharded).
       dtype: "float32" or "bfloat16"; default: the checkpoint's dtype (float16 -> float32).
-        Every tensor is cast to it whatever its stored dtype.
+        Every tensor is cast to it from its stored float dtype (F64, F32, F16 or BF16).
 
     Returns:
       A `Checkpoint`; `params` leaves have the `statejax.model.llama` shapes, e.g.
@@ -353,7 +360,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None) -> Checkpoint:
 
     Raises InputError for: an unsupported architecture or setting, a corrupt or truncated
     safetensors file or index, missing or unexpected tensors, a tensor whose shape does not
-    match config.json, or a tokenizer.json with more ids than the model's vocabulary.
+    match config.json or whose dtype is not a float, or a tokenizer.json with more ids than the
+    model's vocabulary.
     """
     root = Path(path)
     if not (root / "config.json").is_file():

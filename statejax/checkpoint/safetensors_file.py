@@ -33,6 +33,7 @@ DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("bool"),
 }
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # Real headers are a few hundred kB at most; a larger length is garbage, not a header.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -112,14 +113,27 @@ class SafetensorsFile:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    def _entry(self, name: str):
+        try:
+            return self._entries[name]
+        except KeyError:
+            names = sorted(self._entries)
+            raise InputError(
+                f"safetensors file {self.path} has no tensor {name!r}; it holds {len(names)} "
+                f"tensors: {names[:5]}" + (" ..." if len(names) > 5 else "")) from None
+
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape of tensor `name`."""
-        return self._entries[name][1]
+        return self._entry(name)[1]
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype of tensor `name` as the header spells it, e.g. "BF16"."""
+        return _DTYPE_NAMES[self._entry(name)[0]]
 
     def get(self, name: str) -> np.ndarray:
         """Tensor `name` as a read-only zero-copy view of the mapped file, in its stored dtype
         and shape (bf16 as `ml_dtypes.bfloat16`)."""
-        dtype, shape, begin = self._entries[name]
+        dtype, shape, begin = self._entry(name)
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         start = self._data_start + begin
@@ -134,7 +148,7 @@ class SafetensorsFile:
         with large `preadv` calls rather than through the map: a cold read then streams like
         `cat` instead of faulting page by page.
         """
-        dtype, shape, begin = self._entries[name]
+        dtype, shape, begin = self._entry(name)
         nbytes = math.prod(shape) * dtype.itemsize
         raw = np.empty(nbytes + _ALIGN, np.uint8)
         skip = -raw.ctypes.data % _ALIGN
