@@ -447,9 +447,9 @@ def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                              "has no poison_outputs hook; use backend='triton' for those")
         if block_sizes is not None and not isinstance(block_sizes, mgpu.MosaicBlockSizes):
             raise InputError(f"backend='mosaic_gpu' takes MosaicBlockSizes, got {block_sizes}")
-        return mgpu.append_attention_mgpu(q_BxTxHxD, k_pool, v_pool,
-                                          page_table_BxP + page_offset, lengths_B,
-                                          window=window, block_sizes=block_sizes)
+        return mgpu.append_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP,
+                                          lengths_B, window=window, block_sizes=block_sizes,
+                                          page_offset=page_offset)
     if backend not in PAGED_BACKENDS:
         raise InputError(f"backend={backend!r}; allowed for append: {PAGED_BACKENDS}")
     check_backend(backend, interpret)

@@ -103,12 +103,13 @@ def block_plan(n, first_token, count: int, *, num_tokens: int, window: int, bloc
     return visit, full
 
 
-def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, bs,
+def _kernel(len_ref, pt_ref, off_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, bs,
             num_tokens, window, group, page_size, ops: mc.KernelOps):
     """One (query head, token tile, row) program; refs are whole GMEM arrays.
 
-    len_ref [B] int32; pt_ref [B, P] int32 (padded, clamped); q_ref, out_ref [B, T_pad, H, D];
-    k_ref, v_ref [num_pages, page_size, K, D]; lse_ref [B, H, T_pad] float32.
+    len_ref [B] int32; pt_ref [B, P] int32 (padded); off_ref [1] int32 page offset; q_ref,
+    out_ref [B, T_pad, H, D]; k_ref, v_ref [num_pages, page_size, K, D]; lse_ref [B, H, T_pad]
+    float32.
     """
     block_q, block_k, steps_in_flight = bs.block_q, bs.block_k, bs.max_concurrent_steps
     pages_per_block = block_k // page_size
@@ -230,7 +231,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
         kv_head = lax.div(q_head, jnp.int32(group))
 
         def fetch(step, slot, src_ref, dst_smem, barrier):
-            mc.fetch_block(pt_ref, row, step, src_ref, dst_smem.at[slot], barrier.at[slot],
+            mc.fetch_block(pt_ref, off_ref, row, step, src_ref, dst_smem.at[slot],
+                           barrier.at[slot],
                            kv_head=kv_head, page_size=page_size,
                            pages_per_block=pages_per_block)
 
@@ -253,7 +255,7 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
         mc.drain_releases((k_free, v_free), tile_steps, steps_in_flight)
 
 
-def _entry(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_size,
+def _entry(len_ref, pt_ref, off_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_size,
            **static):
     head_dim, dtype = q_ref.shape[-1], q_ref.dtype
     steps_in_flight = bs.max_concurrent_steps
@@ -268,8 +270,8 @@ def _entry(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_s
              plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=steps_in_flight),
              plgpu.Barrier(num_barriers=_COMPUTE_WGS))
     free = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=steps_in_flight),) * 2
-    kernel = functools.partial(_kernel, len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                               bs=bs, page_size=page_size, **static)
+    kernel = functools.partial(_kernel, len_ref, pt_ref, off_ref, q_ref, k_ref, v_ref, out_ref,
+                               lse_ref, bs=bs, page_size=page_size, **static)
     pl.run_scoped(lambda *scoped: kernel(scoped), smem, ready, free,
                   plgpu.Barrier(num_arrivals=_COMPUTE_WGS), collective_axes="wg")
 
@@ -277,7 +279,7 @@ def _entry(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_s
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes"))
 def append_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                           window: int | None = None,
-                          block_sizes: MosaicBlockSizes | None = None):
+                          block_sizes: MosaicBlockSizes | None = None, page_offset: int = 0):
     """`append_attention` (same arguments and results) on the Mosaic GPU backend; compiled.
 
     Args:
@@ -289,30 +291,32 @@ def append_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
       lengths_B: int32 n_b, cells of row b in use before the chunk.
       window: static S <= P * page_size (default P * page_size).
       block_sizes: tiles; default `MosaicBlockSizes.for_append` of this shape.
+      page_offset: static int >= 0 added to every table entry, in the kernel (an operand:
+        the layers of stacked cells share one kernel and no per-layer table).
 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32 (natural log, as `attention.attend`).
     """
     mc.check_device()
     return _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window,
-                        block_sizes=block_sizes)
+                        block_sizes=block_sizes, page_offset=page_offset)
 
 
 def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
-                 block_sizes, interpret=False):
+                 block_sizes, interpret=False, page_offset: int = 0):
     """Validates and builds the kernel call (no device check: tests lower it on CPU, and run
     it with `interpret=True` in jax's GPU interpreter, patched by tests/mgpu_interpreter.py)."""
     window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
                                compiled=True)
     b, t, h, d = q_BxTxHxD.shape
-    num_pages, page_size, k_heads, _ = k_pool.shape
+    page_size, k_heads = k_pool.shape[1:3]
     bs = block_sizes or MosaicBlockSizes.for_append(head_dim=d, page_size=page_size)
     validate(q_BxTxHxD, page_size, bs)
     tile = _COMPUTE_WGS * bs.block_q
     t_pad = pl.cdiv(t, tile) * tile
     q = jnp.pad(q_BxTxHxD, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
     table = mc.table_for_blocks(page_table_BxP, window=window, block_k=bs.block_k,
-                                page_size=page_size, num_pages=num_pages)
+                                page_size=page_size)
     ops = mc.KernelOps(interpret)
     out, lse = plgpu.kernel(
         functools.partial(_entry, bs=bs, page_size=page_size, num_tokens=t, window=window,
@@ -325,5 +329,5 @@ def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **ops.kernel_params(),
-    )(lengths_B, table, q, k_pool, v_pool)
+    )(lengths_B, table, mc.page_offset_operand(page_offset), q, k_pool, v_pool)
     return out[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]

@@ -229,11 +229,11 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     # Shared part: all R x T queries folded into the rows of one batch row (row r's query
     # rows follow row r - 1's), float32 partials per split.
     shared_args = (q_RxTxHxD.reshape(1, r * t, h, d), shared_k_pool, shared_v_pool,
-                   shared_page_table_P[None] + shared_page_offset if mosaic
-                   else shared_page_table_P[None], jnp.reshape(shared_len, (1,)))
+                   shared_page_table_P[None], jnp.reshape(shared_len, (1,)))
     if mosaic:
         out_s, lse_s = dm.decode_partials_mgpu(*shared_args, window=shared_window,
-                                               block_sizes=bs.shared, causal=False)
+                                               block_sizes=bs.shared, causal=False,
+                                               page_offset=shared_page_offset)
     else:
         out_s, lse_s = aa.paged_flash_folded(
             *shared_args, window=shared_window, causal=False, block_sizes=bs.shared,

@@ -153,9 +153,9 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                                                       mgpu.MosaicDecodeBlockSizes):
             raise InputError(f"backend='mosaic_gpu' takes MosaicDecodeBlockSizes, got "
                              f"{block_sizes}")
-        return mgpu.decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool,
-                                          page_table_BxP + page_offset, lengths_B,
-                                          window=window, block_sizes=block_sizes)
+        return mgpu.decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP,
+                                          lengths_B, window=window, block_sizes=block_sizes,
+                                          page_offset=page_offset)
     if backend not in aa.PAGED_BACKENDS:
         raise InputError(f"backend={backend!r}; allowed for decode: {aa.PAGED_BACKENDS}")
     aa.check_backend(backend, interpret)

@@ -114,14 +114,14 @@ def split_plan(n, split, *, blocks_per_split: int, group: int, num_tokens: int, 
     return first, jnp.maximum(jnp.minimum(first + blocks_per_split, row_blocks) - first, 0)
 
 
-def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, bs,
+def _kernel(len_ref, pt_ref, off_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, bs,
             num_tokens, group, window, page_size, blocks_per_split, causal, num_wgs,
             ops: mc.KernelOps):
     """One (kv-head, split, row) program; refs are whole GMEM arrays.
 
-    len_ref [B]; pt_ref [B, P] (padded, clamped); q_ref [B, K, M, D] (folded rows, M = 64 x
-    num_wgs); k_ref, v_ref [num_pages, page_size, K, D]; out_ref [B, K, N, M, D] float32;
-    lse_ref [B, K, N, M] float32. Compute warpgroup w owns rows [64 w, 64 w + 64); the last
+    len_ref [B]; pt_ref [B, P] (padded); off_ref [1] page offset; q_ref [B, K, M, D] (folded
+    rows, M = 64 x num_wgs); k_ref, v_ref [num_pages, page_size, K, D]; out_ref [B, K, N, M, D]
+    float32; lse_ref [B, K, N, M] float32. Compute warpgroup w owns rows [64 w, 64 w + 64); the last
     warpgroup streams K/V for all of them, a slot freed once every compute warpgroup has
     consumed it.
     """
@@ -198,7 +198,7 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
     @pl.when(wg == num_wgs)
     def _memory():
         def fetch(i, slot, src_ref, dst_smem, barrier):
-            mc.fetch_block(pt_ref, row, first + i, src_ref, dst_smem.at[slot],
+            mc.fetch_block(pt_ref, off_ref, row, first + i, src_ref, dst_smem.at[slot],
                            barrier.at[slot], kv_head=kv_head, page_size=page_size,
                            pages_per_block=pages_per_block)
 
@@ -220,8 +220,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, b
         mc.drain_releases((k_free, v_free), steps, steps_in_flight)
 
 
-def _entry(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_size, num_wgs,
-           **static):
+def _entry(len_ref, pt_ref, off_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_size,
+           num_wgs, **static):
     head_dim, dtype = q_ref.shape[-1], q_ref.dtype
     slots = bs.max_concurrent_steps
     smem = (
@@ -236,15 +236,16 @@ def _entry(len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, bs, page_s
              plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=slots),
              plgpu.Barrier(num_barriers=num_wgs))
     free = (plgpu.Barrier(num_arrivals=num_wgs, num_barriers=slots),) * 2
-    kernel = functools.partial(_kernel, len_ref, pt_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                               bs=bs, page_size=page_size, num_wgs=num_wgs, **static)
+    kernel = functools.partial(_kernel, len_ref, pt_ref, off_ref, q_ref, k_ref, v_ref, out_ref,
+                               lse_ref, bs=bs, page_size=page_size, num_wgs=num_wgs, **static)
     pl.run_scoped(lambda *scoped: kernel(scoped), smem, ready, free, collective_axes="wg")
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes"))
 def decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                           window: int | None = None,
-                          block_sizes: MosaicDecodeBlockSizes | None = None):
+                          block_sizes: MosaicDecodeBlockSizes | None = None,
+                          page_offset: int = 0):
     """`decode_attention` (same arguments and results) on the Mosaic GPU backend; compiled.
 
     Args:
@@ -255,28 +256,29 @@ def decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
       lengths_B: int32 n_b, cells of row b in use before the T tokens (ragged).
       window: static S <= P * page_size (default P * page_size).
       block_sizes: tiles and splits; default `MosaicDecodeBlockSizes.for_decode`.
+      page_offset: static int >= 0 added to every table entry (a layer's first page).
 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32.
     """
     mc.check_device()
     return _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window,
-                        block_sizes=block_sizes)
+                        block_sizes=block_sizes, page_offset=page_offset)
 
 
 def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
-                 block_sizes, interpret=False):
+                 block_sizes, interpret=False, page_offset: int = 0):
     """Validates and builds the kernel call (no device check: tests lower it on CPU, and run
     it with `interpret=True` in jax's GPU interpreter, patched by tests/mgpu_interpreter.py)."""
     t, h = q_BxTxHxD.shape[1:3]
     out, lse = decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B,
                                     window=window, block_sizes=block_sizes, causal=True,
-                                    interpret=interpret)
+                                    interpret=interpret, page_offset=page_offset)
     return combine_splits(*aa.unfold_partials(out, lse, t, h), q_BxTxHxD.dtype)
 
 
 def decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
-                         block_sizes, causal: bool, interpret=False):
+                         block_sizes, causal: bool, interpret=False, page_offset: int = 0):
     """The kernel's per-split partials in the folded layout of
     `append_attention.paged_flash_folded` (no device check; callers check).
 
@@ -286,6 +288,8 @@ def decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *
       block_sizes: `MosaicDecodeBlockSizes`, default `for_decode` of the shape.
       causal: token t of row b sees cells [0, n_b + t + 1) (decode), else every query row
         sees [0, n_b) (the shared part of a cascade).
+      page_offset: static int >= 0 added to every table entry, in the kernel (an operand:
+        the layers of stacked cells share one kernel and no per-layer table).
 
     Returns:
       out [B, K, N, M, D] float32 (M = 64 or 128 folded rows, normalised per split), lse
@@ -294,7 +298,7 @@ def decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *
     window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
                                compiled=True)
     b, t, h, d = q_BxTxHxD.shape
-    num_pages, page_size, k_heads, _ = k_pool.shape
+    page_size, k_heads = k_pool.shape[1:3]
     group = h // k_heads
     mc.validate_operands(q_BxTxHxD, page_size)
     if t * group > MAX_ROWS:
@@ -310,7 +314,7 @@ def decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *
     if bs.num_splits < 1:
         raise InputError(f"num_splits={bs.num_splits} must be >= 1")
     table = mc.table_for_blocks(page_table_BxP, window=window, block_k=bs.block_k,
-                                page_size=page_size, num_pages=num_pages)
+                                page_size=page_size)
     blocks_per_split = pl.cdiv(pl.cdiv(window, bs.block_k), bs.num_splits)
     q = aa._fold_queries(q_BxTxHxD, k_heads, rows)
     n_split, num_wgs = bs.num_splits, rows // _ROWS
@@ -327,4 +331,4 @@ def decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **ops.kernel_params(),
-    )(lengths_B, table, q, k_pool, v_pool)
+    )(lengths_B, table, mc.page_offset_operand(page_offset), q, k_pool, v_pool)

@@ -44,25 +44,33 @@ def validate_tiles(bs, *, head_dim: int, itemsize: int, page_size: int, **smem_a
                          f"Hopper has {SMEM_LIMIT}")
 
 
-def fetch_block(pt_ref, row, step, src_ref, dst_smem, barrier, *, kv_head, page_size: int,
-                pages_per_block: int):
+def fetch_block(pt_ref, off_ref, row, step, src_ref, dst_smem, barrier, *, kv_head,
+                page_size: int, pages_per_block: int):
     """TMA-copies KV block `step` of `row` (its pages, via the page table) into `dst_smem`
-    [block_k, D]; every page's copy arrives on `barrier` (num_arrivals = pages_per_block)."""
+    [block_k, D]; every page's copy arrives on `barrier` (num_arrivals = pages_per_block).
+
+    A page is its table entry plus the page offset `off_ref` [1] (a layer's first page in
+    stacked cells: an operand, so the layers share one kernel), clamped into the pool (TMA
+    takes the page index as is)."""
+    last_page = src_ref.shape[0] - 1
     for p in range(pages_per_block):
-        page = pt_ref[row, step * pages_per_block + p]
+        page = jnp.clip(pt_ref[row, step * pages_per_block + p] + off_ref[0], 0, last_page)
         plgpu.copy_gmem_to_smem(src_ref.at[page, pl.ds(0, page_size), kv_head],
                                 dst_smem.at[pl.ds(p * page_size, page_size)], barrier)
 
 
-def table_for_blocks(page_table_BxP, *, window: int, block_k: int, page_size: int,
-                     num_pages: int):
-    """Widens the table to whole KV blocks and clamps every entry into the pool (TMA takes
-    the page index as is)."""
+def table_for_blocks(page_table_BxP, *, window: int, block_k: int, page_size: int):
+    """Widens the table to whole KV blocks (`fetch_block` clamps the entries)."""
     need_pages = pl.cdiv(window, block_k) * (block_k // page_size)
     table = page_table_BxP
     if table.shape[1] < need_pages:
         table = jnp.pad(table, ((0, 0), (0, need_pages - table.shape[1])))
-    return jnp.clip(table, 0, num_pages - 1)
+    return table
+
+
+def page_offset_operand(page_offset: int):
+    """The page offset as the kernels' [1] int32 operand."""
+    return jnp.full((1,), page_offset, jnp.int32)
 
 
 def check_device():

@@ -54,11 +54,13 @@ class MosaicCase:
     case: Case
     tiles: mg.MosaicBlockSizes | dm.MosaicDecodeBlockSizes | None = None
     kind: str = "append"
+    page_offset: int = 0  # the pool holds this many other pages first (stacked cells)
 
     def __str__(self):
         tiles = "default" if self.tiles is None else "-".join(
             f"{v}" for v in dataclasses.astuple(self.tiles))
-        return f"{self.kind}_{self.case}_{tiles}"
+        offset = f"_off{self.page_offset}" if self.page_offset else ""
+        return f"{self.kind}_{self.case}_{tiles}{offset}"
 
     @property
     def build(self):
@@ -79,13 +81,14 @@ class MosaicCase:
         return min(n if self.kind == "shared" else n + self.case.t, _window(self.case))
 
 
-def _shared_mgpu(q, k_pool, v_pool, table, lengths, *, window, block_sizes, interpret=False):
+def _shared_mgpu(q, k_pool, v_pool, table, lengths, *, window, block_sizes, interpret=False,
+                 page_offset=0):
     """The cascade's shared part on the Mosaic decode kernel (every row sees its n cells),
     its splits merged: comparable with the non-causal reference."""
     t, h = q.shape[1:3]
     out, lse = dm.decode_partials_mgpu(q, k_pool, v_pool, table, lengths, window=window,
                                        block_sizes=block_sizes, causal=False,
-                                       interpret=interpret)
+                                       interpret=interpret, page_offset=page_offset)
     return da.combine_splits(*aa.unfold_partials(out, lse, t, h), q.dtype)
 
 
@@ -329,20 +332,25 @@ def check_mosaic(mc: MosaicCase, seed: int = 0, *, interpret: bool = False):
     visible = [mc.visible(n) for n in case.lengths]
     clean, poisoned, table = _pools(rng, case, visible)
     garbage = [jnp.where(jnp.isnan(p), _GARBAGE, p).astype(p.dtype) for p in poisoned]
+    # Other pages first (as another layer's in stacked cells): the table plus the page
+    # offset addresses this pool's pages; reading one of the others would show.
+    garbage = [jnp.concatenate([jnp.full((mc.page_offset, *p.shape[1:]), _GARBAGE, p.dtype), p])
+               for p in garbage]
+    offset = dict(page_offset=mc.page_offset)
     q = _queries(rng, (len(case.lengths), case.t, case.h, case.d), case.dtype)
     fn, reference = mc.wrapper_and_reference
     if interpret:
         with mgpu_interpreter.patched():
             got = jax.block_until_ready(mc.build(q, *garbage, table, lengths,
                                                  window=case.window, block_sizes=mc.tiles,
-                                                 interpret=mgpu_interpreter.params()))
+                                                 interpret=mgpu_interpreter.params(), **offset))
             assert not mgpu_interpreter.races_found()
     elif fn is None:  # no public wrapper of its own (the shared part): the kernel call
-        got = jax.jit(functools.partial(mc.build, window=case.window, block_sizes=mc.tiles))(
-            q, *garbage, table, lengths)
+        got = jax.jit(functools.partial(mc.build, window=case.window, block_sizes=mc.tiles,
+                                        **offset))(q, *garbage, table, lengths)
     else:
         got = fn(q, *garbage, table, lengths, window=case.window, block_sizes=mc.tiles,
-                 interpret=False, backend="mosaic_gpu")
+                 interpret=False, backend="mosaic_gpu", **offset)
     want = _reference(reference, q, *clean, table, lengths, window=case.window)
     out_tol, lse_tol = TOLERANCE[case.dtype]
     assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
@@ -353,27 +361,28 @@ def check_mosaic(mc: MosaicCase, seed: int = 0, *, interpret: bool = False):
 
 # Small cases for the GPU interpreter (seconds each): warpgroups, TMA, barriers simulated.
 INTERPRET_CASES = [
-    # Two token tiles (T = 130 padded to 256), GQA 2, 4 pages per 64-cell block, ragged.
+    # Two token tiles (T = 130 padded to 256), GQA 2, 4 pages per 64-cell block, ragged;
+    # the pool behind 5 other pages (a page offset, as a layer of stacked cells).
     MosaicCase(Case(lengths=(5, 200), t=130, h=4, k=2, pages=24, d=64, dtype="bfloat16"),
-               mg.MosaicBlockSizes(64, 64, 2)),
+               mg.MosaicBlockSizes(64, 64, 2), page_offset=5),
     # GQA 1, float16, default tiles (one 128-cell block = 2 pages), a window that clamps.
     MosaicCase(Case(lengths=(150,), t=70, h=2, k=2, pages=4, d=64, page_size=64,
                     dtype="float16", window=200)),
     # GQA 4, D = 128, 3 slots, 8-cell pages (8 TMA copies per block).
     MosaicCase(Case(lengths=(300,), t=64, h=4, k=1, pages=48, d=128, page_size=8,
                     dtype="bfloat16"), mg.MosaicBlockSizes(64, 64, 3)),
-    # Decode: ragged, 2 splits of 64-cell blocks, 2 slots.
+    # Decode: ragged, 2 splits of 64-cell blocks, 2 slots, a page offset of 7.
     MosaicCase(Case(lengths=(5, 700), t=1, h=8, k=2, pages=48, d=64, dtype="bfloat16"),
-               dm.MosaicDecodeBlockSizes(64, 2, 2), "decode"),
+               dm.MosaicDecodeBlockSizes(64, 2, 2), "decode", page_offset=7),
     # Decode: T = 3 at GQA 8, an empty row (its later splits read nothing), 3 slots.
     MosaicCase(Case(lengths=(0, 90), t=3, h=8, k=1, pages=16, d=64, page_size=8,
                     dtype="bfloat16"), dm.MosaicDecodeBlockSizes(64, 3, 3), "decode"),
     # Decode: 128 folded rows (T = 16 at GQA 8): two compute warpgroups share the slots.
     MosaicCase(Case(lengths=(5, 300), t=16, h=8, k=1, pages=24, d=64, dtype="bfloat16"),
                dm.MosaicDecodeBlockSizes(64, 2, 2), "decode"),
-    # Shared part (non-causal) of 100 rows, an empty row, 3 slots.
+    # Shared part (non-causal) of 100 rows, an empty row, 3 slots, a page offset of 3.
     MosaicCase(Case(lengths=(0, 200), t=25, h=8, k=2, pages=16, d=64, dtype="bfloat16"),
-               dm.MosaicDecodeBlockSizes(64, 3, 2), "shared"),
+               dm.MosaicDecodeBlockSizes(64, 3, 2), "shared", page_offset=3),
     # Decode: GQA 1, D = 128, 128-cell pages, a window short of the table, one split.
     MosaicCase(Case(lengths=(300,), t=2, h=2, k=2, pages=4, d=128, page_size=128,
                     dtype="float16", window=350), dm.MosaicDecodeBlockSizes(128, 2, 1),
