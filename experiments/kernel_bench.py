@@ -320,12 +320,9 @@ def tuned_entries(results: dict) -> list[dict]:
 
 def tiles_of(entry: dict) -> "ca.BlockSizes | aa.BlockSizes":
     """A tuned entry's block_sizes as the tiles object of its kernel and backend."""
-    bs = entry["block_sizes"]
     if entry["kernel"] == "decode":
-        return aa.BlockSizes(**bs)
-    shared = (dm.MosaicDecodeBlockSizes if tuned.backend_of(entry) == "mosaic_gpu"
-              else aa.BlockSizes)(**bs["shared"])
-    return ca.BlockSizes(shared=shared, private=aa.BlockSizes(**bs["private"]))
+        return aa.BlockSizes(**entry["block_sizes"])
+    return ca.BlockSizes.from_dict(entry["block_sizes"], tuned.backend_of(entry))
 
 
 def check_cells_form(cfg, entry: dict, key) -> dict:

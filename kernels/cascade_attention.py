@@ -113,19 +113,25 @@ class BlockSizes:
                                and bs["private"]["num_splits"] == 1))
         if found is None:
             return None
-        tiles, private = found.block_sizes, aa.BlockSizes(**found.block_sizes["private"])
+        bs = cls.from_dict(found.block_sizes, found.backend)
+        if found.keep_splits:
+            return bs
         if found.backend == "mosaic_gpu":
-            shared = dm.MosaicDecodeBlockSizes(**tiles["shared"])
-            splits = dm.default_splits(batch=1, k_heads=k_heads, block_k=shared.block_k,
+            splits = dm.default_splits(batch=1, k_heads=k_heads, block_k=bs.shared.block_k,
                                        window=shared_window)
         else:
-            shared = aa.BlockSizes(**tiles["shared"])
             splits = da.default_splits(batch=1, rows=branches * tokens * group,
-                                       k_heads=k_heads, block_q=shared.block_q,
-                                       block_k=shared.block_k, window=shared_window)
-        if not found.keep_splits:
-            shared = dataclasses.replace(shared, num_splits=splits)
-        return cls(shared=shared, private=private)
+                                       k_heads=k_heads, block_q=bs.shared.block_q,
+                                       block_k=bs.shared.block_k, window=shared_window)
+        return dataclasses.replace(bs, shared=dataclasses.replace(bs.shared, num_splits=splits))
+
+    @classmethod
+    def from_dict(cls, block_sizes: dict, backend: str = "triton") -> "BlockSizes":
+        """Tiles as a tuned entry records them ({"shared": ..., "private": ...}, the shared
+        fields those of `backend`'s tiles)."""
+        shared = dm.MosaicDecodeBlockSizes if backend == "mosaic_gpu" else aa.BlockSizes
+        return cls(shared=shared(**block_sizes["shared"]),
+                   private=aa.BlockSizes(**block_sizes["private"]))
 
 
 def measured_backends(*, interpret: bool, rows: int, head_dim: int, itemsize: int,

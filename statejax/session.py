@@ -154,7 +154,8 @@ class Session:
                 f"{self.budget.cells} cells would overflow; free room: "
                 f"{self.budget.cells - self.length} tokens (overflow='error'; use "
                 f"overflow='slide' to drop the oldest data)")
-        before = (self._state, self._tokens, list(self._item_starts), self.evicted_tokens)
+        # The item-start list only grows before a step can fail (a slide replaces it after).
+        before = (self._state, self._tokens, len(self._item_starts), self.evicted_tokens)
         try:
             if self.length + ids.size > self.budget.cells:
                 return self._slide_and_append(ids)
@@ -164,14 +165,14 @@ class Session:
             self._restore(*before)
             raise
 
-    def _restore(self, state, tokens, item_starts, evicted_tokens):
+    def _restore(self, state, tokens, num_items, evicted_tokens):
         """Puts back what `append` found. A step that ran donated that state (its buffers are
         gone); the state it left holds the old cells and the new ones beyond, so the old
         length restores it (cells at or beyond a row's length are never read; `truncate`)."""
         if state is not self._state and state.k.is_deleted():
             state = self._state.replace(lengths=jnp.full((1,), tokens.size, jnp.int32))
-        self._state, self._tokens, self._item_starts = state, tokens, item_starts
-        self.evicted_tokens = evicted_tokens
+        self._state, self._tokens, self.evicted_tokens = state, tokens, evicted_tokens
+        del self._item_starts[num_items:]
 
     def truncate(self, n: int):
         """Keeps the first `n` cells (prefix_len <= n <= length) and drops the rest.
@@ -180,8 +181,7 @@ class Session:
         overwrites them, so this is equivalent to re-prefilling the first `n` tokens into
         fresh cells. The request-driven baselines (`statejax.baselines`) rewind with it.
         """
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not (
-                self.prefix_len <= n <= self.length):
+        if not _is_int(n) or not self.prefix_len <= n <= self.length:
             raise InputError(f"truncate(n={n!r}); allowed: an int in "
                              f"{self.prefix_len}..{self.length} (prefix_len..length)")
         self._state = self._state.replace(lengths=jnp.full((1,), n, jnp.int32))
@@ -309,8 +309,7 @@ class Session:
     def validate_max_new_tokens(self, max_new_tokens) -> int:
         """Checks 1 <= max_new_tokens <= min(256, budget.max_new_tokens)."""
         cap = min(256, self.budget.max_new_tokens)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens,
-                                                               (int, np.integer)):
+        if not _is_int(max_new_tokens):
             raise InputError(f"max_new_tokens={max_new_tokens!r}; allowed: an int in 1..{cap}")
         if not 1 <= max_new_tokens <= cap:
             raise InputError(f"max_new_tokens={max_new_tokens}; allowed: 1..{cap}")
