@@ -76,12 +76,39 @@ def _mask_vocab(logits_RxV, valid_vocab):
     return jnp.where(ids_V[None, :] < valid_vocab, logits_RxV, -jnp.inf)
 
 
+def _merge_picks(a, b):
+    """Combiner of `_pick`'s reduction: two (best, its id, second best, best sample score, its
+    id) summaries -> one; ties go to the lower id, as `argmax` and `lax.top_k` break them."""
+    (a1, a_id, a2, a_s, a_sid), (b1, b_id, b2, b_s, b_sid) = a, b
+    a_wins = (a1 > b1) | ((a1 == b1) & (a_id < b_id))
+    a_sample = (a_s > b_s) | ((a_s == b_s) & (a_sid < b_sid))
+    return (jnp.where(a_wins, a1, b1), jnp.where(a_wins, a_id, b_id),
+            jnp.where(a_wins, jnp.maximum(a2, b1), jnp.maximum(b2, a1)),
+            jnp.where(a_sample, a_s, b_s), jnp.where(a_sample, a_sid, b_sid))
+
+
 def _pick(logits_RxV, temperature, key):
-    """Greedy at temperature 0, else a sample; also the top-1 minus top-2 logit gap."""
-    top2 = jax.lax.top_k(logits_RxV, 2)[0]
-    sampled = jax.random.categorical(key, logits_RxV / jnp.maximum(temperature, 1e-6))
-    token = jnp.where(temperature > 0, sampled, jnp.argmax(logits_RxV, -1))
-    return token.astype(jnp.int32), top2[:, 0] - top2[:, 1]
+    """Greedy at temperature 0, else a sample; also the top-1 minus top-2 logit gap.
+
+    One variadic reduction over the vocabulary finds the argmax, the second-best logit and
+    the sample (`jax.random.categorical`'s Gumbel argmax, same draws): on a GPU one pass
+    spread over the card, where `argmax`, `lax.top_k` (one thread block per row) and the
+    sample's argmax were three (the first-token step for an H100: 9 kernels after the
+    logits -> 7, none of them one thread block over the whole vocabulary).
+
+    Returns:
+      (token [R] int32, gap [R] float32).
+    """
+    ids_RxV = jnp.broadcast_to(jnp.arange(logits_RxV.shape[1], dtype=jnp.int32),
+                               logits_RxV.shape)
+    scores_RxV = (jax.random.gumbel(key, logits_RxV.shape, logits_RxV.dtype)
+                  + logits_RxV / jnp.maximum(temperature, 1e-6))
+    neg_inf = jnp.array(-jnp.inf, logits_RxV.dtype)
+    no_id = jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32)
+    best, best_id, second, _, sampled = jax.lax.reduce(
+        (logits_RxV, ids_RxV, jnp.full_like(logits_RxV, -jnp.inf), scores_RxV, ids_RxV),
+        (neg_inf, no_id, neg_inf, neg_inf, no_id), _merge_picks, (1,))
+    return jnp.where(temperature > 0, sampled, best_id), best - second
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "window", "branch_cells", "max_new_cap",
@@ -103,7 +130,7 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
       max_new_R: int32 tokens to generate per branch, 0..max_new_cap (0: padding row).
       stop_token: int32 scalar; generation of a branch stops when it emits it.
       temperature: float32 scalar; 0 means greedy.
-      rng: PRNG key for sampling.
+      rng: PRNG key for sampling; generated token i draws with `fold_in(rng, i)`.
       valid_vocab: int32 scalar; only ids below it are generated (the tokenizer's vocabulary
         may be smaller than the model's embedding table).
       window: static S >= n.
@@ -124,8 +151,9 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     first_logits, view = model.apply({"params": params}, question_RxT, view.positions(t), view,
                                      question_len_R - 1)
     first_logits = _mask_vocab(first_logits, valid_vocab)
-    key, rng = jax.random.split(rng)
-    token, gap = _pick(first_logits, temperature, key)
+    # fold_in(rng, i) per token rather than a key split and carried along: in the generation
+    # loop XLA computes it inside the sample's kernel (one kernel fewer per token, H100 compile).
+    token, gap = _pick(first_logits, temperature, jax.random.fold_in(rng, 0))
 
     def record(i, token, gap, tokens, gaps, num, done):
         live = ~done
@@ -145,22 +173,21 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
         return Generation(tokens=tokens, num_tokens=num, gaps=gaps, first_logits=first_logits)
 
     def cond(carry):
-        i, _, _, _, _, done, _, _ = carry
+        i, _, _, _, _, done, _ = carry
         return (i < max_new_cap) & ~jnp.all(done)
 
     def body(carry):
-        i, token, tokens, gaps, num, done, view, rng = carry
+        i, token, tokens, gaps, num, done, view = carry
         step_view = view.replace(branch_lengths=question_len_R + i - 1,
                                  num_new=jnp.ones((r,), jnp.int32))
         logits, step_view = model.apply({"params": params}, token[:, None],
                                         step_view.positions(1), step_view,
                                         jnp.zeros((r,), jnp.int32))
         logits = _mask_vocab(logits, valid_vocab)
-        key, rng = jax.random.split(rng)
-        token, gap = _pick(logits, temperature, key)
+        token, gap = _pick(logits, temperature, jax.random.fold_in(rng, i))
         tokens, gaps, num, done = record(i, token, gap, tokens, gaps, num, done)
-        return i + 1, token, tokens, gaps, num, done, step_view, rng
+        return i + 1, token, tokens, gaps, num, done, step_view
 
-    carry = (jnp.int32(1), token, tokens, gaps, num, done, view, rng)
-    _, _, tokens, gaps, num, _, _, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), token, tokens, gaps, num, done, view)
+    _, _, tokens, gaps, num, _, _ = jax.lax.while_loop(cond, body, carry)
     return Generation(tokens=tokens, num_tokens=num, gaps=gaps, first_logits=first_logits)

@@ -131,6 +131,30 @@ def test_first_token_query_compiles_no_loop_and_answers_as_generation_does(tiny)
     assert session.query(question, 1).tokens[0] == session.query(question, 5).tokens[0]
 
 
+def test_pick_is_argmax_top2_gap_and_categorical_in_one_reduction():
+    """`steps._pick`'s one reduction gives what argmax, top_k and categorical give: ties to
+    the lower id, masked (-inf) ids never chosen, the same sample for the same key."""
+    logits = jax.random.normal(jax.random.key(3), (6, 1000), jnp.float32) * 3
+    logits = logits.at[1, 700].set(50.0).at[1, 20].set(50.0)  # a tie: id 20 wins
+    logits = logits.at[2, :].set(-jnp.inf).at[2, 999].set(1.0).at[2, 5].set(0.5)
+    logits = logits.at[3, 400:].set(-jnp.inf)  # a masked vocabulary tail
+    top2 = jax.lax.top_k(logits, 2)[0]
+    key = jax.random.key(11)
+    greedy, gap = steps._pick(logits, jnp.float32(0.0), key)
+    np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
+    np.testing.assert_array_equal(gap, top2[:, 0] - top2[:, 1])
+    assert int(greedy[1]) == 20 and float(gap[1]) == 0.0 and int(greedy[2]) == 999
+    for temperature in (0.7, 1.0, 3.0):
+        sampled, gap_t = steps._pick(logits, jnp.float32(temperature), key)
+        np.testing.assert_array_equal(
+            sampled, jax.random.categorical(key, logits / temperature))
+        np.testing.assert_array_equal(gap_t, gap)
+        assert int(sampled[3]) < 400
+    draws = [int(steps._pick(logits, jnp.float32(3.0), jax.random.key(s))[0][0])
+             for s in range(8)]
+    assert len(set(draws)) > 1  # a real sample, not the argmax
+
+
 def test_query_batch_equals_single_queries_and_stops_at_stop_token(tiny):
     cfg, params = tiny
     session = Session(params, cfg, _budget(), ByteTokenizer())
