@@ -105,6 +105,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (`statejax.kernels.tuned`: the kernels' defaults read them on this GPU model). "" = off;
     # experiments/gpu_session.sh passes kernels/tuned.
     c.tuned_dir = ""
+    # Backends whose entries this run records (() = all). A run that times one backend's grid
+    # in its own process records only that backend, so the other's default row in it does not
+    # replace the grid winner a process before it recorded (experiments/gpu_session.sh).
+    c.record_backends = ()
     c.mosaic = True  # time the Mosaic GPU variants too (compiled only: GPU variants)
     c.tune_decode_mosaic = ()
     c.tune_append_mosaic = ()

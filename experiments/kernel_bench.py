@@ -283,11 +283,11 @@ def tuning_work(cfg) -> list[tuple]:
     return work
 
 
-def tuned_entries(results: dict) -> list[dict]:
+def tuned_entries(results: dict, backends: tuple[str, ...] | None = None) -> list[dict]:
     """Per decode or cascade shape timed with more than one set of tiles: the fastest tiles
-    of each backend (Triton; for the cascade also the Mosaic GPU shared part) whose output
-    matched the reference, as `statejax.kernels.tuned` entries (with the time, the default
-    Triton tiles' time and where it was measured)."""
+    of each backend (Triton; for the cascade also the Mosaic GPU shared part; only those of
+    `backends` when given) whose output matched the reference, as `statejax.kernels.tuned`
+    entries (with the time, the default Triton tiles' time and where it was measured)."""
     by_shape = {}
     for row in results["rows"]:
         if row["kernel"] in ("decode", "cascade") and "tiles" in row and "ms" in row:
@@ -303,6 +303,8 @@ def tuned_entries(results: dict) -> list[dict]:
         shape = (dict(batch=b, rows=t * (h // k)) if kernel == "decode"
                  else dict(branches=b, tokens=t, group=h // k))
         for backend in tuned.BACKENDS[kernel]:
+            if backends is not None and backend not in backends:
+                continue
             candidates = [r for r in rows if r.get("backend", "triton") == backend
                           and r.get("matches", True)]
             if not candidates:
@@ -350,12 +352,15 @@ def check_cells_form(cfg, entry: dict, key) -> dict:
     return check_against_reference(got, want, dtype)
 
 
-def record_tuned(results: dict, directory: str, cfg=None) -> list[str]:
-    """Writes `tuned_entries` into `directory`'s table for this run's device model; with the
-    run's `cfg`, cascade entries only if `check_cells_form` matches (a failure is printed)."""
+def record_tuned(results: dict, directory: str, cfg=None,
+                 backends: tuple[str, ...] | None = None) -> list[str]:
+    """Writes `tuned_entries` (of `backends`, default all) into `directory`'s table for this
+    run's device model, each replacing the entry of its kernel, shape, window and backend;
+    with the run's `cfg`, cascade entries only if `check_cells_form` matches (a failure is
+    printed)."""
     kind = results["device"].split(": ", 1)[1]
     paths = []
-    for i, entry in enumerate(tuned_entries(results)):
+    for i, entry in enumerate(tuned_entries(results, backends)):
         if cfg is not None and entry["kernel"] == "cascade":
             try:
                 checked = check_cells_form(cfg, entry, jax.random.key(1000 + i))
@@ -558,7 +563,8 @@ def main(argv):
     results = run(cfg, _WORKDIR.value)
     paths = list(write_results(results, _WORKDIR.value).values())
     if cfg.get("tuned_dir"):
-        paths += sorted(set(record_tuned(results, cfg.tuned_dir, cfg)))
+        paths += sorted(set(record_tuned(results, cfg.tuned_dir, cfg,
+                                         tuple(cfg.record_backends) or None)))
     print(results_markdown(results))
     print(f"wrote {', '.join(paths)}")
 

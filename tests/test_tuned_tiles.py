@@ -314,6 +314,36 @@ def test_the_bench_records_each_backends_fastest_matching_tiles():
     assert entries[0]["shape"] == CASCADE
     mismatched = [r | {"matches": False} for r in results["rows"]]
     assert kernel_bench.tuned_entries(results | {"rows": mismatched}) == []
+    only = kernel_bench.tuned_entries(results, backends=("mosaic_gpu",))
+    assert [(e["backend"], e["ms"], e["default_ms"]) for e in only] == [("mosaic_gpu", 0.5, 0.9)]
+
+
+def test_a_second_process_records_only_its_backend(tmp_path):
+    """The session script times the Triton grid and the Mosaic shared part in two processes
+    into one table: the second, recording only "mosaic_gpu", keeps the first's Triton grid
+    winner although its own Triton default row is in its results."""
+    shape = dict(kernel="cascade", sessions=1, context=32768, t=32, heads=32, kv_heads=8,
+                 head_dim=64, window=32768, frac_copy=0.5)
+    private = _tiles(128, 32, 1, 4)
+    tiles = {"triton": lambda ms: {"shared": _tiles(num_splits=int(ms * 100)),  # noqa: E731
+                                   "private": private},
+             "mosaic_gpu": lambda ms: {"shared": dict(block_k=128, max_concurrent_steps=4,
+                                                      num_splits=int(ms * 100)),
+                                       "private": private}}
+    row = lambda ms, backend, blocks: shape | dict(  # noqa: E731
+        ms=ms, backend=backend, blocks=blocks, matches=True, tiles=tiles[backend](ms))
+    run = lambda rows: dict(dtype="bfloat16", timing="t", variant="gpu-query",  # noqa: E731
+                            device="gpu: H100", jax_version="0.11.2", date="today", rows=rows)
+    first = run([row(0.9, "triton", "default"), row(0.7, "triton", "grid")])
+    second = run([row(0.95, "triton", "default"), row(0.6, "mosaic_gpu", "mosaic_gpu default"),
+                  row(0.5, "mosaic_gpu", "grid")])
+    kernel_bench.record_tuned(first, str(tmp_path))
+    kernel_bench.record_tuned(second, str(tmp_path), backends=("mosaic_gpu",))
+    got = {(e["backend"], e["ms"]) for e in tuned.entries("H100", tmp_path)}
+    assert got == {("triton", 0.7), ("mosaic_gpu", 0.5)}
+    kernel_bench.record_tuned(second, str(tmp_path))  # all backends: its default replaces it
+    assert {(e["backend"], e["ms"]) for e in tuned.entries("H100", tmp_path)} == {
+        ("triton", 0.95), ("mosaic_gpu", 0.5)}
 
 
 def _cpu_cascade_results(cfg, ms_rows):
