@@ -24,7 +24,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/stream_latency", "Where results 
 def main(argv):
     del argv
     config = _CONFIG.value
-    results = latency.run_stream_latency(config)
+    # Written after each context too: a run cut short (a device call's limit) keeps its rows.
+    results = latency.run_stream_latency(
+        config, on_progress=lambda partial: latency.write_results(partial, _WORKDIR.value))
     if config.flash.enabled:
         results["flash"] = flash_study.run_flash_study(config.flash)
     paths = latency.write_results(results, _WORKDIR.value)

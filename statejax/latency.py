@@ -79,27 +79,35 @@ def model_summary(cfg) -> dict:
             "kv_bytes_per_token": cfg.kv_bytes_per_token}
 
 
-def run_stream_latency(config) -> dict:
+def run_stream_latency(config, on_progress=None) -> dict:
     """Runs the study described in the module docstring.
 
     Args:
       config: a ConfigDict from `configs/stream_latency.py`.
+      on_progress: called with the results so far (`complete` False) after each context
+        size, so a run cut short (a device call's time limit) keeps what it measured.
 
     Returns:
-      {"rows": one dict per context size, "device", "host_cpus", "jax_version", "model",
-       "date", "tokens_per_bar", "question_tokens", "runtime_s", "targets", "config"}.
-      Row keys: target_tokens, context_tokens (the last batch boundary <= target), bars, the
-      four `PATHS` latencies in ms, append_ms (one data batch), ingest_ms_per_bar,
+      {"rows": one dict per context size, "complete", "device", "host_cpus", "jax_version",
+       "model", "date", "tokens_per_bar", "question_tokens", "runtime_s", "targets",
+       "config"}. Row keys: target_tokens, context_tokens (the last batch boundary <= target),
+      bars, the four `PATHS` latencies in ms, append_ms (one data batch), ingest_ms_per_bar,
       prefix_cache_reused_tokens, same_first_token (the paths agree), flash_refresh_ms
       (idle-time re-evaluation of the flash query, off the critical path), flash_items_behind,
-      floor_ms (weights + K/V read once at the copy bandwidth measured in this run) and
-      stateful_over_floor; with `config.roofline.peer_json`, also hf_kept_cache_ms (the HF
-      peer's kept-cache query at the same target, read from its JSON) and hf_over_stateful.
+      floor_ms (weights + K/V read once at the copy bandwidth measured in this run, before the
+      contexts) and stateful_over_floor; with `config.roofline.peer_json`, also
+      hf_kept_cache_ms (the HF peer's kept-cache query at the same target, read from its
+      JSON) and hf_over_stateful.
     """
     start = time.perf_counter()
     cfg = preset(config.model, dtype=config.dtype)
+    rc = config.roofline
+    copy_bytes_per_s = roofline.copy_bandwidth(rc.copy_mib, warmup=config.warmup,
+                                               repeats=config.repeats)
+    peer = load_peer(rc.peer_json) if rc.peer_json else None
     params = init_params(cfg, seed=config.seed)
     budget, tokenizer = budget_from_config(config), ByteTokenizer()
+    question_tokens = int(tokenizer.encode(config.question).size)
     session = Session(params, cfg, budget, tokenizer, prefix=config.system_prompt,
                       impl=config.impl)
     # `baselines=False` (the GPU floor run) times only the stateful paths and the floor.
@@ -109,6 +117,29 @@ def run_stream_latency(config) -> dict:
     stream = StreamingSession(session)
     batches = _data_batches(tokenizer, config.bars_per_update, config.seed)
     rows, bars, data_tokens = [], 0, 0
+
+    def results(complete: bool) -> dict:
+        device = jax.devices()[0]
+        return {
+            "rows": list(rows),
+            "complete": complete,
+            "copy_bytes_per_s": copy_bytes_per_s,
+            "copy_mib": rc.copy_mib,
+            "peer": None if peer is None else {k: v for k, v in peer.items() if k != "rows"},
+            "device": f"{device.device_kind} ({device.platform})",
+            "host_cpus": os.cpu_count(),
+            "jax_version": jax.__version__,
+            "model": model_summary(cfg),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "tokens_per_bar": data_tokens / bars,
+            "question_tokens": question_tokens,
+            "runtime_s": time.perf_counter() - start,
+            "targets": check_targets(rows, floor_bound=rc.floor_bound,
+                                     peer_bound=rc.peer_bound),
+            "tuned_tiles": tuned_tiles(config.impl),
+            "config": config.to_dict(),
+        }
+
     try:
         stream.register(config.question, config.flash_max_new_tokens)
         pending = next(batches)
@@ -128,41 +159,24 @@ def run_stream_latency(config) -> dict:
                 row = _measure_paths(config, session, *engines, last)
             # Leaving the pause lets the worker re-evaluate the flash query (idle-time work).
             row.update(_measure_flash(config, stream))
-            rows.append({"target_tokens": int(target), "bars": bars, **row})
+            rows.append(_with_floor_and_peer({"target_tokens": int(target), "bars": bars, **row},
+                                             cfg, question_tokens, copy_bytes_per_s, peer))
+            if on_progress is not None and len(rows) < len(config.context_sizes):
+                on_progress(results(complete=False))
     finally:
         stream.close()
-    question_tokens = int(tokenizer.encode(config.question).size)
-    rc = config.roofline
-    copy_bytes_per_s = roofline.copy_bandwidth(rc.copy_mib, warmup=config.warmup,
-                                               repeats=config.repeats)
-    for row in rows:
-        row["floor_ms"] = roofline.query_floor_ms(cfg, row["context_tokens"], question_tokens,
-                                                  copy_bytes_per_s)
-        row["stateful_over_floor"] = row["stateful_query_ms"] / row["floor_ms"]
-    peer = load_peer(rc.peer_json) if rc.peer_json else None
-    if peer is not None:
-        for row in rows:
-            if row["target_tokens"] in peer["rows"]:
-                row["hf_kept_cache_ms"] = peer["rows"][row["target_tokens"]]
-                row["hf_over_stateful"] = row["hf_kept_cache_ms"] / row["stateful_query_ms"]
-    device = jax.devices()[0]
-    return {
-        "rows": rows,
-        "copy_bytes_per_s": copy_bytes_per_s,
-        "copy_mib": rc.copy_mib,
-        "peer": None if peer is None else {k: v for k, v in peer.items() if k != "rows"},
-        "device": f"{device.device_kind} ({device.platform})",
-        "host_cpus": os.cpu_count(),
-        "jax_version": jax.__version__,
-        "model": model_summary(cfg),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "tokens_per_bar": data_tokens / bars,
-        "question_tokens": question_tokens,
-        "runtime_s": time.perf_counter() - start,
-        "targets": check_targets(rows, floor_bound=rc.floor_bound, peer_bound=rc.peer_bound),
-        "tuned_tiles": tuned_tiles(config.impl),
-        "config": config.to_dict(),
-    }
+    return results(complete=True)
+
+
+def _with_floor_and_peer(row, cfg, question_tokens, copy_bytes_per_s, peer) -> dict:
+    """`row` with its floor (and the peer's time at its target, if measured) added."""
+    row["floor_ms"] = roofline.query_floor_ms(cfg, row["context_tokens"], question_tokens,
+                                              copy_bytes_per_s)
+    row["stateful_over_floor"] = row["stateful_query_ms"] / row["floor_ms"]
+    if peer is not None and row["target_tokens"] in peer["rows"]:
+        row["hf_kept_cache_ms"] = peer["rows"][row["target_tokens"]]
+        row["hf_over_stateful"] = row["hf_kept_cache_ms"] / row["stateful_query_ms"]
+    return row
 
 
 def tuned_tiles(impl: str) -> list[dict]:
@@ -294,6 +308,10 @@ def results_markdown(results: dict) -> str:
         f"run took {results['runtime_s']:.0f} s",
         "",
     ]
+    if not results.get("complete", True):  # written after each context: the run went on
+        lines[-1:-1] = [f"- **partial**: {len(results['rows'])} of "
+                        f"{len(results['config']['context_sizes'])} context sizes (the run "
+                        "did not finish; targets over these rows)"]
     floor = "copy_bytes_per_s" in results  # absent in results written before the floor
     if floor:
         lines[-1:-1] = [

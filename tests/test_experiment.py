@@ -86,7 +86,14 @@ def test_floor_run_skips_the_baselines(tmp_path):
     config.impl = "pallas"  # as :gpu-floor (interpret mode here)
     config.flash_max_new_tokens = 1  # as :gpu-floor: the flash refresh is a first-token step
     config.context_sizes = (64, 128)
-    results = latency.run_stream_latency(config)
+    partials = []  # what a run cut short after its first context would have written
+    results = latency.run_stream_latency(
+        config, on_progress=lambda p: partials.append((p, latency.write_results(p, tmp_path))))
+    ((partial, partial_paths),) = partials
+    assert not partial["complete"] and results["complete"]
+    assert partial["rows"] == results["rows"][:1]
+    assert partial["copy_bytes_per_s"] == results["copy_bytes_per_s"]
+    assert "**partial**: 1 of 2 context sizes" in pathlib.Path(partial_paths["md"]).read_text()
     for row in results["rows"]:
         assert "stateless_query_ms" not in row and "prefix_cache_query_ms" not in row
         assert row["stateful_query_ms"] > 0 and row["flash_hit_ms"] > 0
@@ -95,7 +102,7 @@ def test_floor_run_skips_the_baselines(tmp_path):
     assert [t["name"] for t in results["targets"]] == ["stateful largest / smallest"]
     paths = latency.write_results(results, str(tmp_path))
     md = pathlib.Path(paths["md"]).read_text()
-    assert "| – | – |" in md and "stateless largest" not in md
+    assert "| – | – |" in md and "stateless largest" not in md and "partial" not in md
     # Which tiles the kernels ran: none measured here (interpret mode reads no table).
     assert results["tuned_tiles"] == []
     assert "attention impl `pallas` (kernel tiles: the shape rules)" in md
