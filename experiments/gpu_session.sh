@@ -3,15 +3,16 @@
 # own timeout so a hang or a slow part costs only its slot (a session has 15 minutes of device
 # time in all, machine start included). Parts and their caps (seconds, env overrides):
 #   stream   the HF peer, then the stateful query with Pallas kernels vs its floor
-#            (configs/stream_latency.py:gpu-floor; STREAM_FLAGS adds flags)      STREAM_S=300
+#            (configs/stream_latency.py:gpu-floor; STREAM_FLAGS adds flags)      STREAM_S=260
 #   tests    compiled-GPU tests: kernels (Triton), the model on the kernels      TESTS_S=150
 #   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=180
 #   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
 #   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=150
 #            grid; records the fastest tiles in kernels/tuned/ for the parts after it;
-#            then its Mosaic GPU shared part in a process of its own    QUERY_MOSAIC_S=75
-#   profile  step profile: the query step (and its kernels, profiler trace), a   PROFILE_S=180
-#            decode token, projections / MLP / logits vs their floor
+#            then its Mosaic GPU shared part in a process of its own    QUERY_MOSAIC_S=60
+#   profile  step profile: the query step (and its kernels, profiler trace),     PROFILE_S=60
+#            Session.query, a decode token, projections / MLP / logits vs their floor;
+#            rows written as they come, so 60 s (the first call) keeps the first three
 #            (again with PROFILE_XLA_FLAGS added to XLA_FLAGS, when set: an A/B in one call)
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
 # Measured on an H100 (2026-11-27): stream with 2 contexts took 240 s (compiles and the flash
@@ -22,7 +23,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/statejax_gpu_session}
 WORK=${WORK:-/tmp/statejax_gpu_session_work}
-PARTS=${PARTS:-query stream}  # the first call of the plan in docs/gpu.md (<= 600 s)
+# The first call of the plan in docs/gpu.md: caps 210 + 60 + 260 s, ~550 s with the setup.
+PARTS=${PARTS:-query profile stream}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -59,7 +61,7 @@ stream_study() {
 # those entries are dropped (the pack keeps the full table from part query) and the study runs
 # again on Triton in the cap's remaining time.
 run_stream() {
-  local cap=${STREAM_S:-300} start=$SECONDS tuned=${TUNED_DIR:-kernels/tuned}
+  local cap=${STREAM_S:-260} start=$SECONDS tuned=${TUNED_DIR:-kernels/tuned}
   timeout "$cap" bash -c 'OUT="$0" python3 .peer/hf_peer.py 2>&1 | tail -8' "$WORK" \
     > "$WORK/stream_latency.log" 2>&1
   stream_study $(( cap - (SECONDS - start) ))
@@ -122,8 +124,8 @@ run_query() {
   local config=${QUERY_CONFIG:-configs/kernel_bench.py:gpu-query}
   MARGIN=45 kernel_bench bench_query "${QUERY_S:-150}" "$config" --config.mosaic=False \
     --config.tuned_dir="$tuned"
-  if [ "${QUERY_MOSAIC_S:-75}" -gt 0 ]; then
-    MARGIN=30 kernel_bench bench_query_mosaic "${QUERY_MOSAIC_S:-75}" "$config" \
+  if [ "${QUERY_MOSAIC_S:-60}" -gt 0 ]; then
+    MARGIN=30 kernel_bench bench_query_mosaic "${QUERY_MOSAIC_S:-60}" "$config" \
       --config.tune_cascade='()' --config.tune_cascade_second='()' --config.tune_decode='()' \
       --config.tune_append='()' --config.decode='()' \
       --config.tuned_dir="$tuned" --config.record_backends='("mosaic_gpu",)'
@@ -133,7 +135,7 @@ run_query() {
 
 # step_profile NAME: the profile into $WORK/NAME (XLA_FLAGS as the caller sets them).
 step_profile() {
-  timeout "${PROFILE_S:-180}" python3 -m experiments.step_profile \
+  timeout "${PROFILE_S:-60}" python3 -m experiments.step_profile \
     --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/$1" \
     > "$WORK/$1.log" 2>&1
   echo "$1 exit: $?" | tee -a "$WORK/$1.log"
