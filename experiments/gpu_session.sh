@@ -127,7 +127,7 @@ run_query() {
   if [ "${QUERY_MOSAIC_S:-60}" -gt 0 ]; then
     MARGIN=30 kernel_bench bench_query_mosaic "${QUERY_MOSAIC_S:-60}" "$config" \
       --config.tune_cascade='()' --config.tune_cascade_second='()' --config.tune_decode='()' \
-      --config.tune_append='()' --config.decode='()' \
+      --config.tune_append='()' --config.decode='()' --config.cascade_targets='()' \
       --config.tuned_dir="$tuned" --config.record_backends='("mosaic_gpu",)'
   fi
   [ -d "$tuned" ] && cp -r "$tuned" "$WORK/tuned"

@@ -263,6 +263,17 @@ def bench_cascade(cfg, peaks, shape, key, block_sizes=None, backend="triton") ->
     return row
 
 
+def all_work(cfg) -> list[tuple]:
+    """(kind, shape, block sizes, backend) of every row, in order: each decode, append and
+    cascade shape (then `cascade_targets`) with default Triton tiles, the Mosaic GPU rows
+    (`mosaic_work`), the Triton grids (`tuning_work`)."""
+    cascade = cfg.cascade + cfg.get("cascade_targets", ())
+    return ([("decode", s, None, "triton") for s in cfg.decode]
+            + [("append", s, None, "triton") for s in cfg.append]
+            + [("cascade", s, None, "triton") for s in cascade]
+            + mosaic_work(cfg) + tuning_work(cfg))
+
+
 def tuning_work(cfg) -> list[tuple]:
     """(kind, shape, block sizes, backend) for the Triton tuning grids: `cfg.tune_decode` on
     `cfg.decode[0]`, `cfg.tune_append` on `cfg.append[0]` (the target shapes), then
@@ -436,11 +447,7 @@ def run(cfg, workdir: str | None = None) -> dict:
     results.update(measure_peaks(cfg))
     key = jax.random.key(0)
     deadline = time.monotonic() + cfg.get("time_budget_s", float("inf"))
-    work = ([("decode", s, None, "triton") for s in cfg.decode]
-            + [("append", s, None, "triton") for s in cfg.append]
-            + [("cascade", s, None, "triton") for s in cfg.cascade] + mosaic_work(cfg)
-            + tuning_work(cfg))
-    for i, (kind, shape, block_sizes, backend) in enumerate(work):
+    for i, (kind, shape, block_sizes, backend) in enumerate(all_work(cfg)):
         if time.monotonic() > deadline:
             results["rows"].append(dict(kernel=kind, shape=list(shape),
                                         blocks=_blocks_label(block_sizes, backend),
