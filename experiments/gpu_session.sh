@@ -17,8 +17,9 @@
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
 # Measured on an H100 (2026-11-27): stream with 2 contexts took 240 s (compiles and the flash
 # refresh's first calls dominate), tests > 70 s, tune ~95 s, mosaic tests + rows ~75 s.
-# Everything is written under a work folder and packed after each part into $OUT/session.tgz
-# (a device call returns at most 8 files); the short tables are printed last.
+# Everything is written under a work folder and packed into $OUT/session.tgz after each part
+# and every PACK_EVERY s while one runs (a device call returns at most 8 files); the short
+# tables are printed last.
 # Run from the repo root with carry [".whl", ".peer"] (docs/gpu.md); CPU dry run: docs/gpu.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/statejax_gpu_session}
@@ -34,18 +35,27 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 # `kernels/` installs as `statejax.kernels`; offline, link it into the package for this run.
+linked=""
 if ! python3 -c "import statejax.kernels.append_attention" 2>/dev/null \
     && [ ! -e statejax/kernels ]; then
   ln -s ../kernels statejax/kernels
-  trap 'rm -f statejax/kernels' EXIT
+  linked=1
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv || echo "no nvidia-smi"; } | tee "$WORK/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, \
 jax.devices())" | tee "$WORK/env.txt"
 t0=$SECONDS
-pack() { echo "== $1: $((SECONDS - t0)) s" | tee -a "$WORK/parts.txt"
-         tar -czf "$OUT/session.tgz" -C "$WORK" . ; }
+# The archive is written aside and renamed into place, so a call cut off mid-write still
+# returns the previous one; a background packer refreshes it every PACK_EVERY s, so what a
+# part writes as it goes (the stream study's contexts, the profile's rows) comes back even if
+# the device call's own limit ends the script inside a part.
+archive() { local tmp="$OUT/.session.$BASHPID.tgz"
+            tar -czf "$tmp" -C "$WORK" . 2>/dev/null && mv -f "$tmp" "$OUT/session.tgz"; }
+pack() { echo "== $1: $((SECONDS - t0)) s" | tee -a "$WORK/parts.txt"; archive; }
+( while sleep "${PACK_EVERY:-20}"; do archive; done ) > /dev/null 2>&1 &
+packer=$!
+trap 'kill "$packer" 2>/dev/null; [ -n "$linked" ] && rm -f statejax/kernels' EXIT
 
 # stream_study CAP: the stateful study (the peer's JSON read if present), at most CAP s.
 stream_study() {
@@ -166,6 +176,7 @@ for part in $PARTS; do
     *) echo "unknown part $part; allowed: stream tests tune bench query profile mosaic" ;;
   esac
 done
+kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
 pack "done"
 
 # The reply carries the tail of stdout: the short results last.
