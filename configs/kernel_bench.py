@@ -57,7 +57,17 @@ def _query_grid(splits, private_block_q=(32, 128)):
     # warps; private block_q). The rule's shared tiles (128 x 128, 4 warps) compile for the
     # H100 to 255 registers with 232 bytes of spills; 8 warps or 64-row tiles to <= 211 with
     # none (ptxas -v, 2026-11-27, docs/results/kernel_registers_h100).
-    return tuple(itertools.product((64, 128), (64, 128), splits, (4, 8), private_block_q))
+    # Ordered most promising first, since the part's time budget may end the grid early: all
+    # 128 rows in one tile (the shared cells read once per kv-head), then 64-cell KV steps
+    # (no spills at either warp count), the middle split count, 8 warps, 32-row private tiles.
+    return tuple(itertools.product((128, 64), (64, 128), _middle_first(splits), (8, 4),
+                                   private_block_q))
+
+
+def _middle_first(values):
+    """The middle value, then the rest in order: (8, 16, 32) -> (16, 8, 32)."""
+    middle = values[len(values) // 2]
+    return (middle, *(v for v in values if v != middle))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
