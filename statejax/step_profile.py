@@ -115,7 +115,11 @@ def query_path(cfg, params, config):
     """
     page = 16
     cells = -(-(config.context + 2 * config.tokens) // page) * page
-    budget = Budget(cells=cells, page_size=page, chunk_sizes=(16, 32, 64, 256),
+    # The context goes in as one chunk: one append compile, not one per window it grows
+    # through (seconds each at the 1B shape, in a device slot of a minute).
+    whole = -(-config.context // page) * page
+    budget = Budget(cells=cells, page_size=page,
+                    chunk_sizes=tuple(sorted({16, 32, 64, 256, whole})),
                     question_cells=64, max_new_tokens=config.decode_tokens)
     session = Session(params, cfg, budget, ByteTokenizer(), impl=config.impl)
     rng = np.random.default_rng(0)
