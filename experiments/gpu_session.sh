@@ -50,10 +50,14 @@ t0=$SECONDS
 # returns the previous one; a background packer refreshes it every PACK_EVERY s, so what a
 # part writes as it goes (the stream study's contexts, the profile's rows) comes back even if
 # the device call's own limit ends the script inside a part.
+# (tar exits 1 when a file changed while it read it: the archive is still whole.)
 archive() { local tmp="$OUT/.session.$BASHPID.tgz"
-            tar -czf "$tmp" -C "$WORK" . 2>/dev/null && mv -f "$tmp" "$OUT/session.tgz"; }
+            tar -czf "$tmp" -C "$WORK" . 2>/dev/null
+            if [ $? -le 1 ]; then mv -f "$tmp" "$OUT/session.tgz"; else rm -f "$tmp"; fi; }
 pack() { echo "== $1: $((SECONDS - t0)) s" | tee -a "$WORK/parts.txt"; archive; }
-( while sleep "${PACK_EVERY:-20}"; do archive; done ) > /dev/null 2>&1 &
+# Sleeps in the background so that a TERM ends the packer at once (waiting, not archiving).
+( trap 'kill $! 2>/dev/null; exit 0' TERM
+  while :; do sleep "${PACK_EVERY:-20}" & wait $!; archive; done ) > /dev/null 2>&1 &
 packer=$!
 trap 'kill "$packer" 2>/dev/null; [ -n "$linked" ] && rm -f statejax/kernels' EXIT
 
@@ -72,6 +76,7 @@ stream_study() {
 # again on Triton in the cap's remaining time.
 run_stream() {
   local cap=${STREAM_S:-260} start=$SECONDS tuned=${TUNED_DIR:-kernels/tuned}
+  [ "$cap" -gt 0 ] || { echo "stream: STREAM_S=$cap, skipped"; return 0; }
   timeout "$cap" bash -c 'OUT="$0" python3 .peer/hf_peer.py 2>&1 | tail -8' "$WORK" \
     > "$WORK/stream_latency.log" 2>&1
   stream_study $(( cap - (SECONDS - start) ))
@@ -177,6 +182,7 @@ for part in $PARTS; do
   esac
 done
 kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
+rm -f "$OUT"/.session.*.tgz  # a refresh the packer's end cut short
 pack "done"
 
 # The reply carries the tail of stdout: the short results last.

@@ -27,7 +27,8 @@ def main(argv):
     # Written after each context too: a run cut short (a device call's limit) keeps its rows.
     results = latency.run_stream_latency(
         config, on_progress=lambda partial: latency.write_results(partial, _WORKDIR.value))
-    if config.flash.enabled:
+    if config.flash.enabled:  # the latency rows first: the flash study takes a while
+        latency.write_results(results, _WORKDIR.value)
         results["flash"] = flash_study.run_flash_study(config.flash)
     paths = latency.write_results(results, _WORKDIR.value)
     print(latency.results_markdown(results))

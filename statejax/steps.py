@@ -76,12 +76,20 @@ def _mask_vocab(logits_RxV, valid_vocab):
     return jnp.where(ids_V[None, :] < valid_vocab, logits_RxV, -jnp.inf)
 
 
+def _first_wins(a, a_id, b, b_id):
+    """Whether (a, a_id) ranks first: the larger value, NaN above all (as `argmax`), ties to
+    the lower id. A total order, so the reduction is the same whatever XLA's tree shape."""
+    a_nan, b_nan = jnp.isnan(a), jnp.isnan(b)
+    same = (a == b) | (a_nan & b_nan)
+    return (a_nan & ~b_nan) | (a > b) | (same & (a_id < b_id))
+
+
 def _merge_picks(a, b):
     """Combiner of `_pick`'s reduction: two (best, its id, second best, best sample score, its
     id) summaries -> one; ties go to the lower id, as `argmax` and `lax.top_k` break them."""
     (a1, a_id, a2, a_s, a_sid), (b1, b_id, b2, b_s, b_sid) = a, b
-    a_wins = (a1 > b1) | ((a1 == b1) & (a_id < b_id))
-    a_sample = (a_s > b_s) | ((a_s == b_s) & (a_sid < b_sid))
+    a_wins = _first_wins(a1, a_id, b1, b_id)
+    a_sample = _first_wins(a_s, a_sid, b_s, b_sid)
     return (jnp.where(a_wins, a1, b1), jnp.where(a_wins, a_id, b_id),
             jnp.where(a_wins, jnp.maximum(a2, b1), jnp.maximum(b2, a1)),
             jnp.where(a_sample, a_s, b_s), jnp.where(a_sample, a_sid, b_sid))
@@ -99,11 +107,12 @@ def _pick(logits_RxV, temperature, key):
     Returns:
       (token [R] int32, gap [R] float32).
     """
+    logits_RxV = logits_RxV.astype(jnp.float32)  # one dtype for the reduction's operands
     ids_RxV = jnp.broadcast_to(jnp.arange(logits_RxV.shape[1], dtype=jnp.int32),
                                logits_RxV.shape)
     scores_RxV = (jax.random.gumbel(key, logits_RxV.shape, logits_RxV.dtype)
                   + logits_RxV / jnp.maximum(temperature, 1e-6))
-    neg_inf = jnp.array(-jnp.inf, logits_RxV.dtype)
+    neg_inf = jnp.array(-jnp.inf, jnp.float32)
     no_id = jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32)
     best, best_id, second, _, sampled = jax.lax.reduce(
         (logits_RxV, ids_RxV, jnp.full_like(logits_RxV, -jnp.inf), scores_RxV, ids_RxV),
@@ -130,7 +139,9 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
       max_new_R: int32 tokens to generate per branch, 0..max_new_cap (0: padding row).
       stop_token: int32 scalar; generation of a branch stops when it emits it.
       temperature: float32 scalar; 0 means greedy.
-      rng: PRNG key for sampling; generated token i draws with `fold_in(rng, i)`.
+      rng: PRNG key for sampling; generated token i draws with `fold_in(fold_in(rng, 0), i)`
+        (the step's own sub-stream: a caller may fold other integers into a root key for
+        other calls, as `Session.query_batch` does per group of branches).
       valid_vocab: int32 scalar; only ids below it are generated (the tokenizer's vocabulary
         may be smaller than the model's embedding table).
       window: static S >= n.
@@ -151,9 +162,10 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     first_logits, view = model.apply({"params": params}, question_RxT, view.positions(t), view,
                                      question_len_R - 1)
     first_logits = _mask_vocab(first_logits, valid_vocab)
-    # fold_in(rng, i) per token rather than a key split and carried along: in the generation
-    # loop XLA computes it inside the sample's kernel (one kernel fewer per token, H100 compile).
-    token, gap = _pick(first_logits, temperature, jax.random.fold_in(rng, 0))
+    # fold_in per token rather than a key split and carried along: in the generation loop XLA
+    # computes it inside the sample's kernel (one kernel fewer per token, H100 compile).
+    token_rng = jax.random.fold_in(rng, 0)
+    token, gap = _pick(first_logits, temperature, jax.random.fold_in(token_rng, 0))
 
     def record(i, token, gap, tokens, gaps, num, done):
         live = ~done
@@ -184,7 +196,7 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
                                         step_view.positions(1), step_view,
                                         jnp.zeros((r,), jnp.int32))
         logits = _mask_vocab(logits, valid_vocab)
-        token, gap = _pick(logits, temperature, jax.random.fold_in(rng, i))
+        token, gap = _pick(logits, temperature, jax.random.fold_in(token_rng, i))
         tokens, gaps, num, done = record(i, token, gap, tokens, gaps, num, done)
         return i + 1, token, tokens, gaps, num, done, step_view
 

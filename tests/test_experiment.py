@@ -94,6 +94,7 @@ def test_floor_run_skips_the_baselines(tmp_path):
     assert partial["rows"] == results["rows"][:1]
     assert partial["copy_bytes_per_s"] == results["copy_bytes_per_s"]
     assert "**partial**: 1 of 2 context sizes" in pathlib.Path(partial_paths["md"]).read_text()
+    assert partial["targets"] == []  # no growth target from one context
     for row in results["rows"]:
         assert "stateless_query_ms" not in row and "prefix_cache_query_ms" not in row
         assert row["stateful_query_ms"] > 0 and row["flash_hit_ms"] > 0

@@ -153,6 +153,16 @@ def test_pick_is_argmax_top2_gap_and_categorical_in_one_reduction():
     draws = [int(steps._pick(logits, jnp.float32(3.0), jax.random.key(s))[0][0])
              for s in range(8)]
     assert len(set(draws)) > 1  # a real sample, not the argmax
+    # NaN ranks above all, as in argmax (an order, so any reduction tree agrees); an all-NaN
+    # row picks id 0, never the reduction's identity.
+    bad = logits.at[4, 77].set(jnp.nan).at[4, 900].set(jnp.nan).at[5, :].set(jnp.nan)
+    greedy_bad, _ = steps._pick(bad, jnp.float32(0.0), key)
+    np.testing.assert_array_equal(greedy_bad, jnp.argmax(bad, -1))
+    assert (int(greedy_bad[4]), int(greedy_bad[5])) == (77, 0)
+    # 16-bit logits with a float32 temperature (what Session passes).
+    half = logits.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(steps._pick(half, jnp.float32(0.0), key)[0],
+                                  jnp.argmax(half, -1))
 
 
 def test_query_batch_equals_single_queries_and_stops_at_stop_token(tiny):
