@@ -12,7 +12,8 @@
 #            then its Mosaic GPU shared part in a process of its own    QUERY_MOSAIC_S=60
 #   profile  step profile: the query step (and its kernels, profiler trace),     PROFILE_S=60
 #            Session.query, a decode token, projections / MLP / logits vs their floor;
-#            rows written as they come, so 60 s (the first call) keeps the first three
+#            rows written as they come: a 60 s slot (the first call) keeps those it reached,
+#            the query path's three first (not yet timed on a device)
 #            (again with PROFILE_XLA_FLAGS added to XLA_FLAGS, when set: an A/B in one call)
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
 # Measured on an H100 (2026-11-27): stream with 2 contexts took 240 s (compiles and the flash
@@ -77,8 +78,7 @@ stream_study() {
 run_stream() {
   local cap=${STREAM_S:-260} start=$SECONDS tuned=${TUNED_DIR:-kernels/tuned}
   [ "$cap" -gt 0 ] || { echo "stream: STREAM_S=$cap, skipped"; return 0; }
-  timeout "$cap" bash -c 'OUT="$0" python3 .peer/hf_peer.py 2>&1 | tail -8' "$WORK" \
-    > "$WORK/stream_latency.log" 2>&1
+  OUT="$WORK" timeout "$cap" python3 .peer/hf_peer.py 2>&1 | tail -8 > "$WORK/stream_latency.log"
   stream_study $(( cap - (SECONDS - start) ))
   local rc=$?
   echo "stream exit: $rc" | tee -a "$WORK/stream_latency.log"
