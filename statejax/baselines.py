@@ -62,7 +62,7 @@ class StatelessEngine(_RequestEngine):
     Args: as `Session` (`params`, `cfg`, `budget`, `tokenizer`, `stop_token`, `impl`).
     """
 
-    def query(self, context_ids, question, max_new_tokens: int = 32, *,
+    def query(self, context_ids, question, max_new_tokens: int | None = None, *,
               temperature: float = 0.0, seed: int = 0) -> Answer:
         """Prefills `context_ids` ([N] int32, N >= 1) from cell 0, then answers on a branch.
 
@@ -139,7 +139,7 @@ class PrefixCacheEngine(_RequestEngine):
         self.last_reused_tokens = reused
         return reused
 
-    def query(self, context_ids, question, max_new_tokens: int = 32, *,
+    def query(self, context_ids, question, max_new_tokens: int | None = None, *,
               temperature: float = 0.0, seed: int = 0) -> Answer:
         """Loads `context_ids` (reusing full pages of the previous prompt), answers on a branch.
 

@@ -29,10 +29,16 @@ from statejax.tokenizer import Tokenizer, check_fits_vocab, validate_token_ids
 
 @functools.lru_cache(maxsize=64)
 def _rng_key(seed: int) -> jax.Array:
-    """PRNG key of a query seed, made once per seed (making one is a device dispatch)."""
-    return jax.random.key(seed)
+    """PRNG key of a query seed (any int64), made once per seed (making one is a device
+    dispatch). Without x64, `jax.random.key` keeps only a seed's low 32 bits (2**32 would
+    sample as 0): the high 32 bits (two's complement) are folded in when nonzero, so seeds
+    in [0, 2**32) keep their keys and every other int64 gets its own."""
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    high = (seed >> 32) & 0xFFFFFFFF
+    return key if high == 0 else jax.random.fold_in(key, high)
 
 OVERFLOW_POLICIES = ("error", "slide")
+DEFAULT_MAX_NEW_TOKENS = 32  # a query's limit when none is given (capped by the budget)
 NO_STOP = -1  # a `stop_token` that never stops generation: every requested token is made
 
 
@@ -225,9 +231,12 @@ class Session:
 
     # ------------------------------------------------------------------ query plane
 
-    def query(self, question: str | np.ndarray, max_new_tokens: int = 32, *,
+    def query(self, question: str | np.ndarray, max_new_tokens: int | None = None, *,
               temperature: float = 0.0, seed: int = 0) -> Answer:
-        """Answers one question on a branch; the session's cells are left bit-identical."""
+        """Answers one question on a branch; the session's cells are left bit-identical.
+
+        `max_new_tokens`: 1..min(256, budget.max_new_tokens); None: 32, or the budget's cap
+        if smaller."""
         return self.query_batch([question], [max_new_tokens], temperature=temperature,
                                 seed=seed)[0]
 
@@ -237,7 +246,8 @@ class Session:
 
         Args:
           questions: R questions, text or token ids, each 1..question_cells tokens.
-          max_new_tokens: R ints in 1..min(256, budget.max_new_tokens).
+          max_new_tokens: R ints in 1..min(256, budget.max_new_tokens) (None: the default,
+            as in `query`).
           temperature: 0 for greedy, else sampling temperature.
           seed: sampling seed.
         """
@@ -300,15 +310,21 @@ class Session:
         return ids
 
     def validate_sampling(self, temperature, seed):
-        """Checks temperature (a finite real >= 0) and seed (an int64)."""
-        if not _is_real(temperature) or not np.isfinite(temperature) or temperature < 0:
-            raise InputError(f"temperature={temperature!r}; allowed: a finite number >= 0")
+        """Checks temperature (a real in [0, float32 max]: the step takes a float32) and seed
+        (an int64)."""
+        top = float(np.finfo(np.float32).max)
+        if not _is_real(temperature) or not 0 <= temperature <= top:
+            raise InputError(f"temperature={temperature!r}; allowed: a number in [0, {top:.4g}]"
+                             " (finite, float32)")
         if not _is_int(seed) or not -2**63 <= seed < 2**63:
             raise InputError(f"seed={seed!r}; allowed: an int in [-2**63, 2**63)")
 
     def validate_max_new_tokens(self, max_new_tokens) -> int:
-        """Checks 1 <= max_new_tokens <= min(256, budget.max_new_tokens)."""
+        """Checks 1 <= max_new_tokens <= min(256, budget.max_new_tokens); None means
+        `DEFAULT_MAX_NEW_TOKENS` or that cap if smaller (the user asked for no limit)."""
         cap = min(256, self.budget.max_new_tokens)
+        if max_new_tokens is None:
+            return min(DEFAULT_MAX_NEW_TOKENS, cap)
         if not _is_int(max_new_tokens):
             raise InputError(f"max_new_tokens={max_new_tokens!r}; allowed: an int in 1..{cap}")
         if not 1 <= max_new_tokens <= cap:
@@ -320,6 +336,9 @@ class Session:
             if not data and not allow_empty:
                 raise InputError("empty text; allowed: at least one character")
             ids = self.tokenizer.encode(data) if data else np.zeros((0,), np.int32)
+            if data and ids.size == 0 and not allow_empty:
+                raise InputError(f"text {data[:40]!r} encodes to no tokens with this "
+                                 "tokenizer; allowed: text of at least one token")
             return ids.astype(np.int32)
         if allow_empty and np.size(data) == 0:
             return np.zeros((0,), np.int32)

@@ -110,8 +110,11 @@ def _pick(logits_RxV, temperature, key):
     logits_RxV = logits_RxV.astype(jnp.float32)  # one dtype for the reduction's operands
     ids_RxV = jnp.broadcast_to(jnp.arange(logits_RxV.shape[1], dtype=jnp.int32),
                                logits_RxV.shape)
-    scores_RxV = (jax.random.gumbel(key, logits_RxV.shape, logits_RxV.dtype)
-                  + logits_RxV / jnp.maximum(temperature, 1e-6))
+    # Masked ids stay -inf at any temperature: XLA may divide by multiplying with 1/t, which
+    # flushes to 0 above ~8.5e37 (f32), and -inf * 0 would be a NaN that the pick ranks first.
+    scaled_RxV = jnp.where(logits_RxV == -jnp.inf, -jnp.inf,
+                           logits_RxV / jnp.maximum(temperature, 1e-6))
+    scores_RxV = jax.random.gumbel(key, logits_RxV.shape, logits_RxV.dtype) + scaled_RxV
     neg_inf = jnp.array(-jnp.inf, jnp.float32)
     no_id = jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32)
     best, best_id, second, _, sampled = jax.lax.reduce(

@@ -68,18 +68,35 @@ class _FifoLock:
         self._cv = threading.Condition(threading.Lock())
         self._next_ticket = 0
         self._serving = 0
+        self._abandoned = set()  # tickets whose waiter left (e.g. KeyboardInterrupt)
 
     def __enter__(self):
         with self._cv:
             ticket = self._next_ticket
             self._next_ticket += 1
-            while ticket != self._serving:
-                self._cv.wait()
+            try:
+                while ticket != self._serving:
+                    self._cv.wait()
+            except BaseException:
+                # An interrupted waiter gives its turn up; unserved, its ticket would block
+                # every later holder for good.
+                if ticket == self._serving:
+                    self._advance()
+                else:
+                    self._abandoned.add(ticket)
+                raise
 
     def __exit__(self, *exc):
         with self._cv:
+            self._advance()
+
+    def _advance(self):
+        """Serves the next ticket whose waiter is still there (caller holds `_cv`)."""
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.remove(self._serving)
             self._serving += 1
-            self._cv.notify_all()
+        self._cv.notify_all()
 
 
 class StreamingSession:
@@ -261,14 +278,14 @@ class StreamingSession:
 
     # ------------------------------------------------------------------ query plane
 
-    def query(self, question: str | np.ndarray, max_new_tokens: int = 32,
-              **kw) -> QueryResult:
+    def query(self, question: str | np.ndarray, max_new_tokens: int | None = None, *,
+              temperature: float = 0.0, seed: int = 0) -> QueryResult:
         """Answers a question from the cells as they are now (queued items are not awaited).
 
         Args:
           question: text or [Tq] token ids, 1..budget.question_cells tokens.
-          max_new_tokens: 1..min(256, budget.max_new_tokens).
-          **kw: `temperature`, `seed`, as for `Session.query`.
+          max_new_tokens: 1..min(256, budget.max_new_tokens); None: as `Session.query`.
+          temperature, seed: as for `Session.query`.
 
         Raises:
           InputError: bad question or limit. SessionClosedError: after `close`.
@@ -277,9 +294,10 @@ class StreamingSession:
         self._check_open("query")
         # Host-side checks before queueing for the device, so bad input fails fast.
         self._session.validate_question(question)
-        self._session.validate_max_new_tokens(max_new_tokens)
-        self._session.validate_sampling(kw.get("temperature", 0.0), kw.get("seed", 0))
-        (a,), seq = self._device_query([question], [max_new_tokens], **kw)
+        limit = self._session.validate_max_new_tokens(max_new_tokens)
+        self._session.validate_sampling(temperature, seed)
+        (a,), seq = self._device_query([question], [limit], temperature=temperature,
+                                       seed=seed)
         return QueryResult(text=a.text, tokens=a.tokens, first_gap=a.first_gap,
                            min_gap=a.min_gap, context_tokens=a.context_tokens, seq=seq,
                            latency_s=time.monotonic() - start)
@@ -300,12 +318,12 @@ class StreamingSession:
 
     # ------------------------------------------------------------------ flash queries
 
-    def register(self, question: str, max_new_tokens: int = 32) -> int:
+    def register(self, question: str, max_new_tokens: int | None = None) -> int:
         """Registers a flash query; it is evaluated at the next idle point, then after data.
 
         Args:
           question: text, 1..budget.question_cells tokens.
-          max_new_tokens: 1..min(256, budget.max_new_tokens).
+          max_new_tokens: 1..min(256, budget.max_new_tokens); None: as `Session.query`.
 
         Returns:
           flash id, an int >= 0.
@@ -362,7 +380,8 @@ class StreamingSession:
 
         Args:
           question_or_id: a flash id, or question text.
-          max_new_tokens: limit for a fresh query; default the registered one, else 32.
+          max_new_tokens: limit for a fresh query; default the registered one, else as
+            `Session.query`.
           refresh_if_stale: run a fresh query when the cached answer is items_behind > 0.
 
         Raises:
@@ -392,8 +411,8 @@ class StreamingSession:
                 items_behind=ingested - cached.seq, hit=True, flash_id=cached.flash_id,
                 latency_s=time.monotonic() - start)
         question = entry.question if entry else question_or_id
-        if max_new_tokens is None:
-            max_new_tokens = entry.max_new_tokens if entry else 32
+        if max_new_tokens is None and entry:
+            max_new_tokens = entry.max_new_tokens
         fresh = self.query(question, max_new_tokens)
         return FlashResult(
             text=fresh.text, tokens=fresh.tokens, first_gap=fresh.first_gap,

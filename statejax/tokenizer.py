@@ -127,7 +127,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """Text -> its UTF-8 bytes as int32 ids of shape [N]; adds no bos/eos."""
-        data = _check_text(text).encode("utf-8")
+        try:
+            data = _check_text(text).encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a bad decode upstream
+            raise InputError(f"text is not encodable as UTF-8: {e}") from e
         return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: Any) -> str:

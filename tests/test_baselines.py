@@ -122,7 +122,7 @@ _BAD_REQUESTS = {
                       r"question has 65 tokens; the branch room allows at most 64"),
     "no_new_tokens": (None, "q", 0, {}, InputError, r"max_new_tokens=0; allowed: 1\.\.8"),
     "negative_temperature": (None, "q", MAX_NEW, {"temperature": -1.0}, InputError,
-                             r"temperature=-1\.0; allowed: a finite number >= 0"),
+                             r"temperature=-1\.0; allowed: a number in \[0, 3\.403e\+38\]"),
     "text_seed": (None, "q", MAX_NEW, {"seed": "x"}, InputError, r"seed='x'; allowed: an int"),
 }
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from statejax import session as session_module
 from statejax import steps
 from statejax.budget import Budget
 from statejax.errors import CapacityError, InputError
@@ -163,6 +164,48 @@ def test_pick_is_argmax_top2_gap_and_categorical_in_one_reduction():
     half = logits.astype(jnp.bfloat16)
     np.testing.assert_array_equal(steps._pick(half, jnp.float32(0.0), key)[0],
                                   jnp.argmax(half, -1))
+    # Masked ids stay masked at the largest float32 temperatures (1/t flushes to 0 there:
+    # -inf * 0 was a NaN, which ranks first, so a masked id was drawn).
+    for temperature in (1e37, 9e37, 3.4e38):
+        for s in range(4):
+            sampled = steps._pick(logits, jnp.float32(temperature), jax.random.key(s))[0]
+            assert int(sampled[2]) in (5, 999) and int(sampled[3]) < 400
+
+
+def test_seeds_beyond_32_bits_sample_apart(tiny):
+    """Every int64 seed gets its own key (jax.random.key keeps only the low 32 bits without
+    x64); seeds below 2**32 keep the keys they always had."""
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer(), stop_token=NO_STOP)
+    session.append("1 2 3\n")
+
+    def sample(seed):
+        return session.query("ok?", 8, temperature=5.0, seed=seed).tokens.tolist()
+
+    for low in (0, 1):
+        assert sample(low) != sample(low + 2**32)
+    assert sample(-1) != sample(2**32 - 1)
+    assert len({tuple(sample(s)) for s in (2**40, -2**40, 2**63 - 1, -2**63)}) == 4
+    np.testing.assert_array_equal(jax.random.key_data(session_module._rng_key(7)),
+                                  jax.random.key_data(jax.random.key(7)))
+
+
+class _WordTokenizer(ByteTokenizer):
+    """Bytes, but whitespace encodes to nothing (as a word-level tokenizer's does)."""
+
+    def encode(self, text: str) -> np.ndarray:
+        return super().encode("".join(text.split()))
+
+
+def test_text_that_encodes_to_no_tokens_is_refused_and_session_unchanged(tiny):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), _WordTokenizer())
+    session.append("1 2 3")
+    snapshot = _snapshot(session)
+    for call in (lambda: session.append("   "), lambda: session.query(" \n ", 4)):
+        with pytest.raises(InputError, match="encodes to no tokens"):
+            call()
+        _assert_unchanged(session, snapshot)
 
 
 def test_query_batch_equals_single_queries_and_stops_at_stop_token(tiny):
@@ -363,7 +406,10 @@ def test_query_arguments_are_checked(tiny):
     snapshot = _snapshot(session)
     for kw, match in ((dict(temperature="0.5"), "temperature"), (dict(temperature=None),
                                                                    "temperature"),
-                      (dict(temperature=-1.0), "temperature"), (dict(seed=1.5), "seed"),
+                      (dict(temperature=-1.0), "temperature"),
+                      (dict(temperature=1e39), r"allowed: a number in \[0, 3\.403e\+38\]"),
+                      (dict(temperature=float("nan")), "temperature"),
+                      (dict(seed=1.5), "seed"),
                       (dict(seed="a"), "seed"), (dict(seed=2**70), "seed"),
                       (dict(seed=True), "seed")):
         with pytest.raises(InputError, match=match):
@@ -420,3 +466,18 @@ def test_bad_session_options_are_refused(tiny):
         Session(params, cfg, _budget(cells=256), ByteTokenizer(), prefix="p" * 300)
     with pytest.raises(InputError, match="vocabulary"):
         Session(params, preset("tiny", vocab_size=200), _budget(), ByteTokenizer())
+
+
+def test_default_limit_is_capped_by_the_budget(tiny):
+    """No max_new_tokens means 32 or the budget's cap if smaller (here 16): the user asked
+    for no limit, so none of theirs can be refused."""
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer(), stop_token=NO_STOP)
+    session.append("1 2 3\n")
+    answer = session.query("ok?")
+    assert answer.tokens.size == 16
+    np.testing.assert_array_equal(answer.tokens, session.query("ok?", 16).tokens)
+    assert session.validate_max_new_tokens(None) == 16
+    big = Session(params, cfg, Budget(cells=512, chunk_sizes=(16, 64), question_cells=32,
+                                      max_new_tokens=64), ByteTokenizer())
+    assert big.validate_max_new_tokens(None) == 32

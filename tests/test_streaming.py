@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 
+from statejax import streaming
 from statejax.budget import Budget
 from statejax.data.market import Bar, format_bar, synthetic_bars
 from statejax.errors import CapacityError, InputError, SessionClosedError
@@ -359,3 +360,62 @@ def test_flush_times_out_while_the_device_is_busy(make):
         assert s.ingested_seq == -1
     s.flush(TIMEOUT)
     assert s.ingested_seq == 0
+
+
+@pytest.mark.parametrize("served_when_interrupted", [False, True])
+def test_device_lock_survives_an_interrupted_waiter(served_when_interrupted):
+    """A waiter interrupted (Ctrl-C in a notebook during `query`) gives its turn up: later
+    holders still get the lock, in order, whether its turn had come or not."""
+    lock = streaming._FifoLock()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            holding.set()
+            release.wait(TIMEOUT)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(TIMEOUT)
+    real_wait = lock._cv.wait
+
+    def interrupted_wait(timeout=None):
+        if served_when_interrupted:  # the holder leaves, then the interrupt lands
+            release.set()
+            lock._cv.release()
+            holder.join(TIMEOUT)
+            lock._cv.acquire()
+        raise KeyboardInterrupt
+
+    lock._cv.wait = interrupted_wait
+    with pytest.raises(KeyboardInterrupt):
+        lock.__enter__()
+    lock._cv.wait = real_wait
+    order = []
+    later = [threading.Thread(target=lambda i=i: (lock.__enter__(), order.append(i),
+                                                  lock.__exit__(None, None, None)))
+             for i in range(2)]
+    later[0].start()
+    later[0].join(0.2)  # in the queue (or through, if the lock was free) before the second
+    later[1].start()
+    release.set()
+    for t in (holder, *later):
+        t.join(TIMEOUT)
+    assert order == [0, 1]
+    assert lock._serving == lock._next_ticket and not lock._abandoned
+
+
+def test_defaults_fit_a_small_budget_and_misspelled_options_fail_first(tiny):
+    cfg, params = tiny
+    budget = Budget(cells=256, windows=(256,), branch_rows=(1,), max_new_tokens=4)
+    s = StreamingSession(Session(params, cfg, budget, ByteTokenizer(), prefix=PREFIX))
+    try:
+        fid = s.register(QUESTION)  # the default limit: 4 here, not 32
+        assert s.registered()[0].max_new_tokens == 4
+        s.flush(TIMEOUT)
+        assert s.ask(fid).hit and s.query(QUESTION).text == s.ask(QUESTION).text
+        with pytest.raises(TypeError, match="temprature"):
+            s.query(QUESTION, temprature=0.5)
+        assert s._pending_queries == 0
+    finally:
+        s.close(timeout=TIMEOUT)

@@ -50,6 +50,8 @@ def test_byte_decode_rejects_out_of_range():
 def test_byte_encode_rejects_non_str():
     with pytest.raises(InputError, match="text must be a str; got bytes"):
         ByteTokenizer().encode(b"abc")
+    with pytest.raises(InputError, match="not encodable as UTF-8"):  # a lone surrogate
+        ByteTokenizer().encode("ok \ud800")
 
 
 def test_validate_token_ids_accepts_and_casts():
