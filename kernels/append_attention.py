@@ -58,6 +58,14 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
+def kv_block(cells: int, page_size: int) -> int:
+    """A KV step of about `cells` (a power of two) cells that gathers whole pages: the page
+    size times the most pages, a power of two of them, within `cells`; at least one page.
+    For a power-of-two page size that is max(page_size, cells)."""
+    pages = max(1, cells // page_size)
+    return page_size * (1 << (pages.bit_length() - 1))
+
+
 def triton_compiler_params(num_warps: int, num_stages: int):
     """Triton compiler params (named `TritonCompilerParams` before jax 0.7)."""
     cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
@@ -91,7 +99,7 @@ class BlockSizes:
         warps 1.49 ms (49% of the bf16 matmul rate), with 8 warps 2.15 ms.
         """
         block_q = min(128, max(16, _next_pow2(rows)))
-        block_k = max(page_size, 64 if head_dim >= 128 else 128)
+        block_k = kv_block(64 if head_dim >= 128 else 128, page_size)
         return cls(block_q=block_q, block_k=block_k, num_warps=4, num_stages=2)
 
 
@@ -151,9 +159,13 @@ def validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
     if lengths_B.shape != (b,) or lengths_B.dtype != jnp.int32:
         raise InputError(f"lengths must be int32 [B={b}], got "
                          f"{lengths_B.dtype}{list(lengths_B.shape)}")
-    if t < 1 or num_pages < 1:
-        raise InputError(f"need T >= 1 query tokens and >= 1 page, got T={t}, "
-                         f"num_pages={num_pages}")
+    sizes = dict(B=b, T=t, H=h, D=d, num_pages=num_pages, page_size=page_size,
+                 P=page_table_BxP.shape[1])
+    if min(sizes.values()) < 1:
+        raise InputError(f"every size must be >= 1, got {sizes}")
+    if window is not None and (not isinstance(window, int | np.integer)
+                               or isinstance(window, bool)):
+        raise InputError(f"window={window!r}; allowed: None or a static int")
     visible = page_table_BxP.shape[1] * page_size
     window = visible if window is None else int(window)
     if not 1 <= window <= visible:
@@ -542,6 +554,12 @@ def append_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int
       out_BxTxHxD, lse_BxTxH.
     """
     c = k_cells.shape[-3]
+    if block_sizes is None and backend == "triton":
+        # Tiles first, at the finest page size any tile fits (64-cell steps at D >= 128 need
+        # pages <= 64); then the cells are viewed as pages of one KV block.
+        b, t, h, d = q_BxTxHxD.shape
+        block_sizes = BlockSizes.for_append(rows=t * (h // k_cells.shape[-2]), head_dim=d,
+                                            page_size=cells_page_size(c, 16))
     page_size = cells_page_size(c, block_sizes.block_k if block_sizes else 128)
     k_pool, table, offset = cells_as_pool(k_cells, layer=layer, rows=None, window=window,
                                           page_size=page_size)

@@ -209,6 +209,9 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
             itemsize=shape["itemsize"], page_size=shape["shared_page_size"]))
         backend = ("mosaic_gpu" if isinstance(block_sizes.shared, dm.MosaicDecodeBlockSizes)
                    else "triton")
+    if backend not in tuned.SHARED_TILES:
+        raise InputError(f"backend={backend!r}; allowed for the cascade: "
+                         f"{(*tuned.SHARED_TILES, None)} (None: the measured choice)")
     mosaic = backend == "mosaic_gpu"
     if mosaic:
         mc.check_device()  # compiled only: raises where no Hopper GPU compiles it

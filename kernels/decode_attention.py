@@ -54,7 +54,7 @@ def default_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int,
         return measured
     block_q = min(64, max(16, aa._next_pow2(rows)))
     cells = min(128, max(16, _KV_BLOCK_BYTES // (head_dim * itemsize)))
-    block_k = max(page_size, 1 << (cells.bit_length() - 1))  # a power of two
+    block_k = aa.kv_block(1 << (cells.bit_length() - 1), page_size)
     return BlockSizes(block_q=block_q, block_k=block_k,
                       num_splits=default_splits(batch=batch, rows=rows, k_heads=k_heads,
                                                 block_q=block_q, block_k=block_k,

@@ -96,7 +96,21 @@ def _check_entry(entry, where: str) -> dict:
             sorted(p) != sorted(fields) for p, fields in parts):
         raise InputError(f"{where}: {kernel} block_sizes ({backend}) must be {layout}, got "
                          f"{bs}")
+    # Values too: a lookup takes log2 of the window and compares times and shapes.
+    ints = {"window": entry["window"], **{f"shape.{k}": v for k, v in entry["shape"].items()},
+            **{f"block_sizes.{k}": v for p, _ in parts for k, v in p.items()}}
+    bad = {k: v for k, v in ints.items() if not _is_positive_int(v)}
+    if bad:
+        raise InputError(f"{where}: tuned entry values must be positive ints, got {bad}")
+    ms = entry.get("ms")
+    if ms is not None and (not isinstance(ms, int | float) or isinstance(ms, bool)
+                           or not ms > 0):
+        raise InputError(f"{where}: tuned entry ms={ms!r}; allowed: a positive number or null")
     return entry
+
+
+def _is_positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
 @functools.cache

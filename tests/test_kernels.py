@@ -291,6 +291,22 @@ def test_bad_window_block_sizes_and_backend_raise():
     for bad in (-1, 1.5):
         with pytest.raises(InputError, match="page_offset must be a static int"):
             da.decode_attention(*args, interpret=True, page_offset=bad)
+    for bad in (31.9, True, "32"):  # not truncated to a window nobody asked for
+        for fn in (aa.append_attention, da.decode_attention):
+            with pytest.raises(InputError, match="allowed: None or a static int"):
+                fn(*args, window=bad, interpret=True)
+    q, k_pool, v_pool, table, lengths = args
+    for sized, match in (((q[:0], k_pool, v_pool, table[:0], lengths[:0]), "'B': 0"),
+                         ((q[:, :, :0], k_pool, v_pool, table, lengths), "'H': 0"),
+                         ((q, k_pool, v_pool, table[:, :0], lengths), "'P': 0")):
+        for fn in (aa.append_attention, da.decode_attention):
+            with pytest.raises(InputError, match=f"every size must be >= 1.*{match}"):
+                fn(*sized, interpret=True)
+    shared = (q[:1], k_pool, v_pool, table[0], jnp.int32(3), k_pool, v_pool, table[:1],
+              lengths[:1])
+    with pytest.raises(InputError, match=r"allowed for the cascade: \('triton', "
+                       r"'mosaic_gpu', None\)"):
+        ca.cascade_attention(*shared, interpret=True, backend="mosaic")
     if not GPU:
         with pytest.raises(InputError, match="need a GPU"):
             da.decode_attention(*args, interpret=False)
@@ -322,6 +338,46 @@ def test_default_block_sizes_follow_the_shape():
     odd = da.default_block_sizes(batch=8, rows=4, k_heads=8, head_dim=80, page_size=16,
                                  window=16384)
     assert odd.block_k == 64  # 102 cells rounded down to a power of two
+    # Pages of a size that is not a power of two (interpret mode takes them): whole pages,
+    # a power of two of them per KV step.
+    assert aa.BlockSizes.for_append(rows=64, head_dim=64, page_size=24).block_k == 96
+    assert aa.BlockSizes.for_append(rows=64, head_dim=64, page_size=200).block_k == 200
+    assert da.default_block_sizes(batch=1, rows=4, k_heads=2, head_dim=128, page_size=12,
+                                  window=480).block_k == 48
+
+
+def test_pages_of_any_size_run_on_default_tiles():
+    """A page size that is not a power of two runs in interpret mode on the default tiles
+    (they were page-size-blind: a 128-cell step is not whole 24-cell pages)."""
+    rng = np.random.default_rng(5)
+    q = _queries(rng, (2, 3, 4, 16), jnp.float32)
+    k_pool, v_pool = (_queries(rng, (12, 24, 2, 16), jnp.float32) for _ in range(2))
+    table = jnp.asarray([[0, 5, 2, 7, 9], [1, 3, 4, 6, 8]], jnp.int32)
+    lengths = jnp.asarray([40, 97], jnp.int32)
+    for fn, ref in ((aa.append_attention, aa.append_attention_reference),
+                    (da.decode_attention, da.decode_attention_reference)):
+        _assert_close(fn(q, k_pool, v_pool, table, lengths, interpret=True),
+                      ref(q, k_pool, v_pool, table, lengths), "float32")
+
+
+def test_cells_take_64_cell_steps_at_head_dim_128(monkeypatch):
+    """Over contiguous cells the append kernel runs its documented D >= 128 tiles (64-cell
+    KV steps, the H100 winner), not whatever a 128-cell page forces."""
+    seen = []
+    real = aa.append_attention
+
+    def spy(*args, block_sizes, **kwargs):
+        seen.append((args[1].shape[1], block_sizes))
+        return real(*args, block_sizes=block_sizes, **kwargs)
+
+    monkeypatch.setattr(aa, "append_attention", spy)
+    rng = np.random.default_rng(6)
+    k_cells, v_cells = (_queries(rng, (1, 256, 1, 128), jnp.float32) for _ in range(2))
+    q = _queries(rng, (1, 2, 2, 128), jnp.float32)
+    aa.append_attention_cells(q, k_cells, v_cells, jnp.asarray([70], jnp.int32), layer=None,
+                              window=256, interpret=True)
+    (page_size, bs), = seen
+    assert (page_size, bs.block_k) == (64, 64)
 
 
 # ---------------------------------------------------------------- larger cases for the GPU

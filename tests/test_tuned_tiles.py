@@ -100,6 +100,19 @@ def test_a_malformed_table_is_refused_with_its_path(table_dir):
     with pytest.raises(InputError, match=r"cascade block_sizes \(triton\) must be"):
         tuned.record(dict(kernel="cascade", shape=CASCADE, window=1024,
                           block_sizes=_tiles()), device_kind=H100)
+    # Values, not only keys: a lookup takes log2 of the window and compares shapes and times.
+    for bad, match in ((_decode(0), r"\{'window': 0\}"), (_decode("1024"), "'window': '1024'"),
+                       (_decode(1024, block_k="64"), "'block_sizes.block_k': '64'"),
+                       (_decode(1024) | {"shape": DECODE | {"rows": "128"}},
+                        "'shape.rows': '128'"),
+                       (_decode(1024) | {"ms": -1.0}, "ms=-1.0"),
+                       (_decode(1024) | {"ms": True}, "ms=True")):
+        with pytest.raises(InputError, match=match):
+            tuned.record(bad, device_kind=H100)
+    tuned.table_path(H100).write_text(json.dumps({"device_kind": H100,
+                                                  "entries": [_decode(-1024)]}))
+    with pytest.raises(InputError, match="NVIDIA_H100_80GB_HBM3.json.*positive ints"):
+        tuned.lookup("decode", DECODE, 1024, device_kind=H100)
 
 
 def _cascade(window, backend, ms, shared):
