@@ -528,9 +528,9 @@ def target_lines(results: dict) -> list[str]:
         return min(hits, key=lambda r: r["ms"], default=None)
 
     out = ["## Targets"]
-    dec = find("decode", sessions=8, context=16384, t=1, kv_heads=8, head_dim=128)
+    dec = find("decode", sessions=8, context=16384, t=1, heads=32, kv_heads=8, head_dim=128)
     if dec:
-        out.append(f"- decode 8 x 16k, K=8, D=128: {100 * dec['frac_copy']:.0f}% of copy "
+        out.append(f"- decode 8 x 16k, H=32, K=8, D=128: {100 * dec['frac_copy']:.0f}% of copy "
                    f"bandwidth (target >= 75%), blocks {dec.get('blocks', 'default')}")
     app_ = find("append", sessions=8, context=8192, t=512, heads=32, head_dim=128)
     if app_:

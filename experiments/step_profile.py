@@ -32,15 +32,24 @@ def _write(results: dict) -> str:
     return markdown
 
 
-def _row_done(results: dict):
-    """After each row: print it and rewrite the results (a timeout keeps what was measured)."""
-    print(json.dumps(results["rows"][-1]), flush=True)
-    _write(results)
+def _on_progress():
+    """After each row (and the kernel trace): print new rows and rewrite the results, so a
+    timeout keeps what was measured."""
+    printed = 0
+
+    def progress(results: dict):
+        nonlocal printed
+        for row in results["rows"][printed:]:
+            print(json.dumps(row), flush=True)
+        printed = len(results["rows"])
+        _write(results)
+
+    return progress
 
 
 def main(argv):
     del argv
-    print(_write(step_profile.run(_CONFIG.value, on_row=_row_done)))
+    print(_write(step_profile.run(_CONFIG.value, on_row=_on_progress())))
 
 
 if __name__ == "__main__":

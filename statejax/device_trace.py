@@ -78,14 +78,17 @@ def breakdown(events: list[KernelEvent], calls: int, top: int = 12) -> dict:
     """Per-call totals of `events` recorded over `calls` identical calls.
 
     Returns:
-      {"kernels": launches per call, "kernel_ms": summed durations per call, "span_ms": first
-       start to last end over the calls / calls, "by_kind": {kind: {"kernels", "ms"}},
+      {"kernels": launches per call, "kernel_ms": summed durations per call, "busy_ms": time
+       with at least one kernel running per call (kernels on several streams, or a CPU's ops
+       on several threads, overlap: the sum can exceed the step), "span_ms": first start to
+       last end over the calls / calls, "by_kind": {kind: {"kernels", "ms"}},
        "top": the `top` HLO ops by time, [{"op", "kind", "kernels", "ms", "us_each"}]}.
     """
     if calls < 1:
         raise ValueError(f"calls={calls}; allowed: >= 1")
     if not events:
-        return {"kernels": 0, "kernel_ms": 0.0, "span_ms": 0.0, "by_kind": {}, "top": []}
+        return {"kernels": 0, "kernel_ms": 0.0, "busy_ms": 0.0, "span_ms": 0.0, "by_kind": {},
+                "top": []}
     by_kind = {k: {"kernels": 0, "ms": 0.0} for k in KINDS}
     by_op = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
@@ -104,11 +107,22 @@ def breakdown(events: list[KernelEvent], calls: int, top: int = 12) -> dict:
     return {
         "kernels": len(events) / calls,
         "kernel_ms": sum(e.duration_ns for e in events) / 1e6 / calls,
+        "busy_ms": _busy_ns(events) / 1e6 / calls,
         "span_ms": (end - start) / 1e6 / calls,
         "by_kind": by_kind,
         "top": [{"op": op, "kind": k, "kernels": n / calls, "ms": ms / calls,
                  "us_each": 1e3 * ms / n} for (op, k), (n, ms) in ranked],
     }
+
+
+def _busy_ns(events: list[KernelEvent]) -> float:
+    """Time covered by at least one event: overlapping events count once."""
+    busy, covered_to = 0.0, -float("inf")
+    for start, end in sorted((e.start_ns, e.start_ns + e.duration_ns) for e in events):
+        if end > covered_to:
+            busy += end - max(start, covered_to)
+            covered_to = end
+    return busy
 
 
 def trace(fn, args, *, calls: int, logdir: str | None = None) -> jax.profiler.ProfileData:

@@ -94,8 +94,10 @@ def query_floor_ms(cfg: ModelConfig, context_tokens: int, new_tokens: int,
                    copy_bytes_per_s: float) -> float:
     """Memory floor of one step of `new_tokens` over `context_tokens` cached tokens, in ms.
 
-    Bytes that must move: every weight once, plus the K/V cells of the context and of the new
+    Bytes that must move: every weight once (`cfg.step_weight_bytes`: of an untied input
+    embedding only the new tokens' rows), plus the K/V cells of the context and of the new
     tokens once (`cfg.kv_bytes_per_token` each), at the measured copy bandwidth.
     """
-    nbytes = cfg.weight_bytes + (context_tokens + new_tokens) * cfg.kv_bytes_per_token
+    nbytes = (cfg.step_weight_bytes(new_tokens)
+              + (context_tokens + new_tokens) * cfg.kv_bytes_per_token)
     return 1e3 * nbytes / copy_bytes_per_s

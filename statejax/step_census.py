@@ -39,6 +39,7 @@ KINDS = ("gemm", "pallas", "fusion", "other")
 # Entry-computation instructions that launch nothing.
 _NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
               "after-all", "partition-id", "replica-id"}
+_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
 
 
 def _kind(line: str) -> str:
@@ -62,6 +63,9 @@ def kernel_kinds(hlo_text: str) -> dict[str, int]:
 def _kinds(computation: str) -> dict[str, int]:
     counts = collections.Counter()
     for line in computation.splitlines():
+        # Tuples of six or more elements print `/*index=5*/` comments: an `=` inside the
+        # result type (loops and calls of the generation step have such results).
+        line = _INDEX_COMMENT.sub("", line)
         op = re.match(r"\s*(?:ROOT )?\S+ = [^=]*?\s([a-z][\w-]*)\(", line)
         if op and op.group(1) not in _NO_LAUNCH:
             counts[_kind(line)] += 1
@@ -94,11 +98,23 @@ def large_copies(hlo_text: str, cfg) -> int:
 
 
 def generation_loop(hlo_text: str) -> str | None:
-    """The instructions of one turn of the entry computation's loop (the generation loop:
-    its condition and body), or None when the entry has no loop."""
-    loop = re.search(r" while\(.*?condition=%([\w.-]+), body=%([\w.-]+)", _entry(hlo_text))
-    if loop is None:
+    """The instructions of one turn of the step's own loop in the entry computation (the
+    generation loop: its condition and body), or None when the entry has no loop.
+
+    Of several entry loops, the step's own is the one its jitted function made (op_name
+    `jit(<step>)/while`): a loop of a nested jit, such as the rolled random-bits loop of
+    `jax.random` on a CPU, is not a turn."""
+    loops = [line for line in _entry(hlo_text).splitlines() if " while(" in line]
+    if not loops:
         return None
+    if len(loops) > 1:
+        own = [line for line in loops if re.search(r'op_name="jit\([^)/]*\)/while"', line)]
+        if len(own) != 1:
+            raise ValueError(f"{len(loops)} loops in the entry computation, {len(own)} of "
+                             "them the step's own (op_name jit(<step>)/while): which one is "
+                             "the generation loop is unclear")
+        loops = own
+    loop = re.search(r"condition=%([\w.-]+), body=%([\w.-]+)", loops[0])
     return "".join(_computation(hlo_text, name) for name in loop.groups())
 
 

@@ -58,6 +58,7 @@ def test_gpu_kernels_are_summed_per_call_by_kind_and_op():
     assert len(events) == 12  # the device plane only
     b = device_trace.breakdown(events, calls=2, top=3)
     assert b["kernels"] == 6 and b["kernel_ms"] == pytest.approx(0.085)
+    assert b["busy_ms"] == pytest.approx(0.085)  # one stream: nothing overlaps
     assert b["span_ms"] == pytest.approx(0.190 / 2)  # first start to last end, per call
     assert b["by_kind"] == {
         "pallas": {"kernels": 2, "ms": pytest.approx(0.020)},
@@ -78,6 +79,16 @@ def test_enclosing_events_do_not_count_twice():
     line = [ev(0, 100, "while"), ev(0, 40, "a"), ev(50, 30, "b"), ev(120, 5, "c")]
     assert [e.hlo_op for e in device_trace._leaves(line)] == ["a", "b", "c"]
     assert device_trace._leaves([]) == []
+
+
+def test_overlapping_kernels_are_busy_time_once():
+    """Ops on several threads (a CPU) or kernels on several streams overlap: their sum can
+    exceed the step; the busy time counts each instant once."""
+    ev = lambda start, dur: device_trace.KernelEvent("k", "op", start, dur)  # noqa: E731
+    events = [ev(0, 40_000), ev(10_000, 20_000), ev(35_000, 15_000), ev(70_000, 10_000)]
+    b = device_trace.breakdown(events, calls=1)
+    assert b["kernel_ms"] == pytest.approx(0.085)
+    assert b["busy_ms"] == pytest.approx(0.060)  # [0, 50) and [70, 80) us
 
 
 def test_a_cpu_trace_counts_the_ops_of_every_call():

@@ -53,6 +53,8 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
                             row["stateful_query_ms"] / row["floor_ms"])
     hf = {r["target_tokens"]: r.get("hf_kept_cache_ms") for r in saved["rows"]}
     assert hf == {64: 7.5, 128: None, 256: 30.0}
+    # The peer's own context (the target N) is recorded beside the session's, and shown.
+    assert [r.get("hf_context_tokens") for r in saved["rows"]] == [64, None, 256]
     targets = {t["name"]: t for t in saved["targets"]}
     assert math.isclose(targets["stateful / floor, worst context"]["value"],
                         max(r["stateful_over_floor"] for r in saved["rows"]))
@@ -66,6 +68,11 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
     assert saved["tokens_per_bar"] > 0 and saved["question_tokens"] == 32
     md = pathlib.Path(paths["md"]).read_text()
     assert "| stateful ms |" in md and "| HF / stateful |" in md
+    assert "30.0 @256 |" in md
+    lines = md.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| context tokens"))
+    header, rule = lines[at:at + 2]
+    assert header.count("|") == rule.count("|") and "|  |" not in header
     assert pathlib.Path(paths["png"]).stat().st_size > 0
 
     nb = nbformat.read(ROOT / "notebooks" / "latency_vs_context.ipynb", as_version=4)
@@ -138,4 +145,6 @@ def test_committed_results_still_render():
         md = latency.results_markdown(results)
         first = results["rows"][0]
         assert f"| {first['context_tokens']} | " in md
+        header = next(line for line in md.splitlines() if line.startswith("| context tokens"))
+        assert "|  |" not in header  # no empty column where there is no floor or peer
         assert ("stateful / floor" in md) == ("copy_bytes_per_s" in results)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from statejax import roofline
+from statejax.model.config import preset
 
 
 def _step(x_BxD, w_DxD):
@@ -55,3 +56,17 @@ def test_device_seconds_of_a_real_program_are_positive():
     assert 0 < per_call < 1.0
 
 
+
+
+def test_the_floor_reads_only_the_gathered_rows_of_an_untied_embedding():
+    """A step gathers T rows of an input embedding table; a tied table is read whole by the
+    logits anyway, an untied one is not (Llama-3.1-8B: 1.05 GB it need not move)."""
+    tied, untied = preset("llama-3.2-1b", dtype="bfloat16"), preset("llama-3.1-8b")
+    assert tied.step_weight_bytes(32) == tied.weight_bytes
+    row = untied.embed_dim * untied.jnp_dtype.itemsize
+    assert untied.step_weight_bytes(32) == untied.weight_bytes - (untied.vocab_size - 32) * row
+    assert untied.weight_bytes - untied.step_weight_bytes(32) > 1.0e9
+    assert untied.step_weight_bytes(10**6) == untied.weight_bytes  # every row gathered
+    floor = roofline.query_floor_ms(untied, 1000, 32, copy_bytes_per_s=1e12)
+    assert floor == pytest.approx(1e3 * (untied.step_weight_bytes(32)
+                                         + 1032 * untied.kv_bytes_per_token) / 1e12)

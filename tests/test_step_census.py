@@ -90,6 +90,31 @@ ENTRY %main (w: bf16[64,32]) -> bf16[64,32] {
 """
 
 
+def test_results_of_six_or_more_elements_are_counted():
+    """HLO prints `/*index=5*/` in tuples of six or more: such a loop is still a launch."""
+    wide = "(s32[], f32[2], f32[2], f32[2], f32[2], /*index=5*/f32[2])"
+    hlo = LOOP.replace("%loop = (s32[], bf16[64,32]{1,0}) while(",
+                       f"%loop = {wide} while(")
+    assert step_census.kernel_kinds(hlo)["total"] == 1
+    assert step_census.per_token_kernels(hlo) == 4
+
+
+def test_the_generation_loop_is_the_steps_own_loop():
+    """Of several entry loops (a CPU's rolled random-bits loop among them), the turn is the
+    loop the step's jit made; where that cannot be told, it raises, not guesses."""
+    rng = ('%rng = (s32[], bf16[64,32]{1,0}) while(%init), condition=%cond, body=%cond, '
+           'metadata={op_name="jit(query)/jit(_gumbel)/jit(_uniform)/while"}\n')
+    own = ('%loop = (s32[], bf16[64,32]{1,0}) while(%init), condition=%cond, body=%body, '
+           'metadata={op_name="jit(query)/while"}\n')
+    two = LOOP.replace("  %loop = (s32[], bf16[64,32]{1,0}) while(%init), condition=%cond, "
+                       "body=%body\n", "  " + rng + "  " + own)
+    assert step_census.kernel_kinds(two)["total"] == 2
+    assert step_census.per_token_kernels(two) == 4  # condition + body, not cond + cond (2)
+    unclear = two.replace('op_name="jit(query)/while"', 'op_name="jit(query)/jit(f)/while"')
+    with pytest.raises(ValueError, match="2 loops in the entry computation, 0 of them"):
+        step_census.per_token_kernels(unclear)
+
+
 def test_per_token_counts_one_turn_of_the_generation_loop():
     # Condition (1) + body (3 fusions); the loop itself is one "other" of the entry.
     assert step_census.kernel_kinds(LOOP)["total"] == 1

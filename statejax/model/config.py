@@ -94,6 +94,15 @@ class ModelConfig:
     def weight_bytes(self) -> int:
         return self.num_params * self.jnp_dtype.itemsize
 
+    def step_weight_bytes(self, tokens: int) -> int:
+        """Weight bytes a step of `tokens` new tokens must read: every weight once, except
+        that an untied input embedding table is only gathered (`tokens` rows of it); a tied
+        one is read whole by the next-token logits anyway."""
+        if self.tie_embeddings:
+            return self.weight_bytes
+        unread_rows = self.vocab_size - min(tokens, self.vocab_size)
+        return self.weight_bytes - unread_rows * self.embed_dim * self.jnp_dtype.itemsize
+
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
