@@ -265,6 +265,17 @@ def test_corrupt_safetensors_header_is_refused(ckpt_dir):
         load_hf_checkpoint(ckpt_dir)
 
 
+def test_a_header_dtype_that_is_not_a_name_is_refused(ckpt_dir):
+    weights = ckpt_dir / "model.safetensors"
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + size].replace(b'"dtype":"F32"', b'"dtype":["F32"]', 1)
+    assert header != data[8:8 + size]
+    weights.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size:])
+    with pytest.raises(InputError, match=r"dtype \['F32'\]; allowed"):
+        load_hf_checkpoint(ckpt_dir)
+
+
 def test_missing_tensor_is_listed(ckpt_dir):
     weights = ckpt_dir / "model.safetensors"
     tensors = safetensors_numpy.load_file(weights)
@@ -391,6 +402,15 @@ def test_real_configs_map_to_presets(config_json, name):
     assert cfg == preset(name)
 
 
+def test_the_default_dtype_is_the_configs_as_transformers_auto_reads_it():
+    base = {k: v for k, v in LLAMA_32_1B.items() if k != "torch_dtype"}
+    assert config_from_hf(base).dtype == "float32"  # neither key
+    assert config_from_hf({**base, "dtype": None, "torch_dtype": "bfloat16"}).dtype == (
+        "bfloat16")  # a null transformers-5 key is absent, not float32
+    assert config_from_hf({**base, "dtype": "float16"}).dtype == "float32"
+    assert config_from_hf({**base, "dtype": "float32"}, dtype="bfloat16").dtype == "bfloat16"
+
+
 def test_transformers5_rope_parameters():
     config = {k: v for k, v in LLAMA_32_1B.items() if k not in ("rope_theta", "rope_scaling")}
     config["rope_parameters"] = {**LLAMA_32_1B["rope_scaling"], "rope_theta": 500000.0}
@@ -406,6 +426,7 @@ def test_transformers5_rope_parameters():
     ({"hidden_size": None}, r"lacks 'hidden_size'"),
     ({"architectures": ["MistralForCausalLM", "LlamaForCausalLM"]}, r"exactly one of"),
     ({"torch_dtype": "int8"}, r"dtype 'int8'; allowed"),
+    ({"torch_dtype": ["bfloat16"]}, r"dtype \['bfloat16'\]; allowed"),
 ])
 def test_unsupported_config_values_are_refused(change, message):
     with pytest.raises(InputError, match=message):

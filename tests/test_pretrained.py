@@ -70,3 +70,20 @@ def test_load_refuses_an_unknown_format(default, tmp_path):
     (folder / "model.json").write_text(json.dumps({**meta, "format": 3}))
     with pytest.raises(InputError, match="format 3; allowed: 1, 2"):
         pretrained.load(folder)
+
+
+def test_a_broken_folder_is_refused_clearly_and_info_round_trips(default, tmp_path):
+    cfg, params, _, info = default
+    folder = pretrained.save(tmp_path / "m", params, cfg, info)
+    assert pretrained.load(folder)[3] == info  # load -> save -> load keeps info
+    with pytest.raises(InputError, match=r"info may not set \['model'\]"):
+        pretrained.save(tmp_path / "x", params, cfg, {**info, "model": {}})
+    meta = json.loads((folder / "model.json").read_text())
+    for broken, match in (("{not json", "is not JSON"),
+                          (json.dumps({k: v for k, v in meta.items() if k != "model"}),
+                           'lacks a "model" object'),
+                          (json.dumps({**meta, "model": {**meta["model"], "mlp_dim": 96}}),
+                           "does not hold the parameters of the config")):
+        (folder / "model.json").write_text(broken)
+        with pytest.raises(InputError, match=match):
+            pretrained.load(folder)

@@ -1,6 +1,7 @@
 """Training: exact ground truth, packed sequences in serving form, learning, exact resume."""
 
 import dataclasses
+import json
 import re
 
 import jax
@@ -178,11 +179,20 @@ def test_train_steps_reduce_loss(run):
 
 
 def test_resume_continues_to_the_identical_state(run, tmp_path):
-    c, _, whole = run
+    c, whole_dir, whole = run
     part, results = trainer.train(c, tmp_path, stop_after=5)  # "preempted" after step 5
     assert int(part.step) == 5 and results == {}
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "a") as f:  # what a run killed at step 7, past that checkpoint, had logged
+        f.writelines(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (6, 7))
     resumed, _ = trainer.train(c, tmp_path, evaluate=False)
     assert int(resumed.step) == c.train.num_steps
+    # Each step logged once: the uninterrupted run's rows and the stop at step 5 (the killed
+    # run's rows past its checkpoint are dropped).
+    logged = lambda d: [json.loads(r)["step"] for r in (d / "metrics.jsonl").read_text()
+                        .splitlines() if "loss" in json.loads(r)]  # noqa: E731
+    assert logged(tmp_path) == sorted({5, *logged(whole_dir)}) and 9.0 not in [
+        json.loads(r).get("loss") for r in log.read_text().splitlines()]
     for a, b in zip(jax.tree.leaves((whole.params, whole.opt_state)),
                     jax.tree.leaves((resumed.params, resumed.opt_state)), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -110,8 +110,10 @@ def _dtype(config: dict, dtype) -> str:
         if name not in _ALLOWED_DTYPES:
             raise InputError(f"dtype={dtype!r}; allowed: {_ALLOWED_DTYPES}")
         return name
-    hf = config.get("dtype", config.get("torch_dtype")) or "float32"
-    if hf not in _DTYPE_FROM_HF:
+    # As transformers' dtype="auto": the config's dtype (transformers 5) or torch_dtype (4),
+    # a null one counting as absent; neither: float32.
+    hf = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if not isinstance(hf, str) or hf not in _DTYPE_FROM_HF:
         raise InputError(f"config.json dtype {hf!r}; allowed: {sorted(_DTYPE_FROM_HF)}")
     return _DTYPE_FROM_HF[hf]
 
@@ -149,7 +151,8 @@ def config_from_hf(config_json: dict, *, dtype=None, name: str | None = None) ->
     Args:
       config_json: the parsed config.json of a LlamaForCausalLM, Qwen2ForCausalLM or
         Qwen3ForCausalLM checkpoint (transformers 4 or 5 layout).
-      dtype: "float32" or "bfloat16"; default: the checkpoint's dtype (float16 -> float32).
+      dtype: "float32" or "bfloat16"; default: config.json's `dtype` (or `torch_dtype`)
+        (float16 -> float32; neither key: float32).
       name: `ModelConfig.name`; default "hf-<model_type>".
 
     Raises InputError for an unsupported architecture, activation, rope type, bias or
@@ -351,8 +354,9 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None) -> Checkpoint:
 
     Args:
       path: directory with config.json and safetensors weights (single or sharded).
-      dtype: "float32" or "bfloat16"; default: the checkpoint's dtype (float16 -> float32).
-        Every tensor is cast to it from its stored float dtype (F64, F32, F16 or BF16).
+      dtype: "float32" or "bfloat16"; default: config.json's `dtype` (or `torch_dtype`), as
+        transformers' dtype="auto" (float16 -> float32; neither key: float32). Every tensor
+        is cast to it from its stored float dtype (F64, F32, F16 or BF16).
 
     Returns:
       A `Checkpoint`; `params` leaves have the `statejax.model.llama` shapes, e.g.

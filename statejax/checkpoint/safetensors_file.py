@@ -86,7 +86,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise InputError(f"{where}: header entry is not a JSON object")
         dtype = entry.get("dtype")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InputError(f"{where}: dtype {dtype!r}; allowed: {sorted(DTYPES)}")
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(

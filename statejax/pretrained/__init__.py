@@ -25,7 +25,7 @@ from flax import serialization
 
 from statejax.errors import InputError
 from statejax.model.config import ModelConfig, RopeScaling
-from statejax.model.llama import from_flax_kernel_layout
+from statejax.model.llama import from_flax_kernel_layout, init_params
 from statejax.tokenizer import ByteTokenizer
 
 DEFAULT = "ladder-l-long"  # folder of the embedded default, beside this file
@@ -40,6 +40,9 @@ def save(path, params, cfg: ModelConfig, info: dict[str, Any]) -> Path:
     `info` must be JSON-serialisable; it should hold "prompt_prefix", "stop_token" and
     "heldout_accuracy" (per question type), as the trainer's export does.
     """
+    reserved = sorted({"format", "model", "tokenizer"} & set(info))
+    if reserved:
+        raise InputError(f"info may not set {reserved}: save writes those itself")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     host = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
@@ -55,27 +58,42 @@ def load(path) -> tuple[ModelConfig, Any, ByteTokenizer, dict[str, Any]]:
 
     Returns:
       (cfg, params as a nested dict of jax arrays, tokenizer, info): info is `model.json`
-      without the model fields (prompt prefix, stop token, recorded accuracies, ...).
+      without what `save` writes itself (format, model, tokenizer): the prompt prefix, stop
+      token, recorded accuracies, ... (`save(path, params, cfg, info)` writes it back).
     """
     path = Path(path)
     for name in (_PARAMS, _META):
         if not (path / name).is_file():
             raise InputError(f"{path} is not a shipped model: {name} is missing")
-    info = json.loads((path / _META).read_text())
+    try:
+        info = json.loads((path / _META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path / _META} is not JSON: {e}") from e
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+        raise InputError(f"{path / _META} lacks a \"model\" object (the model config)")
     if info.get("format") not in _FORMATS:
         raise InputError(f"{path / _META} has format {info.get('format')!r}; allowed: "
                          f"{', '.join(map(str, _FORMATS))}")
-    if info.get("tokenizer") != ByteTokenizer.name:
-        raise InputError(f"{path} needs tokenizer {info.get('tokenizer')!r}; this loader "
+    tokenizer = info.pop("tokenizer", None)
+    if tokenizer != ByteTokenizer.name:
+        raise InputError(f"{path} needs tokenizer {tokenizer!r}; this loader "
                          f"knows {ByteTokenizer.name!r}")
     fields = dict(info.pop("model"))
     if fields.get("rope_scaling") is not None:
         fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-    cfg = ModelConfig(**fields)
+    try:
+        cfg = ModelConfig(**fields)
+    except TypeError as e:
+        raise InputError(f"{path / _META}: its model config does not fit ModelConfig: {e}") from e
     params = serialization.msgpack_restore((path / _PARAMS).read_bytes())
     if info.pop("format") == 1:
         params = from_flax_kernel_layout(params)
     params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
+    want = jax.eval_shape(lambda: init_params(cfg))
+    got_shapes = jax.tree.map(lambda x: x.shape, params)
+    if got_shapes != jax.tree.map(lambda x: x.shape, want):
+        raise InputError(f"{path / _PARAMS} does not hold the parameters of the config in "
+                         f"{_META} (their tree or shapes differ)")
     return cfg, params, ByteTokenizer(), info
 
 

@@ -98,7 +98,8 @@ class Batch(NamedTuple):
       positions: [B, T] int32 RoPE positions (a branch continues its context at n_j).
       segments: [B, T] int32, 0 for context tokens, j for branch j (1..M).
       context_limit: [B, T] int32 context tokens visible to each token: t + 1 in the context,
-        n_j in branch j (0 for an unused branch slot).
+        n_j in branch j (an unused branch slot's padding gets t + 1, as context tokens:
+        its loss weight is zero, so no result depends on it).
       qtypes: [B, M] int32 index into `tasks.QUESTION_TYPES` of each branch, -1 if unused.
     """
 
@@ -232,7 +233,8 @@ class PackedView:
     log-sum-exp, as `BranchView` does at serving time.
 
     Attributes:
-      branch_limit: [B, M] int32 context tokens branch m reads (n_m; 0 for an unused slot).
+      branch_limit: [B, M] int32 context tokens branch m reads (n_m; for an unused slot a
+        value no loss depends on).
       spec: the packing (static): C, M, Tb.
       impl: attention implementation.
     """

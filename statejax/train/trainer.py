@@ -166,6 +166,7 @@ def train(c: ml_collections.ConfigDict, workdir, *, stop_after: int | None = Non
     first = t.get("first_batch", 0)  # a continued run draws batches after its base run's
     batches = _batches(spec, t.seed, c.data.batch_size, first + step, first + end,
                        t.data_workers)
+    _drop_rows_after(workdir / "metrics.jsonl", step)  # a run killed after its checkpoint
     with open(workdir / "metrics.jsonl", "a") as log:
         while step < end:
             state, metrics = train_step(state, next(batches))
@@ -190,6 +191,17 @@ def train(c: ml_collections.ConfigDict, workdir, *, stop_after: int | None = Non
     if step < t.num_steps or not evaluate:
         return state, {}
     return state, finish(c, workdir, state, elapsed())
+
+
+def _drop_rows_after(path: Path, step: int):
+    """Keeps the metric rows of steps <= `step` (the checkpoint resumed from): the rows a
+    killed run logged after its last checkpoint are logged again by the resumed run."""
+    if not path.exists():
+        return
+    rows = path.read_text().splitlines(keepends=True)
+    kept = [r for r in rows if json.loads(r)["step"] <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(kept))
 
 
 @functools.lru_cache(maxsize=4)
