@@ -2,8 +2,9 @@
 # Issue 3's device checks in one call: the parts named in PARTS, in that order, each under its
 # own timeout so a hang or a slow part costs only its slot (a session has 15 minutes of device
 # time in all, machine start included). Parts and their caps (seconds, env overrides):
-#   stream   the HF peer, then the stateful query with Pallas kernels vs its floor
-#            (configs/stream_latency.py:gpu-floor; STREAM_FLAGS adds flags)      STREAM_S=260
+#   stream   the HF peer (at most PEER_S=90 of the cap), then the stateful query with
+#            Pallas kernels vs its floor (configs/stream_latency.py:gpu-floor; STREAM_FLAGS
+#            adds flags)                                                         STREAM_S=260
 #   tests    compiled-GPU tests: kernels (Triton), the model on the kernels      TESTS_S=150
 #   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=180
 #   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
@@ -18,17 +19,36 @@
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
 # Measured on an H100 (2026-11-27): stream with 2 contexts took 240 s (compiles and the flash
 # refresh's first calls dominate), tests > 70 s, tune ~95 s, mosaic tests + rows ~75 s.
-# Everything is written under a work folder and packed into $OUT/session.tgz after each part
-# and every PACK_EVERY s while one runs (a device call returns at most 8 files); the short
-# tables are printed last.
+# Everything is written under a work folder (emptied first: a second call on a warm machine
+# must not report the first's results) and packed into $OUT/session.tgz after each part and
+# every PACK_EVERY=10 s while one runs (a device call returns at most 8 files; a call killed
+# at its limit returns the last pack); the short tables are printed last. A cap of 0 skips
+# its part.
 # Run from the repo root with carry [".whl", ".peer"] (docs/gpu.md); CPU dry run: docs/gpu.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/statejax_gpu_session}
 WORK=${WORK:-/tmp/statejax_gpu_session_work}
 # The first call of the plan in docs/gpu.md: caps 210 + 60 + 260 s, ~550 s with the setup.
 PARTS=${PARTS:-query profile stream}
+for part in $PARTS; do  # refused before any setup: the reply's tail might not show it later
+  case "$part" in
+    stream|tests|tune|bench|query|profile|mosaic) ;;
+    *) echo "unknown part $part; allowed: stream tests tune bench query profile mosaic"
+       exit 2 ;;
+  esac
+done
+case "$WORK" in /|"$HOME"|"$PWD") echo "WORK=$WORK would be emptied; set a scratch folder"
+                                  exit 2 ;; esac
+rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
+# XLA's GEMM autotuning results shared between the parts' processes: the profile and the
+# stream study compile the same projections (outside $WORK: not packed). Only the chosen
+# configs are cached, not kernels (an on-disk kernel cache is reported to drop Hopper TMA
+# metadata: openxla/xla#35951): a hit picks a tiling, as a fresh autotuning would.
+AUTOTUNE_DIR=${AUTOTUNE_DIR:-/tmp/statejax_autotune}
+mkdir -p "$AUTOTUNE_DIR"
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_per_fusion_autotune_cache_dir=$AUTOTUNE_DIR"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
@@ -58,17 +78,24 @@ archive() { local tmp="$OUT/.session.$BASHPID.tgz"
 pack() { echo "== $1: $((SECONDS - t0)) s" | tee -a "$WORK/parts.txt"; archive; }
 # Sleeps in the background so that a TERM ends the packer at once (waiting, not archiving).
 ( trap 'kill $! 2>/dev/null; exit 0' TERM
-  while :; do sleep "${PACK_EVERY:-20}" & wait $!; archive; done ) > /dev/null 2>&1 &
+  while :; do sleep "${PACK_EVERY:-10}" & wait $!; archive; done ) > /dev/null 2>&1 &
 packer=$!
 trap 'kill "$packer" 2>/dev/null; [ -n "$linked" ] && rm -f statejax/kernels' EXIT
 
-# stream_study CAP: the stateful study (the peer's JSON read if present), at most CAP s.
+# capped NAME CAP: false (and says so) when CAP <= 0, which skips the part (`timeout 0` would
+# run it without a limit).
+capped() { [ "$2" -gt 0 ] || { echo "$1: cap $2, skipped"; return 1; }; }
+
+# stream_study CAP: the stateful study (with the peer's JSON if the peer wrote one), at most
+# CAP s.
 stream_study() {
   [ "$1" -gt 0 ] || { echo "stream: no time left for the study"; return 124; }
+  local peer=()
+  [ -s "$WORK/hf_peer.json" ] && peer=(--config.roofline.peer_json="$WORK/hf_peer.json")
   timeout "$1" python3 -m experiments.stream_latency \
     --config="${STREAM_CONFIG:-configs/stream_latency.py:gpu-floor}" \
-    --workdir="$WORK/stream_latency" --config.roofline.peer_json="$WORK/hf_peer.json" \
-    ${STREAM_FLAGS:-} >> "$WORK/stream_latency.log" 2>&1
+    --workdir="$WORK/stream_latency" "${peer[@]}" ${STREAM_FLAGS:-} \
+    >> "$WORK/stream_latency.log" 2>&1
 }
 
 # The peer, then the study. If the study fails (not a timeout) while the table holds Mosaic GPU
@@ -77,8 +104,13 @@ stream_study() {
 # again on Triton in the cap's remaining time.
 run_stream() {
   local cap=${STREAM_S:-260} start=$SECONDS tuned=${TUNED_DIR:-kernels/tuned}
-  [ "$cap" -gt 0 ] || { echo "stream: STREAM_S=$cap, skipped"; return 0; }
-  OUT="$WORK" timeout "$cap" python3 .peer/hf_peer.py 2>&1 | tail -8 > "$WORK/stream_latency.log"
+  capped stream "$cap" || return 0
+  local peer_cap=$(( ${PEER_S:-90} < cap ? ${PEER_S:-90} : cap ))
+  if capped peer "$peer_cap"; then
+    OUT="$WORK" timeout "$peer_cap" python3 .peer/hf_peer.py > "$WORK/hf_peer.log" 2>&1
+    echo "peer exit: $? (hf_peer.json $([ -s "$WORK/hf_peer.json" ] && echo written \
+      || echo missing: no peer columns))" | tee "$WORK/stream_latency.log"
+  fi
   stream_study $(( cap - (SECONDS - start) ))
   local rc=$?
   echo "stream exit: $rc" | tee -a "$WORK/stream_latency.log"
@@ -100,6 +132,7 @@ PY
 }
 
 run_tests() {
+  capped tests "${TESTS_S:-150}" || return 0
   timeout "${TESTS_S:-150}" python3 -m pytest -p no:cacheprovider -m gpu -q -rfEs \
     --durations=5 tests/test_kernels.py tests/test_kernels_model.py \
     > "$WORK/pytest_gpu.log" 2>&1
@@ -111,6 +144,7 @@ run_tests() {
 kernel_bench() {
   local name=$1 cap=$2 config=$3
   shift 3
+  capped "$name" "$cap" || return 0
   timeout "$cap" python3 -m experiments.kernel_bench --config="$config" \
     --config.time_budget_s="$(( cap - ${MARGIN:-20} ))" --workdir="$WORK/$name" "$@" \
     > "$WORK/$name.log" 2>&1
@@ -145,11 +179,12 @@ run_query() {
       --config.tune_append='()' --config.decode='()' --config.cascade_targets='()' \
       --config.tuned_dir="$tuned" --config.record_backends='("mosaic_gpu",)'
   fi
-  [ -d "$tuned" ] && cp -r "$tuned" "$WORK/tuned"
+  [ -d "$tuned" ] && rm -rf "$WORK/tuned" && cp -r "$tuned" "$WORK/tuned"
 }
 
 # step_profile NAME: the profile into $WORK/NAME (XLA_FLAGS as the caller sets them).
 step_profile() {
+  capped "$1" "${PROFILE_S:-60}" || return 0
   timeout "${PROFILE_S:-60}" python3 -m experiments.step_profile \
     --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/$1" \
     > "$WORK/$1.log" 2>&1
@@ -165,6 +200,7 @@ run_profile() {
 }
 
 run_mosaic() {
+  capped mosaic "${MOSAIC_S:-60}" || return 0
   timeout "${MOSAIC_S:-60}" python3 -m pytest -p no:cacheprovider -m gpu \
     tests/test_kernels_mgpu.py -q -rfEs -x > "$WORK/pytest_mosaic.log" 2>&1
   local rc=$?
@@ -176,10 +212,7 @@ run_mosaic() {
 
 for part in $PARTS; do
   pack "start $part"
-  case "$part" in
-    stream|tests|tune|bench|query|profile|mosaic) "run_$part" ;;
-    *) echo "unknown part $part; allowed: stream tests tune bench query profile mosaic" ;;
-  esac
+  "run_$part"
 done
 kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
 rm -f "$OUT"/.session.*.tgz  # a refresh the packer's end cut short
