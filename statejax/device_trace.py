@@ -22,6 +22,10 @@ import tempfile
 import jax
 
 KINDS = ("pallas", "gemm", "copy", "other")
+# Timelines a profiler may derive from the kernels onto a device plane (op and module spans,
+# steps, launch stats): the same time again, so never summed (tsl's xplane_schema names).
+DERIVED_LINES = frozenset({"Steps", "TensorFlow Name Scope", "TensorFlow Ops", "XLA Modules",
+                           "XLA Ops", "Async XLA Ops", "Launch Stats", "Source code"})
 _GEMM_MARKS = ("gemm", "cublas", "cutlass", "xmma", "nvjet", "matmul", "dot")
 
 
@@ -49,13 +53,16 @@ def kind(event: KernelEvent) -> str:
 
 def kernel_events(profile: jax.profiler.ProfileData) -> list[KernelEvent]:
     """Executed kernels of a trace: device-plane events where the trace has a device plane
-    ("/device:..."), else host events that carry an `hlo_op` stat (XLA on CPU). Only leaves:
+    ("/device:..."; its stream lines, not `DERIVED_LINES`), else host events that carry an
+    `hlo_op` stat (XLA on CPU). Only leaves:
     an event enclosing later events of its line (a loop or call op around its body's ops, on
     CPU) is dropped, so no time counts twice."""
     device_planes = [p for p in profile.planes if p.name.startswith("/device:")]
     events = []
     for plane in device_planes or profile.planes:
         for line in plane.lines:
+            if device_planes and line.name in DERIVED_LINES:
+                continue
             line_events = []
             for event in line.events:
                 stats = dict(event.stats)

@@ -8,7 +8,8 @@ from jax.profiler import ProfileData
 from statejax import device_trace
 
 # Two calls of a step on a GPU, as CUPTI records them (event name = the kernel, stat hlo_op =
-# the HLO instruction), and a host plane whose XLA-op events must not count beside them.
+# the HLO instruction), a derived "XLA Ops" line over the same time and a host plane whose
+# XLA-op events must not count beside them.
 _GPU_TRACE = """
 planes {
   id: 1
@@ -18,6 +19,13 @@ planes {
     name: "Stream #7(Compute)"
     timestamp_ns: 1000
     %s
+  }
+  lines {
+    id: 2
+    name: "XLA Ops"
+    timestamp_ns: 1000
+    events { metadata_id: 3 offset_ps: 0 duration_ps: 190000000 stats { metadata_id: 1
+      str_value: "derived_span" } }
   }
   event_metadata { key: 1 value { id: 1 name: "sm90_xmma_gemm_bf16bf16_bf16f32" } }
   event_metadata { key: 2 value { id: 2 name: "statejax_paged_flash" } }
