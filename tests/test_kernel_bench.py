@@ -114,6 +114,32 @@ def test_mosaic_rows_on_gpu_variants_only():
     assert labels[5] == "mosaic_gpu shared k128 c4 s16, private q128 k128 w4"
 
 
+def test_the_time_budget_counts_the_peaks_and_stops_before_a_row_that_would_not_fit(
+        monkeypatch):
+    """The budget starts before the peaks, and a shape is not started when the one before it
+    would not fit in what is left: the run ends inside its budget (the session script's
+    margin is then left for writing and recording tiles)."""
+    clock = [0.0]
+    monkeypatch.setattr(kernel_bench.time, "monotonic", lambda: clock[0])
+
+    def peaks(cfg):
+        clock[0] += 5.0
+        return {}
+
+    def bench(cfg, peaks, kind, shape, key, block_sizes=None, backend="triton"):
+        clock[0] += 10.0
+        return dict(kernel=kind, shape=list(shape), ms=1.0)
+
+    monkeypatch.setattr(kernel_bench, "measure_peaks", peaks)
+    monkeypatch.setattr(kernel_bench, "bench_paged", bench)
+    cfg = kb_config.get_config("cpu")
+    cfg.update(cascade=(), tune_cascade=(), time_budget_s=30.0)
+    rows = kernel_bench.run(cfg)["rows"]
+    # Peaks end at 5 s; rows end at 15 and 25 s; a third would end at 35 > 30: skipped.
+    assert ["skipped" in r for r in rows] == [False, False] + [True] * (len(rows) - 2)
+    assert len(rows) > 3 and clock[0] == 25.0
+
+
 def test_a_failing_mosaic_row_is_recorded_not_raised(tmp_path):
     """On CPU the Mosaic variant cannot compile: its rows carry the error, the rest runs."""
     cfg = kb_config.get_config("cpu")
