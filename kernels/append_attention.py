@@ -554,13 +554,19 @@ def append_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int
       out_BxTxHxD, lse_BxTxH.
     """
     c = k_cells.shape[-3]
-    if block_sizes is None and backend == "triton":
+    if block_sizes is None:
         # Tiles first, at the finest page size any tile fits (64-cell steps at D >= 128 need
         # pages <= 64); then the cells are viewed as pages of one KV block.
         b, t, h, d = q_BxTxHxD.shape
-        block_sizes = BlockSizes.for_append(rows=t * (h // k_cells.shape[-2]), head_dim=d,
-                                            page_size=cells_page_size(c, 16))
-    page_size = cells_page_size(c, block_sizes.block_k if block_sizes else 128)
+        if backend == "mosaic_gpu":
+            from . import append_attention_mgpu as mgpu  # noqa: PLC0415 - it imports this
+
+            block_sizes = mgpu.MosaicBlockSizes.for_append(head_dim=d,
+                                                           page_size=cells_page_size(c, 16))
+        else:
+            block_sizes = BlockSizes.for_append(rows=t * (h // k_cells.shape[-2]),
+                                                head_dim=d, page_size=cells_page_size(c, 16))
+    page_size = cells_page_size(c, block_sizes.block_k)
     k_pool, table, offset = cells_as_pool(k_cells, layer=layer, rows=None, window=window,
                                           page_size=page_size)
     v_pool, _, _ = cells_as_pool(v_cells, layer=layer, rows=None, window=window,

@@ -69,10 +69,14 @@ class MosaicBlockSizes:
         return cls(block_q=64, block_k=block_k, max_concurrent_steps=2)
 
     def smem_bytes(self, head_dim: int, itemsize: int) -> int:
-        """Shared memory the kernel allocates: Q/O tiles, K/V slots, lse tiles."""
-        qo = _COMPUTE_WGS * self.block_q * head_dim * itemsize
-        kv = 2 * self.max_concurrent_steps * self.block_k * head_dim * itemsize
-        return qo + kv + _COMPUTE_WGS * self.block_q * 4
+        """Shared memory the kernel allocates, as `_entry` lays it out and the lowering
+        aligns it (`mosaic_common.smem_bytes`): Q/O tiles, K and V slots, lse tiles; ready,
+        free and end barriers."""
+        slots = self.max_concurrent_steps
+        kv = slots * self.block_k * head_dim * itemsize
+        buffers = [_COMPUTE_WGS * self.block_q * head_dim * itemsize, kv, kv,
+                   _COMPUTE_WGS * self.block_q * 4]
+        return mc.smem_bytes(buffers, barriers=4 * slots + _COMPUTE_WGS + 1)
 
 
 def validate(q_BxTxHxD, page_size: int, bs: MosaicBlockSizes):
@@ -306,8 +310,9 @@ def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
                  block_sizes, interpret=False, page_offset: int = 0):
     """Validates and builds the kernel call (no device check: tests lower it on CPU, and run
     it with `interpret=True` in jax's GPU interpreter, patched by tests/mgpu_interpreter.py)."""
+    # compiled=False: Triton's power-of-two rules do not apply; `validate` checks Mosaic's.
     window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
-                               compiled=True)
+                               compiled=False)
     b, t, h, d = q_BxTxHxD.shape
     page_size, k_heads = k_pool.shape[1:3]
     bs = block_sizes or MosaicBlockSizes.for_append(head_dim=d, page_size=page_size)

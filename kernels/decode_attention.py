@@ -185,15 +185,23 @@ def decode_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int
       out_BxTxHxD, lse_BxTxH.
     """
     c = k_cells.shape[-3]
-    if block_sizes is None and backend == "triton":
+    if block_sizes is None:
         # Tiles first (measured ones included) at the finest page size any tile fits; then
         # the cells are viewed as pages of one KV block.
         b, t, h, d = q_BxTxHxD.shape
         k_heads = k_cells.shape[-2]
-        block_sizes = default_block_sizes(batch=b, rows=t * (h // k_heads), k_heads=k_heads,
-                                          head_dim=d, page_size=aa.cells_page_size(c, 16),
-                                          window=window, itemsize=q_BxTxHxD.dtype.itemsize)
-    page_size = aa.cells_page_size(c, block_sizes.block_k if block_sizes else 128)
+        if backend == "mosaic_gpu":
+            from . import decode_attention_mgpu as mgpu  # noqa: PLC0415 - it imports this
+
+            block_sizes = mgpu.MosaicDecodeBlockSizes.for_decode(
+                batch=b, k_heads=k_heads, head_dim=d, page_size=aa.cells_page_size(c, 16),
+                window=window, rows=t * (h // k_heads))
+        else:
+            block_sizes = default_block_sizes(
+                batch=b, rows=t * (h // k_heads), k_heads=k_heads, head_dim=d,
+                page_size=aa.cells_page_size(c, 16), window=window,
+                itemsize=q_BxTxHxD.dtype.itemsize)
+    page_size = aa.cells_page_size(c, block_sizes.block_k)
     k_pool, table, offset = aa.cells_as_pool(k_cells, layer=layer, rows=None, window=window,
                                              page_size=page_size)
     v_pool, _, _ = aa.cells_as_pool(v_cells, layer=layer, rows=None, window=window,

@@ -76,10 +76,13 @@ class MosaicDecodeBlockSizes:
         return bs
 
     def smem_bytes(self, head_dim: int, itemsize: int, rows: int = _ROWS) -> int:
-        """Shared memory the kernel allocates for `rows` query rows (64 or 128): Q tiles,
-        float32 out tiles, lse (per compute warpgroup), K/V slots."""
-        kv = 2 * self.max_concurrent_steps * self.block_k * head_dim * itemsize
-        return rows * head_dim * (itemsize + 4) + kv + rows * 4
+        """Shared memory the kernel allocates for `rows` query rows (64 or 128), as
+        `_entry` lays it out and the lowering aligns it (`mosaic_common.smem_bytes`): Q
+        tiles, float32 out tiles, K and V slots, lse; ready and free barriers."""
+        slots, wgs = self.max_concurrent_steps, rows // _ROWS
+        kv = slots * self.block_k * head_dim * itemsize
+        buffers = [rows * head_dim * itemsize, rows * head_dim * 4, kv, kv, rows * 4]
+        return mc.smem_bytes(buffers, barriers=4 * slots + wgs)
 
 
 def default_splits(*, batch: int, k_heads: int, block_k: int, window: int) -> int:
@@ -295,8 +298,9 @@ def decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *
       out [B, K, N, M, D] float32 (M = 64 or 128 folded rows, normalised per split), lse
       [B, K, N, M] float32 (MASK_VALUE for a split with nothing to read).
     """
+    # compiled=False: Triton's power-of-two rules do not apply; Mosaic's are checked below.
     window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
-                               compiled=True)
+                               compiled=False)
     b, t, h, d = q_BxTxHxD.shape
     page_size, k_heads = k_pool.shape[1:3]
     group = h // k_heads

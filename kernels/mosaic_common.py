@@ -15,6 +15,19 @@ DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma operand types
 # Shared-memory layout of wgmma operands (16-bit): 8 x 64 tiles, 128-byte swizzle.
 TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 SMEM_LIMIT = 227 * 1024  # Hopper's per-block shared memory
+_SMEM_ALIGN = 1024  # the lowering places each scratch buffer at a 1 KiB boundary
+_REDUCTION_SCRATCH = 2048  # plgpu.CompilerParams.reduction_scratch_bytes (its default)
+_BARRIER_BYTES = 8
+
+
+def smem_bytes(buffers: list[int], barriers: int) -> int:
+    """Shared memory of a kernel's scratch as the Mosaic GPU lowering allocates it: each
+    buffer (bytes) rounded up to 1 KiB, the reduction scratch, 8 bytes a barrier.
+
+    (The buffers alone undercount by 2-3 KB: default tiles that fit by that count failed to
+    lower with "exceeds available shared memory"; tests lower the boundary cases.)"""
+    aligned = sum(-(-b // _SMEM_ALIGN) * _SMEM_ALIGN for b in buffers)
+    return aligned + _REDUCTION_SCRATCH + _BARRIER_BYTES * barriers
 
 
 def validate_operands(q_BxTxHxD, page_size: int):

@@ -242,7 +242,7 @@ def test_mosaic_backend_is_explicit_and_compiled_only(fn, tiles, kind):
 
 
 def test_default_decode_tiles_fit_and_split():
-    for d in (64, 128, 256):
+    for d in (64, 128):  # (at D = 256 none fits: refused, see the shared-memory test)
         for page_size in (8, 16, 64):
             bs = dm.MosaicDecodeBlockSizes.for_decode(batch=8, k_heads=8, head_dim=d,
                                                       page_size=page_size, window=16384)
@@ -255,6 +255,85 @@ def test_default_decode_tiles_fit_and_split():
     short = dm.MosaicDecodeBlockSizes.for_decode(batch=1, k_heads=8, head_dim=128,
                                                  page_size=16, window=256)
     assert short.num_splits == 1  # every split keeps >= 4 blocks
+
+
+def _lowers(build, q, pool, block_sizes):
+    """Lowers a Mosaic kernel call for CUDA on this CPU: None, or the lowering's error."""
+    b, p = q.shape[0], pool.shape[0] // q.shape[0]
+    table, lengths = jax.ShapeDtypeStruct((b, p), jnp.int32), jax.ShapeDtypeStruct((b,),
+                                                                                   jnp.int32)
+    call = jax.jit(lambda *a: build(*a, window=None, block_sizes=block_sizes))
+    try:
+        call.trace(q, pool, pool, table, lengths).lower(lowering_platforms=("cuda",))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_the_shared_memory_count_is_the_lowerings_at_the_limit(monkeypatch):
+    """The tile rules count shared memory as the lowering allocates it (1 KiB-aligned buffers,
+    reduction scratch, barriers): at D = 128 with 128 folded rows four decode slots need 144
+    bytes more than Hopper has and fail to lower, three fit and lower; the default picks
+    three. (Counting the buffers alone, four "fit" by 2.5 KB and failed on a GPU.)"""
+    shape = jax.ShapeDtypeStruct
+    q = shape((1, 32, 8, 128), jnp.bfloat16)  # T x G = 128 rows: two warpgroups
+    pool = shape((64, 64, 2, 128), jnp.bfloat16)
+    four, three = (dm.MosaicDecodeBlockSizes(block_k=64, max_concurrent_steps=s, num_splits=2)
+                   for s in (4, 3))
+    assert four.smem_bytes(128, 2, 128) == mc.SMEM_LIMIT + 144
+    with pytest.raises(InputError, match="shared memory"):
+        dm._decode_mgpu(q, pool, pool, shape((1, 64), jnp.int32), shape((1,), jnp.int32),
+                        window=None, block_sizes=four)
+    with monkeypatch.context() as m:  # past our check, the lowering judges
+        m.setattr(mc, "SMEM_LIMIT", mc.SMEM_LIMIT + 144)
+        assert "exceeds available shared memory" in _lowers(dm._decode_mgpu, q, pool, four)
+    assert three.smem_bytes(128, 2, 128) <= mc.SMEM_LIMIT
+    assert _lowers(dm._decode_mgpu, q, pool, three) is None
+    default = dm.MosaicDecodeBlockSizes.for_decode(batch=1, k_heads=2, head_dim=128,
+                                                   page_size=64, window=4096, rows=128)
+    assert default.max_concurrent_steps == 3
+    assert _lowers(dm._decode_mgpu, q, pool, None) is None
+    # Append at the same limit: six 64-cell slots at D = 128 need 216 bytes more.
+    six = mg.MosaicBlockSizes(block_q=64, block_k=64, max_concurrent_steps=6)
+    assert six.smem_bytes(128, 2) == mc.SMEM_LIMIT + 216
+    # D = 256 decode: no number of slots fits; refused with the count.
+    with pytest.raises(InputError, match="shared memory at D=256"):
+        dm._decode_mgpu(*_valid(d=256), window=None, block_sizes=None)
+
+
+def test_head_dims_mosaic_takes_that_triton_does_not():
+    """D = 192 (a multiple of 64) is Mosaic's to take or refuse, not Triton's power-of-two
+    rule's: both kernels lower it."""
+    for build in (mg._append_mgpu, dm._decode_mgpu):
+        q, pool, _, table, lengths = _valid(d=192)
+        assert _lowers(build, q, pool, None) is None
+
+
+def test_contiguous_cells_take_mosaic_tiles_before_their_page_size(monkeypatch):
+    """Over contiguous cells the Mosaic tiles are chosen first: at D = 256 append takes its
+    64-cell steps (the page size follows; 128-cell pages forced 128-cell steps, which no
+    shared memory holds, and the call was refused), and decode at D = 128 its 64-cell steps."""
+    monkeypatch.setattr(mc, "check_device", lambda: None)  # lowered here, not run
+    seen = []
+    for module, build in ((mg, "_append_mgpu"), (dm, "_decode_mgpu")):
+        real = getattr(module, build)
+
+        def spy(*args, real=real, **kwargs):
+            seen.append((args[1].shape[1], kwargs["block_sizes"]))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, build, spy)
+    shape = jax.ShapeDtypeStruct
+    lengths = shape((2,), jnp.int32)
+    for fn, t, d in ((aa.append_attention_cells, 256, 256), (da.decode_attention_cells, 1, 128)):
+        cells = shape((4, 2, 1024, 2, d), jnp.bfloat16)
+        call = jax.jit(lambda q, k, v, n, fn=fn: fn(q, k, v, n, layer=1, window=1024,
+                                                    interpret=False, backend="mosaic_gpu"))
+        call.trace(shape((2, t, 8, d), jnp.bfloat16), cells, cells, lengths).lower(
+            lowering_platforms=("cuda",))
+    (append_page, append_tiles), (decode_page, decode_tiles) = seen
+    assert (append_page, append_tiles.block_k) == (64, 64)
+    assert (decode_page, decode_tiles.block_k, decode_tiles.max_concurrent_steps) == (64, 64, 4)
 
 
 def test_default_tiles_fit_hopper():
