@@ -37,8 +37,14 @@ for part in $PARTS; do  # refused before any setup: the reply's tail might not s
        exit 2 ;;
   esac
 done
-case "$WORK" in /|"$HOME"|"$PWD") echo "WORK=$WORK would be emptied; set a scratch folder"
-                                  exit 2 ;; esac
+# WORK is emptied: refused if it is /, $HOME, or holds the checkout (compared resolved).
+work_real=$(realpath -m "$WORK")
+case "$(realpath -m "$PWD")/" in
+  "$work_real"/*|/) echo "WORK=$WORK holds the checkout; set a scratch folder"; exit 2 ;;
+esac
+if [ "$work_real" = / ] || [ "$work_real" = "$(realpath -m "$HOME")" ]; then
+  echo "WORK=$WORK would be emptied; set a scratch folder"; exit 2
+fi
 rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1

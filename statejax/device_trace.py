@@ -24,8 +24,9 @@ import jax
 KINDS = ("pallas", "gemm", "copy", "other")
 # Timelines a profiler may derive from the kernels onto a device plane (op and module spans,
 # steps, launch stats): the same time again, so never summed (tsl's xplane_schema names).
-DERIVED_LINES = frozenset({"Steps", "TensorFlow Name Scope", "TensorFlow Ops", "XLA Modules",
-                           "XLA Ops", "Async XLA Ops", "Launch Stats", "Source code"})
+DERIVED_LINES = frozenset({"Steps", "TensorFlow Name Scope", "TensorFlow Ops",
+                           "Framework Name Scope", "Framework Ops", "XLA Modules", "XLA Ops",
+                           "Async XLA Ops", "Launch Stats", "Source code"})
 _GEMM_MARKS = ("gemm", "cublas", "cutlass", "xmma", "nvjet", "matmul", "dot")
 
 

@@ -30,12 +30,12 @@ from statejax.tokenizer import Tokenizer, check_fits_vocab, validate_token_ids
 @functools.lru_cache(maxsize=64)
 def _rng_key(seed: int) -> jax.Array:
     """PRNG key of a query seed (any int64), made once per seed (making one is a device
-    dispatch). Without x64, `jax.random.key` keeps only a seed's low 32 bits (2**32 would
-    sample as 0): the high 32 bits (two's complement) are folded in when nonzero, so seeds
-    in [0, 2**32) keep their keys and every other int64 gets its own."""
-    key = jax.random.key(seed & 0xFFFFFFFF)
-    high = (seed >> 32) & 0xFFFFFFFF
-    return key if high == 0 else jax.random.fold_in(key, high)
+    dispatch): the threefry key whose data is the seed's two 32-bit halves (two's
+    complement), which `jax.random.key` gives with x64 on. Without x64 it keeps only the low
+    half (2**32 would sample as 0). Seeds in [0, 2**32) keep the keys they always had; no
+    seed's key is another's folded (`query_batch` folds group numbers into it)."""
+    halves = np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
+    return jax.random.wrap_key_data(halves, impl="threefry2x32")
 
 OVERFLOW_POLICIES = ("error", "slide")
 DEFAULT_MAX_NEW_TOKENS = 32  # a query's limit when none is given (capped by the budget)

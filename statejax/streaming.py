@@ -72,14 +72,17 @@ class _FifoLock:
 
     def __enter__(self):
         with self._cv:
-            ticket = self._next_ticket
-            self._next_ticket += 1
+            ticket = None
             try:
+                ticket = self._next_ticket
+                self._next_ticket = ticket + 1
                 while ticket != self._serving:
                     self._cv.wait()
             except BaseException:
                 # An interrupted waiter gives its turn up; unserved, its ticket would block
-                # every later holder for good.
+                # every later holder for good. (Interrupted before taking one: nothing to do.)
+                if ticket is None or self._next_ticket <= ticket:
+                    raise
                 if ticket == self._serving:
                     self._advance()
                 else:

@@ -186,8 +186,12 @@ def test_seeds_beyond_32_bits_sample_apart(tiny):
         assert sample(low) != sample(low + 2**32)
     assert sample(-1) != sample(2**32 - 1)
     assert len({tuple(sample(s)) for s in (2**40, -2**40, 2**63 - 1, -2**63)}) == 4
-    np.testing.assert_array_equal(jax.random.key_data(session_module._rng_key(7)),
-                                  jax.random.key_data(jax.random.key(7)))
+    key_data = lambda seed: np.asarray(jax.random.key_data(session_module._rng_key(seed)))  # noqa: E731
+    np.testing.assert_array_equal(key_data(7), jax.random.key_data(jax.random.key(7)))
+    assert key_data(2**32 + 5).tolist() == [1, 5] and key_data(-1).tolist() == [2**32 - 1] * 2
+    # No seed's key is a later branch group's key of another seed (groups fold in their start).
+    assert key_data(5 + 8 * 2**32).tolist() != np.asarray(jax.random.key_data(
+        jax.random.fold_in(session_module._rng_key(5), 8))).tolist()
 
 
 class _WordTokenizer(ByteTokenizer):

@@ -183,8 +183,9 @@ def test_resume_continues_to_the_identical_state(run, tmp_path):
     part, results = trainer.train(c, tmp_path, stop_after=5)  # "preempted" after step 5
     assert int(part.step) == 5 and results == {}
     log = tmp_path / "metrics.jsonl"
-    with open(log, "a") as f:  # what a run killed at step 7, past that checkpoint, had logged
+    with open(log, "a") as f:  # what a run killed at step 8, past that checkpoint, had logged
         f.writelines(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (6, 7))
+        f.write('{"step": 8, "lo')  # the line the kill cut
     resumed, _ = trainer.train(c, tmp_path, evaluate=False)
     assert int(resumed.step) == c.train.num_steps
     # Each step logged once: the uninterrupted run's rows and the stop at step 5 (the killed

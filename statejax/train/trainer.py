@@ -199,9 +199,17 @@ def _drop_rows_after(path: Path, step: int):
     if not path.exists():
         return
     rows = path.read_text().splitlines(keepends=True)
-    kept = [r for r in rows if json.loads(r)["step"] <= step]
+    kept = [r for r in rows if _logged_step(r) <= step]
     if len(kept) != len(rows):
         path.write_text("".join(kept))
+
+
+def _logged_step(row: str) -> float:
+    """The step of a metrics row; inf for a line a killed run left half written."""
+    try:
+        return json.loads(row)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 @functools.lru_cache(maxsize=4)
