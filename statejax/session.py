@@ -39,6 +39,7 @@ def _rng_key(seed: int) -> jax.Array:
 
 OVERFLOW_POLICIES = ("error", "slide")
 DEFAULT_MAX_NEW_TOKENS = 32  # a query's limit when none is given (capped by the budget)
+_MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # the step takes a float32
 NO_STOP = -1  # a `stop_token` that never stops generation: every requested token is made
 
 
@@ -312,10 +313,9 @@ class Session:
     def validate_sampling(self, temperature, seed):
         """Checks temperature (a real in [0, float32 max]: the step takes a float32) and seed
         (an int64)."""
-        top = float(np.finfo(np.float32).max)
-        if not _is_real(temperature) or not 0 <= temperature <= top:
-            raise InputError(f"temperature={temperature!r}; allowed: a number in [0, {top:.4g}]"
-                             " (finite, float32)")
+        if not _is_real(temperature) or not 0 <= temperature <= _MAX_TEMPERATURE:
+            raise InputError(f"temperature={temperature!r}; allowed: a number in "
+                             f"[0, {_MAX_TEMPERATURE:.4g}] (finite, float32)")
         if not _is_int(seed) or not -2**63 <= seed < 2**63:
             raise InputError(f"seed={seed!r}; allowed: an int in [-2**63, 2**63)")
 

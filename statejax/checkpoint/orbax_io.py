@@ -46,7 +46,8 @@ def _abstract_params(cfg: ModelConfig):
                         jax.eval_shape(lambda: init_params(cfg)))
 
 
-def _check_params(params, cfg: ModelConfig):
+def check_params(params, cfg: ModelConfig):
+    """InputError unless `params` has the leaf names, shapes and dtypes of `cfg`'s."""
     expected = jax.tree_util.tree_flatten_with_path(_abstract_params(cfg))[0]
     found = jax.tree_util.tree_flatten_with_path(params)[0]
     describe = lambda v: f"{jnp.dtype(v.dtype).name}{list(v.shape)}"
@@ -85,7 +86,7 @@ def save(path: str | os.PathLike, params, cfg: ModelConfig, tokenizer_name: str,
     """
     if not isinstance(tokenizer_name, str) or not tokenizer_name:
         raise InputError(f"tokenizer_name={tokenizer_name!r}; allowed: a non-empty str")
-    _check_params(params, cfg)
+    check_params(params, cfg)
     target = _step_dir(Path(path).absolute(), step)
     if target.exists():
         raise InputError(f"checkpoint directory {target} already exists; allowed: a new path")
@@ -159,5 +160,5 @@ def restore(path: str | os.PathLike, *, cfg: ModelConfig | None = None,
                              f"{e}") from e
     if v1:
         params = jax.tree.map(jnp.asarray, from_flax_kernel_layout(params))
-        _check_params(params, stored)
+        check_params(params, stored)
     return params, stored, meta["tokenizer_name"]

@@ -13,7 +13,6 @@ A shipped model is a folder with two files:
 (docs/ladder.md) whose held-out answers are clearly useful.
 """
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from statejax.checkpoint.orbax_io import check_params, config_from_json, config_to_json
 from statejax.errors import InputError
-from statejax.model.config import ModelConfig, RopeScaling
-from statejax.model.llama import from_flax_kernel_layout, init_params
+from statejax.model.config import ModelConfig
+from statejax.model.llama import from_flax_kernel_layout
 from statejax.tokenizer import ByteTokenizer
 
 DEFAULT = "ladder-l-long"  # folder of the embedded default, beside this file
@@ -47,7 +47,7 @@ def save(path, params, cfg: ModelConfig, info: dict[str, Any]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     host = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
     (path / _PARAMS).write_bytes(serialization.msgpack_serialize(_plain(host)))
-    meta = {"format": FORMAT, "model": dataclasses.asdict(cfg),
+    meta = {"format": FORMAT, "model": config_to_json(cfg),
             "tokenizer": ByteTokenizer.name, **info}
     (path / _META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
@@ -78,22 +78,16 @@ def load(path) -> tuple[ModelConfig, Any, ByteTokenizer, dict[str, Any]]:
     if tokenizer != ByteTokenizer.name:
         raise InputError(f"{path} needs tokenizer {tokenizer!r}; this loader "
                          f"knows {ByteTokenizer.name!r}")
-    fields = dict(info.pop("model"))
-    if fields.get("rope_scaling") is not None:
-        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-    try:
-        cfg = ModelConfig(**fields)
-    except TypeError as e:
-        raise InputError(f"{path / _META}: its model config does not fit ModelConfig: {e}") from e
+    cfg = config_from_json(info.pop("model"))
     params = serialization.msgpack_restore((path / _PARAMS).read_bytes())
     if info.pop("format") == 1:
         params = from_flax_kernel_layout(params)
     params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
-    want = jax.eval_shape(lambda: init_params(cfg))
-    got_shapes = jax.tree.map(lambda x: x.shape, params)
-    if got_shapes != jax.tree.map(lambda x: x.shape, want):
+    try:
+        check_params(params, cfg)
+    except InputError as e:
         raise InputError(f"{path / _PARAMS} does not hold the parameters of the config in "
-                         f"{_META} (their tree or shapes differ)")
+                         f"{_META}: {e}") from e
     return cfg, params, ByteTokenizer(), info
 
 
