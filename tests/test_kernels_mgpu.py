@@ -307,6 +307,10 @@ def test_head_dims_mosaic_takes_that_triton_does_not():
     for build in (mg._append_mgpu, dm._decode_mgpu):
         q, pool, _, table, lengths = _valid(d=192)
         assert _lowers(build, q, pool, None) is None
+        out, lse = jax.eval_shape(lambda *a, build=build: build(*a, window=None,
+                                                                block_sizes=None),
+                                  q, pool, pool, table, lengths)
+        assert (out.shape, out.dtype, lse.shape) == (q.shape, q.dtype, q.shape[:3])
 
 
 def test_contiguous_cells_take_mosaic_tiles_before_their_page_size(monkeypatch):
