@@ -90,14 +90,17 @@ def matmul_rate(n: int, *, warmup: int = 2, repeats: int = 10) -> float:
     return 2 * n**3 / seconds
 
 
+def query_floor_bytes(cfg: ModelConfig, context_tokens: int, new_tokens: int) -> int:
+    """Bytes one step of `new_tokens` over `context_tokens` cached tokens must move: every
+    weight once (`cfg.step_weight_bytes`: of an untied input embedding only the new tokens'
+    rows), plus the K/V cells of the context and of the new tokens once
+    (`cfg.kv_bytes_per_token` each)."""
+    return (cfg.step_weight_bytes(new_tokens)
+            + (context_tokens + new_tokens) * cfg.kv_bytes_per_token)
+
+
 def query_floor_ms(cfg: ModelConfig, context_tokens: int, new_tokens: int,
                    copy_bytes_per_s: float) -> float:
-    """Memory floor of one step of `new_tokens` over `context_tokens` cached tokens, in ms.
-
-    Bytes that must move: every weight once (`cfg.step_weight_bytes`: of an untied input
-    embedding only the new tokens' rows), plus the K/V cells of the context and of the new
-    tokens once (`cfg.kv_bytes_per_token` each), at the measured copy bandwidth.
-    """
-    nbytes = (cfg.step_weight_bytes(new_tokens)
-              + (context_tokens + new_tokens) * cfg.kv_bytes_per_token)
-    return 1e3 * nbytes / copy_bytes_per_s
+    """Memory floor of one step of `new_tokens` over `context_tokens` cached tokens, in ms:
+    `query_floor_bytes` at the measured copy bandwidth (bytes/s)."""
+    return 1e3 * query_floor_bytes(cfg, context_tokens, new_tokens) / copy_bytes_per_s

@@ -30,7 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from statejax import gpu_target, steps
+from statejax import gpu_target, roofline, steps
 from statejax.model.config import preset
 from statejax.model.llama import init_params
 from statejax.state import SessionState
@@ -143,6 +143,43 @@ def token_writes(hlo_text: str, cfg) -> int:
     return count
 
 
+# Bytes per element of HLO primitive types (the 8-bit float types all start with "f8").
+_ITEMSIZE = dict(pred=1, s8=1, u8=1, s16=2, u16=2, f16=2, bf16=2, s32=4, u32=4, f32=4, s64=8,
+                 u64=8, f64=8, c64=8, c128=16)
+
+
+def _type_bytes(hlo_type: str) -> int:
+    """Bytes of an HLO result type, a tuple's elements summed: `(f32[2,3]{1,0}, s32[])` = 28."""
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]\w*)\[([\d,]*)\]", hlo_type):
+        itemsize = 1 if dtype.startswith("f8") else _ITEMSIZE.get(dtype)
+        if itemsize is None:
+            raise ValueError(f"unknown HLO element type {dtype!r} in {hlo_type!r}")
+        total += itemsize * math.prod(int(x) for x in dims.split(",") if x)
+    return total
+
+
+def written_bytes(hlo_text: str) -> dict[str, int]:
+    """{kind: bytes} the entry computation's kernels write to device memory (`KINDS`,
+    "total"): intermediates, each read again at least once, so traffic above the step's
+    floor (weights and cells read once) of at least twice the total. On a 32-token query
+    these are mostly split-K partial sums (GEMMs) and flash-decoding partials (Pallas).
+
+    Not counted: in-place updates of cells (scatter / dynamic-update-slice fusions: their
+    result is the whole buffer, their write a few rows) and loops (their result is the
+    carried state; a turn's kernels run inside). Compile-only targets choose GEMM tilings
+    without autotuning, so split-K partials may differ on the card."""
+    written = collections.Counter()
+    for line in _entry(hlo_text).splitlines():
+        line = _INDEX_COMMENT.sub("", line)
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\(", line)
+        if (m is None or m.group(3) in _NO_LAUNCH or m.group(3) == "while"
+                or "dynamic_update_slice" in m.group(1) or "scatter" in m.group(1)):
+            continue
+        written[_kind(line)] += _type_bytes(m.group(2))
+    return {kind: written[kind] for kind in KINDS} | {"total": sum(written.values())}
+
+
 def _entry(hlo_text: str) -> str:
     entry = re.search(r"^ENTRY .*?\n(.*?)^}", hlo_text, re.M | re.S)
     if entry is None:
@@ -212,7 +249,8 @@ def _compile(step_fn, device, args, static) -> tuple[str, float]:
 
 def _row(step, context, impl, text, cfg, **extra) -> dict:
     kinds = kernel_kinds(text)
-    return dict(step=step, context=context, impl=impl, **extra,
+    written_mb = {kind: n / 2**20 for kind, n in written_bytes(text).items()}
+    return dict(step=step, context=context, impl=impl, **extra, written_mb=written_mb,
                 distinct_pallas=distinct_pallas(text),
                 per_layer=kinds["total"] / cfg.num_layers, large_copies=large_copies(text, cfg),
                 donated=donated_buffers(text), per_token=per_token_kernels(text),
@@ -226,11 +264,13 @@ def run(config) -> dict:
     Returns:
       {"rows": [{step, context, impl, max_new_cap | chunk, compile_s, distinct_pallas,
        total, per_layer, gemm, pallas, fusion, other, large_copies, donated, per_token,
-       token_writes}], "target", "model", "dtype", "tokens", "layers", "jax_version",
-      "date"}. `compile_s`: seconds to trace, lower and compile on this host (steps compile
-      in the order of the rows: a later one may reuse caches). `distinct_pallas`,
-      `large_copies`, `donated` (buffers updated in place), `per_token` (kernels) and
-      `token_writes`: see the functions of those names.
+       token_writes, written_mb}], "target", "model", "dtype", "tokens", "layers",
+      "floor_mb", "jax_version", "date"}. `compile_s`: seconds to trace, lower and compile on
+      this host (steps compile in the order of the rows: a later one may reuse caches).
+      `distinct_pallas`, `large_copies`, `donated` (buffers updated in place), `per_token`
+      (kernels) and `token_writes`: see the functions of those names; `written_mb`:
+      `written_bytes` in MiB by kind. `floor_mb`: {context: MiB a query step must read}
+      (`roofline.query_floor_bytes`).
     """
     cfg = preset(config.model, dtype=config.dtype)
     device = gpu_target.target_device(config.target)
@@ -250,11 +290,17 @@ def run(config) -> dict:
                 text, secs = _compile(steps.append, device, args, static | dict(impl=impl))
                 rows.append(_row("append", context, impl, text, cfg, chunk=chunk,
                                  compile_s=secs))
+    floor_mb = {context: roofline.query_floor_bytes(cfg, context, config.tokens) / 2**20
+                for context in config.contexts}
     return dict(target=f"{device.device_kind} (compile-only, no autotuning)",
                 model=config.model, dtype=config.dtype, tokens=config.tokens,
-                layers=cfg.num_layers, jax_version=jax.__version__,
+                layers=cfg.num_layers, floor_mb=floor_mb, jax_version=jax.__version__,
                 date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 rows=rows)
+
+
+def _written(mb: dict[str, float]) -> str:
+    return f"{mb['total']:.1f} ({mb['gemm']:.1f} / {mb['pallas']:.1f})"
 
 
 def results_markdown(results: dict) -> str:
@@ -270,10 +316,15 @@ def results_markdown(results: dict) -> str:
         "generation loop; token writes: intermediates that large written per token; compile "
         "s: trace + lower + compile on the host that ran this (a CPU); Pallas compiled: "
         "distinct Pallas kernels in the whole program, generation loop included (XLA compiles "
-        "identical Triton calls once)", "",
+        "identical Triton calls once); written MiB: what the step's kernels write (all / by "
+        "GEMMs, mostly split-K partial sums / by Pallas, mostly flash-decoding partials), each "
+        "byte read again: traffic above the floor of at least twice that; the query's floor "
+        "(weights and cells read once): " + ", ".join(
+            f"{mb:.0f} MiB at {context}" for context, mb in results["floor_mb"].items()), "",
         "| step | context | impl | width | compile s | Pallas compiled | kernels | per layer "
-        "| gemm | pallas | fusion | other | large copies | donated | per token | token writes |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gemm | pallas | fusion | other | large copies | donated | per token | token writes "
+        "| written MiB (gemm / pallas) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         width = r["max_new_cap"] if r["step"] == "query" else r["chunk"]
@@ -281,5 +332,5 @@ def results_markdown(results: dict) -> str:
                      f"{r['compile_s']:.1f} | {r['distinct_pallas']} | {r['total']} | "
                      f"{r['per_layer']:.1f} | {r['gemm']} | {r['pallas']} | {r['fusion']} | "
                      f"{r['other']} | {r['large_copies']} | {r['donated']} | {r['per_token']} | "
-                     f"{r['token_writes']} |")
+                     f"{r['token_writes']} | {_written(r['written_mb'])} |")
     return "\n".join(lines) + "\n"

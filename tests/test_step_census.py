@@ -47,6 +47,22 @@ def test_kernel_kinds_counts_the_entry_computation_only():
         step_census.kernel_kinds("HloModule m\n")
 
 
+def test_written_bytes_are_the_results_of_launches_by_kind():
+    # f, d: 16 B each; g: 16; k: 16; the transpose 2048 bf16 = 4096; the copy 2 * 8 * 2 = 32.
+    assert step_census.written_bytes(HLO) == dict(gemm=32, pallas=16, fusion=4112, other=32,
+                                                  total=4192)
+    # Tuple results are summed, in-place cell updates and loops left out (LOOP's entry has
+    # only its loop), element types sized as HLO prints them.
+    hlo = HLO.replace("%k = f32[4]{0} custom-call", "%k = (f32[2,3]{1,0}, s32[]) custom-call")
+    hlo = hlo.replace("%c = bf16[2,8]{1,0} copy", "%input_scatter_fusion.1 = bf16[2,8]{1,0} copy")
+    assert step_census.written_bytes(hlo) == dict(gemm=32, pallas=28, fusion=4112, other=0,
+                                                  total=4172)
+    assert step_census.written_bytes(LOOP)["total"] == 0
+    assert step_census._type_bytes("(pred[3], f8e4m3fn[2,2], f64[], u16[5])") == 3 + 4 + 8 + 10
+    with pytest.raises(ValueError, match="unknown HLO element type 'q7'"):
+        step_census._type_bytes("q7[2]")
+
+
 def test_donated_buffers_are_read_from_the_module_header():
     header = ("HloModule m, input_output_alias={ {0}: (3, {}, may-alias), {1}: (4, {}, "
               "must-alias) }, entry_computation_layout={()->()}\n")
@@ -177,6 +193,17 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
     # write cell-sized intermediates per token.)
     assert rows["pallas", 32]["large_copies"] == rows["pallas", 1]["large_copies"]
     assert rows["pallas", 32]["token_writes"] == 0
+    # What the kernels write: something (the activations at least), and on the Pallas path
+    # the attention kernels' partials; the floor is the tiny model's weights and cells.
+    cfg = preset("tiny", dtype="float32")
+    assert results["floor_mb"] == {"256": pytest.approx(
+        (cfg.step_weight_bytes(results["tokens"]) + (256 + results["tokens"])
+         * cfg.kv_bytes_per_token) / 2**20)}
+    for row in results["rows"]:
+        written = row["written_mb"]
+        assert written["total"] == pytest.approx(sum(written[k] for k in step_census.KINDS))
+        assert written["total"] > 0
+        assert (written["pallas"] > 0) == (row["impl"] == "pallas")
     markdown = (tmp_path / "results.md").read_text()
     assert "| query | 256 | pallas | 1 |" in markdown
     assert "| append | 256 | pallas | 16 |" in markdown
