@@ -264,15 +264,17 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
 
 
 def _merge_earlier(out, lse, earlier_o_ref, earlier_lse_ref, num: int):
-    """Exact log-sum-exp merge of `num` earlier float32 partials (out normalised, lse natural;
-    MASK_VALUE for an empty one) into (out, lse), one at a time, as `combine_splits` does."""
+    """Exact log-sum-exp merge of `num` earlier partials (out normalised, in float32 or the
+    queries' dtype; lse float32, natural, MASK_VALUE for an empty one) into (out, lse), one at
+    a time, as `combine_splits` does (in float32)."""
     def merge(i, carry):
         out, lse = carry
         lse_i = earlier_lse_ref[i]
         new = jnp.maximum(lse, lse_i)
         w, w_i = jnp.exp(lse - new), jnp.exp(lse_i - new)
         total = w + w_i
-        out = (w[:, None] * out + w_i[:, None] * earlier_o_ref[i]) / total[:, None]
+        out_i = earlier_o_ref[i].astype(jnp.float32)
+        out = (w[:, None] * out + w_i[:, None] * out_i) / total[:, None]
         return out, new + jnp.log(total)
 
     return lax.fori_loop(0, num, merge, (out, lse))
@@ -338,7 +340,8 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     padded to the query tile), optionally merging `earlier` partials of the same rows.
 
     Args:
-      earlier: None, or float32 partials (out [1, K, N', M', D], lse [1, K, N', M']) of the
+      earlier: None, or partials (out [1, K, N', M', D] in float32 or q's dtype, lse
+        [1, K, N', M'] float32) of the
         queries of ALL B rows folded into one row (as `cascade_attention`'s shared call
         folds them): row b's m is their row b * T * G + m. Requires T * G to be a multiple
         of block_q (no padded rows) and num_splits == 1; the result is then the exact

@@ -13,6 +13,14 @@ The two key sets are disjoint, so the result is exact by log-sum-exp merge:
   private kernel merges the shared splits into its own result in its epilogue (one launch,
   output in q's dtype); otherwise the private part is one more float32 partial and
   `decode_attention.combine_splits` merges them all.
+
+The shared splits' partial outputs are written in q's dtype (their log-sum-exps in float32)
+and merged in float32, as vLLM's paged attention keeps its split outputs: with bf16 queries
+that halves the partials' traffic, which at long contexts is most of the step's bytes beyond
+the weights and cells (Llama-3.2-1B at 32k cells: 32 splits x 128 rows x 64 per kv-head and
+layer; in float32 132 of the 289 MiB a query step wrote, `statejax.step_census`), and what
+the private kernel's few programs read serially in their merge. The Mosaic GPU shared part
+writes float32.
 """
 
 import dataclasses
@@ -236,7 +244,7 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
 
     common = dict(interpret=interpret, poison_outputs=poison_outputs)
     # Shared part: all R x T queries folded into the rows of one batch row (row r's query
-    # rows follow row r - 1's), float32 partials per split.
+    # rows follow row r - 1's), partials per split in q's dtype (Mosaic GPU: float32).
     shared_args = (q_RxTxHxD.reshape(1, r * t, h, d), shared_k_pool, shared_v_pool,
                    shared_page_table_P[None], jnp.reshape(shared_len, (1,)))
     if mosaic:
@@ -246,7 +254,7 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     else:
         out_s, lse_s = aa.paged_flash_folded(
             *shared_args, window=shared_window, causal=False, block_sizes=bs.shared,
-            out_dtype=jnp.float32, page_offset=shared_page_offset, **common)
+            out_dtype=q_RxTxHxD.dtype, page_offset=shared_page_offset, **common)
     private = dict(window=branch_window, causal=True, block_sizes=bs.private,
                    page_offset=branch_page_offset, **common)
     rows = t * (h // k_heads)
@@ -262,7 +270,7 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     out_p, lse_p = aa.unfold_partials(*aa.paged_flash_folded(
         q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
         out_dtype=jnp.float32, **private), t, h)
-    out_s, lse_s = aa.unfold_partials(out_s, lse_s, r * t, h)
+    out_s, lse_s = aa.unfold_partials(out_s.astype(jnp.float32), lse_s, r * t, h)
     out_s, lse_s = out_s.reshape(r, t, h, -1, d), lse_s.reshape(r, t, h, -1)
     return da.combine_splits(jnp.concatenate([out_s, out_p], axis=3),
                              jnp.concatenate([lse_s, lse_p], axis=3), q_RxTxHxD.dtype)

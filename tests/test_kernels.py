@@ -211,12 +211,45 @@ CASCADE_CASES = [
     # GQA 8, T = 1 (a decode step of every branch), split shared part, bf16.
     CascadeCase(shared_lengths=(100,), branch_lengths=(3, 0), t=1, h=8, k=1, shared_pages=8,
                 branch_pages=2, dtype="bfloat16", block_sizes=_SPLIT_TILES),
+    # bf16 shared splits merged in the private kernel's epilogue (T x G = 16 fills its tile):
+    # the splits' partial outputs are bf16 there.
+    CascadeCase(shared_lengths=(0, 37, 100), branch_lengths=(2, 0), t=4, h=8, k=2,
+                shared_pages=8, branch_pages=2, dtype="bfloat16", block_sizes=_SPLIT_TILES),
 ]
 
 
 @pytest.mark.parametrize("case", CASCADE_CASES, ids=str)
 def test_cascade_attention_interpret(case):
     check_cascade(case, interpret=True)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cascade_shared_partials_are_written_in_the_queries_dtype(dtype):
+    """The shared splits' partial outputs (the bytes the private kernel's merge reads) are
+    q's dtype, their log-sum-exps float32; the merged output is q's dtype."""
+    case = CASCADE_CASES[-1]
+    rng = np.random.default_rng(0)
+    q = _queries(rng, (2, case.t, case.h, case.d), dtype)
+    pool = _queries(rng, (8, case.shared_page_size, case.k, case.d), dtype)
+    table = jnp.arange(8, dtype=jnp.int32)
+    jaxpr = jax.make_jaxpr(functools.partial(
+        ca.cascade_attention, block_sizes=case.block_sizes, interpret=True))(
+        q, pool, pool, table, jnp.int32(100), pool, pool, table.reshape(2, 4),
+        jnp.zeros((2,), jnp.int32))
+    calls = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+    assert len(calls) == 2  # shared splits, then private + merge
+    assert [v.aval.dtype for v in calls[0].outvars] == [jnp.dtype(dtype), jnp.float32]
+    assert [v.aval.dtype for v in calls[1].outvars] == [jnp.dtype(dtype), jnp.float32]
+
+
+def _all_eqns(jaxpr):
+    """Equations of a jaxpr and of every jaxpr nested in its equations' params."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                yield from _all_eqns(inner)
 
 
 def check_cells(*, dtype: str, interpret: bool, d: int = 16, cells: int = 48, window: int = 40):
