@@ -162,8 +162,9 @@ def _type_bytes(hlo_type: str) -> int:
 def written_bytes(hlo_text: str) -> dict[str, int]:
     """{kind: bytes} the entry computation's kernels write to device memory (`KINDS`,
     "total"): intermediates, each read again at least once, so traffic above the step's
-    floor (weights and cells read once) of at least twice the total. On a 32-token query
-    these are mostly split-K partial sums (GEMMs) and flash-decoding partials (Pallas).
+    floor (weights and cells read once) of nearly twice the total (the step's own outputs,
+    a few hundred KB, are read by the host instead). On a 32-token query they are mostly
+    split-K partial sums (GEMMs) and flash-decoding partials (Pallas).
 
     Not counted: in-place updates of cells (scatter / dynamic-update-slice fusions: their
     result is the whole buffer, their write a few rows) and loops (their result is the
