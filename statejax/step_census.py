@@ -318,8 +318,9 @@ def results_markdown(results: dict) -> str:
         "s: trace + lower + compile on the host that ran this (a CPU); Pallas compiled: "
         "distinct Pallas kernels in the whole program, generation loop included (XLA compiles "
         "identical Triton calls once); written MiB: what the step's kernels write (all / by "
-        "GEMMs, mostly split-K partial sums / by Pallas, mostly flash-decoding partials), each "
-        "byte read again: traffic above the floor of at least twice that; the query's floor "
+        "GEMMs: outputs and split-K partial sums / by Pallas: attention outputs and "
+        "flash-decoding partials), each byte read again: traffic above the floor of nearly "
+        "twice that; the query's floor "
         "(weights and cells read once): " + ", ".join(
             f"{mb:.0f} MiB at {context}" for context, mb in results["floor_mb"].items()), "",
         "| step | context | impl | width | compile s | Pallas compiled | kernels | per layer "
