@@ -60,17 +60,27 @@ def kernel_kinds(hlo_text: str) -> dict[str, int]:
     return _kinds(_entry(hlo_text))
 
 
-def _kinds(computation: str) -> dict[str, int]:
-    counts = collections.Counter()
+def _launches(computation: str):
+    """(name, result type, opcode, line) of each instruction of `computation` that launches
+    work (`_NO_LAUNCH` aside)."""
     for line in computation.splitlines():
         # Tuples of six or more elements print `/*index=5*/` comments: an `=` inside the
         # result type (loops and calls of the generation step have such results).
         line = _INDEX_COMMENT.sub("", line)
-        op = re.match(r"\s*(?:ROOT )?\S+ = [^=]*?\s([a-z][\w-]*)\(", line)
-        if op and op.group(1) not in _NO_LAUNCH:
-            counts[_kind(line)] += 1
-    total = sum(counts.values())
-    return {kind: counts[kind] for kind in KINDS} | {"total": total}
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\(", line)
+        if m and m.group(3) not in _NO_LAUNCH:
+            yield m.group(1), m.group(2), m.group(3), line
+
+
+def _updates_in_place(name: str) -> bool:
+    """Whether a launch is a cache update whose result is the whole (aliased) buffer though
+    it writes a few rows: scatter and dynamic-update-slice fusions."""
+    return "dynamic_update_slice" in name or "scatter" in name
+
+
+def _kinds(computation: str) -> dict[str, int]:
+    counts = collections.Counter(_kind(line) for *_, line in _launches(computation))
+    return {kind: counts[kind] for kind in KINDS} | {"total": sum(counts.values())}
 
 
 def distinct_pallas(hlo_text: str) -> int:
@@ -132,14 +142,11 @@ def token_writes(hlo_text: str, cfg) -> int:
     turn = generation_loop(hlo_text) or ""
     smallest = cfg.embed_dim * cfg.num_kv_heads * cfg.head_dim
     count = 0
-    for line in turn.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\(", line)
-        if (m is None or m.group(3) in _NO_LAUNCH or "dynamic_update_slice" in m.group(1)
-                or "scatter" in m.group(1)):
-            continue
-        sizes = [math.prod(int(x) for x in dims.split(",") if x)
-                 for dims in re.findall(r"\w\[([\d,]*)\]", m.group(2))]
-        count += max(sizes, default=0) >= smallest
+    for name, result, _, _ in _launches(turn):
+        if not _updates_in_place(name):
+            sizes = [math.prod(int(x) for x in dims.split(",") if x)
+                     for dims in re.findall(r"\w\[([\d,]*)\]", result)]
+            count += max(sizes, default=0) >= smallest
     return count
 
 
@@ -171,13 +178,9 @@ def written_bytes(hlo_text: str) -> dict[str, int]:
     carried state; a turn's kernels run inside). Compile-only targets choose GEMM tilings
     without autotuning, so split-K partials may differ on the card."""
     written = collections.Counter()
-    for line in _entry(hlo_text).splitlines():
-        line = _INDEX_COMMENT.sub("", line)
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\(", line)
-        if (m is None or m.group(3) in _NO_LAUNCH or m.group(3) == "while"
-                or "dynamic_update_slice" in m.group(1) or "scatter" in m.group(1)):
-            continue
-        written[_kind(line)] += _type_bytes(m.group(2))
+    for name, result, op, line in _launches(_entry(hlo_text)):
+        if op != "while" and not _updates_in_place(name):
+            written[_kind(line)] += _type_bytes(result)
     return {kind: written[kind] for kind in KINDS} | {"total": sum(written.values())}
 
 
