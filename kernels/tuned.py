@@ -22,9 +22,11 @@ reference in that run.
 A call finds the entries of its kernel and shape whose backend it may run and whose tiles
 suit it (page sizes); it takes those whose window is nearest in log2, and of them the fastest
 (`ms`; Triton on a tie): so where a GPU model's table says the Mosaic shared part beat the
-Triton one, a caller that leaves the backend to the table runs it. The split count stands
-within a factor sqrt(2) of the measured window; further away the caller's split rule is
-applied to the measured tiles.
+Triton one, a caller that leaves the backend to the table runs it. An entry also records the
+time of the shape rule's Triton tiles in the same run (`default_ms`); where the rule was the
+faster, a caller that may run Triton keeps the rule (a Mosaic grid's best can lose to it).
+The split count stands within a factor sqrt(2) of the measured window; further away the
+caller's split rule is applied to the measured tiles.
 
 The table is read when a kernel call is traced; jax caches traced calls, so a process that
 rewrites the table (the benchmark, then a study, run as separate processes by
@@ -102,10 +104,12 @@ def _check_entry(entry, where: str) -> dict:
     bad = {k: v for k, v in ints.items() if not _is_positive_int(v)}
     if bad:
         raise InputError(f"{where}: tuned entry values must be positive ints, got {bad}")
-    ms = entry.get("ms")
-    if ms is not None and (not isinstance(ms, int | float) or isinstance(ms, bool)
-                           or not ms > 0):
-        raise InputError(f"{where}: tuned entry ms={ms!r}; allowed: a positive number or null")
+    for field in ("ms", "default_ms"):
+        ms = entry.get(field)
+        if ms is not None and (not isinstance(ms, int | float) or isinstance(ms, bool)
+                               or not ms > 0):
+            raise InputError(f"{where}: tuned entry {field}={ms!r}; allowed: a positive "
+                             "number or null")
     return entry
 
 
@@ -154,7 +158,8 @@ def lookup(kernel: str, shape: dict, window: int, *, device_kind: str | None,
         fastest (`ms`) of these is taken.
 
     Returns:
-      None, or a `Found`.
+      None (no entry, or the shape rule measured faster where "triton" is allowed), or a
+      `Found`.
     """
     if device_kind is None:
         return None
@@ -171,6 +176,11 @@ def lookup(kernel: str, shape: dict, window: int, *, device_kind: str | None,
     nearest = min(matches, key=lambda e: (distance(e), e["window"]))["window"]
     best = min((e for e in matches if e["window"] == nearest),
                key=lambda e: (_ms(e), backend_of(e) != "triton"))
+    # The shape rule (Triton tiles) was timed in the same run (`default_ms`): where it beat
+    # every entry there, a caller that may run it keeps it.
+    rule_ms = best.get("default_ms")
+    if "triton" in backends and rule_ms is not None and rule_ms < _ms(best):
+        return None
     return Found(best["block_sizes"], distance(best) <= 0.5, backend_of(best))
 
 

@@ -157,6 +157,26 @@ def test_lookup_takes_the_fastest_backend_allowed_at_the_nearest_window(table_di
         tuned.record(_decode(1024) | {"backend": "mosaic_gpu"}, device_kind=H100)
 
 
+def test_the_shape_rule_stands_where_it_measured_faster_than_the_entries(table_dir):
+    """A Mosaic grid's best that lost to the Triton rule in its run (as on the H100 at 1k
+    cells, 2026-11-27) is not taken by a caller that may run Triton; one that asks for
+    Mosaic still gets it."""
+    slow = _cascade(1024, "mosaic_gpu", 0.0168, _MOSAIC) | {"default_ms": 0.0113}
+    tuned.record(slow, device_kind=H100)
+    look = lambda window, backends: tuned.lookup(  # noqa: E731
+        "cascade", CASCADE, window, device_kind=H100, backends=backends)
+    assert look(1024, ("triton", "mosaic_gpu")) is None
+    assert look(1024, ("mosaic_gpu",)).block_sizes["shared"] == _MOSAIC
+    tuned.record(slow | {"default_ms": 0.02}, device_kind=H100)  # the entry won its run
+    assert look(1024, ("triton", "mosaic_gpu")).backend == "mosaic_gpu"
+    # Triton entries carry the rule's time too: the faster of the two stands.
+    tuned.record(_cascade(32768, "triton", 0.07, _tiles()) | {"default_ms": 0.06},
+                 device_kind=H100)
+    assert look(32768, ("triton",)) is None
+    with pytest.raises(InputError, match="default_ms=0"):
+        tuned.record(slow | {"default_ms": 0}, device_kind=H100)
+
+
 def test_cascade_takes_the_mosaic_shared_part_where_measured_faster(table_dir, monkeypatch):
     query = dict(interpret=False, rows=128, head_dim=64, itemsize=2, page_size=64)
     both = ca.measured_backends(**query)
