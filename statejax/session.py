@@ -68,6 +68,12 @@ def generation_width(limits, budget: Budget) -> int:
     return 1 if max(limits) == 1 else budget.max_new_tokens
 
 
+def fetch_generation(gen: steps.Generation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays an answer is made of, on the host: tokens [R, G] int32, num_tokens [R]
+    int32, gaps [R, G] float32 (waits for the step)."""
+    return jax.device_get((gen.tokens, gen.num_tokens, gen.gaps))
+
+
 class Session:
     """One session row: frozen prefix, then appended data; queries never change it.
 
@@ -288,7 +294,7 @@ class Session:
             np.int32(self.tokenizer.vocab_size), cfg=self.cfg,
             window=self.budget.window_for(self.length), branch_cells=self.budget.branch_cells,
             max_new_cap=generation_width(limits, self.budget), impl=self.impl)
-        tokens, num, gaps = jax.device_get((gen.tokens, gen.num_tokens, gen.gaps))
+        tokens, num, gaps = fetch_generation(gen)
         answers = []
         for i in range(len(ids)):
             # Gaps cover every emitted token, the stop token included.

@@ -15,7 +15,12 @@ chained, so per-call launch cost is amortised as in the real step):
   branch over a session of `context` cells, then the first token) on device-resident inputs;
   then its kernels from a profiler trace (`device_trace`: kernel time by kind and by HLO op,
   against the untraced step time),
-- `session_query`: `Session.query` end to end (tokens in, answer out: host work included),
+- `query_step_sync`: the same compiled call one at a time on the same inputs, each waited for
+  (a query's latency, where `query_step` is the pipelined rate),
+- `query_step_host_io`: one call at a time as `Session.query` makes it: host (numpy) inputs
+  in, the answer's arrays fetched (`session.fetch_generation`),
+- `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
+  these four rows split a query's time into device rate, latency, transfers and Python,
 - `decode_token`: one generated token of a query that generates (`steps.query` at width
   `decode_tokens`, no stop token): the time of all tokens minus that of the first, over the
   rest, in one compiled program; its kernels are one turn of the generation loop,
@@ -40,7 +45,7 @@ from statejax.budget import Budget
 from statejax.cache import FullView
 from statejax.model.config import preset
 from statejax.model.llama import Attention, Mlp, Transformer, init_params
-from statejax.session import Session, generation_width
+from statejax.session import Session, fetch_generation, generation_width
 from statejax.tokenizer import ByteTokenizer
 
 
@@ -139,6 +144,15 @@ def query_path(cfg, params, config):
     return session, question[0], args, static
 
 
+def host_inputs(args) -> tuple:
+    """`query_path`'s args with the per-query inputs as host (numpy) values, as
+    `Session.query` passes them: the params, the state and the PRNG key stay on the device."""
+    params, state, *inputs = args
+    key = inputs.pop(6)
+    inputs = jax.device_get(inputs)
+    return (params, state, *inputs[:6], key, *inputs[6:])
+
+
 def _time_per_generated_token(args, static, width: int, timing) -> tuple[float, int]:
     """(median seconds per generated token, kernels per token) of the query at `args`
     generating `width` tokens: (t(width) - t(1)) / (width - 1) of one compiled program, the
@@ -211,6 +225,11 @@ def run(config, on_row=None) -> dict:
         results["query_kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     if on_row is not None:
         on_row(results)
+    add("query_step_sync", _median_wall_seconds(
+        lambda: jax.block_until_ready(compiled(*args)), **timing), launches, query_bytes)
+    host_args = host_inputs(args)
+    add("query_step_host_io", _median_wall_seconds(
+        lambda: fetch_generation(compiled(*host_args)), **timing), launches, query_bytes)
     add("session_query", _median_wall_seconds(lambda: session.query(question, 1), **timing),
         None, query_bytes)
     add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),

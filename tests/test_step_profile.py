@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from configs import step_profile as sp_config
+from statejax import session as session_lib
 from statejax import step_profile, steps
 from statejax.model.config import preset
 from statejax.model.llama import init_params
@@ -42,8 +43,9 @@ def test_tiny_run_reports_each_component_against_the_floor():
                                on_row=lambda r: seen.append(len(r["rows"])))
     names = [r["component"] for r in results["rows"]]
     # The query path first: a run cut short by its time limit keeps the rows that matter most.
-    assert names == ["query_step", "session_query", "decode_token", "attn_projections", "mlp",
-                     "embed_logits", "step_without_attention", "step_with_attention"]
+    assert names == ["query_step", "query_step_sync", "query_step_host_io", "session_query",
+                     "decode_token", "attn_projections", "mlp", "embed_logits",
+                     "step_without_attention", "step_with_attention"]
     # Rewritten after every row, and once more after query_step's kernel trace.
     assert seen == [1, *range(1, len(names) + 1)]
     for r in results["rows"]:
@@ -53,6 +55,9 @@ def test_tiny_run_reports_each_component_against_the_floor():
     rows = {r["component"]: r for r in results["rows"]}
     assert all(rows[n]["kernels"] > 0 for n in names if n != "session_query")
     assert rows["session_query"]["kernels"] is None
+    # The synchronous rows run the query step's own program.
+    assert (rows["query_step_sync"]["kernels"] == rows["query_step_host_io"]["kernels"]
+            == rows["query_step"]["kernels"])
     # A generated token runs one turn of the generation loop: the whole model for one token,
     # about as many kernels as the first-token step (H100: 323 vs 223), not the CPU's rolled
     # random-bits loop (17 here, which was counted as the turn before).
@@ -84,6 +89,14 @@ def test_query_step_is_the_sessions_own_device_call(impl):
     # Same generation (the stop token, if drawn, is not part of either answer) ...
     np.testing.assert_array_equal(np.asarray(gen.tokens[0, :int(gen.num_tokens[0])]),
                                   answer.tokens)
+    # The profile's host-input call is that call too, on numpy inputs (the key stays a key).
+    host_args = step_profile.host_inputs(args)
+    assert all(isinstance(a, np.ndarray | np.generic) for a in host_args[2:8] + host_args[9:])
+    assert all(host_args[i] is args[i] for i in (0, 1, 8))
+    tokens, num, gaps = session_lib.fetch_generation(steps.query(*host_args, **static))
+    np.testing.assert_array_equal(tokens, np.asarray(gen.tokens))
+    np.testing.assert_array_equal(gaps, np.asarray(gen.gaps))
+    assert isinstance(num, np.ndarray) and num.tolist() == np.asarray(gen.num_tokens).tolist()
     # ... and it depends on the session's cells: an empty session answers differently.
     empty = args[1].replace(lengths=args[1].lengths * 0)
     other = steps.query(args[0], empty, *args[2:], **static)
