@@ -21,6 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmup = 2
     c.repeats = 10
     c.context = 1024  # session cells behind the query rows (query_step, session_query)
+    c.extra_contexts = ()  # larger sessions whose query rows come last (named query_step@N)
     c.impl = "reference"  # their attention: "reference", "pallas" or "pallas-mosaic"
     c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
     c.trace_calls = 5  # query_step calls traced by the profiler for its kernel breakdown
@@ -29,9 +30,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.dtype = "bfloat16"
         c.copy_mib = 2048
         c.impl = "pallas"
+        c.extra_contexts = (32768,)
     elif variant == "tiny":
         c.model = "tiny"
         c.context = 64
+        c.extra_contexts = (128,)
         c.copy_mib = 8
         c.warmup = 1
         c.repeats = 2

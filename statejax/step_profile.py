@@ -20,7 +20,9 @@ chained, so per-call launch cost is amortised as in the real step):
 - `query_step_host_io`: one call at a time as `Session.query` makes it: host (numpy) inputs
   in, the answer's arrays fetched (`session.fetch_generation`),
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
-  these four rows split a query's time into device rate, latency, transfers and Python,
+  these four rows split a query's time into device rate, latency, transfers and Python, and
+  come again last for each of `config.extra_contexts` (named `query_step@32768` ...: what grows
+  with the session),
 - `decode_token`: one generated token of a query that generates (`steps.query` at width
   `decode_tokens`, no stop token): the time of all tokens minus that of the first, over the
   rest, in one compiled program; its kernels are one turn of the generation loop,
@@ -114,25 +116,27 @@ def _time_compiled(fn, args, timing, **static) -> tuple[float, int, object]:
             step_census.kernel_kinds(compiled.as_text())["total"], compiled)
 
 
-def query_path(cfg, params, config):
-    """The session's query path at `config.context` cells of random byte tokens.
+def query_path(cfg, params, config, context: int | None = None):
+    """The session's query path at `context` (default `config.context`) cells of random byte
+    tokens.
 
     Returns:
       (session, question [T] int32, args, static): the session (for `Session.query`) and
       the device call it makes per query, `steps.query(*args, **static)`, with its inputs
       already on the device.
     """
+    context = config.context if context is None else context
     page = 16
-    cells = -(-(config.context + 2 * config.tokens) // page) * page
+    cells = -(-(context + 2 * config.tokens) // page) * page
     # The context goes in as one chunk: one append compile, not one per window it grows
     # through (seconds each at the 1B shape, in a device slot of a minute).
-    whole = -(-config.context // page) * page
+    whole = -(-context // page) * page
     budget = Budget(cells=cells, page_size=page,
                     chunk_sizes=tuple(sorted({16, 32, 64, 256, whole})),
                     question_cells=64, max_new_tokens=config.decode_tokens)
     session = Session(params, cfg, budget, ByteTokenizer(), impl=config.impl)
     rng = np.random.default_rng(0)
-    session.append(rng.integers(0, 256, config.context).astype(np.int32))
+    session.append(rng.integers(0, 256, context).astype(np.int32))
     question = rng.integers(0, 256, (1, config.tokens)).astype(np.int32)
     args = (params, session.state, jnp.int32(0), jnp.asarray(question),
             jnp.full((1,), config.tokens, jnp.int32), jnp.ones((1,), jnp.int32),
@@ -199,7 +203,8 @@ def run(config, on_row=None) -> dict:
                    jax_version=jax.__version__,
                    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                    model=config.model, dtype=config.dtype, tokens=config.tokens,
-                   context=config.context, impl=config.impl,
+                   context=config.context,
+                   extra_contexts=list(config.get("extra_contexts", ())), impl=config.impl,
                    params=cfg.num_params, weight_bytes=cfg.weight_bytes,
                    copy_bytes_per_s=bandwidth, copy_mib=config.copy_mib, rows=[])
 
@@ -211,32 +216,59 @@ def run(config, on_row=None) -> dict:
         if on_row is not None:
             on_row(results)
 
-    session, question, args, static = query_path(cfg, params, config)
-    query_bytes = (cfg.step_weight_bytes(config.tokens)
-                   + (config.context + config.tokens) * cfg.kv_bytes_per_token)
-    seconds, launches, compiled = _time_compiled(steps.query, args, timing, **static)
-    add("query_step", seconds, launches, query_bytes)
-    # Its kernels' device time (a profiler trace): what is kernels, what is idle. A profiler
-    # that fails is recorded, not raised: the rows after this one still count.
-    try:
-        results["query_kernels"] = device_trace.kernel_breakdown(compiled, args,
-                                                                 calls=config.trace_calls)
-    except Exception as e:  # noqa: BLE001 - any profiler failure
-        results["query_kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    if on_row is not None:
-        on_row(results)
-    add("query_step_sync", _median_wall_seconds(
-        lambda: jax.block_until_ready(compiled(*args)), **timing), launches, query_bytes)
-    host_args = host_inputs(args)
-    add("query_step_host_io", _median_wall_seconds(
-        lambda: fetch_generation(compiled(*host_args)), **timing), launches, query_bytes)
-    add("session_query", _median_wall_seconds(lambda: session.query(question, 1), **timing),
-        None, query_bytes)
+    def trace(compiled, args):
+        # Its kernels' device time (a profiler trace): what is kernels, what is idle. A
+        # profiler that fails is recorded, not raised: the rows after this one still count.
+        try:
+            results["query_kernels"] = device_trace.kernel_breakdown(
+                compiled, args, calls=config.trace_calls)
+        except Exception as e:  # noqa: BLE001 - any profiler failure
+            results["query_kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if on_row is not None:
+            on_row(results)
+
+    args, static = query_rows(cfg, params, config, config.context, timing, add,
+                              after_step=trace)
     add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
-        query_bytes)
+        _query_bytes(cfg, config, config.context))
     for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
         add(name, *_time_compiled(fn, args, timing)[:2], nbytes)
+    # The query rows again at larger sessions (names end in @cells): what grows with context.
+    for context in config.get("extra_contexts", ()):
+        query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}")
     return results
+
+
+def _query_bytes(cfg, config, context: int) -> int:
+    """Bytes a query must read: the step's weights and the K/V of context and question."""
+    return (cfg.step_weight_bytes(config.tokens)
+            + (context + config.tokens) * cfg.kv_bytes_per_token)
+
+
+def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
+               after_step=None) -> tuple[tuple, dict]:
+    """Adds the query path's rows at a session of `context` cells, each name + `suffix`:
+    `query_step` (pipelined calls), `query_step_sync`, `query_step_host_io`,
+    `session_query` (module docstring). `after_step(compiled, args)`, if given, runs right
+    after `query_step` (the kernel trace, before the slower rows).
+
+    Returns:
+      (args, static) of that query's device call (`query_path`).
+    """
+    session, question, args, static = query_path(cfg, params, config, context)
+    nbytes = _query_bytes(cfg, config, context)
+    seconds, launches, compiled = _time_compiled(steps.query, args, timing, **static)
+    add("query_step" + suffix, seconds, launches, nbytes)
+    if after_step is not None:
+        after_step(compiled, args)
+    add("query_step_sync" + suffix, _median_wall_seconds(
+        lambda: jax.block_until_ready(compiled(*args)), **timing), launches, nbytes)
+    host_args = host_inputs(args)
+    add("query_step_host_io" + suffix, _median_wall_seconds(
+        lambda: fetch_generation(compiled(*host_args)), **timing), launches, nbytes)
+    add("session_query" + suffix, _median_wall_seconds(
+        lambda: session.query(question, 1), **timing), None, nbytes)
+    return args, static
 
 
 def results_markdown(results: dict) -> str:
@@ -249,7 +281,9 @@ def results_markdown(results: dict) -> str:
         f"(read + write of {results['copy_mib']} MiB); weights "
         f"{results['weight_bytes'] / 1e6:.1f} MB", "",
         f"- query rows: a session of {results.get('context', '?')} cells, attention impl "
-        f"`{results.get('impl', 'reference')}`; their bytes add the session's K/V", "",
+        f"`{results.get('impl', 'reference')}`; their bytes add the session's K/V"
+        + "".join(f"; rows @{c}: a session of {c} cells" for c in results.get(
+            "extra_contexts", ())), "",
         "| component | ms | MB read | floor ms | GB/s | % of copy bandwidth | kernels |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]

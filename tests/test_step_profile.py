@@ -43,9 +43,10 @@ def test_tiny_run_reports_each_component_against_the_floor():
                                on_row=lambda r: seen.append(len(r["rows"])))
     names = [r["component"] for r in results["rows"]]
     # The query path first: a run cut short by its time limit keeps the rows that matter most.
-    assert names == ["query_step", "query_step_sync", "query_step_host_io", "session_query",
-                     "decode_token", "attn_projections", "mlp", "embed_logits",
-                     "step_without_attention", "step_with_attention"]
+    query = ["query_step", "query_step_sync", "query_step_host_io", "session_query"]
+    assert names == [*query, "decode_token", "attn_projections", "mlp", "embed_logits",
+                     "step_without_attention", "step_with_attention",
+                     *[n + "@128" for n in query]]  # the larger session's rows come last
     # Rewritten after every row, and once more after query_step's kernel trace.
     assert seen == [1, *range(1, len(names) + 1)]
     for r in results["rows"]:
@@ -53,8 +54,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
         assert np.isclose(r["floor_ms"], 1e3 * r["weight_bytes"] / results["copy_bytes_per_s"])
         assert np.isclose(r["frac_copy"], r["floor_ms"] / r["ms"])
     rows = {r["component"]: r for r in results["rows"]}
-    assert all(rows[n]["kernels"] > 0 for n in names if n != "session_query")
-    assert rows["session_query"]["kernels"] is None
+    assert all(rows[n]["kernels"] > 0 for n in names if not n.startswith("session_query"))
+    assert rows["session_query"]["kernels"] is None is rows["session_query@128"]["kernels"]
     # The synchronous rows run the query step's own program.
     assert (rows["query_step_sync"]["kernels"] == rows["query_step_host_io"]["kernels"]
             == rows["query_step"]["kernels"])
@@ -66,9 +67,13 @@ def test_tiny_run_reports_each_component_against_the_floor():
     cfg = preset("tiny")
     assert rows["query_step"]["weight_bytes"] == cfg.weight_bytes + (64 + 32) * (
         cfg.kv_bytes_per_token)
+    assert rows["query_step@128"]["weight_bytes"] == cfg.weight_bytes + (128 + 32) * (
+        cfg.kv_bytes_per_token)
+    assert results["extra_contexts"] == [128]
     assert jax.__version__ == results["jax_version"]
     md = step_profile.results_markdown(results)
     assert "| step_without_attention |" in md and "| kernels |" in md
+    assert "| query_step@128 |" in md and "rows @128: a session of 128 cells" in md
     # The query step's kernels from a profiler trace: on CPU, its XLA ops, each call the same.
     k = results["query_kernels"]
     assert k["source"] == "host" and k["kernels"] >= 1 and k["kernels"] == int(k["kernels"])
