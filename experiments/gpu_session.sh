@@ -4,21 +4,22 @@
 # time in all, machine start included). Parts and their caps (seconds, env overrides):
 #   stream   the HF peer (at most PEER_S=90 of the cap), then the stateful query with
 #            Pallas kernels vs its floor (configs/stream_latency.py:gpu-floor; STREAM_FLAGS
-#            adds flags)                                                         STREAM_S=260
+#            adds flags)                                                         STREAM_S=330
 #   tests    compiled-GPU tests: kernels (Triton), the model on the kernels      TESTS_S=150
 #   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=180
 #   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
 #   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=150
 #            grid; records the fastest tiles in kernels/tuned/ for the parts after it;
 #            then its Mosaic GPU shared part in a process of its own    QUERY_MOSAIC_S=60
-#   profile  step profile: the query step (and its kernels, profiler trace),     PROFILE_S=60
-#            Session.query, a decode token, projections / MLP / logits vs their floor;
-#            rows written as they come: a 60 s slot (the first call) keeps those it reached,
-#            the query path's three first (not yet timed on a device)
+#   profile  step profile: the query step (and its kernels, profiler trace),    PROFILE_S=200
+#            its latency, host transfers and Session.query, a decode token, projections /
+#            MLP / logits vs their floor, then the query rows at 32k; rows written as they
+#            come: a slot cut short keeps those it reached
 #            (again with PROFILE_XLA_FLAGS added to XLA_FLAGS, when set: an A/B in one call)
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
-# Measured on an H100 (2026-11-27): stream with 2 contexts took 240 s (compiles and the flash
-# refresh's first calls dominate), tests > 70 s, tune ~95 s, mosaic tests + rows ~75 s.
+# Measured on an H100 (2026-11-27): stream with the peer and 3 contexts 260 s (compiles
+# dominate), profile at 1k alone 118 s, query 138 s, tests > 110 s, tune ~95 s, mosaic tests
+# + rows ~75 s.
 # Everything is written under a work folder (emptied first: a second call on a warm machine
 # must not report the first's results) and packed into $OUT/session.tgz after each part and
 # every PACK_EVERY=10 s while one runs (a device call returns at most 8 files; a call killed
@@ -28,8 +29,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/statejax_gpu_session}
 WORK=${WORK:-/tmp/statejax_gpu_session_work}
-# The first call of the plan in docs/gpu.md: caps 210 + 60 + 260 s, ~550 s with the setup.
-PARTS=${PARTS:-query profile stream}
+# The first call of the plan in docs/gpu.md: caps 200 + 330 s, ~540 s with the setup.
+PARTS=${PARTS:-profile stream}
 for part in $PARTS; do  # refused before any setup: the reply's tail might not show it later
   case "$part" in
     stream|tests|tune|bench|query|profile|mosaic) ;;
@@ -109,7 +110,7 @@ stream_study() {
 # those entries are dropped (the pack keeps the full table from part query) and the study runs
 # again on Triton in the cap's remaining time.
 run_stream() {
-  local cap=${STREAM_S:-260} start=$SECONDS tuned=${TUNED_DIR:-kernels/tuned}
+  local cap=${STREAM_S:-330} start=$SECONDS tuned=${TUNED_DIR:-kernels/tuned}
   capped stream "$cap" || return 0
   local peer_cap=$(( ${PEER_S:-90} < cap ? ${PEER_S:-90} : cap ))
   if capped peer "$peer_cap"; then
@@ -190,8 +191,8 @@ run_query() {
 
 # step_profile NAME: the profile into $WORK/NAME (XLA_FLAGS as the caller sets them).
 step_profile() {
-  capped "$1" "${PROFILE_S:-60}" || return 0
-  timeout "${PROFILE_S:-60}" python3 -m experiments.step_profile \
+  capped "$1" "${PROFILE_S:-200}" || return 0
+  timeout "${PROFILE_S:-200}" python3 -m experiments.step_profile \
     --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/$1" \
     > "$WORK/$1.log" 2>&1
   echo "$1 exit: $?" | tee -a "$WORK/$1.log"
