@@ -15,6 +15,9 @@ chained, so per-call launch cost is amortised as in the real step):
   branch over a session of `context` cells, then the first token) on device-resident inputs;
   then its kernels from a profiler trace (`device_trace`: kernel time by kind and by HLO op,
   against the untraced step time),
+- `query_step_dispatch`: the host time of that call alone, until it returns (each call starts
+  on an idle device and is waited for after the clock stops): what the host spends per call
+  on its argument buffers (`query_args` of them) and launches,
 - `query_step_sync`: the same compiled call one at a time on the same inputs, each waited for
   (a query's latency, where `query_step` is the pipelined rate),
 - `query_step_host_io`: one call at a time as `Session.query` makes it: host (numpy) inputs
@@ -187,6 +190,20 @@ def _median_wall_seconds(fn, *, warmup: int, repeats: int) -> float:
     return float(np.median(samples))
 
 
+def _median_dispatch_seconds(fn, *, warmup: int, repeats: int) -> float:
+    """Median host seconds until `fn()` returns, each call made with nothing in flight (its
+    result is waited for after the clock stops)."""
+    for _ in range(1 + warmup):
+        jax.block_until_ready(fn())
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        samples.append(time.perf_counter() - start)
+        jax.block_until_ready(out)
+    return float(np.median(samples))
+
+
 def run(config, on_row=None) -> dict:
     """Measures the copy bandwidth, then every piece; returns the results dict.
 
@@ -229,6 +246,7 @@ def run(config, on_row=None) -> dict:
 
     args, static = query_rows(cfg, params, config, config.context, timing, add,
                               after_step=trace)
+    results["query_args"] = len(jax.tree.leaves(args))  # argument buffers per call
     add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
         _query_bytes(cfg, config, config.context))
     for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
@@ -261,6 +279,8 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
     add("query_step" + suffix, seconds, launches, nbytes)
     if after_step is not None:
         after_step(compiled, args)
+    add("query_step_dispatch" + suffix, _median_dispatch_seconds(
+        lambda: compiled(*args), **timing), launches, nbytes)
     add("query_step_sync" + suffix, _median_wall_seconds(
         lambda: jax.block_until_ready(compiled(*args)), **timing), launches, nbytes)
     host_args = host_inputs(args)
@@ -283,7 +303,9 @@ def results_markdown(results: dict) -> str:
         f"- query rows: a session of {results.get('context', '?')} cells, attention impl "
         f"`{results.get('impl', 'reference')}`; their bytes add the session's K/V"
         + "".join(f"; rows @{c}: a session of {c} cells" for c in results.get(
-            "extra_contexts", ())), "",
+            "extra_contexts", ()))
+        + (f"; {results['query_args']} argument buffers per call" if "query_args" in results
+           else ""), "",
         "| component | ms | MB read | floor ms | GB/s | % of copy bandwidth | kernels |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]

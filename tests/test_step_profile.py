@@ -43,7 +43,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
                                on_row=lambda r: seen.append(len(r["rows"])))
     names = [r["component"] for r in results["rows"]]
     # The query path first: a run cut short by its time limit keeps the rows that matter most.
-    query = ["query_step", "query_step_sync", "query_step_host_io", "session_query"]
+    query = ["query_step", "query_step_dispatch", "query_step_sync", "query_step_host_io",
+             "session_query"]
     assert names == [*query, "decode_token", "attn_projections", "mlp", "embed_logits",
                      "step_without_attention", "step_with_attention",
                      *[n + "@128" for n in query]]  # the larger session's rows come last
@@ -56,9 +57,13 @@ def test_tiny_run_reports_each_component_against_the_floor():
     rows = {r["component"]: r for r in results["rows"]}
     assert all(rows[n]["kernels"] > 0 for n in names if not n.startswith("session_query"))
     assert rows["session_query"]["kernels"] is None is rows["session_query@128"]["kernels"]
-    # The synchronous rows run the query step's own program.
-    assert (rows["query_step_sync"]["kernels"] == rows["query_step_host_io"]["kernels"]
-            == rows["query_step"]["kernels"])
+    # The one-call-at-a-time rows run the query step's own program.
+    assert (rows["query_step_dispatch"]["kernels"] == rows["query_step_sync"]["kernels"]
+            == rows["query_step_host_io"]["kernels"] == rows["query_step"]["kernels"])
+    # Its argument buffers: the params' and the state's, and the 8 per-query inputs.
+    state_leaves = 3  # k, v, lengths
+    assert results["query_args"] == len(jax.tree.leaves(init_params(preset("tiny")))) + (
+        state_leaves + 8)
     # A generated token runs one turn of the generation loop: the whole model for one token,
     # about as many kernels as the first-token step (H100: 323 vs 223), not the CPU's rolled
     # random-bits loop (17 here, which was counted as the turn before).
@@ -74,6 +79,7 @@ def test_tiny_run_reports_each_component_against_the_floor():
     md = step_profile.results_markdown(results)
     assert "| step_without_attention |" in md and "| kernels |" in md
     assert "| query_step@128 |" in md and "rows @128: a session of 128 cells" in md
+    assert f"{results['query_args']} argument buffers per call" in md
     # The query step's kernels from a profiler trace: on CPU, its XLA ops, each call the same.
     k = results["query_kernels"]
     assert k["source"] == "host" and k["kernels"] >= 1 and k["kernels"] == int(k["kernels"])
