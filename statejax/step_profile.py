@@ -23,7 +23,8 @@ chained, so per-call launch cost is amortised as in the real step):
 - `query_step_host_io`: one call at a time as `Session.query` makes it: host (numpy) inputs
   in, the answer's arrays fetched (`session.fetch_generation`),
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
-  these four rows split a query's time into device rate, latency, transfers and Python, and
+  these five rows split a query's time into device rate, dispatch, latency, transfers and
+  Python, and
   come again last for each of `config.extra_contexts` (named `query_step@32768` ...: what grows
   with the session),
 - `decode_token`: one generated token of a query that generates (`steps.query` at width
@@ -179,28 +180,17 @@ def _time_per_generated_token(args, static, width: int, timing) -> tuple[float, 
             step_census.per_token_kernels(compiled.as_text()))
 
 
-def _median_wall_seconds(fn, *, warmup: int, repeats: int) -> float:
+def _median_wall_seconds(fn, *, warmup: int, repeats: int, after=lambda out: None) -> float:
+    """Median host seconds of `fn()`; `after(out)` runs once the clock has stopped (e.g.
+    waiting for the device, so the next call starts with nothing in flight)."""
     for _ in range(1 + warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples))
-
-
-def _median_dispatch_seconds(fn, *, warmup: int, repeats: int) -> float:
-    """Median host seconds until `fn()` returns, each call made with nothing in flight (its
-    result is waited for after the clock stops)."""
-    for _ in range(1 + warmup):
-        jax.block_until_ready(fn())
+        after(fn())
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn()
         samples.append(time.perf_counter() - start)
-        jax.block_until_ready(out)
+        after(out)
     return float(np.median(samples))
 
 
@@ -266,9 +256,9 @@ def _query_bytes(cfg, config, context: int) -> int:
 def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
                after_step=None) -> tuple[tuple, dict]:
     """Adds the query path's rows at a session of `context` cells, each name + `suffix`:
-    `query_step` (pipelined calls), `query_step_sync`, `query_step_host_io`,
-    `session_query` (module docstring). `after_step(compiled, args)`, if given, runs right
-    after `query_step` (the kernel trace, before the slower rows).
+    `query_step` (pipelined calls), `query_step_dispatch`, `query_step_sync`,
+    `query_step_host_io`, `session_query` (module docstring). `after_step(compiled, args)`,
+    if given, runs right after `query_step` (the kernel trace, before the slower rows).
 
     Returns:
       (args, static) of that query's device call (`query_path`).
@@ -279,8 +269,8 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
     add("query_step" + suffix, seconds, launches, nbytes)
     if after_step is not None:
         after_step(compiled, args)
-    add("query_step_dispatch" + suffix, _median_dispatch_seconds(
-        lambda: compiled(*args), **timing), launches, nbytes)
+    add("query_step_dispatch" + suffix, _median_wall_seconds(
+        lambda: compiled(*args), after=jax.block_until_ready, **timing), launches, nbytes)
     add("query_step_sync" + suffix, _median_wall_seconds(
         lambda: jax.block_until_ready(compiled(*args)), **timing), launches, nbytes)
     host_args = host_inputs(args)
