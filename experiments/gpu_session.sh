@@ -15,7 +15,8 @@
 #            its latency, host transfers and Session.query, a decode token, projections /
 #            MLP / logits vs their floor, then the query rows at 32k; rows written as they
 #            come: a slot cut short keeps those it reached
-#            (again with PROFILE_XLA_FLAGS added to XLA_FLAGS, when set: an A/B in one call)
+#            (again with PROFILE_XLA_FLAGS added to XLA_FLAGS, when set: an A/B in one call);
+#            PROFILE_VLOG=1 (default): XLA's CUDA-graph replays / updates per row
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
 # Measured on an H100 (2026-11-27): stream with the peer and 3 contexts 260 s (compiles
 # dominate), profile at 1k alone 118 s, query 138 s, tests > 110 s, tune ~95 s, mosaic tests
@@ -189,13 +190,21 @@ run_query() {
   [ -d "$tuned" ] && rm -rf "$WORK/tuned" && cp -r "$tuned" "$WORK/tuned"
 }
 
-# step_profile NAME: the profile into $WORK/NAME (XLA_FLAGS as the caller sets them).
+# step_profile NAME: the profile into $WORK/NAME (XLA_FLAGS as the caller sets them). With
+# PROFILE_VLOG=1 (default) XLA logs its CUDA-graph replays and updates into the profile's log,
+# split by row into NAME/command_buffers.md (statejax/command_buffer_log.py).
 step_profile() {
   capped "$1" "${PROFILE_S:-200}" || return 0
-  timeout "${PROFILE_S:-200}" python3 -m experiments.step_profile \
+  local vlog=()
+  [ "${PROFILE_VLOG:-1}" = 1 ] && vlog=(TF_CPP_VMODULE=command_buffer_thunk=3
+                                        TF_CPP_MIN_LOG_LEVEL=0)
+  env "${vlog[@]}" timeout "${PROFILE_S:-200}" python3 -m experiments.step_profile \
     --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/$1" \
     > "$WORK/$1.log" 2>&1
   echo "$1 exit: $?" | tee -a "$WORK/$1.log"
+  [ "${PROFILE_VLOG:-1}" = 1 ] && python3 -m experiments.command_buffer_log \
+    --log="$WORK/$1.log" --workdir="$WORK/$1" > /dev/null 2>> "$WORK/$1.log"
+  return 0
 }
 
 run_profile() {
@@ -228,7 +237,8 @@ pack "done"
 # The reply carries the tail of stdout: the short results last.
 for f in stream_latency/results.md bench/results.md bench_triton/results.md \
     bench_query/results.md bench_query_mosaic/results.md bench_mosaic/results.md \
-    step_profile/results.md; do
+    step_profile/results.md step_profile/command_buffers.md \
+    step_profile_xla_flags/command_buffers.md; do
   [ -f "$WORK/$f" ] && { echo "### $f"; grep -v '^$' "$WORK/$f" | tail -25; }
 done
 tail -n 3 "$WORK/pytest_gpu.log" "$WORK/pytest_mosaic.log" 2>/dev/null

@@ -20,8 +20,8 @@ chained, so per-call launch cost is amortised as in the real step):
   on its argument buffers (`query_args` of them) and launches,
 - `query_step_sync`: the same compiled call one at a time on the same inputs, each waited for
   (a query's latency, where `query_step` is the pipelined rate),
-- `query_step_host_io`: one call at a time as `Session.query` makes it: host (numpy) inputs
-  in, the answer's arrays fetched (`session.fetch_generation`),
+- `query_step_host_io`: one call at a time as `Session.query` makes it: the question's
+  arrays in from the host (numpy), the answer's arrays fetched (`session.fetch_generation`),
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
   these five rows split a query's time into device rate, dispatch, latency, transfers and
   Python, and
@@ -153,12 +153,10 @@ def query_path(cfg, params, config, context: int | None = None):
 
 
 def host_inputs(args) -> tuple:
-    """`query_path`'s args with the per-query inputs as host (numpy) values, as
-    `Session.query` passes them: the params, the state and the PRNG key stay on the device."""
-    params, state, *inputs = args
-    key = inputs.pop(6)
-    inputs = jax.device_get(inputs)
-    return (params, state, *inputs[:6], key, *inputs[6:])
+    """`query_path`'s args with the question's three arrays (tokens, lengths, max_new: args
+    3-5) as host (numpy) values, as `Session.query` passes them; the params, the state, the
+    scalars and the PRNG key stay on the device, as the session keeps them."""
+    return (*args[:3], *jax.device_get(args[3:6]), *args[6:])
 
 
 def _time_per_generated_token(args, static, width: int, timing) -> tuple[float, int]:

@@ -485,3 +485,48 @@ def test_default_limit_is_capped_by_the_budget(tiny):
     big = Session(params, cfg, Budget(cells=512, chunk_sizes=(16, 64), question_cells=32,
                                       max_new_tokens=64), ByteTokenizer())
     assert big.validate_max_new_tokens(None) == 32
+
+
+def test_only_the_question_crosses_from_the_host_per_query(tiny, monkeypatch):
+    """A query's scalars (row, stop token, temperature, vocabulary) are device arrays made
+    once per value and reused; only the question's three arrays come from the host."""
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer(), prefix="p\n")
+    session.append("1 2 3\n")
+    calls = []
+    query = steps.query
+
+    def recording(*args, **static):
+        calls.append(args)
+        return query(*args, **static)
+
+    monkeypatch.setattr(steps, "query", recording)
+    first = session.query("q?", 4, temperature=0.5, seed=3)
+    again = session.query("r?", 4, temperature=0.5, seed=3)
+    greedy = session.query("q?", 4)
+    monkeypatch.undo()
+    scalars = (2, 6, 7, 9)  # row, stop_token, temperature, valid_vocab
+    for args in calls:
+        assert all(isinstance(args[i], np.ndarray) for i in (3, 4, 5))
+        assert all(isinstance(args[i], jax.Array) for i in scalars)
+    assert all(calls[0][i] is calls[1][i] for i in scalars)  # made once, reused
+    assert calls[2][7] is not calls[0][7] and float(calls[2][7]) == 0.0
+    assert [int(calls[0][i]) for i in (2, 6, 9)] == [0, session.stop_token,
+                                                    session.tokenizer.vocab_size]
+    assert float(calls[0][7]) == 0.5
+    # The answers are those of the steps' numpy inputs.
+    for answer, question, temperature in ((first, "q?", 0.5), (again, "r?", 0.5),
+                                          (greedy, "q?", 0.0)):
+        ids = session.tokenizer.encode(question)
+        q = np.zeros((1, session.budget.chunk_bucket(ids.size)), np.int32)
+        q[0, :ids.size] = ids
+        gen = steps.query(
+            params, session.state, np.int32(0), q, np.asarray([ids.size], np.int32),
+            np.asarray([4], np.int32), np.int32(session.stop_token), np.float32(temperature),
+            session_module._rng_key(3 if temperature else 0),
+            np.int32(session.tokenizer.vocab_size), cfg=cfg,
+            window=session.budget.window_for(session.length),
+            branch_cells=session.budget.branch_cells,
+            max_new_cap=generation_width([4], session.budget), impl=session.impl)
+        assert answer.tokens.tolist() == np.asarray(
+            gen.tokens[0, :int(gen.num_tokens[0])]).tolist()
