@@ -11,14 +11,18 @@ import jax.numpy as jnp
 from flax import struct
 
 from statejax.cache import AppendView, BranchView, FullView
+from statejax.errors import InputError
 from statejax.model.config import ModelConfig
-from statejax.model.llama import Transformer
+from statejax.model.llama import STACKED, Transformer, per_layer
 from statejax.state import SessionState
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"))
 def forward(params, tokens_BxT, *, cfg: ModelConfig, impl: str = "reference"):
-    """Full causal forward with no cache. Returns logits [B, T, V] float32."""
+    """Full causal forward with no cache. Returns logits [B, T, V] float32.
+
+    params: per layer or stacked (`statejax.model.llama.stack_layers`), as in every step."""
+    params = per_layer(params)
     b, t = tokens_BxT.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, _ = Transformer(cfg).apply({"params": params}, tokens_BxT, positions,
@@ -33,7 +37,7 @@ def append(params, state: SessionState, tokens_BxT, num_new_B, *, cfg: ModelConf
     """Appends a padded chunk to every session row. Donates `state`.
 
     Args:
-      params: model parameters.
+      params: model parameters, per layer or stacked (`llama.stack_layers`).
       state: session rows; row b gains `num_new_B[b]` cells.
       tokens_BxT: int32 chunk, padded to a budget chunk size; entries t >= num_new[b] ignored.
       num_new_B: int32 valid tokens per row (0 leaves a row untouched).
@@ -43,6 +47,7 @@ def append(params, state: SessionState, tokens_BxT, num_new_B, *, cfg: ModelConf
     Returns:
       (new state, logits): logits [B, V] at each row's last new token, or [B, T, V].
     """
+    params = per_layer(params)
     t = tokens_BxT.shape[1]
     view = AppendView(state.k, state.v, state.lengths, num_new_B, window=window, impl=impl)
     last = None if all_logits else jnp.maximum(num_new_B - 1, 0)
@@ -134,7 +139,8 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     which are dropped on return: discarding a branch costs nothing.
 
     Args:
-      params: model parameters.
+      params: model parameters, per layer or stacked (`llama.stack_layers`; first-token
+        queries only: `max_new_cap` 1).
       state: session rows (read only).
       row: int32 scalar, which session row to branch from.
       question_RxT: int32 question tokens, padded to a chunk size.
@@ -156,14 +162,21 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     Returns:
       A `Generation`.
     """
+    if STACKED in params and max_new_cap > 1:
+        # Compiled for an H100, the loop's one-token MLP GEMMs do not read slices of stacked
+        # weights in place: each turn would copy every layer's MLP weights (1.5 GiB a token),
+        # and slicing before the loop copies all weights once per query.
+        raise InputError(f"stacked layer weights (llama.stack_layers) run first-token queries "
+                         f"(max_new_cap=1), not a generation loop (max_new_cap={max_new_cap}); "
+                         "pass per-layer params (llama.per_layer) to generate")
     model = Transformer(cfg)
     r, t = question_RxT.shape
     cells_shape = (cfg.num_layers, r, branch_cells, cfg.num_kv_heads, cfg.head_dim)
     view = BranchView(state.k, state.v, jnp.asarray(row, jnp.int32), state.lengths[row],
                       jnp.zeros(cells_shape, cfg.jnp_dtype), jnp.zeros(cells_shape, cfg.jnp_dtype),
                       jnp.zeros((r,), jnp.int32), question_len_R, window=window, impl=impl)
-    first_logits, view = model.apply({"params": params}, question_RxT, view.positions(t), view,
-                                     question_len_R - 1)
+    first_logits, view = model.apply({"params": per_layer(params)}, question_RxT,
+                                     view.positions(t), view, question_len_R - 1)
     first_logits = _mask_vocab(first_logits, valid_vocab)
     # fold_in per token rather than a key split and carried along: in the generation loop XLA
     # computes it inside the sample's kernel (one kernel fewer per token, H100 compile).

@@ -49,3 +49,53 @@ def test_rms_norm_normalises_in_float32_then_scales_in_its_dtype(dtype, rtol):
     normed = x32 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5)
     want = np.asarray(jnp.asarray(normed, dtype) * scale[None, None], np.float32)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=rtol)
+
+
+def test_stacked_layers_round_trip_and_steps_answer_alike(tiny):
+    """`stack_layers` puts each layer's leaf at index i of one [L, ...] leaf; the steps take
+    either layout and give the same results, bit for bit (forward, append, first-token
+    query)."""
+    from statejax import steps
+    from statejax.budget import Budget
+    from statejax.errors import InputError
+    from statejax.model.llama import per_layer, stack_layers
+    from statejax.session import Session
+    from statejax.tokenizer import ByteTokenizer
+
+    cfg, params = tiny
+    stacked = stack_layers(params)
+    assert not any(k.startswith("layer_") for k in stacked)
+    layers = stacked["layers"]
+    q = layers["attn"]["q_proj"]["weight"]
+    assert q.shape == (cfg.num_layers, *params["layer_0"]["attn"]["q_proj"]["weight"].shape)
+    np.testing.assert_array_equal(q[1], params["layer_1"]["attn"]["q_proj"]["weight"])
+    buffers = len(jax.tree.leaves(params)) - (cfg.num_layers - 1) * len(
+        jax.tree.leaves(params["layer_0"]))
+    assert len(jax.tree.leaves(stacked)) == buffers
+    back = per_layer(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    assert per_layer(params) is params
+    with pytest.raises(ValueError, match="already stacked"):
+        stack_layers(stacked)
+    with pytest.raises(ValueError, match="no 'layer_<i>'"):
+        stack_layers({"embed": params["embed"]})
+
+    tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(steps.forward(stacked, tokens, cfg=cfg)),
+                                  np.asarray(steps.forward(params, tokens, cfg=cfg)))
+    budget = Budget(cells=256, page_size=16, chunk_sizes=(16, 64), question_cells=32,
+                    max_new_tokens=8)
+    sessions = [Session(p, cfg, budget, ByteTokenizer(), prefix="sys\n") for p in
+                (params, stacked)]
+    logits = [s.append("1 2 3 4 5 6\n" * 5) for s in sessions]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    jax.tree.map(np.testing.assert_array_equal, sessions[0].state, sessions[1].state)
+    answers = [s.query("q?", 1, temperature=0.7, seed=5) for s in sessions]
+    assert answers[0].tokens.tolist() == answers[1].tokens.tolist()
+    assert answers[0].first_gap == answers[1].first_gap
+    # A generation loop would copy stacked MLP weights every turn (H100 compile): refused,
+    # and the session goes on as it was.
+    with pytest.raises(InputError, match="first-token queries"):
+        sessions[1].query("q?", 6)
+    assert sessions[1].query("q?", 1).tokens.tolist() == sessions[0].query("q?", 1).tokens.tolist()

@@ -8,7 +8,7 @@ from configs import step_profile as sp_config
 from statejax import session as session_lib
 from statejax import step_profile, steps
 from statejax.model.config import preset
-from statejax.model.llama import init_params
+from statejax.model.llama import init_params, stack_layers
 
 
 def test_components_cover_the_weights_and_match_the_model():
@@ -45,8 +45,9 @@ def test_tiny_run_reports_each_component_against_the_floor():
     # The query path first: a run cut short by its time limit keeps the rows that matter most.
     query = ["query_step", "query_step_dispatch", "query_step_sync", "query_step_host_io",
              "session_query"]
-    assert names == [*query, "decode_token", "attn_projections", "mlp", "embed_logits",
-                     "step_without_attention", "step_with_attention",
+    assert names == [*query, *[n + "[stacked]" for n in query], "decode_token",
+                     "attn_projections", "mlp", "embed_logits", "step_without_attention",
+                     "step_with_attention",
                      *[n + "@128" for n in query]]  # the larger session's rows come last
     # Rewritten after every row, and once more after query_step's kernel trace.
     assert seen == [1, *range(1, len(names) + 1)]
@@ -64,6 +65,10 @@ def test_tiny_run_reports_each_component_against_the_floor():
     state_leaves = 3  # k, v, lengths
     assert results["query_args"] == len(jax.tree.leaves(init_params(preset("tiny")))) + (
         state_leaves + 8)
+    # With the layers stacked: one buffer per kind of layer leaf, the same program.
+    assert results["query_args_stacked"] == len(jax.tree.leaves(
+        stack_layers(init_params(preset("tiny"))))) + state_leaves + 8
+    assert results["query_args_stacked"] < results["query_args"]
     # A generated token runs one turn of the generation loop: the whole model for one token,
     # about as many kernels as the first-token step (H100: 323 vs 223), not the CPU's rolled
     # random-bits loop (17 here, which was counted as the turn before).
@@ -80,6 +85,7 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert "| step_without_attention |" in md and "| kernels |" in md
     assert "| query_step@128 |" in md and "rows @128: a session of 128 cells" in md
     assert f"{results['query_args']} argument buffers per call" in md
+    assert f"({results['query_args_stacked']} with the layers stacked" in md
     # The query step's kernels from a profiler trace: on CPU, its XLA ops, each call the same.
     k = results["query_kernels"]
     assert k["source"] == "host" and k["kernels"] >= 1 and k["kernels"] == int(k["kernels"])
