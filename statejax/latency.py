@@ -31,7 +31,7 @@ from statejax.budget import Budget
 from statejax.data.market import format_bar, iter_synthetic_bars
 from statejax.errors import InputError
 from statejax.model.config import preset
-from statejax.model.llama import init_params
+from statejax.model.llama import init_params, stack_layers
 from statejax.session import Session
 from statejax.streaming import StreamingSession
 from statejax.tokenizer import ByteTokenizer
@@ -108,8 +108,13 @@ def run_stream_latency(config, on_progress=None) -> dict:
     params = init_params(cfg, seed=config.seed)
     budget, tokenizer = budget_from_config(config), ByteTokenizer()
     question_tokens = int(tokenizer.encode(config.question).size)
-    session = Session(params, cfg, budget, tokenizer, prefix=config.system_prompt,
-                      impl=config.impl)
+    # Stacked layer weights: the session's steps pass 22 argument buffers instead of 157 (1B
+    # shape), for first-token queries only (`llama.stack_layers`).
+    if config.get("stack_layers", False) and config.flash_max_new_tokens > 1:
+        raise ValueError(f"stack_layers=True runs first-token queries only; "
+                         f"flash_max_new_tokens={config.flash_max_new_tokens} would generate")
+    session = Session(stack_layers(params) if config.get("stack_layers", False) else params,
+                      cfg, budget, tokenizer, prefix=config.system_prompt, impl=config.impl)
     # `baselines=False` (the GPU floor run) times only the stateful paths and the floor.
     engines = (StatelessEngine(params, cfg, budget, tokenizer, impl=config.impl),
                PrefixCacheEngine(params, cfg, budget, tokenizer, impl=config.impl)
