@@ -94,8 +94,13 @@ def test_stacked_layers_round_trip_and_steps_answer_alike(tiny):
     answers = [s.query("q?", 1, temperature=0.7, seed=5) for s in sessions]
     assert answers[0].tokens.tolist() == answers[1].tokens.tolist()
     assert answers[0].first_gap == answers[1].first_gap
-    # A generation loop would copy stacked MLP weights every turn (H100 compile): refused,
-    # and the session goes on as it was.
-    with pytest.raises(InputError, match="first-token queries"):
+    # A generation loop would copy stacked MLP weights every turn (H100 compile): refused
+    # before any work (the session's limit is 1, also for the default), and by the step
+    # itself; the session goes on as it was.
+    with pytest.raises(InputError, match=r"allowed: 1\.\.1 \(this session's weights are stacked"):
         sessions[1].query("q?", 6)
+    assert sessions[1].validate_max_new_tokens(None) == 1
+    with pytest.raises(InputError, match="first-token queries"):
+        steps.query(stacked, sessions[1].state, *range(8), cfg=cfg, window=256,
+                    branch_cells=40, max_new_cap=8)
     assert sessions[1].query("q?", 1).tokens.tolist() == sessions[0].query("q?", 1).tokens.tolist()
