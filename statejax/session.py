@@ -47,6 +47,7 @@ def _device_scalar(value, dtype: str) -> jax.Array:
     graph's nodes that read it are re-pointed at). Arrays are immutable: sharing is safe."""
     return jax.device_put(np.asarray(value, dtype))
 
+
 OVERFLOW_POLICIES = ("error", "slide")
 DEFAULT_MAX_NEW_TOKENS = 32  # a query's limit when none is given (capped by the budget)
 _MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # the step takes a float32
