@@ -31,11 +31,13 @@ import jax
 import jax.numpy as jnp
 
 from statejax import gpu_target, roofline, steps
+from statejax.errors import InputError
 from statejax.model.config import preset
-from statejax.model.llama import init_params
+from statejax.model.llama import init_params, stack_layers
 from statejax.state import SessionState
 
 KINDS = ("gemm", "pallas", "fusion", "other")
+LAYOUTS = ("per_layer", "stacked")  # weights per layer, or `llama.stack_layers`
 # Entry-computation instructions that launch nothing.
 _NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
               "after-all", "partition-id", "replica-id"}
@@ -204,6 +206,12 @@ def _abstract_params(cfg):
     return jax.eval_shape(lambda: init_params(cfg))
 
 
+@functools.cache
+def _abstract_stacked(cfg):
+    """`_abstract_params` with the layers stacked (`llama.stack_layers`)."""
+    return jax.eval_shape(stack_layers, _abstract_params(cfg))
+
+
 def _abstract_state(cfg, cells: int) -> SessionState:
     cells_ = jax.ShapeDtypeStruct((cfg.num_layers, 1, cells, cfg.num_kv_heads, cfg.head_dim),
                                   cfg.jnp_dtype)
@@ -263,12 +271,14 @@ def _row(step, context, impl, text, cfg, **extra) -> dict:
 
 def run(config) -> dict:
     """Compiles the steps for `config.target` and counts their kernels: the query at each
-    (context, impl, max_new_cap), the append of each chunk size at each (context, impl).
+    (context, impl, max_new_cap), the append of each chunk size at each (context, impl), for
+    each weight layout of `config.layouts` (`LAYOUTS`; stacked: first-token queries only).
 
     Returns:
-      {"rows": [{step, context, impl, max_new_cap | chunk, compile_s, distinct_pallas,
-       total, per_layer, gemm, pallas, fusion, other, large_copies, donated, per_token,
-       token_writes, written_mb}], "target", "model", "dtype", "tokens", "layers",
+      {"rows": [{step, context, impl, layout, args (argument buffers), max_new_cap | chunk,
+       compile_s, distinct_pallas, total, per_layer, gemm, pallas, fusion, other,
+       large_copies, donated, per_token, token_writes, written_mb}], "target", "model",
+       "dtype", "tokens", "layers",
       "floor_mb", "jax_version", "date"}. `compile_s`: seconds to trace, lower and compile on
       this host (steps compile in the order of the rows: a later one may reuse caches).
       `distinct_pallas`, `large_copies`, `donated` (buffers updated in place), `per_token`
@@ -278,22 +288,31 @@ def run(config) -> dict:
     """
     cfg = preset(config.model, dtype=config.dtype)
     device = gpu_target.target_device(config.target)
+    layouts = config.get("layouts", ("per_layer",))
+    unknown = set(layouts) - set(LAYOUTS)
+    if unknown:
+        raise InputError(f"layouts {sorted(unknown)}; allowed: {LAYOUTS}")
     rows = []
+
+    def add(step, name, context, args, static, **extra):
+        for layout in layouts:
+            if layout == "stacked" and extra.get("max_new_cap", 1) > 1:
+                continue  # steps.query runs stacked weights first-token only
+            laid_out = (_abstract_stacked(cfg) if layout == "stacked" else args[0], *args[1:])
+            for impl in config.impls:
+                text, secs = _compile(step, device, laid_out, static | dict(impl=impl))
+                rows.append(_row(name, context, impl, text, cfg, layout=layout,
+                                 args=len(jax.tree.leaves(laid_out)), compile_s=secs,
+                                 **extra))
+
     for context in config.contexts:
         for cap in config.max_new_caps:
-            args, static = abstract_query_args(cfg, context=context, tokens=config.tokens,
-                                               branch_cells=config.branch_cells,
-                                               max_new_cap=cap)
-            for impl in config.impls:
-                text, secs = _compile(steps.query, device, args, static | dict(impl=impl))
-                rows.append(_row("query", context, impl, text, cfg, max_new_cap=cap,
-                                 compile_s=secs))
+            add(steps.query, "query", context, *abstract_query_args(
+                cfg, context=context, tokens=config.tokens, branch_cells=config.branch_cells,
+                max_new_cap=cap), max_new_cap=cap)
         for chunk in config.append_chunks:
-            args, static = abstract_append_args(cfg, context=context, chunk=chunk)
-            for impl in config.impls:
-                text, secs = _compile(steps.append, device, args, static | dict(impl=impl))
-                rows.append(_row("append", context, impl, text, cfg, chunk=chunk,
-                                 compile_s=secs))
+            add(steps.append, "append", context,
+                *abstract_append_args(cfg, context=context, chunk=chunk), chunk=chunk)
     floor_mb = {context: roofline.query_floor_bytes(cfg, context, config.tokens) / 2**20
                 for context in config.contexts}
     return dict(target=f"{device.device_kind} (compile-only, no autotuning)",
@@ -326,14 +345,17 @@ def results_markdown(results: dict) -> str:
         "twice that; the query's floor "
         "(weights and cells read once): " + ", ".join(
             f"{mb:.0f} MiB at {context}" for context, mb in results["floor_mb"].items()), "",
-        "| step | context | impl | width | compile s | Pallas compiled | kernels | per layer "
-        "| gemm | pallas | fusion | other | large copies | donated | per token | token writes "
-        "| written MiB (gemm / pallas) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| step | context | impl | weights (argument buffers) | width | compile s | Pallas "
+        "compiled | kernels | per layer | gemm | pallas | fusion | other | large copies | "
+        "donated | per token | token writes | written MiB (gemm / pallas) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|",
     ]
     for r in results["rows"]:
         width = r["max_new_cap"] if r["step"] == "query" else r["chunk"]
-        lines.append(f"| {r['step']} | {r['context']} | {r['impl']} | {width} | "
+        weights = (f"{r['layout'].replace('_', ' ')} ({r['args']})" if "layout" in r
+                   else "per layer")  # results written before layouts: per layer
+        lines.append(f"| {r['step']} | {r['context']} | {r['impl']} | {weights} | {width} | "
                      f"{r['compile_s']:.1f} | {r['distinct_pallas']} | {r['total']} | "
                      f"{r['per_layer']:.1f} | {r['gemm']} | {r['pallas']} | {r['fusion']} | "
                      f"{r['other']} | {r['large_copies']} | {r['donated']} | {r['per_token']} | "
