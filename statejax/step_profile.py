@@ -24,10 +24,10 @@ chained, so per-call launch cost is amortised as in the real step):
   arrays in from the host (numpy), the answer's arrays fetched (`session.fetch_generation`),
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
   these five rows split a query's time into device rate, dispatch, latency, transfers and
-  Python; with `config.stacked_rows` they come again with the layers' weights stacked
-  (`llama.stack_layers`: 22 argument buffers instead of 157 at the 1B shape; named
-  `query_step[stacked]` ...), and they come again last for each of `config.extra_contexts`
-  (named `query_step@32768` ...: what grows with the session),
+  Python; they come again for each of `config.extra_contexts` (named `query_step@32768`
+  ...: what grows with the session), and last, with `config.stacked_rows`, with the layers'
+  weights stacked (`llama.stack_layers`: 22 argument buffers instead of 157 at the 1B
+  shape; named `query_step[stacked]` ...),
 - `decode_token`: one generated token of a query that generates (`steps.query` at width
   `decode_tokens`, no stop token): the time of all tokens minus that of the first, over the
   rest, in one compiled program; its kernels are one turn of the generation loop,
@@ -236,12 +236,6 @@ def run(config, on_row=None) -> dict:
     args, static = query_rows(cfg, params, config, config.context, timing, add,
                               after_step=trace)
     results["query_args"] = len(jax.tree.leaves(args))  # argument buffers per call
-    if config.get("stacked_rows", False):
-        # The same query rows with the layers' weights stacked (`llama.stack_layers`): the
-        # same program with fewer argument buffers, so what differs is dispatch.
-        stacked_args, _ = query_rows(cfg, stack_layers(params), config, config.context,
-                                     timing, add, suffix="[stacked]")
-        results["query_args_stacked"] = len(jax.tree.leaves(stacked_args))
     add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
         _query_bytes(cfg, config, config.context))
     for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
@@ -249,6 +243,12 @@ def run(config, on_row=None) -> dict:
     # The query rows again at larger sessions (names end in @cells): what grows with context.
     for context in config.get("extra_contexts", ()):
         query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}")
+    if config.get("stacked_rows", False):
+        # Last, as their compile is the slowest (`llama.stack_layers`): the same program with
+        # fewer argument buffers, so what differs is dispatch.
+        stacked_args, _ = query_rows(cfg, stack_layers(params), config, config.context,
+                                     timing, add, suffix="[stacked]")
+        results["query_args_stacked"] = len(jax.tree.leaves(stacked_args))
     return results
 
 

@@ -92,7 +92,7 @@ def test_floor_run_skips_the_baselines(tmp_path):
     config.baselines = False
     config.impl = "pallas"  # as :gpu-floor (interpret mode here)
     config.flash_max_new_tokens = 1  # as :gpu-floor: the flash refresh is a first-token step
-    config.stack_layers = True  # as :gpu-floor: first-token queries on stacked weights
+    config.stack_layers = True  # first-token queries on stacked weights (llama.stack_layers)
     config.context_sizes = (64, 128)
     partials = []  # what a run cut short after its first context would have written
     results = latency.run_stream_latency(
@@ -117,7 +117,7 @@ def test_floor_run_skips_the_baselines(tmp_path):
     assert "attention impl `pallas` (kernel tiles: the shape rules)" in md
     floor = stream_latency.get_config("gpu-floor")
     assert (floor.impl, floor.baselines, floor.roofline.floor_bound,
-            floor.flash_max_new_tokens, floor.stack_layers) == ("pallas", False, 1.3, 1, True)
+            floor.flash_max_new_tokens, floor.stack_layers) == ("pallas", False, 1.3, 1, False)
     # Stacked weights run no generation loop: a generating flash query is refused up front.
     config.flash_max_new_tokens = 32
     with pytest.raises(ValueError, match="first-token queries only"):

@@ -45,10 +45,10 @@ def test_tiny_run_reports_each_component_against_the_floor():
     # The query path first: a run cut short by its time limit keeps the rows that matter most.
     query = ["query_step", "query_step_dispatch", "query_step_sync", "query_step_host_io",
              "session_query"]
-    assert names == [*query, *[n + "[stacked]" for n in query], "decode_token",
-                     "attn_projections", "mlp", "embed_logits", "step_without_attention",
-                     "step_with_attention",
-                     *[n + "@128" for n in query]]  # the larger session's rows come last
+    assert names == [*query, "decode_token", "attn_projections", "mlp", "embed_logits",
+                     "step_without_attention", "step_with_attention",
+                     *[n + "@128" for n in query],  # the larger session's rows,
+                     *[n + "[stacked]" for n in query]]  # then stacked weights (slow compile)
     # Rewritten after every row, and once more after query_step's kernel trace.
     assert seen == [1, *range(1, len(names) + 1)]
     for r in results["rows"]:
