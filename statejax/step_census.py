@@ -38,6 +38,11 @@ from statejax.state import SessionState
 
 KINDS = ("gemm", "pallas", "fusion", "other")
 LAYOUTS = ("per_layer", "stacked")  # weights per layer, or `llama.stack_layers`
+# Inputs after the params and the state, by position, that a session passes anew per call
+# ("per_call_readers") and, for the query, the scalars it keeps on the device
+# ("scalar_readers": row, stop token, temperature, vocabulary; `Session` makes them once).
+_PER_CALL = {"query": {"per_call_readers": (1, 2, 3), "scalar_readers": (0, 4, 5, 7)},
+             "append": {"per_call_readers": (0, 1)}}
 # Entry-computation instructions that launch nothing.
 _NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
               "after-all", "partition-id", "replica-id"}
@@ -128,6 +133,36 @@ def generation_loop(hlo_text: str) -> str | None:
         loops = own
     loop = re.search(r"condition=%([\w.-]+), body=%([\w.-]+)", loops[0])
     return "".join(_computation(hlo_text, name) for name in loop.groups())
+
+
+def input_readers(hlo_text: str, parameters) -> int:
+    """Launches of the entry computation that read any of the entry `parameters` (their
+    numbers), directly or through views (bitcasts, tuple elements): on a GPU the CUDA-graph
+    nodes XLA re-points before a replay in which those inputs came in new buffers
+    (`statejax.command_buffer_log`), e.g. a session's per-call inputs."""
+    wanted = {int(p) for p in parameters}
+    tainted: set[str] = set()
+    readers = 0
+    for line in _entry(hlo_text).splitlines():
+        line = _INDEX_COMMENT.sub("", line)
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = .*? ([a-z][\w-]*)\((.*)$", line)
+        if m is None:
+            continue
+        name, opcode, rest = m.groups()
+        if opcode == "parameter":
+            if int(re.match(r"(\d+)", rest).group(1)) in wanted:
+                tainted.add(name)
+            continue
+        if not tainted.isdisjoint(re.findall(r"%([\w.-]+)", rest)):
+            if opcode in _NO_LAUNCH:
+                tainted.add(name)  # a view of the parameter, not a launch
+            else:
+                readers += 1
+    return readers
+
+
+def _entry_parameters(hlo_text: str) -> int:
+    return len(re.findall(r" parameter\(\d+\)", _entry(hlo_text)))
 
 
 def per_token_kernels(hlo_text: str) -> int:
@@ -277,8 +312,10 @@ def run(config) -> dict:
     Returns:
       {"rows": [{step, context, impl, layout, args (argument buffers), max_new_cap | chunk,
        compile_s, distinct_pallas, total, per_layer, gemm, pallas, fusion, other,
-       large_copies, donated, per_token, token_writes, written_mb}], "target", "model",
-       "dtype", "tokens", "layers",
+       large_copies, donated, per_token, token_writes, written_mb, per_call_readers
+       (launches reading the inputs a session passes anew per call: `input_readers`),
+       scalar_readers (query: those reading the scalars the session keeps on the
+       device)}], "target", "model", "dtype", "tokens", "layers",
       "floor_mb", "jax_version", "date"}. `compile_s`: seconds to trace, lower and compile on
       this host (steps compile in the order of the rows: a later one may reuse caches).
       `distinct_pallas`, `large_copies`, `donated` (buffers updated in place), `per_token`
@@ -299,11 +336,18 @@ def run(config) -> dict:
             if layout == "stacked" and extra.get("max_new_cap", 1) > 1:
                 continue  # steps.query runs stacked weights first-token only
             laid_out = (_abstract_stacked(cfg) if layout == "stacked" else args[0], *args[1:])
+            # Entry parameter numbers: the params' leaves, the state's 3, then the inputs.
+            first_input = len(jax.tree.leaves(laid_out[0])) + 3
             for impl in config.impls:
                 text, secs = _compile(step, device, laid_out, static | dict(impl=impl))
+                if _entry_parameters(text) != len(jax.tree.leaves(laid_out)):
+                    raise ValueError("the compiled step dropped an argument: parameter "
+                                     "numbers no longer match the arguments")
+                readers = {key: input_readers(text, [first_input + i for i in inputs])
+                           for key, inputs in _PER_CALL[name].items()}
                 rows.append(_row(name, context, impl, text, cfg, layout=layout,
                                  args=len(jax.tree.leaves(laid_out)), compile_s=secs,
-                                 **extra))
+                                 **readers, **extra))
 
     for context in config.contexts:
         for cap in config.max_new_caps:
@@ -345,11 +389,15 @@ def results_markdown(results: dict) -> str:
         "twice that; the query's floor "
         "(weights and cells read once): " + ", ".join(
             f"{mb:.0f} MiB at {context}" for context, mb in results["floor_mb"].items()), "",
+        "- input readers: launches that read the inputs a session passes anew per call (the "
+        "question's arrays; the chunk), which a GPU's CUDA graph re-points every call, and "
+        "for the query those reading the scalars the session keeps on the device", "",
         "| step | context | impl | weights (argument buffers) | width | compile s | Pallas "
         "compiled | kernels | per layer | gemm | pallas | fusion | other | large copies | "
-        "donated | per token | token writes | written MiB (gemm / pallas) |",
+        "donated | per token | token writes | written MiB (gemm / pallas) | input readers "
+        "(per call / scalars) |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        "---:|",
+        "---:|---:|",
     ]
     for r in results["rows"]:
         width = r["max_new_cap"] if r["step"] == "query" else r["chunk"]
@@ -359,5 +407,13 @@ def results_markdown(results: dict) -> str:
                      f"{r['compile_s']:.1f} | {r['distinct_pallas']} | {r['total']} | "
                      f"{r['per_layer']:.1f} | {r['gemm']} | {r['pallas']} | {r['fusion']} | "
                      f"{r['other']} | {r['large_copies']} | {r['donated']} | {r['per_token']} | "
-                     f"{r['token_writes']} | {_written(r['written_mb'])} |")
+                     f"{r['token_writes']} | {_written(r['written_mb'])} | "
+                     f"{_readers(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _readers(row: dict) -> str:
+    if "per_call_readers" not in row:  # results written before the readers were counted
+        return ""
+    scalars = row.get("scalar_readers")
+    return f"{row['per_call_readers']}" + ("" if scalars is None else f" / {scalars}")

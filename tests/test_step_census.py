@@ -63,6 +63,22 @@ def test_written_bytes_are_the_results_of_launches_by_kind():
         step_census._type_bytes("q7[2]")
 
 
+def test_input_readers_are_launches_reading_a_parameter_or_a_view_of_it():
+    # a: read by f and d; b: by g and k; w: by the transpose; the fused computation's own
+    # parameter(0) is not the entry's. Through a bitcast view: one more reader of b.
+    assert step_census.input_readers(HLO, [0]) == 2
+    assert step_census.input_readers(HLO, [1]) == 2
+    assert step_census.input_readers(HLO, [0, 1]) == 4
+    assert step_census.input_readers(HLO, [2]) == 1
+    assert step_census.input_readers(HLO, []) == 0
+    viewed = HLO.replace(
+        '  %c = bf16[2,8]{1,0} copy(bf16[2,8]{1,0} %x)',
+        '  %v = f32[2,2]{1,0} bitcast(f32[4]{0} %b)\n'
+        '  %c = f32[2,2]{1,0} copy(f32[2,2]{1,0} %v)')
+    assert step_census.input_readers(viewed, [1]) == 3
+    assert step_census._entry_parameters(HLO) == 3
+
+
 def test_donated_buffers_are_read_from_the_module_header():
     header = ("HloModule m, input_output_alias={ {0}: (3, {}, may-alias), {1}: (4, {}, "
               "must-alias) }, entry_computation_layout={()->()}\n")
@@ -176,12 +192,19 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
     # the layers' slices in place, so the H100 program launches the per-layer layout's
     # kernels and writes no more bytes, from fewer argument buffers (the claim of its
     # docstring). No stacked generation loop: steps.query refuses one.
+    # Launches that read what a session passes anew per call (graph nodes a new address
+    # re-points), and for the query those reading the scalars it keeps on the device.
+    for row in results["rows"]:
+        assert row["per_call_readers"] > 0
+        assert (row["scalar_readers"] > 0) if row["step"] == "query" else (
+            "scalar_readers" not in row)
     stacked = {(r["step"], r["impl"]): r for r in results["rows"] if r["layout"] == "stacked"}
     assert set(stacked) == {(s, i) for s in ("query", "append") for i in ("reference", "pallas")}
     for (step, impl), row in stacked.items():
         twin = rows[impl, 1] if step == "query" else appends[impl]
         assert row.get("max_new_cap", 1) == 1 and row["args"] < twin["args"]
-        for key in (*step_census.KINDS, "total", "large_copies", "donated", "written_mb"):
+        for key in (*step_census.KINDS, "total", "large_copies", "donated", "written_mb",
+                    "per_call_readers"):
             assert row[key] == twin[key], (step, impl, key)
     for impl, row in appends.items():
         assert row["donated"] == 3  # k, v, lengths updated in place, never copied
