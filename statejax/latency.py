@@ -110,11 +110,12 @@ def run_stream_latency(config, on_progress=None) -> dict:
     question_tokens = int(tokenizer.encode(config.question).size)
     # Stacked layer weights: the session's steps pass 22 argument buffers instead of 157 (1B
     # shape), for first-token queries only (`llama.stack_layers`).
-    if config.get("stack_layers", False) and config.flash_max_new_tokens > 1:
+    stacked = config.get("stack_layers", False)
+    if stacked and config.flash_max_new_tokens > 1:
         raise ValueError(f"stack_layers=True runs first-token queries only; "
                          f"flash_max_new_tokens={config.flash_max_new_tokens} would generate")
-    session = Session(stack_layers(params) if config.get("stack_layers", False) else params,
-                      cfg, budget, tokenizer, prefix=config.system_prompt, impl=config.impl)
+    session = Session(stack_layers(params) if stacked else params, cfg, budget, tokenizer,
+                      prefix=config.system_prompt, impl=config.impl)
     # `baselines=False` (the GPU floor run) times only the stateful paths and the floor.
     engines = (StatelessEngine(params, cfg, budget, tokenizer, impl=config.impl),
                PrefixCacheEngine(params, cfg, budget, tokenizer, impl=config.impl)

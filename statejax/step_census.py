@@ -38,11 +38,11 @@ from statejax.state import SessionState
 
 KINDS = ("gemm", "pallas", "fusion", "other")
 LAYOUTS = ("per_layer", "stacked")  # weights per layer, or `llama.stack_layers`
-# Inputs after the params and the state, by position, that a session passes anew per call
-# ("per_call_readers") and, for the query, the scalars it keeps on the device
-# ("scalar_readers": row, stop token, temperature, vocabulary; `Session` makes them once).
-_PER_CALL = {"query": {"per_call_readers": (1, 2, 3), "scalar_readers": (0, 4, 5, 7)},
-             "append": {"per_call_readers": (0, 1)}}
+# Step arguments a session passes anew per call ("per_call_readers") and, for the query, the
+# scalars it keeps on the device ("scalar_readers"), by position (`statejax.steps`).
+_PER_CALL = {"query": {"per_call_readers": steps.QUERY_PER_CALL_ARGS,
+                       "scalar_readers": steps.QUERY_SCALAR_ARGS},
+             "append": {"per_call_readers": steps.APPEND_PER_CALL_ARGS}}
 # Entry-computation instructions that launch nothing.
 _NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
               "after-all", "partition-id", "replica-id"}
@@ -336,8 +336,8 @@ def run(config) -> dict:
             if layout == "stacked" and extra.get("max_new_cap", 1) > 1:
                 continue  # steps.query runs stacked weights first-token only
             laid_out = (_abstract_stacked(cfg) if layout == "stacked" else args[0], *args[1:])
-            # Entry parameter numbers: the params' leaves, the state's 3, then the inputs.
-            first_input = len(jax.tree.leaves(laid_out[0])) + 3
+            # Entry parameter numbers: the params' leaves, the state's 3, then argument 2 on.
+            first_input = len(jax.tree.leaves(laid_out[0])) + 3 - 2
             for impl in config.impls:
                 text, secs = _compile(step, device, laid_out, static | dict(impl=impl))
                 if _entry_parameters(text) != len(jax.tree.leaves(laid_out)):

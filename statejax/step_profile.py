@@ -154,10 +154,12 @@ def query_path(cfg, params, config, context: int | None = None):
 
 
 def host_inputs(args) -> tuple:
-    """`query_path`'s args with the question's three arrays (tokens, lengths, max_new: args
-    3-5) as host (numpy) values, as `Session.query` passes them; the params, the state, the
-    scalars and the PRNG key stay on the device, as the session keeps them."""
-    return (*args[:3], *jax.device_get(args[3:6]), *args[6:])
+    """`query_path`'s args with the question's three arrays (`steps.QUERY_PER_CALL_ARGS`:
+    tokens, lengths, max_new) as host (numpy) values, as `Session.query` passes them; the
+    params, the state, the scalars and the PRNG key stay on the device, as the session keeps
+    them."""
+    return tuple(jax.device_get(a) if i in steps.QUERY_PER_CALL_ARGS else a
+                 for i, a in enumerate(args))
 
 
 def _time_per_generated_token(args, static, width: int, timing) -> tuple[float, int]:

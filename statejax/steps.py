@@ -128,6 +128,14 @@ def _pick(logits_RxV, temperature, key):
     return jnp.where(temperature > 0, sampled, best_id), best - second
 
 
+# Positions in `query`'s arguments of what a session passes anew per call (the question's
+# arrays) and of the scalars it keeps on the device (`Session`: row, stop token, temperature,
+# vocabulary); the PRNG key (8) is made once per seed. `append`'s per-call inputs: the chunk.
+QUERY_PER_CALL_ARGS = (3, 4, 5)
+QUERY_SCALAR_ARGS = (2, 6, 7, 9)
+APPEND_PER_CALL_ARGS = (2, 3)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "window", "branch_cells", "max_new_cap",
                                              "impl"))
 def query(params, state: SessionState, row, question_RxT, question_len_R, max_new_R,
@@ -169,14 +177,15 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
         raise InputError(f"stacked layer weights (llama.stack_layers) run first-token queries "
                          f"(max_new_cap=1), not a generation loop (max_new_cap={max_new_cap}); "
                          "pass per-layer params (llama.per_layer) to generate")
+    params = per_layer(params)
     model = Transformer(cfg)
     r, t = question_RxT.shape
     cells_shape = (cfg.num_layers, r, branch_cells, cfg.num_kv_heads, cfg.head_dim)
     view = BranchView(state.k, state.v, jnp.asarray(row, jnp.int32), state.lengths[row],
                       jnp.zeros(cells_shape, cfg.jnp_dtype), jnp.zeros(cells_shape, cfg.jnp_dtype),
                       jnp.zeros((r,), jnp.int32), question_len_R, window=window, impl=impl)
-    first_logits, view = model.apply({"params": per_layer(params)}, question_RxT,
-                                     view.positions(t), view, question_len_R - 1)
+    first_logits, view = model.apply({"params": params}, question_RxT, view.positions(t), view,
+                                     question_len_R - 1)
     first_logits = _mask_vocab(first_logits, valid_vocab)
     # fold_in per token rather than a key split and carried along: in the generation loop XLA
     # computes it inside the sample's kernel (one kernel fewer per token, H100 compile).
