@@ -22,7 +22,9 @@ import re
 
 import numpy as np
 
-_EXECUTE = "Execute command buffer on device"
+# jax 0.11.2's plugin writes "[0] Execute command buffer; num_executions=N"; newer XLA adds
+# "on device #N". The profiler's "Execute command buffer thunk as a regular thunk" is no replay.
+_EXECUTE = re.compile(r"Execute command buffer(?: on device #\d+)?; num_executions=")
 _UPDATE_ALLOCS = re.compile(r"Update command buffer.*updated_allocs=(\d+)")
 _RECORDED_US = re.compile(r"(Initialized|Updated) command buffer.*? in (\d+)")
 
@@ -58,7 +60,7 @@ def rows(log_text: str) -> list[dict]:
         if name is not None:
             out.append(dict(row=name, **current))
             current = _empty()
-        elif _EXECUTE in line:
+        elif _EXECUTE.search(line):
             current["executions"] += 1
         elif (m := _UPDATE_ALLOCS.search(line)) is not None:
             current["updates"] += 1

@@ -76,10 +76,18 @@ def kernel_events(profile: jax.profiler.ProfileData) -> list[KernelEvent]:
 
 def _leaves(events: list[KernelEvent]) -> list[KernelEvent]:
     """Events of one line that enclose no later event (a parent starts first: ties sort the
-    longer first)."""
+    longer first). Enclose, not overlap: on Hopper a kernel may start before the one ahead of
+    it on its stream ends (programmatic dependent launch), and both are kernels. The rule
+    before, which dropped every event its successor overlapped, kept 17 (79 without CUDA
+    graphs) of the query step's 223 launches per call in the H100 traces of 2026-11-28;
+    overlap is the likely cause, not yet confirmed on a trace."""
     ordered = sorted(events, key=lambda e: (e.start_ns, -e.duration_ns))
+
+    def encloses(e, nxt):
+        return nxt.start_ns + nxt.duration_ns <= e.start_ns + e.duration_ns
+
     return [e for i, e in enumerate(ordered)
-            if i + 1 == len(ordered) or ordered[i + 1].start_ns >= e.start_ns + e.duration_ns]
+            if i + 1 == len(ordered) or not encloses(e, ordered[i + 1])]
 
 
 def breakdown(events: list[KernelEvent], calls: int, top: int = 12) -> dict:

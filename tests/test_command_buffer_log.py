@@ -10,29 +10,30 @@ from statejax import command_buffer_log
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Lines as `xla/backends/gpu/runtime/command_buffer_thunk.cc` writes them (a glog prefix
-# each), interleaved with the step profile's JSON rows and other output.
-_XLA = "I1128 01:00:00.000001  123 command_buffer_thunk.cc:254] "
+# Lines as `xla/backends/gpu/runtime/command_buffer_thunk.cc` writes them in jax 0.11.2's
+# CUDA plugin (read from the H100 run of 2026-11-28; a glog prefix each), interleaved with the
+# step profile's JSON rows and other output; one replay line in a newer XLA's form.
+_XLA = "I1128 04:26:57.145694     616 command_buffer_thunk.cc:371] [0] "
 _RECORD = "by recoding command buffer cmd sequence"
 _LOG = "\n".join([
     _XLA + f"Initialize command buffer on device #0 {_RECORD}; num_commands=223",
     _XLA + "Initialized command buffer on device #0 in 2500 μs; num_commands=223",
-    _XLA + "Execute command buffer on device #0; num_executions=1",
-    _XLA + "Execute command buffer on device #0; num_executions=2",
+    _XLA + "Execute command buffer; num_executions=1",
+    _XLA + "Execute command buffer; num_executions=2",
     '{"component": "query_step", "ms": 1.8, "kernels": 223}',
-    _XLA + f"Update command buffer on device #0 {_RECORD} after 2 executions since last "
-    "update; num_commands=223; updated_allocs=5",
+    _XLA + f"Create/Update command buffer {_RECORD} after 2 executions since last "
+    "update; num_commands=223; updated_allocs=5; is_first_record=false; needs_update=true",
     _XLA + "Updated command buffer in 300 μs; num_commands=223",
-    _XLA + "Execute command buffer on device #0; num_executions=1",
-    _XLA + f"Update command buffer on device #0 {_RECORD} after 1 executions since last "
-    "update; num_commands=223; updated_allocs=7",
+    _XLA + "Execute command buffer; num_executions=1",
+    _XLA + f"Create/Update command buffer {_RECORD} after 1 executions since last "
+    "update; num_commands=223; updated_allocs=7; is_first_record=false; needs_update=true",
     _XLA + "Updated command buffer in 500 μs; num_commands=223",
     _XLA + "Execute command buffer on device #0; num_executions=1",
     "W1128 01:00:00.000011  123 other.cc:1] Execute command buffer thunk as a regular thunk "
     "sequence because we detected active profiling session",
     '{"component": "session_query", "ms": 3.2, "kernels": null}',
     'not json {"component" but broken',
-    _XLA + "Execute command buffer on device #0; num_executions=2",
+    _XLA + "Execute command buffer; num_executions=2",
 ]) + "\n"
 
 

@@ -89,6 +89,19 @@ def test_enclosing_events_do_not_count_twice():
     assert device_trace._leaves([]) == []
 
 
+def test_kernels_overlapping_their_successor_all_count():
+    """On Hopper a kernel may start before the one ahead of it ends (programmatic dependent
+    launch): overlapping is not enclosing, every kernel counts, busy time once."""
+    ev = lambda start, dur, op: device_trace.KernelEvent(op, op, start, dur)  # noqa: E731
+    line = [ev(0, 40_000, "gemm.1"), ev(39_000, 10_000, "add.2"), ev(48_500, 5_000, "gemm.3"),
+            ev(53_000, 2_000, "add.4")]
+    assert [e.hlo_op for e in device_trace._leaves(line)] == [
+        "gemm.1", "add.2", "gemm.3", "add.4"]
+    b = device_trace.breakdown(device_trace._leaves(line), calls=1)
+    assert b["kernels"] == 4 and b["kernel_ms"] == pytest.approx(0.057)
+    assert b["busy_ms"] == pytest.approx(0.055)  # [0, 55) us
+
+
 def test_overlapping_kernels_are_busy_time_once():
     """Ops on several threads (a CPU) or kernels on several streams overlap: their sum can
     exceed the step; the busy time counts each instant once."""

@@ -1,5 +1,7 @@
 """The query-step profile times the real model's pieces and accounts for every weight."""
 
+import weakref
+
 import jax
 import numpy as np
 import pytest
@@ -119,3 +121,27 @@ def test_query_step_is_the_sessions_own_device_call(impl):
     empty = args[1].replace(lengths=args[1].lengths * 0)
     other = steps.query(args[0], empty, *args[2:], **static)
     assert not np.allclose(np.asarray(other.first_logits), np.asarray(gen.first_logits))
+
+
+
+def test_wall_timing_releases_each_output_before_the_next_call():
+    """A session's answer arrays are gone before its next query; the one-at-a-time rows must
+    do the same (on a GPU a live output moves the next call's outputs and XLA re-points its
+    CUDA graph first)."""
+
+    class Output:
+        pass
+
+    alive_at_call, last = [], [lambda: None]
+
+    def fn():
+        alive_at_call.append(last[0]() is not None)
+        out = Output()
+        last[0] = weakref.ref(out)
+        return out
+
+    waited = []
+    seconds = step_profile._median_wall_seconds(
+        fn, warmup=1, repeats=4, after=lambda out: waited.append(type(out)))
+    assert seconds >= 0 and waited == [Output] * 6
+    assert alive_at_call == [False] * 6
