@@ -21,9 +21,12 @@ chained, so per-call launch cost is amortised as in the real step):
 - `query_step_sync`: the same compiled call one at a time on the same inputs, each waited for
   (a query's latency, where `query_step` is the pipelined rate),
 - `query_step_host_io`: one call at a time as `Session.query` makes it: the question's
-  arrays in from the host (numpy), the answer's arrays fetched (`session.fetch_generation`),
+  arrays in from the host (numpy), the answer's arrays fetched (`session.fetch_generation`);
+  `query_step_host_io_call`, from the same calls, the host time until the call returns
+  (what the session spends before its work is queued on the device; the rest is the wait
+  for the device and the transfers out),
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
-  these five rows split a query's time into device rate, dispatch, latency, transfers and
+  these six rows split a query's time into device rate, dispatch, latency, transfers and
   Python; they come again for each of `config.extra_contexts` (named `query_step@32768`
   ...: what grows with the session), and last, with `config.stacked_rows`, with the layers'
   weights stacked (`llama.stack_layers`: 22 argument buffers instead of 157 at the 1B
@@ -202,6 +205,23 @@ def _median_wall_seconds(fn, *, warmup: int, repeats: int, after=lambda out: Non
     return float(np.median(samples))
 
 
+def _median_call_and_total_seconds(call, finish, *, warmup: int, repeats: int):
+    """(median host seconds until `call()` returns, median seconds of `finish(call())`), from
+    the same calls, one at a time: where a lone call's time goes before and after the device
+    work is queued. Outputs are released before the next call (`_median_wall_seconds`)."""
+    for _ in range(1 + warmup):
+        finish(call())
+    calls, totals = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = call()
+        calls.append(time.perf_counter() - start)
+        finish(out)
+        totals.append(time.perf_counter() - start)
+        del out
+    return float(np.median(calls)), float(np.median(totals))
+
+
 def run(config, on_row=None) -> dict:
     """Measures the copy bandwidth, then every piece; returns the results dict.
 
@@ -271,8 +291,9 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
                after_step=None) -> tuple[tuple, dict]:
     """Adds the query path's rows at a session of `context` cells, each name + `suffix`:
     `query_step` (pipelined calls), `query_step_dispatch`, `query_step_sync`,
-    `query_step_host_io`, `session_query` (module docstring). `after_step(compiled, args)`,
-    if given, runs right after `query_step` (the kernel trace, before the slower rows).
+    `query_step_host_io_call`, `query_step_host_io`, `session_query` (module docstring).
+    `after_step(compiled, args)`, if given, runs right after `query_step` (the kernel trace,
+    before the slower rows).
 
     Returns:
       (args, static) of that query's device call (`query_path`).
@@ -288,8 +309,10 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
     add("query_step_sync" + suffix, _median_wall_seconds(
         lambda: jax.block_until_ready(compiled(*args)), **timing), launches, nbytes)
     host_args = host_inputs(args)
-    add("query_step_host_io" + suffix, _median_wall_seconds(
-        lambda: fetch_generation(compiled(*host_args)), **timing), launches, nbytes)
+    call_s, total_s = _median_call_and_total_seconds(
+        lambda: compiled(*host_args), fetch_generation, **timing)
+    add("query_step_host_io_call" + suffix, call_s, launches, nbytes)
+    add("query_step_host_io" + suffix, total_s, launches, nbytes)
     add("session_query" + suffix, _median_wall_seconds(
         lambda: session.query(question, 1), **timing), None, nbytes)
     return args, static

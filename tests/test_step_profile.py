@@ -45,8 +45,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
                                on_row=lambda r: seen.append(len(r["rows"])))
     names = [r["component"] for r in results["rows"]]
     # The query path first: a run cut short by its time limit keeps the rows that matter most.
-    query = ["query_step", "query_step_dispatch", "query_step_sync", "query_step_host_io",
-             "session_query"]
+    query = ["query_step", "query_step_dispatch", "query_step_sync", "query_step_host_io_call",
+             "query_step_host_io", "session_query"]
     assert names == [*query, "decode_token", "attn_projections", "mlp", "embed_logits",
                      "step_without_attention", "step_with_attention",
                      *[n + "@128" for n in query],  # the larger session's rows,
@@ -62,7 +62,12 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert rows["session_query"]["kernels"] is None is rows["session_query@128"]["kernels"]
     # The one-call-at-a-time rows run the query step's own program.
     assert (rows["query_step_dispatch"]["kernels"] == rows["query_step_sync"]["kernels"]
+            == rows["query_step_host_io_call"]["kernels"]
             == rows["query_step_host_io"]["kernels"] == rows["query_step"]["kernels"])
+    # The lone call returns before its answer is on the host (medians of the same calls).
+    for suffix in ("", "@128", "[stacked]"):
+        assert (rows["query_step_host_io_call" + suffix]["ms"]
+                <= rows["query_step_host_io" + suffix]["ms"])
     # Its argument buffers: the params' and the state's, and the 8 per-query inputs.
     state_leaves = 3  # k, v, lengths
     assert results["query_args"] == len(jax.tree.leaves(init_params(preset("tiny")))) + (
