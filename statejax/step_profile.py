@@ -186,29 +186,20 @@ def _time_per_generated_token(args, static, width: int, timing) -> tuple[float, 
 
 def _median_wall_seconds(fn, *, warmup: int, repeats: int, after=lambda out: None) -> float:
     """Median host seconds of `fn()`; `after(out)` runs once the clock has stopped (e.g.
-    waiting for the device, so the next call starts with nothing in flight).
+    waiting for the device, so the next call starts with nothing in flight)."""
+    return _median_call_and_total_seconds(fn, after, warmup=warmup, repeats=repeats)[0]
+
+
+def _median_call_and_total_seconds(call, finish, *, warmup: int, repeats: int):
+    """(median host seconds until `call()` returns, median seconds of `finish(call())`), from
+    the same calls, one at a time: where a lone call's time goes before and after the device
+    work is queued.
 
     Each call's output is released before the next call, as a session releases its answer's
     device arrays once fetched: an output still alive during the next call puts that call's
     outputs at new addresses, and on a GPU XLA then re-points its CUDA graph's nodes before
     the replay (0.1-0.6 ms per call in the H100 log of 2026-11-28, where `Session.query`
     paid it once in 13 calls)."""
-    for _ in range(1 + warmup):
-        after(fn())
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        samples.append(time.perf_counter() - start)
-        after(out)
-        del out
-    return float(np.median(samples))
-
-
-def _median_call_and_total_seconds(call, finish, *, warmup: int, repeats: int):
-    """(median host seconds until `call()` returns, median seconds of `finish(call())`), from
-    the same calls, one at a time: where a lone call's time goes before and after the device
-    work is queued. Outputs are released before the next call (`_median_wall_seconds`)."""
     for _ in range(1 + warmup):
         finish(call())
     calls, totals = [], []

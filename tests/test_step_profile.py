@@ -128,7 +128,6 @@ def test_query_step_is_the_sessions_own_device_call(impl):
     assert not np.allclose(np.asarray(other.first_logits), np.asarray(gen.first_logits))
 
 
-
 def test_wall_timing_releases_each_output_before_the_next_call():
     """A session's answer arrays are gone before its next query; the one-at-a-time rows must
     do the same (on a GPU a live output moves the next call's outputs and XLA re-points its
