@@ -22,9 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.impls = ("reference", "pallas")
     c.max_new_caps = (1, 32)  # steps.query's static generation width (1: first token only)
     c.append_chunks = (256,)  # steps.append chunk sizes (the data plane's ingestion)
-    # Weight layouts: "per_layer", and "stacked" (llama.stack_layers: fewer argument buffers;
-    # its query rows are first-token only, as steps.query takes it).
-    c.layouts = ("per_layer", "stacked")
+    # Weight layouts (statejax.model.layouts): "per_layer", "stacked" and "packed" (fewer
+    # argument buffers; their query rows are first-token only, as steps.query takes them).
+    c.layouts = ("per_layer", "stacked", "packed")
     if variant == "tiny":
         c.model = "tiny"
         c.dtype = "float32"

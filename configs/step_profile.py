@@ -22,7 +22,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.repeats = 10
     c.context = 1024  # session cells behind the query rows (query_step, session_query)
     c.extra_contexts = ()  # larger sessions whose query rows come last (named query_step@N)
-    c.stacked_rows = True  # the query rows again with stacked layer weights ([stacked])
+    # The query rows again per weights layout (statejax.model.layouts; [packed], [stacked]).
+    c.layout_rows = ("packed", "stacked")
     c.impl = "reference"  # their attention: "reference", "pallas" or "pallas-mosaic"
     c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
     c.trace_calls = 5  # query_step calls traced by the profiler for its kernel breakdown

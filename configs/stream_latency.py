@@ -31,9 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.seed = 0
     c.impl = "reference"  # attention: "reference", "pallas" or "pallas-mosaic" (statejax.cache)
-    # The session's weights stacked per kind (`llama.stack_layers`): fewer argument buffers
-    # per call, first-token queries only, 1.4-2x the compile time.
-    c.stack_layers = False
+    # The session's weights layout (statejax.model.layouts): "per_layer", or "stacked" /
+    # "packed" (fewer argument buffers per call, first-token queries only; stacked: 1.4-2x
+    # the compile time).
+    c.weights_layout = "per_layer"
     c.baselines = True  # time the stateless and prefix-cache engines too
     c.system_prompt = SYSTEM_PROMPT  # the session's frozen prefix
     c.question = QUESTION

@@ -31,7 +31,8 @@ from statejax.budget import Budget
 from statejax.data.market import format_bar, iter_synthetic_bars
 from statejax.errors import InputError
 from statejax.model.config import preset
-from statejax.model.llama import init_params, stack_layers
+from statejax.model.layouts import lay_out
+from statejax.model.llama import init_params
 from statejax.session import Session
 from statejax.streaming import StreamingSession
 from statejax.tokenizer import ByteTokenizer
@@ -108,13 +109,13 @@ def run_stream_latency(config, on_progress=None) -> dict:
     params = init_params(cfg, seed=config.seed)
     budget, tokenizer = budget_from_config(config), ByteTokenizer()
     question_tokens = int(tokenizer.encode(config.question).size)
-    # Stacked layer weights: the session's steps pass 22 argument buffers instead of 157 (1B
-    # shape), for first-token queries only (`llama.stack_layers`).
-    stacked = config.get("stack_layers", False)
-    if stacked and config.flash_max_new_tokens > 1:
-        raise ValueError(f"stack_layers=True runs first-token queries only; "
+    # Stacked or packed layer weights: the session's steps pass fewer argument buffers (1B
+    # shape: 22 or 45 instead of 157), for first-token queries only (`model.layouts`).
+    layout = config.get("weights_layout", "per_layer")
+    if layout != "per_layer" and config.flash_max_new_tokens > 1:
+        raise ValueError(f"weights_layout={layout!r} runs first-token queries only; "
                          f"flash_max_new_tokens={config.flash_max_new_tokens} would generate")
-    session = Session(stack_layers(params) if stacked else params, cfg, budget, tokenizer,
+    session = Session(lay_out(params, layout), cfg, budget, tokenizer,
                       prefix=config.system_prompt, impl=config.impl)
     # `baselines=False` (the GPU floor run) times only the stateful paths and the floor.
     engines = (StatelessEngine(params, cfg, budget, tokenizer, impl=config.impl),
@@ -296,6 +297,13 @@ def check_targets(rows, *, floor_bound: float | None = None,
              "passed": bool(passes[op](value, bound))} for name, value, op, bound in checks]
 
 
+def _layout_note(config: dict) -> str:
+    # Results written before layouts had a `stack_layers` flag.
+    layout = config.get("weights_layout", "stacked" if config.get("stack_layers") else
+                        "per_layer")
+    return layout.replace("_", " ")
+
+
 def results_markdown(results: dict) -> str:
     """A markdown report: setup, one table row per context size, the targets."""
     m = results["model"]
@@ -305,7 +313,7 @@ def results_markdown(results: dict) -> str:
         f"- device: {results['device']}, {results['host_cpus']} host CPUs, "
         f"jax {results['jax_version']}, {results['date']}",
         f"- attention impl `{results['config'].get('impl', 'reference')}`"
-        f"{_tiles_note(results)}; "
+        f"{_tiles_note(results)}; weights {_layout_note(results['config'])}; "
         f"model `{m['preset']}` ({m['dtype']}, "
         f"random weights): {m['layers']} layers, width "
         f"{m['width']}, {m['heads']} heads, {m['kv_heads']} kv heads, head dim {m['head_dim']}, "

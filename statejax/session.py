@@ -23,7 +23,7 @@ from statejax.budget import Budget
 from statejax.cache import IMPLS
 from statejax.errors import CapacityError, InputError
 from statejax.model.config import ModelConfig
-from statejax.model.llama import STACKED
+from statejax.model.layouts import layout_of
 from statejax.state import init_state
 from statejax.tokenizer import Tokenizer, check_fits_vocab, validate_token_ids
 
@@ -340,16 +340,18 @@ class Session:
     def validate_max_new_tokens(self, max_new_tokens) -> int:
         """Checks 1 <= max_new_tokens <= min(256, budget.max_new_tokens); None means
         `DEFAULT_MAX_NEW_TOKENS` or that cap if smaller (the user asked for no limit). With
-        stacked weights (`llama.stack_layers`) the cap is 1: they run no generation loop."""
-        cap = 1 if STACKED in self.params else min(256, self.budget.max_new_tokens)
+        stacked or packed weights (`statejax.model.layouts`) the cap is 1: they run no
+        generation loop."""
+        layout = layout_of(self.params)
+        cap = 1 if layout != "per_layer" else min(256, self.budget.max_new_tokens)
         if max_new_tokens is None:
             return min(DEFAULT_MAX_NEW_TOKENS, cap)
         if not _is_int(max_new_tokens):
             raise InputError(f"max_new_tokens={max_new_tokens!r}; allowed: an int in 1..{cap}")
         if not 1 <= max_new_tokens <= cap:
-            why = (" (this session's weights are stacked, llama.stack_layers: first-token "
-                   "queries only; per-layer weights generate)" if STACKED in self.params
-                   else "")
+            why = (f" (this session's weights are {layout}, statejax.model.layouts: "
+                   "first-token queries only; per-layer weights generate)"
+                   if layout != "per_layer" else "")
             raise InputError(f"max_new_tokens={max_new_tokens}; allowed: 1..{cap}{why}")
         return int(max_new_tokens)
 

@@ -33,11 +33,11 @@ import jax.numpy as jnp
 from statejax import gpu_target, roofline, steps
 from statejax.errors import InputError
 from statejax.model.config import preset
-from statejax.model.llama import init_params, stack_layers
+from statejax.model.layouts import LAYOUTS, lay_out
+from statejax.model.llama import init_params
 from statejax.state import SessionState
 
 KINDS = ("gemm", "pallas", "fusion", "other")
-LAYOUTS = ("per_layer", "stacked")  # weights per layer, or `llama.stack_layers`
 # Step arguments a session passes anew per call ("per_call_readers") and, for the query, the
 # scalars it keeps on the device ("scalar_readers"), by position (`statejax.steps`).
 _PER_CALL = {"query": {"per_call_readers": steps.QUERY_PER_CALL_ARGS,
@@ -242,9 +242,9 @@ def _abstract_params(cfg):
 
 
 @functools.cache
-def _abstract_stacked(cfg):
-    """`_abstract_params` with the layers stacked (`llama.stack_layers`)."""
-    return jax.eval_shape(stack_layers, _abstract_params(cfg))
+def _abstract_laid_out(cfg, layout: str):
+    """`_abstract_params` in a weights layout (`statejax.model.layouts.LAYOUTS`)."""
+    return jax.eval_shape(lambda p: lay_out(p, layout), _abstract_params(cfg))
 
 
 def _abstract_state(cfg, cells: int) -> SessionState:
@@ -307,7 +307,8 @@ def _row(step, context, impl, text, cfg, **extra) -> dict:
 def run(config) -> dict:
     """Compiles the steps for `config.target` and counts their kernels: the query at each
     (context, impl, max_new_cap), the append of each chunk size at each (context, impl), for
-    each weight layout of `config.layouts` (`LAYOUTS`; stacked: first-token queries only).
+    each weight layout of `config.layouts` (`model.layouts.LAYOUTS`; stacked and packed:
+    first-token queries only).
 
     Returns:
       {"rows": [{step, context, impl, layout, args (argument buffers), max_new_cap | chunk,
@@ -333,9 +334,9 @@ def run(config) -> dict:
 
     def add(step, name, context, args, static, **extra):
         for layout in layouts:
-            if layout == "stacked" and extra.get("max_new_cap", 1) > 1:
-                continue  # steps.query runs stacked weights first-token only
-            laid_out = (_abstract_stacked(cfg) if layout == "stacked" else args[0], *args[1:])
+            if layout != "per_layer" and extra.get("max_new_cap", 1) > 1:
+                continue  # steps.query runs stacked or packed weights first-token only
+            laid_out = (_abstract_laid_out(cfg, layout), *args[1:])
             # Entry parameter numbers: the params' leaves, the state's 3, then argument 2 on.
             first_input = len(jax.tree.leaves(laid_out[0])) + 3 - 2
             for impl in config.impls:

@@ -28,9 +28,9 @@ chained, so per-call launch cost is amortised as in the real step):
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
   these six rows split a query's time into device rate, dispatch, latency, transfers and
   Python; they come again for each of `config.extra_contexts` (named `query_step@32768`
-  ...: what grows with the session), and last, with `config.stacked_rows`, with the layers'
-  weights stacked (`llama.stack_layers`: 22 argument buffers instead of 157 at the 1B
-  shape; named `query_step[stacked]` ...),
+  ...: what grows with the session), and last for each weights layout of
+  `config.layout_rows` (`statejax.model.layouts`: packed, 45 argument buffers instead of
+  157 at the 1B shape; stacked, 22; named `query_step[packed]` ...),
 - `decode_token`: one generated token of a query that generates (`steps.query` at width
   `decode_tokens`, no stop token): the time of all tokens minus that of the first, over the
   rest, in one compiled program; its kernels are one turn of the generation loop,
@@ -54,7 +54,8 @@ from statejax import device_trace, roofline, step_census, steps
 from statejax.budget import Budget
 from statejax.cache import FullView
 from statejax.model.config import preset
-from statejax.model.llama import Attention, Mlp, Transformer, init_params, stack_layers
+from statejax.model.layouts import LAYOUTS, lay_out
+from statejax.model.llama import Attention, Mlp, Transformer, init_params
 from statejax.session import Session, fetch_generation, generation_width
 from statejax.tokenizer import ByteTokenizer
 
@@ -263,12 +264,15 @@ def run(config, on_row=None) -> dict:
     # The query rows again at larger sessions (names end in @cells): what grows with context.
     for context in config.get("extra_contexts", ()):
         query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}")
-    if config.get("stacked_rows", False):
-        # Last, as their compile is the slowest (`llama.stack_layers`): the same program with
-        # fewer argument buffers, so what differs is dispatch.
-        stacked_args, _ = query_rows(cfg, stack_layers(params), config, config.context,
-                                     timing, add, suffix="[stacked]")
-        results["query_args_stacked"] = len(jax.tree.leaves(stacked_args))
+    # Last, as stacked weights compile the slowest (`model.layouts`): the same program with
+    # fewer argument buffers, so what differs is dispatch.
+    layouts = tuple(config.get("layout_rows", ()))
+    if set(layouts) - set(LAYOUTS[1:]):
+        raise ValueError(f"layout_rows {layouts}; allowed: some of {LAYOUTS[1:]}")
+    for layout in layouts:
+        laid_out_args, _ = query_rows(cfg, lay_out(params, layout), config, config.context,
+                                      timing, add, suffix=f"[{layout}]")
+        results[f"query_args_{layout}"] = len(jax.tree.leaves(laid_out_args))
     return results
 
 
@@ -324,8 +328,9 @@ def results_markdown(results: dict) -> str:
             "extra_contexts", ()))
         + (f"; {results['query_args']} argument buffers per call" if "query_args" in results
            else "")
-        + (f" ({results['query_args_stacked']} with the layers stacked: rows [stacked])"
-           if "query_args_stacked" in results else ""), "",
+        + "".join(f" ({results[f'query_args_{layout}']} with the layers {layout}: rows "
+                  f"[{layout}])" for layout in LAYOUTS[1:]
+                  if f"query_args_{layout}" in results), "",
         "| component | ms | MB read | floor ms | GB/s | % of copy bandwidth | kernels |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]

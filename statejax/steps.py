@@ -13,7 +13,8 @@ from flax import struct
 from statejax.cache import AppendView, BranchView, FullView
 from statejax.errors import InputError
 from statejax.model.config import ModelConfig
-from statejax.model.llama import STACKED, Transformer, per_layer
+from statejax.model.layouts import layout_of, per_layer
+from statejax.model.llama import Transformer
 from statejax.state import SessionState
 
 
@@ -21,7 +22,7 @@ from statejax.state import SessionState
 def forward(params, tokens_BxT, *, cfg: ModelConfig, impl: str = "reference"):
     """Full causal forward with no cache. Returns logits [B, T, V] float32.
 
-    params: per layer or stacked (`statejax.model.llama.stack_layers`), as in every step."""
+    params: in any layout (`statejax.model.layouts`), as in every step."""
     params = per_layer(params)
     b, t = tokens_BxT.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -37,7 +38,7 @@ def append(params, state: SessionState, tokens_BxT, num_new_B, *, cfg: ModelConf
     """Appends a padded chunk to every session row. Donates `state`.
 
     Args:
-      params: model parameters, per layer or stacked (`llama.stack_layers`).
+      params: model parameters in any layout (`statejax.model.layouts`).
       state: session rows; row b gains `num_new_B[b]` cells.
       tokens_BxT: int32 chunk, padded to a budget chunk size; entries t >= num_new[b] ignored.
       num_new_B: int32 valid tokens per row (0 leaves a row untouched).
@@ -147,8 +148,8 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     which are dropped on return: discarding a branch costs nothing.
 
     Args:
-      params: model parameters, per layer or stacked (`llama.stack_layers`; first-token
-        queries only: `max_new_cap` 1).
+      params: model parameters in any layout (`statejax.model.layouts`; stacked or packed:
+        first-token queries only, `max_new_cap` 1).
       state: session rows (read only).
       row: int32 scalar, which session row to branch from.
       question_RxT: int32 question tokens, padded to a chunk size.
@@ -170,13 +171,15 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     Returns:
       A `Generation`.
     """
-    if STACKED in params and max_new_cap > 1:
-        # Compiled for an H100, the loop's one-token MLP GEMMs do not read slices of stacked
-        # weights in place: each turn would copy every layer's MLP weights (1.5 GiB a token),
-        # and slicing before the loop copies all weights once per query.
-        raise InputError(f"stacked layer weights (llama.stack_layers) run first-token queries "
-                         f"(max_new_cap=1), not a generation loop (max_new_cap={max_new_cap}); "
-                         "pass per-layer params (llama.per_layer) to generate")
+    layout = layout_of(params)
+    if layout != "per_layer" and max_new_cap > 1:
+        # Compiled for an H100, the loop's one-token GEMMs do not read slices of stacked or
+        # packed weights in place: XLA copies them (stacked: every layer's MLP weights each
+        # turn, 1.5 GiB a token; packed: all weights once per query, before the loop).
+        raise InputError(f"{layout} layer weights (statejax.model.layouts) run first-token "
+                         f"queries (max_new_cap=1), not a generation loop (max_new_cap="
+                         f"{max_new_cap}); pass per-layer params (layouts.per_layer) to "
+                         "generate")
     params = per_layer(params)
     model = Transformer(cfg)
     r, t = question_RxT.shape

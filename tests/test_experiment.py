@@ -92,7 +92,7 @@ def test_floor_run_skips_the_baselines(tmp_path):
     config.baselines = False
     config.impl = "pallas"  # as :gpu-floor (interpret mode here)
     config.flash_max_new_tokens = 1  # as :gpu-floor: the flash refresh is a first-token step
-    config.stack_layers = True  # first-token queries on stacked weights (llama.stack_layers)
+    config.weights_layout = "packed"  # first-token queries on packed weights (model.layouts)
     config.context_sizes = (64, 128)
     partials = []  # what a run cut short after its first context would have written
     results = latency.run_stream_latency(
@@ -114,11 +114,12 @@ def test_floor_run_skips_the_baselines(tmp_path):
     assert "| – | – |" in md and "stateless largest" not in md and "partial" not in md
     # Which tiles the kernels ran: none measured here (interpret mode reads no table).
     assert results["tuned_tiles"] == []
-    assert "attention impl `pallas` (kernel tiles: the shape rules)" in md
+    assert "attention impl `pallas` (kernel tiles: the shape rules); weights packed;" in md
     floor = stream_latency.get_config("gpu-floor")
     assert (floor.impl, floor.baselines, floor.roofline.floor_bound,
-            floor.flash_max_new_tokens, floor.stack_layers) == ("pallas", False, 1.3, 1, False)
-    # Stacked weights run no generation loop: a generating flash query is refused up front.
+            floor.flash_max_new_tokens, floor.weights_layout) == ("pallas", False, 1.3, 1,
+                                                                "per_layer")
+    # Packed weights run no generation loop: a generating flash query is refused up front.
     config.flash_max_new_tokens = 32
     with pytest.raises(ValueError, match="first-token queries only"):
         latency.run_stream_latency(config)

@@ -51,19 +51,14 @@ def test_rms_norm_normalises_in_float32_then_scales_in_its_dtype(dtype, rtol):
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=rtol)
 
 
-def test_stacked_layers_round_trip_and_steps_answer_alike(tiny):
-    """`stack_layers` puts each layer's leaf at index i of one [L, ...] leaf; the steps take
-    either layout and give the same results, bit for bit (forward, append, first-token
-    query)."""
-    from statejax import steps
-    from statejax.budget import Budget
-    from statejax.errors import InputError
-    from statejax.model.llama import per_layer, stack_layers
-    from statejax.session import Session
-    from statejax.tokenizer import ByteTokenizer
+def test_stacked_layers_put_each_layer_at_its_index(tiny):
+    """`stack_layers` puts each layer's leaf at index i of one [L, ...] leaf; `per_layer`
+    inverts it exactly."""
+    from statejax.model.layouts import layout_of, per_layer, stack_layers
 
     cfg, params = tiny
     stacked = stack_layers(params)
+    assert layout_of(stacked) == "stacked" and layout_of(params) == "per_layer"
     assert not any(k.startswith("layer_") for k in stacked)
     layers = stacked["layers"]
     q = layers["attn"]["q_proj"]["weight"]
@@ -81,26 +76,86 @@ def test_stacked_layers_round_trip_and_steps_answer_alike(tiny):
     with pytest.raises(ValueError, match="no 'layer_<i>'"):
         stack_layers({"embed": params["embed"]})
 
+
+def test_packed_layers_hold_whole_rows_of_the_embedding_width(tiny):
+    """`pack_layers` lays each layer's leaves that are rows of the embedding width E end to
+    end in one [R, E] buffer, in the layer's tree order, and keeps the rest (the down
+    projection, [E, F]) as leaves; `per_layer` gives back every leaf exactly."""
+    from statejax.errors import InputError
+    from statejax.model.layouts import PackedLayer, lay_out, layout_of, pack_layers, per_layer
+
+    cfg, params = tiny
+    packed = pack_layers(params)
+    assert layout_of(packed) == "packed"
+    assert packed["embed"] is params["embed"]
+    e, f = cfg.embed_dim, cfg.mlp_dim
+    for i in range(cfg.num_layers):
+        layer, original = packed[f"layer_{i}"], params[f"layer_{i}"]
+        assert isinstance(layer, PackedLayer)
+        attn, mlp = original["attn"], original["mlp"]
+        # Flattened in key order: k, o, q, v projections; input norm; gate, up; post norm.
+        order = [attn["k_proj"]["weight"], attn["o_proj"]["weight"], attn["q_proj"]["weight"],
+                 attn["v_proj"]["weight"], original["input_norm"]["scale"],
+                 mlp["gate_proj"]["weight"], mlp["up_proj"]["weight"],
+                 original["post_norm"]["scale"]]
+        np.testing.assert_array_equal(layer.rows, np.concatenate(
+            [np.reshape(x, (-1, e)) for x in order]))
+        assert [first for _, _, first in layer.layout] == list(
+            np.cumsum([0] + [x.size // e for x in order[:-1]]))
+        assert layer.rest == {"mlp": {"down_proj": {"weight": mlp["down_proj"]["weight"]}}}
+        assert layer.rest["mlp"]["down_proj"]["weight"].shape == (e, f)
+    # 2 buffers a layer instead of 9.
+    assert len(jax.tree.leaves(packed)) == len(jax.tree.leaves(params)) - cfg.num_layers * 7
+    back = per_layer(packed)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    assert packed["layer_0"].rest["mlp"]["down_proj"]  # unpacking left the rest as it was
+    with pytest.raises(ValueError, match="already packed"):
+        pack_layers(packed)
+    with pytest.raises(ValueError, match="already stacked"):
+        lay_out(lay_out(params, "stacked"), "packed")
+    with pytest.raises(InputError, match=r"weights layout 'rows'; allowed: \('per_layer'"):
+        lay_out(params, "rows")
+    # A leaf of another dtype stays a leaf too.
+    mixed = dict(params, layer_0=jax.tree.map(lambda x: x, params["layer_0"]))
+    mixed["layer_0"]["post_norm"]["scale"] = params["layer_0"]["post_norm"]["scale"].astype(
+        jnp.bfloat16)
+    assert pack_layers(mixed)["layer_0"].rest["post_norm"]["scale"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("layout", ["stacked", "packed"])
+def test_laid_out_weights_answer_as_per_layer_ones(tiny, layout):
+    """The steps take every weights layout and give the per-layer results bit for bit
+    (forward, append, first-token query); a generation loop is refused."""
+    from statejax import steps
+    from statejax.budget import Budget
+    from statejax.errors import InputError
+    from statejax.model.layouts import lay_out
+    from statejax.session import Session
+    from statejax.tokenizer import ByteTokenizer
+
+    cfg, params = tiny
+    laid_out = lay_out(params, layout)
     tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, cfg.vocab_size)
-    np.testing.assert_array_equal(np.asarray(steps.forward(stacked, tokens, cfg=cfg)),
+    np.testing.assert_array_equal(np.asarray(steps.forward(laid_out, tokens, cfg=cfg)),
                                   np.asarray(steps.forward(params, tokens, cfg=cfg)))
     budget = Budget(cells=256, page_size=16, chunk_sizes=(16, 64), question_cells=32,
                     max_new_tokens=8)
     sessions = [Session(p, cfg, budget, ByteTokenizer(), prefix="sys\n") for p in
-                (params, stacked)]
+                (params, laid_out)]
     logits = [s.append("1 2 3 4 5 6\n" * 5) for s in sessions]
     np.testing.assert_array_equal(logits[0], logits[1])
     jax.tree.map(np.testing.assert_array_equal, sessions[0].state, sessions[1].state)
     answers = [s.query("q?", 1, temperature=0.7, seed=5) for s in sessions]
     assert answers[0].tokens.tolist() == answers[1].tokens.tolist()
     assert answers[0].first_gap == answers[1].first_gap
-    # A generation loop would copy stacked MLP weights every turn (H100 compile): refused
-    # before any work (the session's limit is 1, also for the default), and by the step
-    # itself; the session goes on as it was.
-    with pytest.raises(InputError, match=r"allowed: 1\.\.1 \(this session's weights are stacked"):
+    # A generation loop would copy stacked or packed weights (H100 compile): refused before
+    # any work (the session's limit is 1, also for the default), and by the step itself; the
+    # session goes on as it was.
+    with pytest.raises(InputError, match=rf"allowed: 1\.\.1 \(this session's weights are {layout}"):
         sessions[1].query("q?", 6)
     assert sessions[1].validate_max_new_tokens(None) == 1
     with pytest.raises(InputError, match="first-token queries"):
-        steps.query(stacked, sessions[1].state, *range(8), cfg=cfg, window=256,
+        steps.query(laid_out, sessions[1].state, *range(8), cfg=cfg, window=256,
                     branch_cells=40, max_new_cap=8)
     assert sessions[1].query("q?", 1).tokens.tolist() == sessions[0].query("q?", 1).tokens.tolist()

@@ -188,24 +188,30 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
     assert set(rows) == {(i, g) for i in ("reference", "pallas") for g in (1, 32)}
     appends = {r["impl"]: r for r in per_layer if r["step"] == "append"}
     assert set(appends) == {"reference", "pallas"}
-    # Stacked weights (`llama.stack_layers`): the append and first-token query steps read
-    # the layers' slices in place, so the H100 program launches the per-layer layout's
-    # kernels and writes no more bytes, from fewer argument buffers (the claim of its
-    # docstring). No stacked generation loop: steps.query refuses one.
+    # Stacked and packed weights (`statejax.model.layouts`): the append and first-token
+    # query steps read the layers' slices in place, so the H100 program launches the
+    # per-layer layout's kernels and writes no more bytes, from fewer argument buffers (the
+    # claim of its docstring). No stacked or packed generation loop: steps.query refuses one.
     # Launches that read what a session passes anew per call (graph nodes a new address
     # re-points), and for the query those reading the scalars it keeps on the device.
     for row in results["rows"]:
         assert row["per_call_readers"] > 0
         assert (row["scalar_readers"] > 0) if row["step"] == "query" else (
             "scalar_readers" not in row)
-    stacked = {(r["step"], r["impl"]): r for r in results["rows"] if r["layout"] == "stacked"}
-    assert set(stacked) == {(s, i) for s in ("query", "append") for i in ("reference", "pallas")}
-    for (step, impl), row in stacked.items():
+    laid_out = {(r["layout"], r["step"], r["impl"]): r for r in results["rows"]
+                if r["layout"] != "per_layer"}
+    assert set(laid_out) == {(layout, s, i) for layout in ("stacked", "packed")
+                             for s in ("query", "append") for i in ("reference", "pallas")}
+    for (layout, step, impl), row in laid_out.items():
         twin = rows[impl, 1] if step == "query" else appends[impl]
         assert row.get("max_new_cap", 1) == 1 and row["args"] < twin["args"]
         for key in (*step_census.KINDS, "total", "large_copies", "donated", "written_mb",
                     "per_call_readers"):
-            assert row[key] == twin[key], (step, impl, key)
+            assert row[key] == twin[key], (layout, step, impl, key)
+    # Per layer 9 buffers a layer; packed 2 (the rows, and the down projection).
+    query = {layout: laid_out[layout, "query", "pallas"]["args"] for layout in
+             ("stacked", "packed")}
+    assert rows["pallas", 1]["args"] - query["packed"] == 7 * layers
     for impl, row in appends.items():
         assert row["donated"] == 3  # k, v, lengths updated in place, never copied
         assert row["pallas"] == (layers if impl == "pallas" else 0)  # one append kernel a layer
@@ -241,8 +247,8 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
         assert (written["pallas"] > 0) == (row["impl"] == "pallas")
     markdown = (tmp_path / "results.md").read_text()
     assert f"| query | 256 | pallas | per layer ({rows['pallas', 1]['args']}) | 1 |" in markdown
-    assert f"| append | 256 | pallas | stacked ({stacked['append', 'pallas']['args']}) | 16 |" in (
-        markdown)
+    assert (f"| append | 256 | pallas | stacked ({laid_out['stacked', 'append', 'pallas']['args']})"
+            " | 16 |") in markdown
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN,

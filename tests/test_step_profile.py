@@ -10,7 +10,8 @@ from configs import step_profile as sp_config
 from statejax import session as session_lib
 from statejax import step_profile, steps
 from statejax.model.config import preset
-from statejax.model.llama import init_params, stack_layers
+from statejax.model.layouts import lay_out
+from statejax.model.llama import init_params
 
 
 def test_components_cover_the_weights_and_match_the_model():
@@ -50,7 +51,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert names == [*query, "decode_token", "attn_projections", "mlp", "embed_logits",
                      "step_without_attention", "step_with_attention",
                      *[n + "@128" for n in query],  # the larger session's rows,
-                     *[n + "[stacked]" for n in query]]  # then stacked weights (slow compile)
+                     *[n + "[packed]" for n in query],  # then packed and stacked weights
+                     *[n + "[stacked]" for n in query]]
     # Rewritten after every row, and once more after query_step's kernel trace.
     assert seen == [1, *range(1, len(names) + 1)]
     for r in results["rows"]:
@@ -65,17 +67,20 @@ def test_tiny_run_reports_each_component_against_the_floor():
             == rows["query_step_host_io_call"]["kernels"]
             == rows["query_step_host_io"]["kernels"] == rows["query_step"]["kernels"])
     # The lone call returns before its answer is on the host (medians of the same calls).
-    for suffix in ("", "@128", "[stacked]"):
+    for suffix in ("", "@128", "[packed]", "[stacked]"):
         assert (rows["query_step_host_io_call" + suffix]["ms"]
                 <= rows["query_step_host_io" + suffix]["ms"])
     # Its argument buffers: the params' and the state's, and the 8 per-query inputs.
     state_leaves = 3  # k, v, lengths
     assert results["query_args"] == len(jax.tree.leaves(init_params(preset("tiny")))) + (
         state_leaves + 8)
-    # With the layers stacked: one buffer per kind of layer leaf, the same program.
-    assert results["query_args_stacked"] == len(jax.tree.leaves(
-        stack_layers(init_params(preset("tiny"))))) + state_leaves + 8
-    assert results["query_args_stacked"] < results["query_args"]
+    # Packed: one or two buffers per layer; stacked: one per kind of layer leaf (the same
+    # kernels as per layer when compiled for an H100: tests/test_step_census.py).
+    for layout in ("packed", "stacked"):
+        assert results[f"query_args_{layout}"] == len(jax.tree.leaves(lay_out(
+            init_params(preset("tiny")), layout))) + state_leaves + 8
+    assert max(results["query_args_stacked"], results["query_args_packed"]) < results[
+        "query_args"]
     # A generated token runs one turn of the generation loop: the whole model for one token,
     # about as many kernels as the first-token step (H100: 323 vs 223), not the CPU's rolled
     # random-bits loop (17 here, which was counted as the turn before).
@@ -92,7 +97,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert "| step_without_attention |" in md and "| kernels |" in md
     assert "| query_step@128 |" in md and "rows @128: a session of 128 cells" in md
     assert f"{results['query_args']} argument buffers per call" in md
-    assert f"({results['query_args_stacked']} with the layers stacked" in md
+    assert (f"({results['query_args_stacked']} with the layers stacked: rows [stacked]) "
+            f"({results['query_args_packed']} with the layers packed") in md
     # The query step's kernels from a profiler trace: on CPU, its XLA ops, each call the same.
     k = results["query_kernels"]
     assert k["source"] == "host" and k["kernels"] >= 1 and k["kernels"] == int(k["kernels"])

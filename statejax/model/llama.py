@@ -177,48 +177,6 @@ def _from_kernels(tree, name: str):
     return out
 
 
-STACKED = "layers"  # the key of the stacked layers' tree (`stack_layers`)
-
-
-def stack_layers(params) -> dict:
-    """Per-layer parameters -> the same model with its layers' trees stacked: one tree of
-    [L, ...] leaves under "layers" in place of "layer_0" ... "layer_{L-1}" (the rest as is).
-
-    A jitted step passes every leaf as its own argument buffer and its dispatch costs per
-    buffer (Llama-3.2-1B: 157 buffers per query call, 22 with the layers stacked; on a CPU
-    jit's dispatch took ~0.8 µs a buffer). The steps (`statejax.steps`) take either layout;
-    stacked, each layer's weights are static slices that XLA reads in place: compiled for an
-    H100, the append and first-token query steps launch the kernels of the per-layer layout
-    and write no more bytes (`statejax.step_census`). Not a generation loop: there the
-    one-token MLP GEMMs copy their slices every turn, so `steps.query` refuses stacked params
-    with `max_new_cap` > 1. The cost is compile time: each layer's GEMM fusions now read
-    their own slice, so XLA compiles (and on a GPU autotunes) them per layer where the
-    per-layer layout's 16 identical layers compiled once (H100 target on a CPU: 1.4-2.1x the
-    compile time). The stacked tree is a copy: keep one of the two.
-    """
-    if STACKED in params:
-        raise ValueError("params are already stacked (they hold 'layers')")
-    names = sorted((k for k in params if k.startswith("layer_")), key=lambda k: int(k[6:]))
-    if not names:
-        raise ValueError(f"no 'layer_<i>' entries to stack; params hold {sorted(params)}")
-    rest = {k: v for k, v in params.items() if not k.startswith("layer_")}
-    return {**rest, STACKED: jax.tree.map(lambda *xs: jnp.stack(xs),
-                                          *[params[k] for k in names])}
-
-
-def per_layer(params) -> dict:
-    """The per-layer view the model applies: `stack_layers`' inverse (params already per
-    layer come back as they are). Inside a jitted step each layer's leaves are static slices
-    of the stacked ones."""
-    if STACKED not in params:
-        return params
-    stacked = params[STACKED]
-    layers = jax.tree.leaves(stacked)[0].shape[0]
-    rest = {k: v for k, v in params.items() if k != STACKED}
-    return {**rest, **{f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
-                       for i in range(layers)}}
-
-
 def _rms_norm(cfg: ModelConfig, name: str) -> "RMSNorm":
     return RMSNorm(epsilon=cfg.rms_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,
                    name=name)

@@ -1,0 +1,152 @@
+"""How a model's layer weights are laid out in argument buffers: per layer, stacked, packed.
+
+A jitted step passes every leaf of its params as its own argument buffer, and the host's
+dispatch costs per buffer: on the H100 (2026-11-28, jax 0.11.2) a lone `Session.query` of
+the Llama-3.2-1B shape was 0.24-0.40 ms shorter with the layers stacked (22 buffers) than
+per layer (157), the device call itself 0.07 ms longer (docs/results.md, third H100 run).
+Two layouts with fewer buffers, both read in place by the compiled steps (no weight is
+copied; `statejax.step_census` checks it for an H100):
+
+- `"stacked"` (`stack_layers`): one [L, ...] leaf per kind of layer weight. Each layer's
+  fusions read their own slice, so XLA compiles (and on a GPU autotunes) them per layer
+  (compiled for an H100 on a CPU: 1.4-2.1x the per-layer compile time).
+- `"packed"` (`pack_layers`): each layer's tree as whole rows of one [R, W] buffer (W the
+  embedding width), plus the leaves that are not rows of W (Llama: `down_proj`, [E, F]).
+  Every layer's leaves sit at the same rows of its own buffer, so the layers' fusions stay
+  identical and compile once, as per layer (Llama-3.2-1B: 45 buffers per query call).
+  Only leaves whose own trailing axes make rows of W read in place: packed as one flat
+  buffer, or with the down projection as rows of W (reshaped or transposed back), XLA
+  copied their slices out every call (docs/results.md).
+
+Neither runs a generation loop: there the one-token GEMMs do not read slices in place and
+XLA copies the weights (every turn, or once per query before the loop), so `steps.query`
+refuses both with `max_new_cap` > 1. The steps take every layout (`per_layer` turns each
+into the tree the model applies); a laid-out tree is a copy: keep one of the two.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from statejax.errors import InputError
+
+LAYOUTS = ("per_layer", "stacked", "packed")
+STACKED = "layers"  # the key of the stacked layers' tree (`stack_layers`)
+
+
+@struct.dataclass
+class PackedLayer:
+    """One layer's weights as whole rows of one [R, W] buffer (`pack_layers`).
+
+    Attributes:
+      rows: [R, W] the layer's leaves that are whole rows of W by their own trailing axes.
+      rest: the layer's other leaves, as they are (Llama: `mlp.down_proj.weight`, [E, F]).
+      layout: static ((path, shape, first row), ...) of each leaf in `rows`; path: its keys
+        in the layer's tree, e.g. ("attn", "q_proj", "weight").
+    """
+
+    rows: jax.Array
+    rest: dict
+    layout: tuple = struct.field(pytree_node=False)
+
+    def unpack(self) -> dict:
+        """The layer's tree: each packed leaf a static slice of whole rows, reshaped (a view:
+        inside a jitted step XLA reads it in place)."""
+        tree = jax.tree.map(lambda x: x, self.rest)  # new dicts: `rest` stays as it is
+        width = self.rows.shape[1]
+        for path, shape, first in self.layout:
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            count = math.prod(shape) // width
+            node[path[-1]] = jax.lax.slice_in_dim(self.rows, first, first + count).reshape(shape)
+        return tree
+
+
+def layout_of(params) -> str:
+    """Which of `LAYOUTS` params are in."""
+    if STACKED in params:
+        return "stacked"
+    if any(isinstance(v, PackedLayer) for v in params.values()):
+        return "packed"
+    return "per_layer"
+
+
+def lay_out(params, layout: str) -> dict:
+    """Per-layer params in `layout` (`LAYOUTS`; "per_layer" returns them as they are)."""
+    if layout not in LAYOUTS:
+        raise InputError(f"weights layout {layout!r}; allowed: {LAYOUTS}")
+    return {"per_layer": lambda p: p, "stacked": stack_layers, "packed": pack_layers}[layout](
+        params)
+
+
+def _layer_names(params, verb: str) -> list[str]:
+    if layout_of(params) != "per_layer":
+        raise ValueError(f"params are already {layout_of(params)}; {verb} takes per-layer "
+                         "params")
+    names = sorted((k for k in params if k.startswith("layer_")), key=lambda k: int(k[6:]))
+    if not names:
+        raise ValueError(f"no 'layer_<i>' entries to {verb}; params hold {sorted(params)}")
+    return names
+
+
+def stack_layers(params) -> dict:
+    """Per-layer params -> one tree of [L, ...] leaves under "layers" in place of "layer_0"
+    ... "layer_{L-1}" (the rest as is). Llama-3.2-1B: 22 argument buffers per query call."""
+    names = _layer_names(params, "stack")
+    rest = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    return {**rest, STACKED: jax.tree.map(lambda *xs: jnp.stack(xs),
+                                          *[params[k] for k in names])}
+
+
+def pack_layers(params) -> dict:
+    """Per-layer params -> each "layer_<i>" a `PackedLayer` (the rest as is).
+
+    The row width W is the layer's embedding width (the size of its `input_norm` scale); a
+    leaf goes into the rows when it has the layer's dtype and its trailing axes multiply to
+    W (a [2048, 8192] weight as rows of 2048 does not: compiled for an H100 its slice was
+    copied out every call), in the layer's tree order.
+    """
+    names = _layer_names(params, "pack")
+    return {**params, **{k: _pack(params[k], k) for k in names}}
+
+
+def _pack(layer, name: str) -> PackedLayer:
+    try:
+        norm = layer["input_norm"]["scale"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{name} has no input_norm scale to take the row width from") from e
+    width, dtype = norm.shape[-1], norm.dtype
+    layout, pieces, rest, first = [], [], {}, 0
+    for path, x in jax.tree_util.tree_flatten_with_path(layer)[0]:
+        keys = tuple(k.key for k in path)
+        if x.dtype != dtype or not any(math.prod(x.shape[k:]) == width
+                                       for k in range(x.ndim)):
+            node = rest
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = x
+            continue
+        count = math.prod(x.shape) // width
+        layout.append((keys, tuple(x.shape), first))
+        pieces.append(jnp.reshape(x, (count, width)))
+        first += count
+    return PackedLayer(rows=jnp.concatenate(pieces), rest=rest, layout=tuple(layout))
+
+
+def per_layer(params) -> dict:
+    """The per-layer tree the model applies, from params in any layout (per-layer params come
+    back as they are). Inside a jitted step each layer's leaves are static slices of the
+    stacked or packed buffers."""
+    layout = layout_of(params)
+    if layout == "packed":
+        return {k: v.unpack() if isinstance(v, PackedLayer) else v for k, v in params.items()}
+    if layout == "per_layer":
+        return params
+    stacked = params[STACKED]
+    layers = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != STACKED}
+    return {**rest, **{f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+                       for i in range(layers)}}
