@@ -83,6 +83,7 @@ def test_packed_layers_hold_whole_rows_of_the_embedding_width(tiny):
     projection, [E, F]) as leaves; `per_layer` gives back every leaf exactly."""
     from statejax.errors import InputError
     from statejax.model.layouts import PackedLayer, lay_out, layout_of, pack_layers, per_layer
+    from statejax.model.llama import init_params
 
     cfg, params = tiny
     packed = pack_layers(params)
@@ -116,6 +117,18 @@ def test_packed_layers_hold_whole_rows_of_the_embedding_width(tiny):
         lay_out(lay_out(params, "stacked"), "packed")
     with pytest.raises(InputError, match=r"weights layout 'rows'; allowed: \('per_layer'"):
         lay_out(params, "rows")
+    # Qwen's leaves: the q bias [H, D] is a row of E here (H x D = E), the k / v biases and
+    # the q / k norms are narrower and stay leaves; all come back exactly.
+    qwen = cfg.replace(qkv_bias=True, qk_norm=True)
+    qwen_params = init_params(qwen, seed=1)
+    qwen_packed = pack_layers(qwen_params)["layer_1"]
+    assert jax.tree.map(lambda x: x.shape, qwen_packed.rest) == {
+        "attn": {"k_norm": {"scale": (16,)}, "k_proj": {"bias": (2, 16)},
+                 "q_norm": {"scale": (16,)}, "v_proj": {"bias": (2, 16)}},
+        "mlp": {"down_proj": {"weight": (e, f)}}}
+    assert any(path == ("attn", "q_proj", "bias") for path, _, _ in qwen_packed.layout)
+    jax.tree.map(np.testing.assert_array_equal, per_layer(pack_layers(qwen_params)),
+                 qwen_params)
     # A leaf of another dtype stays a leaf too.
     mixed = dict(params, layer_0=jax.tree.map(lambda x: x, params["layer_0"]))
     mixed["layer_0"]["post_norm"]["scale"] = params["layer_0"]["post_norm"]["scale"].astype(
