@@ -27,17 +27,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.impl = "reference"  # their attention: "reference", "pallas" or "pallas-mosaic"
     c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
     c.trace_calls = 5  # query_step calls traced by the profiler for its kernel breakdown
+    # weights_in_N_gemms rows: chain_mib MiB of weights read by N dependent GEMMs each (what a
+    # kernel boundary costs); chain_mib must split into 64 [E, E x m] weights (cpu-small f32:
+    # 4 MiB each, the 1B shape in bf16: 8 MiB, tiny f32: 16 KiB).
+    c.chain_gemms = (1, 4, 16, 64)
+    c.chain_mib = 256
     if variant == "gpu":
         c.model = "llama-3.2-1b"
         c.dtype = "bfloat16"
         c.copy_mib = 2048
         c.impl = "pallas"
         c.extra_contexts = (32768,)
+        c.chain_mib = 512
     elif variant == "tiny":
         c.model = "tiny"
         c.context = 64
         c.extra_contexts = (128,)
         c.copy_mib = 8
+        c.chain_mib = 1
         c.warmup = 1
         c.repeats = 2
     elif variant != "cpu":

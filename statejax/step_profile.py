@@ -31,6 +31,11 @@ chained, so per-call launch cost is amortised as in the real step):
   ...: what grows with the session), and last for each weights layout of
   `config.layout_rows` (`statejax.model.layouts`: packed, 45 argument buffers instead of
   157 at the 1B shape; stacked, 22; named `query_step[packed]` ...),
+- `weights_in_N_gemms` (for each N of `config.chain_gemms`, before the layout rows): the same
+  `config.chain_mib`
+  of weights read by N dependent GEMMs at the query's shape ([T, E·m] x [E, E·m]^T, m = what
+  makes the bytes equal), so the rows differ only in how many kernels read them: the time a
+  kernel boundary costs inside a step (the query step launches 223 at the 1B shape),
 - `decode_token`: one generated token of a query that generates (`steps.query` at width
   `decode_tokens`, no stop token): the time of all tokens minus that of the first, over the
   rest, in one compiled program; its kernels are one turn of the generation loop,
@@ -115,6 +120,35 @@ def components(cfg, params, tokens: int):
     unread = cfg.weight_bytes - cfg.step_weight_bytes(tokens)
     return {name: (jax.jit(fn), args, _nbytes(args[0]) - (unread if "embed" in args[0] else 0))
             for name, (fn, args) in pieces.items()}
+
+
+def gemm_chain(e: int, tokens: int, total_bytes: int, gemms: int, dtype):
+    """`gemms` dependent GEMMs reading `total_bytes` of weights between them.
+
+    GEMM i multiplies its input [T, E], repeated m times along its features ([T, E·m]), by a
+    weight [E, E·m] stored [out, in] as the model's, so every GEMM reads E·E·m weights and
+    hands the next one [T, E]; weights of std 1/sqrt(E·m) keep the values in range.
+
+    Returns:
+      (jitted fn, (weights, x)): fn(weights, x) -> [T, E].
+    """
+    elements = total_bytes // jnp.dtype(dtype).itemsize
+    if elements % (gemms * e * e):
+        raise ValueError(f"{total_bytes} bytes of {jnp.dtype(dtype).name} weights do not split "
+                         f"into {gemms} GEMMs of [{e}, {e} x m]; allowed: multiples of "
+                         f"{gemms * e * e * jnp.dtype(dtype).itemsize} bytes")
+    m = elements // (gemms * e * e)
+    keys = jax.random.split(jax.random.key(3), gemms + 1)
+    weights = [(jax.random.normal(k, (e, e * m)) / np.sqrt(e * m)).astype(dtype)
+               for k in keys[1:]]
+    x = jax.random.normal(keys[0], (tokens, e), dtype)
+
+    def chain(weights, x):
+        for w in weights:
+            x = jax.lax.dot_general(jnp.tile(x, (1, m)), w, (((1,), (1,)), ((), ())))
+        return x
+
+    return jax.jit(chain), (weights, x)
 
 
 def _time_compiled(fn, args, timing, **static) -> tuple[float, int, object]:
@@ -221,6 +255,9 @@ def run(config, on_row=None) -> dict:
     token), then the weight groups. `on_row(results)`, if given, sees the results after every
     row, so a run cut short keeps what it measured.
     """
+    layouts = tuple(config.get("layout_rows", ()))
+    if set(layouts) - set(LAYOUTS[1:]):
+        raise ValueError(f"layout_rows {layouts}; allowed: some of {LAYOUTS[1:]}")
     cfg = preset(config.model, dtype=config.dtype)
     params = init_params(cfg, seed=0)
     timing = dict(warmup=config.warmup, repeats=config.repeats)
@@ -264,11 +301,14 @@ def run(config, on_row=None) -> dict:
     # The query rows again at larger sessions (names end in @cells): what grows with context.
     for context in config.get("extra_contexts", ()):
         query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}")
+    # Kernel boundaries alone: the same bytes read by more, smaller GEMMs.
+    for gemms in config.get("chain_gemms", ()):
+        fn, args = gemm_chain(cfg.embed_dim, config.tokens, config.chain_mib * 2**20, gemms,
+                              cfg.jnp_dtype)
+        add(f"weights_in_{gemms}_gemms", *_time_compiled(fn, args, timing)[:2],
+            config.chain_mib * 2**20)
     # Last, as stacked weights compile the slowest (`model.layouts`): the same program with
     # fewer argument buffers, so what differs is dispatch.
-    layouts = tuple(config.get("layout_rows", ()))
-    if set(layouts) - set(LAYOUTS[1:]):
-        raise ValueError(f"layout_rows {layouts}; allowed: some of {LAYOUTS[1:]}")
     for layout in layouts:
         laid_out_args, _ = query_rows(cfg, lay_out(params, layout), config, config.context,
                                       timing, add, suffix=f"[{layout}]")
@@ -339,12 +379,29 @@ def results_markdown(results: dict) -> str:
         lines.append(f"| {r['component']} | {r['ms']:.3f} | {r['weight_bytes'] / 1e6:.1f} | "
                      f"{r['floor_ms']:.3f} | {r['gbytes_per_s']:.1f} | "
                      f"{100 * r['frac_copy']:.0f}% | {kernels} |")
+    lines += _boundary_note(results["rows"])
     if "query_kernels" in results:
         step_ms = next(r["ms"] for r in results["rows"] if r["component"] == "query_step")
         lines += ["", *_kernels_markdown(results["query_kernels"], step_ms)]
     if "query_kernels_error" in results:
         lines += ["", f"query_step kernel trace failed: {results['query_kernels_error']}"]
     return "\n".join(lines) + "\n"
+
+
+def _boundary_note(rows: list[dict]) -> list[str]:
+    """What one more kernel cost, from the fewest and most GEMMs of the `weights_in_N_gemms`
+    rows (same bytes: an upper bound, as their split-K partials grow too)."""
+    chain = [r for r in rows if r["component"].startswith("weights_in_")]
+    if len(chain) < 2:
+        return []
+    few, many = min(chain, key=lambda r: r["kernels"]), max(chain, key=lambda r: r["kernels"])
+    extra = many["kernels"] - few["kernels"]
+    if extra <= 0:
+        return []
+    per_kernel_us = 1e3 * (many["ms"] - few["ms"]) / extra
+    return ["", f"- kernel boundaries: the same weights in {many['kernels']} kernels took "
+            f"{many['ms'] - few['ms']:+.3f} ms against {few['kernels']} kernels: "
+            f"{per_kernel_us:.2f} µs per extra kernel"]
 
 
 def _kernels_markdown(k: dict, step_ms: float) -> list[str]:

@@ -3,6 +3,7 @@
 import weakref
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -51,6 +52,7 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert names == [*query, "decode_token", "attn_projections", "mlp", "embed_logits",
                      "step_without_attention", "step_with_attention",
                      *[n + "@128" for n in query],  # the larger session's rows,
+                     *[f"weights_in_{n}_gemms" for n in (1, 4, 16, 64)],  # boundaries,
                      *[n + "[packed]" for n in query],  # then packed and stacked weights
                      *[n + "[stacked]" for n in query]]
     # Rewritten after every row, and once more after query_step's kernel trace.
@@ -81,6 +83,11 @@ def test_tiny_run_reports_each_component_against_the_floor():
             init_params(preset("tiny")), layout))) + state_leaves + 8
     assert max(results["query_args_stacked"], results["query_args_packed"]) < results[
         "query_args"]
+    # The same weight bytes through more GEMMs: more kernels, nothing else.
+    chain = [rows[f"weights_in_{n}_gemms"] for n in (1, 4, 16, 64)]
+    assert all(r["weight_bytes"] == 2**20 for r in chain)
+    assert [r["kernels"] for r in chain] == sorted(r["kernels"] for r in chain)
+    assert chain[-1]["kernels"] >= 64 > chain[0]["kernels"]
     # A generated token runs one turn of the generation loop: the whole model for one token,
     # about as many kernels as the first-token step (H100: 323 vs 223), not the CPU's rolled
     # random-bits loop (17 here, which was counted as the turn before).
@@ -97,6 +104,11 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert "| step_without_attention |" in md and "| kernels |" in md
     assert "| query_step@128 |" in md and "rows @128: a session of 128 cells" in md
     assert f"{results['query_args']} argument buffers per call" in md
+    per_kernel_us = 1e3 * (chain[-1]["ms"] - chain[0]["ms"]) / (
+        chain[-1]["kernels"] - chain[0]["kernels"])
+    assert (f"- kernel boundaries: the same weights in {chain[-1]['kernels']} kernels took "
+            f"{chain[-1]['ms'] - chain[0]['ms']:+.3f} ms against {chain[0]['kernels']} kernels: "
+            f"{per_kernel_us:.2f} µs per extra kernel") in md
     assert (f"({results['query_args_stacked']} with the layers stacked: rows [stacked]) "
             f"({results['query_args_packed']} with the layers packed") in md
     # The query step's kernels from a profiler trace: on CPU, its XLA ops, each call the same.
@@ -155,3 +167,18 @@ def test_wall_timing_releases_each_output_before_the_next_call():
         fn, warmup=1, repeats=4, after=lambda out: waited.append(type(out)))
     assert seconds >= 0 and waited == [Output] * 6
     assert alive_at_call == [False] * 6
+
+
+def test_gemm_chain_reads_the_bytes_through_dependent_gemms():
+    """`gemm_chain`: N GEMMs of [E, E·m] weights (E·E·m·N·itemsize bytes in all), each fed the
+    previous output repeated m times; bytes that do not split are refused."""
+    fn, (weights, x) = step_profile.gemm_chain(8, 3, 4 * 8 * 8 * 4 * 2, 4, jnp.float32)
+    assert [w.shape for w in weights] == [(8, 16)] * 4
+    assert sum(w.nbytes for w in weights) == 4 * 8 * 8 * 4 * 2
+    want = np.asarray(x, np.float64)
+    for w in weights:
+        want = np.tile(want, (1, 2)) @ np.asarray(w, np.float64).T
+    np.testing.assert_allclose(np.asarray(fn(weights, x)), want, rtol=1e-5, atol=1e-5)
+    assert 0.1 < float(np.std(want)) < 10  # weights scaled to keep the values in range
+    with pytest.raises(ValueError, match=r"do not split into 3 GEMMs of \[8, 8 x m\]"):
+        step_profile.gemm_chain(8, 3, 4 * 8 * 8 * 4 * 2, 3, jnp.float32)
