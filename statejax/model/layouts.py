@@ -57,12 +57,16 @@ class PackedLayer:
         tree = jax.tree.map(lambda x: x, self.rest)  # new dicts: `rest` stays as it is
         width = self.rows.shape[1]
         for path, shape, first in self.layout:
-            node = tree
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
             count = math.prod(shape) // width
-            node[path[-1]] = jax.lax.slice_in_dim(self.rows, first, first + count).reshape(shape)
+            _put(tree, path, jax.lax.slice_in_dim(self.rows, first, first + count).reshape(shape))
         return tree
+
+
+def _put(tree: dict, path: tuple, leaf):
+    """tree[path[0]][path[1]]... = leaf, making the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = leaf
 
 
 def layout_of(params) -> str:
@@ -124,10 +128,7 @@ def _pack(layer, name: str) -> PackedLayer:
         keys = tuple(k.key for k in path)
         if x.dtype != dtype or not any(math.prod(x.shape[k:]) == width
                                        for k in range(x.ndim)):
-            node = rest
-            for key in keys[:-1]:
-                node = node.setdefault(key, {})
-            node[keys[-1]] = x
+            _put(rest, keys, x)
             continue
         count = math.prod(x.shape) // width
         layout.append((keys, tuple(x.shape), first))
