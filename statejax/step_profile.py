@@ -32,10 +32,10 @@ chained, so per-call launch cost is amortised as in the real step):
   `config.layout_rows` (`statejax.model.layouts`: packed, 45 argument buffers instead of
   157 at the 1B shape; stacked, 22; named `query_step[packed]` ...),
 - `weights_in_N_gemms` (for each N of `config.chain_gemms`, before the layout rows): the same
-  `config.chain_mib`
-  of weights read by N dependent GEMMs at the query's shape ([T, E·m] x [E, E·m]^T, m = what
-  makes the bytes equal), so the rows differ only in how many kernels read them: the time a
-  kernel boundary costs inside a step (the query step launches 223 at the 1B shape),
+  `config.chain_mib` of weights read by N dependent GEMMs at the query's shape ([T, E·m] x
+  [E, E·m]^T, m = what makes the bytes equal), so the rows differ only in how many kernels
+  read them: the time a kernel boundary costs inside a step (the query step launches 223 at
+  the 1B shape),
 - `decode_token`: one generated token of a query that generates (`steps.query` at width
   `decode_tokens`, no stop token): the time of all tokens minus that of the first, over the
   rest, in one compiled program; its kernels are one turn of the generation loop,
