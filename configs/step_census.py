@@ -25,6 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Weight layouts (statejax.model.layouts): "per_layer", "stacked" and "packed" (fewer
     # argument buffers; their query rows are first-token only, as steps.query takes them).
     c.layouts = ("per_layer", "stacked", "packed")
+    # The blocks' linear layers (statejax.model.llama.LINEAR_IMPLS): "xla", and "pallas"
+    # (kernels/fused_linear.py), per-layer weights only.
+    c.linear_impls = ("xla", "pallas")
     if variant == "tiny":
         c.model = "tiny"
         c.dtype = "float32"

@@ -24,6 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.extra_contexts = ()  # larger sessions whose query rows come last (named query_step@N)
     # The query rows again per weights layout (statejax.model.layouts; [packed], [stacked]).
     c.layout_rows = ("packed", "stacked")
+    # The query rows again with the blocks' linear layers by these linear_impls
+    # (statejax.model.llama.LINEAR_IMPLS; "pallas": kernels/fused_linear.py).
+    c.linear_rows = ("pallas",)
     c.impl = "reference"  # their attention: "reference", "pallas" or "pallas-mosaic"
     c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
     c.trace_calls = 5  # query_step calls traced by the profiler for its kernel breakdown

@@ -35,6 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "packed" (fewer argument buffers per call, first-token queries only; stacked: 1.4-2x
     # the compile time).
     c.weights_layout = "per_layer"
+    # The blocks' linear layers (statejax.model.llama.LINEAR_IMPLS): "xla", or "pallas" for
+    # the fused kernels (kernels/fused_linear.py; per-layer weights only).
+    c.linear_impl = "xla"
     c.baselines = True  # time the stateless and prefix-cache engines too
     c.system_prompt = SYSTEM_PROMPT  # the session's frozen prefix
     c.question = QUESTION

@@ -27,9 +27,10 @@ class _RequestEngine:
     """A reusable session row that each request rewinds and refills."""
 
     def __init__(self, params, cfg: ModelConfig, budget: Budget, tokenizer: Tokenizer, *,
-                 stop_token: int | None = None, impl: str = "reference"):
+                 stop_token: int | None = None, impl: str = "reference",
+                 linear_impl: str = "xla"):
         self.session = Session(params, cfg, budget, tokenizer, stop_token=stop_token,
-                               impl=impl)
+                               impl=impl, linear_impl=linear_impl)
 
     def _check_context(self, context_ids) -> np.ndarray:
         """Context -> [N] int32 ids, 1 <= N <= budget.cells (the engine has no overflow)."""
@@ -59,7 +60,8 @@ class _RequestEngine:
 class StatelessEngine(_RequestEngine):
     """Every query re-prefills context + question.
 
-    Args: as `Session` (`params`, `cfg`, `budget`, `tokenizer`, `stop_token`, `impl`).
+    Args: as `Session` (`params`, `cfg`, `budget`, `tokenizer`, `stop_token`, `impl`,
+    `linear_impl`).
     """
 
     def query(self, context_ids, question, max_new_tokens: int | None = None, *,
@@ -99,15 +101,18 @@ class PrefixCacheEngine(_RequestEngine):
     Hashing the prompt is host work on the request's critical path, as in vLLM (about 3 ms
     for 32k tokens on one CPU core).
 
-    Args: as `Session` (`params`, `cfg`, `budget`, `tokenizer`, `stop_token`, `impl`).
+    Args: as `Session` (`params`, `cfg`, `budget`, `tokenizer`, `stop_token`, `impl`,
+    `linear_impl`).
 
     Attributes:
       last_reused_tokens: cells kept from the previous prompt by the latest request.
     """
 
     def __init__(self, params, cfg: ModelConfig, budget: Budget, tokenizer: Tokenizer, *,
-                 stop_token: int | None = None, impl: str = "reference"):
-        super().__init__(params, cfg, budget, tokenizer, stop_token=stop_token, impl=impl)
+                 stop_token: int | None = None, impl: str = "reference",
+                 linear_impl: str = "xla"):
+        super().__init__(params, cfg, budget, tokenizer, stop_token=stop_token, impl=impl,
+                         linear_impl=linear_impl)
         self._hashes: list[bytes] = []
         self.last_reused_tokens = 0
 

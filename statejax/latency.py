@@ -115,11 +115,12 @@ def run_stream_latency(config, on_progress=None) -> dict:
     if layout != "per_layer" and config.flash_max_new_tokens > 1:
         raise ValueError(f"weights_layout={layout!r} runs first-token queries only; "
                          f"flash_max_new_tokens={config.flash_max_new_tokens} would generate")
+    kernels = dict(impl=config.impl, linear_impl=config.get("linear_impl", "xla"))
     session = Session(lay_out(params, layout), cfg, budget, tokenizer,
-                      prefix=config.system_prompt, impl=config.impl)
+                      prefix=config.system_prompt, **kernels)
     # `baselines=False` (the GPU floor run) times only the stateful paths and the floor.
-    engines = (StatelessEngine(params, cfg, budget, tokenizer, impl=config.impl),
-               PrefixCacheEngine(params, cfg, budget, tokenizer, impl=config.impl)
+    engines = (StatelessEngine(params, cfg, budget, tokenizer, **kernels),
+               PrefixCacheEngine(params, cfg, budget, tokenizer, **kernels)
                ) if config.get("baselines", True) else (None, None)
     stream = StreamingSession(session)
     batches = _data_batches(tokenizer, config.bars_per_update, config.seed)
@@ -313,7 +314,9 @@ def results_markdown(results: dict) -> str:
         f"- device: {results['device']}, {results['host_cpus']} host CPUs, "
         f"jax {results['jax_version']}, {results['date']}",
         f"- attention impl `{results['config'].get('impl', 'reference')}`"
-        f"{_tiles_note(results)}; weights {_layout_note(results['config'])}; "
+        f"{_tiles_note(results)}; linear layers "
+        f"`{results['config'].get('linear_impl', 'xla')}`; weights "
+        f"{_layout_note(results['config'])}; "
         f"model `{m['preset']}` ({m['dtype']}, "
         f"random weights): {m['layers']} layers, width "
         f"{m['width']}, {m['heads']} heads, {m['kv_heads']} kv heads, head dim {m['head_dim']}, "

@@ -24,6 +24,7 @@ from statejax.cache import IMPLS
 from statejax.errors import CapacityError, InputError
 from statejax.model.config import ModelConfig
 from statejax.model.layouts import layout_of
+from statejax.model.llama import LINEAR_IMPLS
 from statejax.state import init_state
 from statejax.tokenizer import Tokenizer, check_fits_vocab, validate_token_ids
 
@@ -99,12 +100,14 @@ class Session:
       stop_token: generation stops at this id, one of the tokenizer's (default: its eos);
         `NO_STOP` generates every requested token.
       impl: attention implementation for every step (`statejax.cache.IMPLS`).
+      linear_impl: the blocks' linear layers in every step (`statejax.model.llama.
+        LINEAR_IMPLS`: "xla", or "pallas" for the fused kernels, per-layer weights only).
     """
 
     def __init__(self, params, cfg: ModelConfig, budget: Budget, tokenizer: Tokenizer, *,
                  prefix: str | np.ndarray = "", overflow: str = "error",
                  keep_fraction: float = 0.5, stop_token: int | None = None,
-                 impl: str = "reference"):
+                 impl: str = "reference", linear_impl: str = "xla"):
         if not isinstance(budget, Budget):
             raise InputError(f"budget is a {type(budget).__name__}; allowed: a "
                              "statejax.budget.Budget")
@@ -114,6 +117,11 @@ class Session:
             raise InputError(f"keep_fraction={keep_fraction!r}; allowed: 0 < keep_fraction < 1")
         if impl not in IMPLS:
             raise InputError(f"impl={impl!r}; allowed: {IMPLS}")
+        if linear_impl not in LINEAR_IMPLS:
+            raise InputError(f"linear_impl={linear_impl!r}; allowed: {LINEAR_IMPLS}")
+        if linear_impl == "pallas" and layout_of(params) != "per_layer":
+            raise InputError(f"linear_impl='pallas' takes per-layer weights, got "
+                             f"{layout_of(params)} ones (statejax.model.layouts)")
         check_fits_vocab(tokenizer, cfg.vocab_size)
         stop = tokenizer.eos_id if stop_token is None else stop_token
         if not _is_int(stop) or not (stop == NO_STOP or 0 <= stop < tokenizer.vocab_size):
@@ -121,6 +129,7 @@ class Session:
                              f"{tokenizer.vocab_size}) or NO_STOP ({NO_STOP}: never stop)")
         self.params, self.cfg, self.budget, self.tokenizer = params, cfg, budget, tokenizer
         self.overflow, self.keep_fraction, self.impl = overflow, keep_fraction, impl
+        self.linear_impl = linear_impl
         self.stop_token = int(stop)
         self._state = init_state(cfg, rows=1, cells=budget.cells)
         # Host mirror of the cells' tokens, and where each appended item starts (slide cuts
@@ -224,7 +233,7 @@ class Session:
             # numpy inputs go straight to the jitted call (no per-argument jnp dispatch).
             self._state, logits = steps.append(
                 self.params, self._state, padded, np.asarray([chunk.size], np.int32),
-                cfg=self.cfg, window=window, impl=self.impl)
+                cfg=self.cfg, window=window, impl=self.impl, linear_impl=self.linear_impl)
             self._tokens = np.concatenate([self._tokens, chunk])
         return logits[0]
 
@@ -305,7 +314,8 @@ class Session:
             _device_scalar(temperature, "float32"), key,
             _device_scalar(self.tokenizer.vocab_size, "int32"), cfg=self.cfg,
             window=self.budget.window_for(self.length), branch_cells=self.budget.branch_cells,
-            max_new_cap=generation_width(limits, self.budget), impl=self.impl)
+            max_new_cap=generation_width(limits, self.budget), impl=self.impl,
+            linear_impl=self.linear_impl)
         tokens, num, gaps = fetch_generation(gen)
         answers = []
         for i in range(len(ids)):

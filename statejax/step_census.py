@@ -23,6 +23,7 @@ model's weights can be read. The launcher is `experiments/step_census.py`.
 import collections
 import datetime
 import functools
+import itertools
 import math
 import re
 import time
@@ -34,7 +35,7 @@ from statejax import gpu_target, roofline, steps
 from statejax.errors import InputError
 from statejax.model.config import preset
 from statejax.model.layouts import LAYOUTS, lay_out
-from statejax.model.llama import init_params
+from statejax.model.llama import LINEAR_IMPLS, init_params
 from statejax.state import SessionState
 
 KINDS = ("gemm", "pallas", "fusion", "other")
@@ -308,10 +309,12 @@ def run(config) -> dict:
     """Compiles the steps for `config.target` and counts their kernels: the query at each
     (context, impl, max_new_cap), the append of each chunk size at each (context, impl), for
     each weight layout of `config.layouts` (`model.layouts.LAYOUTS`; stacked and packed:
-    first-token queries only).
+    first-token queries only) and each `linear_impl` of `config.linear_impls`
+    (`model.llama.LINEAR_IMPLS`; "pallas": per-layer weights only).
 
     Returns:
-      {"rows": [{step, context, impl, layout, args (argument buffers), max_new_cap | chunk,
+      {"rows": [{step, context, impl, linear_impl, layout, args (argument buffers),
+       max_new_cap | chunk,
        compile_s, distinct_pallas, total, per_layer, gemm, pallas, fusion, other,
        large_copies, donated, per_token, token_writes, written_mb, per_call_readers
        (launches reading the inputs a session passes anew per call: `input_readers`),
@@ -330,6 +333,9 @@ def run(config) -> dict:
     unknown = set(layouts) - set(LAYOUTS)
     if unknown:
         raise InputError(f"layouts {sorted(unknown)}; allowed: {LAYOUTS}")
+    linear_impls = config.get("linear_impls", ("xla",))
+    if set(linear_impls) - set(LINEAR_IMPLS):
+        raise InputError(f"linear_impls {linear_impls}; allowed: {LINEAR_IMPLS}")
     rows = []
 
     def add(step, name, context, args, static, **extra):
@@ -339,14 +345,18 @@ def run(config) -> dict:
             laid_out = (_abstract_laid_out(cfg, layout), *args[1:])
             # Entry parameter numbers: the params' leaves, the state's 3, then argument 2 on.
             first_input = len(jax.tree.leaves(laid_out[0])) + 3 - 2
-            for impl in config.impls:
-                text, secs = _compile(step, device, laid_out, static | dict(impl=impl))
+            for impl, linear_impl in itertools.product(config.impls, linear_impls):
+                if linear_impl != "xla" and layout != "per_layer":
+                    continue  # fused linear kernels take per-layer weights (steps)
+                text, secs = _compile(step, device, laid_out,
+                                      static | dict(impl=impl, linear_impl=linear_impl))
                 if _entry_parameters(text) != len(jax.tree.leaves(laid_out)):
                     raise ValueError("the compiled step dropped an argument: parameter "
                                      "numbers no longer match the arguments")
                 readers = {key: input_readers(text, [first_input + i for i in inputs])
                            for key, inputs in _PER_CALL[name].items()}
                 rows.append(_row(name, context, impl, text, cfg, layout=layout,
+                                 linear_impl=linear_impl,
                                  args=len(jax.tree.leaves(laid_out)), compile_s=secs,
                                  **readers, **extra))
 
@@ -393,6 +403,8 @@ def results_markdown(results: dict) -> str:
         "- input readers: launches that read the inputs a session passes anew per call (the "
         "question's arrays; the chunk), which a GPU's CUDA graph re-points every call, and "
         "for the query those reading the scalars the session keeps on the device", "",
+        "- impl: the attention's (`statejax.cache.IMPLS`), then the blocks' linear layers' "
+        "where not XLA (`linear pallas`: kernels/fused_linear.py)", "",
         "| step | context | impl | weights (argument buffers) | width | compile s | Pallas "
         "compiled | kernels | per layer | gemm | pallas | fusion | other | large copies | "
         "donated | per token | token writes | written MiB (gemm / pallas) | input readers "
@@ -404,7 +416,9 @@ def results_markdown(results: dict) -> str:
         width = r["max_new_cap"] if r["step"] == "query" else r["chunk"]
         weights = (f"{r['layout'].replace('_', ' ')} ({r['args']})" if "layout" in r
                    else "per layer")  # results written before layouts: per layer
-        lines.append(f"| {r['step']} | {r['context']} | {r['impl']} | {weights} | {width} | "
+        impl = r["impl"] + ("" if r.get("linear_impl", "xla") == "xla"
+                            else f", linear {r['linear_impl']}")
+        lines.append(f"| {r['step']} | {r['context']} | {impl} | {weights} | {width} | "
                      f"{r['compile_s']:.1f} | {r['distinct_pallas']} | {r['total']} | "
                      f"{r['per_layer']:.1f} | {r['gemm']} | {r['pallas']} | {r['fusion']} | "
                      f"{r['other']} | {r['large_copies']} | {r['donated']} | {r['per_token']} | "

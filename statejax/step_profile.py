@@ -30,7 +30,10 @@ chained, so per-call launch cost is amortised as in the real step):
   Python; they come again for each of `config.extra_contexts` (named `query_step@32768`
   ...: what grows with the session), and last for each weights layout of
   `config.layout_rows` (`statejax.model.layouts`: packed, 45 argument buffers instead of
-  157 at the 1B shape; stacked, 22; named `query_step[packed]` ...),
+  157 at the 1B shape; stacked, 22; named `query_step[packed]` ...); before those, for each
+  of `config.linear_rows`, with the blocks' linear layers by that `linear_impl`
+  (`query_step[linear=pallas]` ...: `kernels/fused_linear.py`, 175 launches instead of 223
+  in the H100 compile of the 1B step),
 - `weights_in_N_gemms` (for each N of `config.chain_gemms`, before the layout rows): the same
   `config.chain_mib` of weights read by N dependent GEMMs at the query's shape ([T, E·m] x
   [E, E·m]^T, m = what makes the bytes equal), so the rows differ only in how many kernels
@@ -60,7 +63,7 @@ from statejax.budget import Budget
 from statejax.cache import FullView
 from statejax.model.config import preset
 from statejax.model.layouts import LAYOUTS, lay_out
-from statejax.model.llama import Attention, Mlp, Transformer, init_params
+from statejax.model.llama import LINEAR_IMPLS, Attention, Mlp, Transformer, init_params
 from statejax.session import Session, fetch_generation, generation_width
 from statejax.tokenizer import ByteTokenizer
 
@@ -89,15 +92,17 @@ def components(cfg, params, tokens: int):
     mlp_w = [params[f"layer_{i}"]["mlp"] for i in range(cfg.num_layers)]
     head = {k: v for k, v in params.items() if not k.startswith("layer_")}
 
+    no_norm = lambda x: x  # the blocks' norms are not these pieces' weights
+
     def attn_projections(attn_w, x):
         for i, p in enumerate(attn_w):
-            h, _ = Attention(cfg, i).apply({"params": p}, x, positions, IdentityAttention())
-            x = x + h
+            x, _ = Attention(cfg, i).apply({"params": p}, x, positions, IdentityAttention(),
+                                           no_norm)
         return x
 
     def mlp(mlp_w, x):
         for p in mlp_w:
-            x = x + Mlp(cfg).apply({"params": p}, x)
+            x = Mlp(cfg).apply({"params": p}, x, no_norm)
         return x
 
     def embed_logits(head, ids):
@@ -159,9 +164,9 @@ def _time_compiled(fn, args, timing, **static) -> tuple[float, int, object]:
             step_census.kernel_kinds(compiled.as_text())["total"], compiled)
 
 
-def query_path(cfg, params, config, context: int | None = None):
+def query_path(cfg, params, config, context: int | None = None, linear_impl: str = "xla"):
     """The session's query path at `context` (default `config.context`) cells of random byte
-    tokens.
+    tokens, its linear layers by `linear_impl` (`statejax.model.llama.LINEAR_IMPLS`).
 
     Returns:
       (session, question [T] int32, args, static): the session (for `Session.query`) and
@@ -177,7 +182,8 @@ def query_path(cfg, params, config, context: int | None = None):
     budget = Budget(cells=cells, page_size=page,
                     chunk_sizes=tuple(sorted({16, 32, 64, 256, whole})),
                     question_cells=64, max_new_tokens=config.decode_tokens)
-    session = Session(params, cfg, budget, ByteTokenizer(), impl=config.impl)
+    session = Session(params, cfg, budget, ByteTokenizer(), impl=config.impl,
+                      linear_impl=linear_impl)
     rng = np.random.default_rng(0)
     session.append(rng.integers(0, 256, context).astype(np.int32))
     question = rng.integers(0, 256, (1, config.tokens)).astype(np.int32)
@@ -187,7 +193,8 @@ def query_path(cfg, params, config, context: int | None = None):
             jnp.int32(session.tokenizer.vocab_size))
     static = dict(cfg=cfg, window=budget.window_for(session.length),
                   branch_cells=budget.branch_cells,
-                  max_new_cap=generation_width([1], budget), impl=config.impl)
+                  max_new_cap=generation_width([1], budget), impl=config.impl,
+                  linear_impl=linear_impl)
     return session, question[0], args, static
 
 
@@ -258,6 +265,9 @@ def run(config, on_row=None) -> dict:
     layouts = tuple(config.get("layout_rows", ()))
     if set(layouts) - set(LAYOUTS[1:]):
         raise ValueError(f"layout_rows {layouts}; allowed: some of {LAYOUTS[1:]}")
+    linear_rows = tuple(config.get("linear_rows", ()))
+    if set(linear_rows) - set(LINEAR_IMPLS):
+        raise ValueError(f"linear_rows {linear_rows}; allowed: some of {LINEAR_IMPLS}")
     cfg = preset(config.model, dtype=config.dtype)
     params = init_params(cfg, seed=0)
     timing = dict(warmup=config.warmup, repeats=config.repeats)
@@ -301,6 +311,11 @@ def run(config, on_row=None) -> dict:
     # The query rows again at larger sessions (names end in @cells): what grows with context.
     for context in config.get("extra_contexts", ()):
         query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}")
+    # The blocks' linear layers as fused Pallas kernels (kernels/fused_linear.py): the same
+    # step in fewer kernels, writing no split-K partials.
+    for linear_impl in config.get("linear_rows", ()):
+        query_rows(cfg, params, config, config.context, timing, add,
+                   suffix=f"[linear={linear_impl}]", linear_impl=linear_impl)
     # Kernel boundaries alone: the same bytes read by more, smaller GEMMs.
     for gemms in config.get("chain_gemms", ()):
         fn, args = gemm_chain(cfg.embed_dim, config.tokens, config.chain_mib * 2**20, gemms,
@@ -323,17 +338,17 @@ def _query_bytes(cfg, config, context: int) -> int:
 
 
 def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
-               after_step=None) -> tuple[tuple, dict]:
+               after_step=None, linear_impl: str = "xla") -> tuple[tuple, dict]:
     """Adds the query path's rows at a session of `context` cells, each name + `suffix`:
     `query_step` (pipelined calls), `query_step_dispatch`, `query_step_sync`,
     `query_step_host_io_call`, `query_step_host_io`, `session_query` (module docstring).
     `after_step(compiled, args)`, if given, runs right after `query_step` (the kernel trace,
-    before the slower rows).
+    before the slower rows). `linear_impl`: as `query_path`.
 
     Returns:
       (args, static) of that query's device call (`query_path`).
     """
-    session, question, args, static = query_path(cfg, params, config, context)
+    session, question, args, static = query_path(cfg, params, config, context, linear_impl)
     nbytes = _query_bytes(cfg, config, context)
     seconds, launches, compiled = _time_compiled(steps.query, args, timing, **static)
     add("query_step" + suffix, seconds, launches, nbytes)
@@ -370,7 +385,10 @@ def results_markdown(results: dict) -> str:
            else "")
         + "".join(f" ({results[f'query_args_{layout}']} with the layers {layout}: rows "
                   f"[{layout}])" for layout in LAYOUTS[1:]
-                  if f"query_args_{layout}" in results), "",
+                  if f"query_args_{layout}" in results)
+        + ("; rows [linear=pallas]: the blocks' linear layers by kernels/fused_linear.py"
+           if any(r["component"].endswith("[linear=pallas]") for r in results["rows"])
+           else ""), "",
         "| component | ms | MB read | floor ms | GB/s | % of copy bandwidth | kernels |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]

@@ -14,27 +14,33 @@ from statejax.cache import AppendView, BranchView, FullView
 from statejax.errors import InputError
 from statejax.model.config import ModelConfig
 from statejax.model.layouts import layout_of, per_layer
-from statejax.model.llama import Transformer
+from statejax.model.llama import LINEAR_IMPLS, Transformer
 from statejax.state import SessionState
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
-def forward(params, tokens_BxT, *, cfg: ModelConfig, impl: str = "reference"):
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "linear_impl"))
+def forward(params, tokens_BxT, *, cfg: ModelConfig, impl: str = "reference",
+            linear_impl: str = "xla"):
     """Full causal forward with no cache. Returns logits [B, T, V] float32.
 
-    params: in any layout (`statejax.model.layouts`), as in every step."""
+    params: in any layout (`statejax.model.layouts`), as in every step. impl: attention
+    (`statejax.cache.IMPLS`); linear_impl: the blocks' linear layers
+    (`statejax.model.llama.LINEAR_IMPLS`), as in every step."""
+    _check_linear_impl(params, linear_impl)
     params = per_layer(params)
     b, t = tokens_BxT.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, _ = Transformer(cfg).apply({"params": params}, tokens_BxT, positions,
+    logits, _ = Transformer(cfg, linear_impl).apply({"params": params}, tokens_BxT, positions,
                                        FullView(impl=impl))
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "window", "all_logits", "impl"),
+@functools.partial(jax.jit, static_argnames=("cfg", "window", "all_logits", "impl",
+                                             "linear_impl"),
                    donate_argnames=("state",))
 def append(params, state: SessionState, tokens_BxT, num_new_B, *, cfg: ModelConfig,
-           window: int, all_logits: bool = False, impl: str = "reference"):
+           window: int, all_logits: bool = False, impl: str = "reference",
+           linear_impl: str = "xla"):
     """Appends a padded chunk to every session row. Donates `state`.
 
     Args:
@@ -44,16 +50,19 @@ def append(params, state: SessionState, tokens_BxT, num_new_B, *, cfg: ModelConf
       num_new_B: int32 valid tokens per row (0 leaves a row untouched).
       window: static attention window S >= lengths + num_new for every row.
       all_logits: return logits for every chunk position instead of the last valid one.
+      impl: attention (`statejax.cache.IMPLS`); linear_impl: the blocks' linear layers
+        (`statejax.model.llama.LINEAR_IMPLS`; "pallas" takes per-layer weights).
 
     Returns:
       (new state, logits): logits [B, V] at each row's last new token, or [B, T, V].
     """
+    _check_linear_impl(params, linear_impl)
     params = per_layer(params)
     t = tokens_BxT.shape[1]
     view = AppendView(state.k, state.v, state.lengths, num_new_B, window=window, impl=impl)
     last = None if all_logits else jnp.maximum(num_new_B - 1, 0)
-    logits, view = Transformer(cfg).apply({"params": params}, tokens_BxT, view.positions(t),
-                                          view, last)
+    logits, view = Transformer(cfg, linear_impl).apply(
+        {"params": params}, tokens_BxT, view.positions(t), view, last)
     new_state = SessionState(k=view.k, v=view.v, lengths=state.lengths + num_new_B)
     return new_state, logits
 
@@ -74,6 +83,19 @@ class Generation:
     num_tokens: jax.Array
     gaps: jax.Array
     first_logits: jax.Array
+
+
+def _check_linear_impl(params, linear_impl: str):
+    """Fused linear kernels take each weight as its own buffer: given stacked or packed
+    weights, XLA copies every slice a kernel reads (packed, Llama-3.2-1B on an H100 compile:
+    1378 MiB written per query instead of 34)."""
+    if linear_impl not in LINEAR_IMPLS:
+        raise InputError(f"linear_impl={linear_impl!r}; allowed: {LINEAR_IMPLS}")
+    layout = layout_of(params)
+    if linear_impl == "pallas" and layout != "per_layer":
+        raise InputError(f"linear_impl='pallas' takes per-layer weights, got {layout} ones "
+                         "(statejax.model.layouts): its kernels would read copies of the "
+                         "slices; pass layouts.per_layer(params)")
 
 
 def _mask_vocab(logits_RxV, valid_vocab):
@@ -138,10 +160,11 @@ APPEND_PER_CALL_ARGS = (2, 3)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "window", "branch_cells", "max_new_cap",
-                                             "impl"))
+                                             "impl", "linear_impl"))
 def query(params, state: SessionState, row, question_RxT, question_len_R, max_new_R,
           stop_token, temperature, rng, valid_vocab, *, cfg: ModelConfig, window: int,
-          branch_cells: int, max_new_cap: int, impl: str = "reference") -> Generation:
+          branch_cells: int, max_new_cap: int, impl: str = "reference",
+          linear_impl: str = "xla") -> Generation:
     """Answers R questions on branches of session row `row`; the state is not written.
 
     The branches read the row's cells [0, n) and write only private cells allocated here,
@@ -167,6 +190,7 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
       max_new_cap: static G, the width of the generation buffers. G = 1 compiles no
         generation loop (nor its carried buffers and per-turn condition), the step a
         first-token query should use.
+      impl, linear_impl: as `append`.
 
     Returns:
       A `Generation`.
@@ -180,8 +204,9 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
                          f"queries (max_new_cap=1), not a generation loop (max_new_cap="
                          f"{max_new_cap}); pass per-layer params (layouts.per_layer) to "
                          "generate")
+    _check_linear_impl(params, linear_impl)
     params = per_layer(params)
-    model = Transformer(cfg)
+    model = Transformer(cfg, linear_impl)
     r, t = question_RxT.shape
     cells_shape = (cfg.num_layers, r, branch_cells, cfg.num_kv_heads, cfg.head_dim)
     view = BranchView(state.k, state.v, jnp.asarray(row, jnp.int32), state.lengths[row],

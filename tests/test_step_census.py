@@ -183,7 +183,8 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     layers = results["layers"]
     assert results["target"].startswith("NVIDIA H100")
-    per_layer = [r for r in results["rows"] if r["layout"] == "per_layer"]
+    per_layer = [r for r in results["rows"]
+                 if r["layout"] == "per_layer" and r["linear_impl"] == "xla"]
     rows = {(r["impl"], r["max_new_cap"]): r for r in per_layer if r["step"] == "query"}
     assert set(rows) == {(i, g) for i in ("reference", "pallas") for g in (1, 32)}
     appends = {r["impl"]: r for r in per_layer if r["step"] == "append"}
@@ -212,6 +213,22 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
     query = {layout: laid_out[layout, "query", "pallas"]["args"] for layout in
              ("stacked", "packed")}
     assert rows["pallas", 1]["args"] - query["packed"] == 7 * layers
+    # Fused linear kernels (kernels/fused_linear.py; per-layer weights only): four Pallas
+    # kernels a block in place of XLA's GEMMs and their neighbours, so fewer launches and
+    # no split-K partials, the same argument buffers.
+    fused = {(r["step"], r["impl"], r.get("max_new_cap", r.get("chunk"))): r
+             for r in results["rows"] if r["linear_impl"] == "pallas"}
+    impls = ("reference", "pallas")
+    assert set(fused) == ({("query", i, g) for i in impls for g in (1, 32)}
+                          | {("append", i, 16) for i in impls})
+    for (step, impl, width), row in fused.items():
+        twin = rows[impl, width] if step == "query" else appends[impl]
+        attention = (2 if step == "query" else 1) * layers if impl == "pallas" else 0
+        assert row["layout"] == "per_layer" and row["args"] == twin["args"]
+        assert row["pallas"] == attention + 4 * layers, (step, impl, width)
+        assert row["total"] < twin["total"] and row["gemm"] < twin["gemm"]
+        assert row["written_mb"]["gemm"] < twin["written_mb"]["gemm"]
+        assert row["donated"] == twin["donated"]
     for impl, row in appends.items():
         assert row["donated"] == 3  # k, v, lengths updated in place, never copied
         assert row["pallas"] == (layers if impl == "pallas" else 0)  # one append kernel a layer
@@ -244,7 +261,7 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
         written = row["written_mb"]
         assert written["total"] == pytest.approx(sum(written[k] for k in step_census.KINDS))
         assert written["total"] > 0
-        assert (written["pallas"] > 0) == (row["impl"] == "pallas")
+        assert (written["pallas"] > 0) == ("pallas" in (row["impl"], row["linear_impl"]))
     markdown = (tmp_path / "results.md").read_text()
     assert f"| query | 256 | pallas | per layer ({rows['pallas', 1]['args']}) | 1 |" in markdown
     assert (f"| append | 256 | pallas | stacked ({laid_out['stacked', 'append', 'pallas']['args']})"

@@ -52,6 +52,7 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert names == [*query, "decode_token", "attn_projections", "mlp", "embed_logits",
                      "step_without_attention", "step_with_attention",
                      *[n + "@128" for n in query],  # the larger session's rows,
+                     *[n + "[linear=pallas]" for n in query],  # fused linear kernels,
                      *[f"weights_in_{n}_gemms" for n in (1, 4, 16, 64)],  # boundaries,
                      *[n + "[packed]" for n in query],  # then packed and stacked weights
                      *[n + "[stacked]" for n in query]]
@@ -69,7 +70,7 @@ def test_tiny_run_reports_each_component_against_the_floor():
             == rows["query_step_host_io_call"]["kernels"]
             == rows["query_step_host_io"]["kernels"] == rows["query_step"]["kernels"])
     # The lone call returns before its answer is on the host (medians of the same calls).
-    for suffix in ("", "@128", "[packed]", "[stacked]"):
+    for suffix in ("", "@128", "[linear=pallas]", "[packed]", "[stacked]"):
         assert (rows["query_step_host_io_call" + suffix]["ms"]
                 <= rows["query_step_host_io" + suffix]["ms"])
     # Its argument buffers: the params' and the state's, and the 8 per-query inputs.
@@ -104,6 +105,10 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert "| step_without_attention |" in md and "| kernels |" in md
     assert "| query_step@128 |" in md and "rows @128: a session of 128 cells" in md
     assert f"{results['query_args']} argument buffers per call" in md
+    assert "rows [linear=pallas]: the blocks' linear layers by kernels/fused_linear.py" in md
+    # Fused: four Pallas kernels a block replace XLA's projections (interpret mode here,
+    # so only that the program differs; the H100 counts are tests/test_step_census.py's).
+    assert rows["query_step[linear=pallas]"]["kernels"] != rows["query_step"]["kernels"]
     per_kernel_us = 1e3 * (chain[-1]["ms"] - chain[0]["ms"]) / (
         chain[-1]["kernels"] - chain[0]["kernels"])
     assert (f"- kernel boundaries: the same weights in {chain[-1]['kernels']} kernels took "

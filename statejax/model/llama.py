@@ -3,17 +3,29 @@
 The model is cache-agnostic: each attention layer hands its q/k/v to a cache *view*
 (`statejax.cache`), which writes cells and attends. Layers are unrolled (faster per step than
 `scan` on GPU for small-batch decode; see ANCHORS) and indexed into stacked [L, ...] cells.
+
+`linear_impl` (static, `LINEAR_IMPLS`) says who computes a block's linear layers:
+- `"xla"`: the modules below, compiled by XLA (the default; what training differentiates);
+- `"pallas"`: `kernels.fused_linear`, four kernels a block, each with what surrounds its
+  GEMM (input norm + q/k/v; o + residual; post norm + gate/up + silu-mul; down + residual).
+  Inference only (no VJP); interpret mode unless compiling for a GPU, as the attention
+  kernels. Same parameters, same rounding order; sums in another order.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.dtypes import promote_dtype
 
+from statejax import gpu_target
+from statejax.errors import InputError
+from statejax.kernels.fused_linear import fused_linear
 from statejax.model.config import ModelConfig
 from statejax.model.rope import apply_rope, inverse_frequencies
 
 _INIT = nn.initializers.normal(stddev=0.02)
+LINEAR_IMPLS = ("xla", "pallas")
 
 
 class Linear(nn.Module):
@@ -27,7 +39,9 @@ class Linear(nn.Module):
     or writes the whole product to memory before reducing it (3x the weight traffic).
     Larger products are GEMMs in either layout. HF checkpoints store this layout too.
 
-    Call: x [..., *in] -> [..., *features].
+    Call: x [..., *in] -> [..., *features]; with `params_only`, (weight [*features, *in],
+    bias [*features] or None) in `dtype`, for a fused kernel that applies them (x gives the
+    input shape only).
     """
 
     features: tuple[int, ...]
@@ -35,6 +49,7 @@ class Linear(nn.Module):
     use_bias: bool = False
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
+    params_only: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -43,6 +58,8 @@ class Linear(nn.Module):
         bias = (self.param("bias", nn.initializers.zeros, self.features, self.param_dtype)
                 if self.use_bias else None)
         x, weight, bias = promote_dtype(x, weight, bias, dtype=self.dtype)
+        if self.params_only:
+            return weight, bias
         contract = (tuple(range(x.ndim - self.in_axes, x.ndim)),
                     tuple(range(len(self.features), weight.ndim)))
         y = jax.lax.dot_general(x, weight, (contract, ((), ())))
@@ -57,35 +74,71 @@ class RMSNorm(nn.Module):
     folds the scale into the projection that follows; flax's order compiled to two kernels
     (statistics, then the scaling) after the residual add's own.
 
-    Call: x [..., N] -> [..., N] in `dtype`; param `scale` [N].
+    Call: x [..., N] -> [..., N] in `dtype`; param `scale` [N]. With `params_only`, the
+    scale [N] in `dtype`, for a fused kernel that normalises (x gives N only).
     """
 
     epsilon: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype = jnp.float32
+    params_only: bool = False
 
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        if self.params_only:
+            return scale.astype(self.dtype)
         x32 = x.astype(jnp.float32)
         rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
         scale = scale.astype(self.dtype).reshape((1,) * (x.ndim - 1) + scale.shape)
         return (x32 * rms).astype(self.dtype) * scale
 
 
+def _fused_linear(x_BxTxK, weights, **epilogue):
+    """`kernels.fused_linear` over the rows of x [B, T, K]; weights [N_i, K]. -> [B, T, N]."""
+    b, t, k = x_BxTxK.shape
+    residual = epilogue.pop("residual", None)
+    if residual is not None:
+        epilogue["residual_MxN"] = residual.reshape(b * t, -1)
+    y = fused_linear(x_BxTxK.reshape(b * t, k), tuple(weights),
+                     interpret=not gpu_target.compiling_for_gpu(), **epilogue)
+    return y.reshape(b, t, -1)
+
+
 class Attention(nn.Module):
+    """Norm, q/k/v, RoPE, the cache view's attention, o, and the residual add.
+
+    Call: (x_BxTxE the residual stream, positions_BxT, view, norm: the block's input
+    `RMSNorm`, made with `params_only` for linear_impl "pallas") -> (x + attention, view).
+    """
+
     cfg: ModelConfig
     layer: int
+    linear_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x_BxTxE, positions_BxT, view):
+    def __call__(self, x_BxTxE, positions_BxT, view, norm):
         cfg = self.cfg
+        fused = self.linear_impl == "pallas"
         dense = lambda heads, name: Linear(
             (heads, cfg.head_dim), use_bias=cfg.qkv_bias, dtype=cfg.jnp_dtype,
-            param_dtype=cfg.jnp_dtype, name=name)
-        q = dense(cfg.num_heads, "q_proj")(x_BxTxE)
-        k = dense(cfg.num_kv_heads, "k_proj")(x_BxTxE)
-        v = dense(cfg.num_kv_heads, "v_proj")(x_BxTxE)
+            param_dtype=cfg.jnp_dtype, params_only=fused, name=name)
+        heads = (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)
+        projections = [dense(h, name)
+                       for h, name in zip(heads, ("q_proj", "k_proj", "v_proj"), strict=True)]
+        if fused:
+            e = cfg.embed_dim
+            weights, biases = zip(*(p(x_BxTxE) for p in projections), strict=True)
+            qkv = _fused_linear(
+                x_BxTxE, [w.reshape(-1, e) for w in weights], norm_scale_K=norm(x_BxTxE),
+                norm_eps=cfg.rms_eps,
+                bias=tuple(b.reshape(-1) for b in biases) if cfg.qkv_bias else None)
+            bounds = np.cumsum([h * cfg.head_dim for h in heads])[:-1]
+            q, k, v = (y.reshape(*y.shape[:2], h, cfg.head_dim)
+                       for y, h in zip(jnp.split(qkv, bounds, axis=-1), heads, strict=True))
+        else:
+            h = norm(x_BxTxE)
+            q, k, v = (p(h) for p in projections)
         if cfg.qk_norm:
             q = _rms_norm(cfg, "q_norm")(q)
             k = _rms_norm(cfg, "k_norm")(k)
@@ -93,34 +146,57 @@ class Attention(nn.Module):
         q = apply_rope(q, positions_BxT, inv_freq)
         k = apply_rope(k, positions_BxT, inv_freq)
         out_BxTxHxD, view = view.update_and_attend(self.layer, q, k, v)
-        out = Linear((cfg.embed_dim,), in_axes=2, dtype=cfg.jnp_dtype,
-                     param_dtype=cfg.jnp_dtype, name="o_proj")(out_BxTxHxD)
-        return out, view
+        o_proj = Linear((cfg.embed_dim,), in_axes=2, dtype=cfg.jnp_dtype,
+                        param_dtype=cfg.jnp_dtype, params_only=fused, name="o_proj")
+        if fused:
+            weight, _ = o_proj(out_BxTxHxD)
+            out = out_BxTxHxD.reshape(*out_BxTxHxD.shape[:2], -1)
+            return _fused_linear(out, [weight.reshape(cfg.embed_dim, -1)],
+                                 residual=x_BxTxE), view
+        return x_BxTxE + o_proj(out_BxTxHxD), view
 
 
 class Mlp(nn.Module):
+    """Norm, SwiGLU and the residual add.
+
+    Call: (x_BxTxE the residual stream, norm: the block's post-attention `RMSNorm`, made
+    with `params_only` for linear_impl "pallas") -> x + mlp(norm(x)).
+    """
+
     cfg: ModelConfig
+    linear_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x_BxTxE):
+    def __call__(self, x_BxTxE, norm):
         cfg = self.cfg
+        fused = self.linear_impl == "pallas"
         dense = lambda width, name: Linear((width,), dtype=cfg.jnp_dtype,
-                                           param_dtype=cfg.jnp_dtype, name=name)
-        gate = dense(cfg.mlp_dim, "gate_proj")(x_BxTxE)
-        up = dense(cfg.mlp_dim, "up_proj")(x_BxTxE)
-        return dense(cfg.embed_dim, "down_proj")(nn.silu(gate) * up)
+                                           param_dtype=cfg.jnp_dtype, params_only=fused,
+                                           name=name)
+        gate, up, down = (dense(cfg.mlp_dim, "gate_proj"), dense(cfg.mlp_dim, "up_proj"),
+                          dense(cfg.embed_dim, "down_proj"))
+        if fused:
+            hidden = _fused_linear(x_BxTxE, [gate(x_BxTxE)[0], up(x_BxTxE)[0]],
+                                   norm_scale_K=norm(x_BxTxE), norm_eps=cfg.rms_eps,
+                                   activation="silu_mul")
+            return _fused_linear(hidden, [down(hidden)[0]], residual=x_BxTxE)
+        h = norm(x_BxTxE)
+        return x_BxTxE + down(nn.silu(gate(h)) * up(h))
 
 
 class Block(nn.Module):
     cfg: ModelConfig
     layer: int
+    linear_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x_BxTxE, positions_BxT, view):
-        h, view = Attention(self.cfg, self.layer, name="attn")(
-            _rms_norm(self.cfg, "input_norm")(x_BxTxE), positions_BxT, view)
-        x_BxTxE = x_BxTxE + h
-        x_BxTxE = x_BxTxE + Mlp(self.cfg, name="mlp")(_rms_norm(self.cfg, "post_norm")(x_BxTxE))
+        cfg, impl = self.cfg, self.linear_impl
+        params_only = impl == "pallas"
+        x_BxTxE, view = Attention(cfg, self.layer, impl, name="attn")(
+            x_BxTxE, positions_BxT, view, _rms_norm(cfg, "input_norm", params_only))
+        x_BxTxE = Mlp(cfg, impl, name="mlp")(x_BxTxE,
+                                             _rms_norm(cfg, "post_norm", params_only))
         return x_BxTxE, view
 
 
@@ -129,19 +205,23 @@ class Transformer(nn.Module):
 
     Call: `(tokens_BxT int32, positions_BxT int32, view) -> (logits_BxTxV float32, view)`.
     With `logit_index_B` given, returns logits only at those positions: [B, V].
+    `linear_impl`: who computes the blocks' linear layers (module docstring).
     """
 
     cfg: ModelConfig
+    linear_impl: str = "xla"
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, view, logit_index_B=None):
         cfg = self.cfg
+        if self.linear_impl not in LINEAR_IMPLS:
+            raise InputError(f"linear_impl={self.linear_impl!r}; allowed: {LINEAR_IMPLS}")
         embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.jnp_dtype,
                          param_dtype=cfg.jnp_dtype, embedding_init=_INIT, name="embed")
         x_BxTxE = embed(tokens_BxT)
         for layer in range(cfg.num_layers):
-            x_BxTxE, view = Block(cfg, layer, name=f"layer_{layer}")(x_BxTxE, positions_BxT,
-                                                                      view)
+            x_BxTxE, view = Block(cfg, layer, self.linear_impl, name=f"layer_{layer}")(
+                x_BxTxE, positions_BxT, view)
         x_BxTxE = _rms_norm(cfg, "final_norm")(x_BxTxE)
         if logit_index_B is not None:
             x_BxTxE = jnp.take_along_axis(x_BxTxE, logit_index_B[:, None, None], axis=1)
@@ -177,9 +257,9 @@ def _from_kernels(tree, name: str):
     return out
 
 
-def _rms_norm(cfg: ModelConfig, name: str) -> "RMSNorm":
+def _rms_norm(cfg: ModelConfig, name: str, params_only: bool = False) -> "RMSNorm":
     return RMSNorm(epsilon=cfg.rms_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,
-                   name=name)
+                   params_only=params_only, name=name)
 
 
 def init_params(cfg: ModelConfig, seed: int = 0):

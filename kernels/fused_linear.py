@@ -1,0 +1,301 @@
+"""Fused linear layers of a decoder block: RMSNorm prologue, one GEMM pass, epilogue.
+
+A query of T tokens multiplies [M = R x T, K] activations (M tens) by each layer's weights
+[N, K]: the GEMMs read every weight once and are bound by those bytes. Compiled by XLA for
+an H100, a Llama layer of the 1B query step is 14 kernels, the projections split-K GEMMs
+that write partials and reduce them in the kernel after (docs/results.md, step profile). This
+kernel does one linear layer together with what surrounds it in the block:
+
+    y = epilogue(norm(x) . W^T)        W [N, K] (PyTorch's layout, as `llama.Linear`)
+
+- prologue `norm_scale`: HF's RMSNorm of each row of x (`llama.RMSNorm`'s rounding order);
+- several weights, e.g. q, k, v: y is their outputs side by side, [M, N_1 + N_2 + ...];
+- `activation="silu_mul"` with two weights (gate, up): y = silu(x G^T) * (x U^T);
+- `bias` per weight (Qwen's q/k/v) and `residual` [M, N] added last (the block's skip).
+
+So the MLP is two kernels (norm + gate/up + silu-mul; down + residual), the attention's
+input one (norm + q/k/v) and its output one (o + residual). Grid (M / bm, N / bn): program
+(i, j) reads rows i of x and the [bn, K] strip j of its weight(s) in K steps of bk,
+accumulating in float32; no split-K, so nothing but y is written.
+
+The kernels have no VJP: they are for inference steps (`steps`), not training.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from statejax.errors import InputError
+
+from . import append_attention as aa
+
+__all__ = ["ACTIVATIONS", "LinearBlocks", "default_linear_blocks", "fused_linear",
+           "fused_linear_reference"]
+
+ACTIVATIONS = (None, "silu_mul")
+# Programs to aim for: one wave over an H100's 132 SMs, each streaming its own weight strip.
+_TARGET_PROGRAMS = 128
+# Bytes of one weight tile per K step (per weight), as the decode kernel's K/V steps.
+_W_TILE_BYTES = 16 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearBlocks:
+    """Tiles of `fused_linear` (powers of two, >= 16: Triton's dot).
+
+    Attributes:
+      block_m: rows of x per program (M is padded to a multiple).
+      block_n: output columns per program; divides every weight's N.
+      block_k: the K step; divides K.
+      num_warps, num_stages: Triton's (stages pipeline the K loop's loads).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or not aa._is_pow2(value):
+                raise InputError(f"LinearBlocks.{name}={value!r}; allowed: a power of two "
+                                 ">= 16")
+
+
+def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: int,
+                          itemsize: int = 2) -> LinearBlocks:
+    """Tiles for x [m, k] times weights of N = `widths`, output `columns` wide: block_m the
+    rows rounded up to a power of two (16..128); block_n the widest power of two (16..128)
+    dividing every width that still gives ~`_TARGET_PROGRAMS` programs; block_k so a weight
+    tile is ~16 KiB (64..512), the largest power of two dividing k at most that."""
+    block_m = min(128, max(16, aa._next_pow2(m)))
+    m_blocks = -(-m // block_m)
+    block_n = 16
+    while (block_n < 128 and all(w % (2 * block_n) == 0 for w in widths)
+           and m_blocks * columns // (2 * block_n) >= _TARGET_PROGRAMS):
+        block_n *= 2
+    block_k = min(512, max(64, _W_TILE_BYTES // (block_n * itemsize)))
+    while block_k > 16 and k % block_k:
+        block_k //= 2
+    return LinearBlocks(block_m=block_m, block_n=block_n, block_k=block_k)
+
+
+def _validate(x_MxK, weights, norm_scale_K, bias, residual, activation, blocks):
+    if x_MxK.ndim != 2:
+        raise InputError(f"x must be [M, K], got shape {x_MxK.shape}")
+    m, k = x_MxK.shape
+    if not isinstance(weights, tuple | list) or not weights:
+        raise InputError(f"weights must be a non-empty tuple of [N, K] arrays, got "
+                         f"{type(weights).__name__}")
+    for i, w in enumerate(weights):
+        if w.ndim != 2 or w.shape[1] != k or w.dtype != x_MxK.dtype:
+            raise InputError(f"weights[{i}] must be [N, K={k}] in x's dtype {x_MxK.dtype}, "
+                             f"got {w.shape} {w.dtype}")
+    if activation not in ACTIVATIONS:
+        raise InputError(f"activation={activation!r}; allowed: {ACTIVATIONS}")
+    widths = tuple(w.shape[0] for w in weights)
+    if activation == "silu_mul" and (len(weights) != 2 or widths[0] != widths[1]):
+        raise InputError(f"activation='silu_mul' takes two weights (gate, up) of one width, "
+                         f"got widths {widths}")
+    n_out = widths[0] if activation == "silu_mul" else sum(widths)
+    if norm_scale_K is not None and norm_scale_K.shape != (k,):
+        raise InputError(f"norm_scale must be [K={k}], got {norm_scale_K.shape}")
+    if bias is not None:
+        if activation is not None or len(bias) != len(weights):
+            raise InputError("bias takes one [N_i] array per weight, without an activation")
+        for i, (b, n) in enumerate(zip(bias, widths, strict=True)):
+            if b.shape != (n,):
+                raise InputError(f"bias[{i}] must be [{n}], got {b.shape}")
+    if residual is not None and (residual.shape != (m, n_out) or
+                                 residual.dtype != x_MxK.dtype):
+        raise InputError(f"residual must be [M, N] = [{m}, {n_out}] in {x_MxK.dtype}, got "
+                         f"{residual.shape} {residual.dtype}")
+    if blocks is not None:
+        if not isinstance(blocks, LinearBlocks):
+            raise InputError(f"blocks must be LinearBlocks, got {type(blocks).__name__}")
+        if k % blocks.block_k or any(n % blocks.block_n for n in widths):
+            raise InputError(f"{blocks} must tile K={k} and every weight's N {widths}: "
+                             "block_k dividing K, block_n dividing each N")
+    return widths, n_out
+
+
+def _rms(x_ref, k: int, block_k: int, eps: float):
+    """Per-row 1 / RMS of x_ref [bm, K] in float32, read in K steps: [bm, 1]."""
+    def body(step, total):
+        xk = x_ref[:, pl.ds(pl.multiple_of(step * block_k, block_k), block_k)]
+        xk = xk.astype(jnp.float32)
+        return total + jnp.sum(xk * xk, axis=1, keepdims=True)
+
+    total = jax.lax.fori_loop(0, k // block_k, body,
+                              jnp.zeros((x_ref.shape[0], 1), jnp.float32))
+    return jax.lax.rsqrt(total / k + eps)
+
+
+def _kernel(*refs, num_weights, starts, activation, has_norm, has_bias, has_residual, eps,
+            block_k):
+    """Program (i, j): y[i-rows, j-columns] from the weight(s) whose columns j falls in."""
+    refs = list(refs)
+    o_ref = refs.pop()
+    x_ref = refs.pop(0)
+    scale_ref = refs.pop(0) if has_norm else None
+    w_refs = [refs.pop(0) for _ in range(num_weights)]
+    b_refs = [refs.pop(0) for _ in range(num_weights)] if has_bias else None
+    r_ref = refs.pop(0) if has_residual else None
+    k = x_ref.shape[1]
+    dtype = x_ref.dtype
+    bm, bn = o_ref.shape
+    rms = _rms(x_ref, k, block_k, eps) if has_norm else None
+
+    def accumulate(weights):
+        def body(step, accs):
+            ks = pl.ds(pl.multiple_of(step * block_k, block_k), block_k)
+            xk = x_ref[:, ks]
+            if has_norm:  # llama.RMSNorm: normalise in f32, round, then scale
+                xk = (xk.astype(jnp.float32) * rms).astype(dtype) * scale_ref[ks][None, :]
+            # HIGHEST: float32 operands take the IEEE path on Triton, not TF32.
+            return tuple(acc + jax.lax.dot_general(
+                xk, w[:, ks], (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+                preferred_element_type=jnp.float32) for acc, w in zip(accs, weights, strict=True))
+
+        zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in weights)
+        return jax.lax.fori_loop(0, k // block_k, body, zeros)
+
+    def finish(y):
+        if has_residual:
+            y = r_ref[...] + y
+        o_ref[...] = y.astype(o_ref.dtype)
+
+    if activation == "silu_mul":
+        gate, up = accumulate(w_refs)
+        # silu of the rounded gate, in float32 (Triton divides no bf16), then rounded again.
+        gate = gate.astype(dtype).astype(jnp.float32)
+        finish(jax.nn.silu(gate).astype(dtype) * up.astype(dtype))
+        return
+
+    def one_weight(w):
+        (acc,) = accumulate([w_refs[w]])
+        y = acc.astype(dtype)
+        if has_bias:
+            y = y + b_refs[w][...][None, :].astype(dtype)
+        finish(y)
+
+    if len(starts) == 1:
+        one_weight(0)
+        return
+    # Each program computes columns of one weight: a branch per weight, so a program
+    # reads only its own weight's strip.
+    j = pl.program_id(1)
+    bounds = (*starts, None)
+    for w, (first, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        mine = j >= first if end is None else (j >= first) & (j < end)
+        pl.when(mine)(functools.partial(one_weight, w))
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "norm_eps", "blocks", "interpret",
+                                             "poison_outputs"))
+def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, bias=None,
+                 residual_MxN=None, activation: str | None = None,
+                 blocks: LinearBlocks | None = None, interpret: bool,
+                 poison_outputs: bool = False):
+    """`epilogue(norm(x) . W^T)` in one Pallas kernel (module docstring).
+
+    Args:
+      x_MxK: activations; M any size (padded to the row tile inside).
+      weights: tuple of [N_i, K] weights in x's dtype; with `activation="silu_mul"` exactly
+        two of one width (gate, up).
+      norm_scale_K: optional RMSNorm scale [K]: x is normalised first (`llama.RMSNorm`).
+      norm_eps: the RMSNorm epsilon.
+      bias: optional tuple of [N_i] biases, one per weight (no activation).
+      residual_MxN: optional [M, N] in x's dtype, added last.
+      activation: None (outputs side by side) or "silu_mul".
+      blocks: tiles; default `default_linear_blocks` of this shape.
+      interpret: run in Pallas interpret mode (CPU); compiled needs a GPU.
+      poison_outputs: test hook: the output starts NaN-filled (aliased), so an element the
+        kernel does not write stays NaN.
+
+    Returns:
+      y [M, N] in x's dtype: N = N_1 (silu_mul) or N_1 + N_2 + ... .
+    """
+    aa.check_backend("triton", interpret)
+    widths, n_out = _validate(x_MxK, weights, norm_scale_K, bias, residual_MxN, activation,
+                              blocks)
+    m, k = x_MxK.shape
+    bs = blocks or default_linear_blocks(m=m, widths=widths, k=k, columns=n_out,
+                                         itemsize=x_MxK.dtype.itemsize)
+    m_pad = -(-m // bs.block_m) * bs.block_m
+    pad = lambda a: a if m_pad == m else jnp.pad(a, ((0, m_pad - m), (0, 0)))
+    # Programs j in [starts[w], starts[w + 1]) compute weight w's columns.
+    starts = [0]
+    for n in widths[:-1]:
+        starts.append(starts[-1] + n // bs.block_n)
+    starts = tuple(starts) if activation is None else (0,)
+    grid = (m_pad // bs.block_m, n_out // bs.block_n)
+    args = [pad(x_MxK)]
+    in_specs = [pl.BlockSpec((bs.block_m, k), lambda i, j: (i, 0))]
+    if norm_scale_K is not None:
+        args.append(norm_scale_K.astype(x_MxK.dtype))
+        in_specs.append(pl.BlockSpec((k,), lambda i, j: (0,)))
+
+    def strip(first, blocks_n):  # weight w's column block of program j, clamped
+        return lambda i, j: (jnp.clip(j - first, 0, blocks_n - 1), 0)
+
+    for w, first in zip(weights, starts if activation is None else (0, 0), strict=True):
+        args.append(w)
+        in_specs.append(pl.BlockSpec((bs.block_n, k), strip(first, w.shape[0] // bs.block_n)))
+    if bias is not None:
+        for b, first in zip(bias, starts, strict=True):
+            args.append(b)
+            in_specs.append(pl.BlockSpec(
+                (bs.block_n,), lambda i, j, f=first, n=b.shape[0] // bs.block_n:
+                (jnp.clip(j - f, 0, n - 1),)))
+    if residual_MxN is not None:
+        args.append(pad(residual_MxN))
+        in_specs.append(pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)))
+    out_spec = pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j))
+    out_shape = jax.ShapeDtypeStruct((m_pad, n_out), x_MxK.dtype)
+    aliases = {}
+    if poison_outputs:
+        aliases = {len(args): 0}
+        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+        in_specs.append(out_spec)
+    kernel = functools.partial(
+        _kernel, num_weights=len(weights), starts=starts, activation=activation,
+        has_norm=norm_scale_K is not None, has_bias=bias is not None,
+        has_residual=residual_MxN is not None, eps=float(norm_eps), block_k=bs.block_k)
+    if poison_outputs:  # the aliased poison input is not read
+        kernel = functools.partial(_drop_poison, kernel)
+    y = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=aa.triton_compiler_params(bs.num_warps, bs.num_stages),
+        interpret=interpret, name="statejax_fused_linear",
+    )(*args)
+    return y[:m]
+
+
+def _drop_poison(kernel, *refs):
+    return kernel(*refs[:-2], refs[-1])
+
+
+def fused_linear_reference(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5,
+                           bias=None, residual_MxN=None, activation: str | None = None):
+    """Plain-JAX `fused_linear`, rounding as the model's modules (`llama.RMSNorm`,
+    `llama.Linear`, the block's residual add). Returns y [M, N] in x's dtype."""
+    dtype = x_MxK.dtype
+    x = x_MxK
+    if norm_scale_K is not None:
+        x32 = x.astype(jnp.float32)
+        rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + norm_eps)
+        x = (x32 * rms).astype(dtype) * norm_scale_K.astype(dtype)[None, :]
+    outs = [jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(dtype)
+            for w in weights]
+    if bias is not None:
+        outs = [y + b.astype(dtype)[None, :] for y, b in zip(outs, bias, strict=True)]
+    y = jax.nn.silu(outs[0]) * outs[1] if activation == "silu_mul" else jnp.concatenate(
+        outs, axis=1)
+    return y if residual_MxN is None else residual_MxN + y

@@ -1,0 +1,195 @@
+"""Fused linear kernels (kernels/fused_linear.py) vs their reference, and in the model.
+
+Interpret mode on CPU; fresh random inputs; the output starts NaN-poisoned so an element no
+program writes fails the comparison.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from statejax import steps
+from statejax.budget import Budget
+from statejax.errors import InputError
+from statejax.kernels import fused_linear as fl
+from statejax.model.config import preset
+from statejax.model.layouts import lay_out
+from statejax.model.llama import Transformer, init_params
+from statejax.session import Session
+from statejax.tokenizer import ByteTokenizer
+
+TOLERANCE = {"float32": dict(atol=2e-5, rtol=2e-5), "bfloat16": dict(atol=3e-2, rtol=3e-2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    m: int
+    k: int
+    widths: tuple[int, ...]
+    norm: bool = False
+    bias: bool = False
+    residual: bool = False
+    activation: str | None = None
+    blocks: tuple[int, int, int] | None = None  # (block_m, block_n, block_k)
+
+    def __str__(self):
+        return (f"m{self.m}_k{self.k}_n{'-'.join(map(str, self.widths))}_norm{self.norm}"
+                f"_bias{self.bias}_res{self.residual}_{self.activation}_b{self.blocks}")
+
+
+CASES = [
+    Case(1, 64, (32,)),  # one row: padded to the 16-row tile
+    Case(20, 128, (64, 32, 32), norm=True),  # q/k/v side by side, rows not a tile multiple
+    Case(20, 128, (64, 32, 32), norm=True, bias=True, blocks=(16, 16, 32)),  # 2 row tiles
+    Case(33, 256, (48, 48), norm=True, activation="silu_mul", blocks=(32, 16, 64)),
+    Case(32, 512, (64,), residual=True, blocks=(32, 32, 128)),  # down + residual, 4 K steps
+    Case(70, 64, (64,), residual=True, norm=True),  # all of prologue and epilogue
+]
+
+
+def _inputs(case: Case, dtype, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    arr = lambda *shape, s=1.0: jnp.asarray(s * rng.standard_normal(shape), dtype)
+    x = arr(case.m, case.k, s=2.0)
+    weights = tuple(arr(n, case.k, s=case.k ** -0.5) for n in case.widths)
+    n_out = case.widths[0] if case.activation else sum(case.widths)
+    kwargs = dict(activation=case.activation)
+    if case.norm:
+        kwargs["norm_scale_K"] = arr(case.k, s=0.5) + 1
+    if case.bias:
+        kwargs["bias"] = tuple(arr(n) for n in case.widths)
+    if case.residual:
+        kwargs["residual_MxN"] = arr(case.m, n_out)
+    return x, weights, kwargs, n_out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fused_linear_matches_reference(case, dtype):
+    x, weights, kwargs, n_out = _inputs(case, jnp.dtype(dtype))
+    blocks = None if case.blocks is None else fl.LinearBlocks(*case.blocks)
+    got = fl.fused_linear(x, weights, blocks=blocks, interpret=True, poison_outputs=True,
+                          **kwargs)
+    want = fl.fused_linear_reference(x, weights, **kwargs)
+    assert got.shape == want.shape == (case.m, n_out) and got.dtype == x.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               **TOLERANCE[dtype])
+    assert np.abs(np.asarray(want, np.float32)).max() > 0.1  # not a vacuous comparison
+
+
+def test_reference_is_the_models_rounding_order():
+    """The reference normalises in float32, rounds, scales in the dtype (`llama.RMSNorm`),
+    rounds each product, and adds the residual last: checked in numpy at float32."""
+    case = Case(5, 64, (16, 16), norm=True, residual=True, activation="silu_mul")
+    x, (g, u), kwargs, _ = _inputs(case, jnp.float32, seed=3)
+    xs = np.asarray(x, np.float64)
+    normed = xs / np.sqrt((xs * xs).mean(-1, keepdims=True) + 1e-5) * np.asarray(
+        kwargs["norm_scale_K"])
+    gate, up = normed @ np.asarray(g).T, normed @ np.asarray(u).T
+    want = np.asarray(kwargs["residual_MxN"]) + gate / (1 + np.exp(-gate)) * up
+    got = fl.fused_linear_reference(x, (g, u), **kwargs)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_default_blocks_fill_an_h100_with_one_pass_over_the_weights():
+    """Llama-3.2-1B shapes at a 32-token query: one row tile, >= 128 programs where the
+    widths allow, 16 KiB weight tiles, K steps dividing K."""
+    qkv = fl.default_linear_blocks(m=32, widths=(2048, 512, 512), k=2048, columns=3072)
+    assert qkv == fl.LinearBlocks(block_m=32, block_n=16, block_k=512)
+    gate_up = fl.default_linear_blocks(m=32, widths=(8192, 8192), k=2048, columns=8192)
+    assert gate_up == fl.LinearBlocks(block_m=32, block_n=64, block_k=128)
+    down = fl.default_linear_blocks(m=32, widths=(2048,), k=8192, columns=2048)
+    assert down == fl.LinearBlocks(block_m=32, block_n=16, block_k=512)
+    # Qwen2.5-0.5B's width 896 = 7 x 128: the K step halves until it divides.
+    assert fl.default_linear_blocks(m=1, widths=(896,), k=896, columns=896).block_k == 128
+    assert fl.default_linear_blocks(m=300, widths=(64,), k=64, columns=64).block_m == 128
+
+
+def test_bad_input_is_refused_with_what_is_allowed():
+    x = jnp.ones((4, 64), jnp.float32)
+    w = jnp.ones((32, 64), jnp.float32)
+    call = lambda *a, **k: fl.fused_linear(*a, interpret=True, **k)
+    with pytest.raises(InputError, match=r"x must be \[M, K\]"):
+        call(x[None], (w,))
+    with pytest.raises(InputError, match="non-empty tuple"):
+        call(x, ())
+    with pytest.raises(InputError, match=r"weights\[0\] must be \[N, K=64\]"):
+        call(x, (w[:, :32],))
+    with pytest.raises(InputError, match=r"weights\[0\] must be .* in x's dtype"):
+        call(x, (w.astype(jnp.bfloat16),))
+    with pytest.raises(InputError, match="two weights"):
+        call(x, (w, w, w), activation="silu_mul")
+    with pytest.raises(InputError, match="activation='gelu'"):
+        call(x, (w,), activation="gelu")
+    with pytest.raises(InputError, match=r"norm_scale must be \[K=64\]"):
+        call(x, (w,), norm_scale_K=jnp.ones((32,)))
+    with pytest.raises(InputError, match="one \\[N_i\\] array per weight"):
+        call(x, (w, w), bias=(jnp.ones((32,)),))
+    with pytest.raises(InputError, match=r"residual must be \[M, N\] = \[4, 64\]"):
+        call(x, (w, w), residual_MxN=jnp.ones((4, 32)))
+    with pytest.raises(InputError, match="must tile K=64"):
+        call(x, (w,), blocks=fl.LinearBlocks(16, 64, 16))
+    with pytest.raises(InputError, match="power of two >= 16"):
+        fl.LinearBlocks(16, 24, 16)
+    with pytest.raises(InputError, match="need a GPU"):
+        fl.fused_linear(x, (w,), interpret=False)
+
+
+def _tiny(**overrides):
+    cfg = preset("tiny", **overrides)
+    params = init_params(cfg, seed=1)
+    # Norm scales at one and zero biases would let a kernel skip them unnoticed.
+    noise = lambda a, i: a + 0.1 * jax.random.normal(jax.random.key(i), a.shape, a.dtype)
+    leaves, tree = jax.tree.flatten(params)
+    return cfg, jax.tree.unflatten(tree, [noise(a, i) for i, a in enumerate(leaves)])
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, qk_norm=True),
+                                       dict(dtype="bfloat16")],
+                         ids=["llama", "qwen", "bf16"])
+def test_model_with_fused_linear_layers_matches_xla(overrides):
+    cfg, params = _tiny(**overrides)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)), jnp.int32)
+    want = steps.forward(params, tokens, cfg=cfg)
+    got = steps.forward(params, tokens, cfg=cfg, linear_impl="pallas")
+    tol = dict(atol=5e-2, rtol=5e-2) if cfg.dtype == "bfloat16" else dict(atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **tol)
+    assert not np.allclose(np.asarray(want[:, 0]), np.asarray(want[:, 1]))  # not constant
+
+
+def test_session_with_fused_linear_layers_answers_as_xla():
+    """Appends (chunked, into a window) and a generating query: the same logits and
+    tokens as with XLA's linear layers; the state stays per the same cells."""
+    cfg, params = _tiny()
+    budget = Budget(cells=128, page_size=16, chunk_sizes=(16, 32), question_cells=16,
+                    max_new_tokens=8)
+    sessions = [Session(params, cfg, budget, ByteTokenizer(), linear_impl=impl)
+                for impl in ("xla", "pallas")]
+    data = np.random.default_rng(1).integers(0, 256, 45).astype(np.int32)
+    logits = [s.append(data) for s in sessions]
+    np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(logits[0]), atol=1e-4,
+                               rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(sessions[1].state.k), np.asarray(sessions[0].state.k),
+                               atol=1e-5, rtol=1e-5)
+    answers = [s.query("what next?", 8) for s in sessions]
+    np.testing.assert_array_equal(answers[1].tokens, answers[0].tokens)
+    assert answers[0].tokens.size >= 1
+    assert abs(answers[1].first_gap - answers[0].first_gap) < 1e-3
+
+
+def test_fused_linear_layers_refuse_what_they_cannot_run():
+    cfg, params = _tiny()
+    budget = Budget(cells=64, page_size=16, chunk_sizes=(16,), question_cells=16,
+                    max_new_tokens=1)
+    with pytest.raises(InputError, match="linear_impl='mlp'; allowed"):
+        Session(params, cfg, budget, ByteTokenizer(), linear_impl="mlp")
+    with pytest.raises(InputError, match="takes per-layer weights, got packed"):
+        Session(lay_out(params, "packed"), cfg, budget, ByteTokenizer(), linear_impl="pallas")
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(InputError, match="takes per-layer weights, got stacked"):
+        steps.forward(lay_out(params, "stacked"), tokens, cfg=cfg, linear_impl="pallas")
+    with pytest.raises(InputError, match="linear_impl='cublas'; allowed"):
+        Transformer(cfg, "cublas").init(jax.random.key(0), tokens, tokens, None)
