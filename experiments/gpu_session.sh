@@ -142,7 +142,7 @@ PY
 run_tests() {
   capped tests "${TESTS_S:-150}" || return 0
   timeout "${TESTS_S:-150}" python3 -m pytest -p no:cacheprovider -m gpu -q -rfEs \
-    --durations=5 tests/test_kernels.py tests/test_kernels_model.py \
+    --durations=5 tests/test_kernels.py tests/test_kernels_model.py tests/test_fused_linear.py \
     > "$WORK/pytest_gpu.log" 2>&1
   echo "pytest exit: $?" | tee -a "$WORK/pytest_gpu.log"
 }

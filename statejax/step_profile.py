@@ -33,7 +33,8 @@ chained, so per-call launch cost is amortised as in the real step):
   157 at the 1B shape; stacked, 22; named `query_step[packed]` ...); before those, for each
   of `config.linear_rows`, with the blocks' linear layers by that `linear_impl`
   (`query_step[linear=pallas]` ...: `kernels/fused_linear.py`, 175 launches instead of 223
-  in the H100 compile of the 1B step),
+  in the H100 compile of the 1B step), each followed by `attn_projections` and `mlp` rows
+  with those linear layers,
 - `weights_in_N_gemms` (for each N of `config.chain_gemms`, before the layout rows): the same
   `config.chain_mib` of weights read by N dependent GEMMs at the query's shape ([T, E·m] x
   [E, E·m]^T, m = what makes the bytes equal), so the rows differ only in how many kernels
@@ -51,6 +52,7 @@ The launcher is `experiments/step_profile.py`.
 """
 
 import datetime
+import functools
 import time
 
 import jax
@@ -81,8 +83,10 @@ def _nbytes(tree) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
-def components(cfg, params, tokens: int):
-    """{name: (jitted fn, args, weight bytes it must read)} at batch 1 x `tokens`."""
+def components(cfg, params, tokens: int, linear_impl: str = "xla"):
+    """{name: (jitted fn, args, weight bytes it must read)} at batch 1 x `tokens`, the linear
+    layers by `linear_impl` (`statejax.model.llama.LINEAR_IMPLS`; "pallas": the fused kernels
+    normalise their input by a unit scale, the norms' weights not being these pieces')."""
     x = jax.random.normal(jax.random.key(1), (1, tokens, cfg.embed_dim), cfg.jnp_dtype)
     ids = jax.random.randint(jax.random.key(2), (1, tokens), 0, cfg.vocab_size)
     positions = jnp.arange(tokens, dtype=jnp.int32)[None]
@@ -92,17 +96,20 @@ def components(cfg, params, tokens: int):
     mlp_w = [params[f"layer_{i}"]["mlp"] for i in range(cfg.num_layers)]
     head = {k: v for k, v in params.items() if not k.startswith("layer_")}
 
-    no_norm = lambda x: x  # the blocks' norms are not these pieces' weights
+    # The blocks' norms are not these pieces' weights: none (XLA), or a unit scale for the
+    # fused kernels' prologue (the norm module they take returns its scale).
+    no_norm = ((lambda x: jnp.ones(x.shape[-1:], x.dtype)) if linear_impl == "pallas"
+               else (lambda x: x))
 
     def attn_projections(attn_w, x):
         for i, p in enumerate(attn_w):
-            x, _ = Attention(cfg, i).apply({"params": p}, x, positions, IdentityAttention(),
-                                           no_norm)
+            x, _ = Attention(cfg, i, linear_impl).apply(
+                {"params": p}, x, positions, IdentityAttention(), no_norm)
         return x
 
     def mlp(mlp_w, x):
         for p in mlp_w:
-            x = Mlp(cfg).apply({"params": p}, x, no_norm)
+            x = Mlp(cfg, linear_impl).apply({"params": p}, x, no_norm)
         return x
 
     def embed_logits(head, ids):
@@ -304,6 +311,7 @@ def run(config, on_row=None) -> dict:
     args, static = query_rows(cfg, params, config, config.context, timing, add,
                               after_step=trace)
     results["query_args"] = len(jax.tree.leaves(args))  # argument buffers per call
+    first_query = functools.partial(steps.query, *args, **static)
     add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
         _query_bytes(cfg, config, config.context))
     for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
@@ -313,9 +321,18 @@ def run(config, on_row=None) -> dict:
         query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}")
     # The blocks' linear layers as fused Pallas kernels (kernels/fused_linear.py): the same
     # step in fewer kernels, writing no split-K partials.
-    for linear_impl in config.get("linear_rows", ()):
-        query_rows(cfg, params, config, config.context, timing, add,
-                   suffix=f"[linear={linear_impl}]", linear_impl=linear_impl)
+    for linear_impl in linear_rows:
+        suffix = f"[linear={linear_impl}]"
+        other_args, other_static = query_rows(cfg, params, config, config.context, timing, add,
+                                              suffix=suffix, linear_impl=linear_impl)
+        # Same session tokens and question: how far its next-token logits are from XLA's
+        # (a kernel that is fast but wrong shows here).
+        results[f"logits_diff{suffix}"] = logits_difference(
+            first_query(), steps.query(*other_args, **other_static))
+        pieces = components(cfg, params, config.tokens, linear_impl)
+        for name in ("attn_projections", "mlp"):
+            fn, args, nbytes = pieces[name]
+            add(name + suffix, *_time_compiled(fn, args, timing)[:2], nbytes)
     # Kernel boundaries alone: the same bytes read by more, smaller GEMMs.
     for gemms in config.get("chain_gemms", ()):
         fn, args = gemm_chain(cfg.embed_dim, config.tokens, config.chain_mib * 2**20, gemms,
@@ -329,6 +346,13 @@ def run(config, on_row=None) -> dict:
                                       timing, add, suffix=f"[{layout}]")
         results[f"query_args_{layout}"] = len(jax.tree.leaves(laid_out_args))
     return results
+
+
+def logits_difference(a: steps.Generation, b: steps.Generation) -> float:
+    """max |a - b| of two queries' next-token logits [R, V] over max |a| (finite entries)."""
+    a, b = (np.asarray(g.first_logits, np.float64) for g in (a, b))
+    finite = np.isfinite(a) & np.isfinite(b)
+    return float(np.abs(a[finite] - b[finite]).max() / np.abs(a[finite]).max())
 
 
 def _query_bytes(cfg, config, context: int) -> int:
@@ -386,9 +410,10 @@ def results_markdown(results: dict) -> str:
         + "".join(f" ({results[f'query_args_{layout}']} with the layers {layout}: rows "
                   f"[{layout}])" for layout in LAYOUTS[1:]
                   if f"query_args_{layout}" in results)
-        + ("; rows [linear=pallas]: the blocks' linear layers by kernels/fused_linear.py"
-           if any(r["component"].endswith("[linear=pallas]") for r in results["rows"])
-           else ""), "",
+        + ("; rows [linear=pallas]: the blocks' linear layers by kernels/fused_linear.py "
+           "(next-token logits off XLA's by "
+           f"{results['logits_diff[linear=pallas]']:.2e} of their largest)"
+           if "logits_diff[linear=pallas]" in results else ""), "",
         "| component | ms | MB read | floor ms | GB/s | % of copy bandwidth | kernels |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]

@@ -193,3 +193,28 @@ def test_fused_linear_layers_refuse_what_they_cannot_run():
         steps.forward(lay_out(params, "stacked"), tokens, cfg=cfg, linear_impl="pallas")
     with pytest.raises(InputError, match="linear_impl='cublas'; allowed"):
         Transformer(cfg, "cublas").init(jax.random.key(0), tokens, tokens, None)
+
+
+GPU = jax.default_backend() == "gpu"
+# The Llama-3.2-1B block at a 32-token query, default tiles: the shapes the step runs.
+GPU_CASES = [
+    Case(32, 2048, (2048, 512, 512), norm=True),  # input norm + q/k/v
+    Case(32, 2048, (2048,), residual=True),  # o + residual
+    Case(32, 2048, (8192, 8192), norm=True, activation="silu_mul"),  # norm + gate/up
+    Case(32, 8192, (2048,), residual=True),  # down + residual
+    Case(1, 896, (896, 128, 128), norm=True, bias=True),  # Qwen2.5-0.5B decode, K = 7 x 128
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (compiled Triton kernels)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", GPU_CASES + CASES, ids=str)
+def test_compiled_fused_linear_matches_reference(case, dtype):
+    x, weights, kwargs, _ = _inputs(case, jnp.dtype(dtype))
+    blocks = None if case.blocks is None else fl.LinearBlocks(*case.blocks)
+    got = fl.fused_linear(x, weights, blocks=blocks, interpret=False, poison_outputs=True,
+                          **kwargs)
+    want = fl.fused_linear_reference(x, weights, **kwargs)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               **TOLERANCE[dtype])

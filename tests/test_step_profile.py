@@ -41,6 +41,30 @@ def test_components_cover_the_weights_and_match_the_model():
     assert not np.allclose(np.asarray(fn0(*args0)), np.asarray(want), atol=1e-3)
 
 
+def test_fused_components_are_the_xla_pieces_after_a_unit_norm():
+    """With linear_impl "pallas" the pieces read the same weights, through the fused
+    kernels, whose prologue normalises by a unit scale."""
+    from statejax.model.llama import Attention, Mlp, RMSNorm
+
+    cfg = preset("tiny")
+    params = init_params(cfg, seed=0)
+    xla, fused = (step_profile.components(cfg, params, 8, impl) for impl in ("xla", "pallas"))
+    unit = lambda v: RMSNorm(cfg.rms_eps, cfg.jnp_dtype).apply(
+        {"params": {"scale": jnp.ones(v.shape[-1:])}}, v)
+    positions = jnp.arange(8, dtype=jnp.int32)[None]
+    for name, apply in (
+            ("mlp", lambda i, p, x: Mlp(cfg).apply({"params": p}, x, unit)),
+            ("attn_projections", lambda i, p, x: Attention(cfg, i).apply(
+                {"params": p}, x, positions, step_profile.IdentityAttention(), unit)[0])):
+        fn, (weights, x), nbytes = fused[name]
+        assert nbytes == xla[name][2]
+        want = x
+        for i, p in enumerate(weights):
+            want = apply(i, p, want)
+        np.testing.assert_allclose(np.asarray(fn(weights, x)), np.asarray(want), rtol=1e-4,
+                                   atol=1e-4)
+
+
 def test_tiny_run_reports_each_component_against_the_floor():
     seen = []
     results = step_profile.run(sp_config.get_config("tiny"),
@@ -53,6 +77,7 @@ def test_tiny_run_reports_each_component_against_the_floor():
                      "step_without_attention", "step_with_attention",
                      *[n + "@128" for n in query],  # the larger session's rows,
                      *[n + "[linear=pallas]" for n in query],  # fused linear kernels,
+                     "attn_projections[linear=pallas]", "mlp[linear=pallas]",
                      *[f"weights_in_{n}_gemms" for n in (1, 4, 16, 64)],  # boundaries,
                      *[n + "[packed]" for n in query],  # then packed and stacked weights
                      *[n + "[stacked]" for n in query]]
@@ -106,6 +131,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert "| query_step@128 |" in md and "rows @128: a session of 128 cells" in md
     assert f"{results['query_args']} argument buffers per call" in md
     assert "rows [linear=pallas]: the blocks' linear layers by kernels/fused_linear.py" in md
+    # The fused step's next-token logits against XLA's, same session and question: f32.
+    assert 0 <= results["logits_diff[linear=pallas]"] < 1e-4
     # Fused: four Pallas kernels a block replace XLA's projections (interpret mode here,
     # so only that the program differs; the H100 counts are tests/test_step_census.py's).
     assert rows["query_step[linear=pallas]"]["kernels"] != rows["query_step"]["kernels"]
