@@ -6,6 +6,7 @@
 #            Pallas kernels vs its floor (configs/stream_latency.py:gpu-floor; STREAM_FLAGS
 #            adds flags)                                                         STREAM_S=330
 #   tests    compiled-GPU tests: kernels (Triton), the model on the kernels      TESTS_S=150
+#   fused    compiled-GPU tests of the fused linear kernels alone                 FUSED_S=60
 #   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=180
 #   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
 #   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=150
@@ -34,8 +35,8 @@ WORK=${WORK:-/tmp/statejax_gpu_session_work}
 PARTS=${PARTS:-profile stream}
 for part in $PARTS; do  # refused before any setup: the reply's tail might not show it later
   case "$part" in
-    stream|tests|tune|bench|query|profile|mosaic) ;;
-    *) echo "unknown part $part; allowed: stream tests tune bench query profile mosaic"
+    stream|tests|fused|tune|bench|query|profile|mosaic) ;;
+    *) echo "unknown part $part; allowed: stream tests fused tune bench query profile mosaic"
        exit 2 ;;
   esac
 done
@@ -147,6 +148,13 @@ run_tests() {
   echo "pytest exit: $?" | tee -a "$WORK/pytest_gpu.log"
 }
 
+run_fused() {
+  capped fused "${FUSED_S:-60}" || return 0
+  timeout "${FUSED_S:-60}" python3 -m pytest -p no:cacheprovider -m gpu -q -rfEs \
+    --durations=5 tests/test_fused_linear.py > "$WORK/pytest_fused.log" 2>&1
+  echo "pytest fused exit: $?" | tee -a "$WORK/pytest_fused.log"
+}
+
 # kernel_bench NAME CAP CONFIG [FLAGS...]: one benchmark run into $WORK/NAME, under CAP seconds
 # (its own time budget MARGIN s less, default 20, so it writes its results before the timeout).
 kernel_bench() {
@@ -241,5 +249,5 @@ for f in stream_latency/results.md bench/results.md bench_triton/results.md \
     step_profile_xla_flags/command_buffers.md; do
   [ -f "$WORK/$f" ] && { echo "### $f"; grep -v '^$' "$WORK/$f" | tail -25; }
 done
-tail -n 3 "$WORK/pytest_gpu.log" "$WORK/pytest_mosaic.log" 2>/dev/null
+tail -n 3 "$WORK/pytest_gpu.log" "$WORK/pytest_fused.log" "$WORK/pytest_mosaic.log" 2>/dev/null
 exit 0

@@ -40,6 +40,9 @@ ACTIVATIONS = (None, "silu_mul")
 _TARGET_PROGRAMS = 128
 # Bytes of one weight tile per K step (per weight), as the decode kernel's K/V steps.
 _W_TILE_BYTES = 16 * 1024
+# Shared memory the pipelined tiles may take (x and weight tiles x stages): an H100 has
+# 227 KiB a block; 240 KiB (x [128, 256] with 3 stages) failed to compile.
+_SMEM_BUDGET = 160 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +71,13 @@ class LinearBlocks:
 
 
 def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: int,
-                          itemsize: int = 2) -> LinearBlocks:
-    """Tiles for x [m, k] times weights of N = `widths`, output `columns` wide: block_m the
-    rows rounded up to a power of two (16..128); block_n the widest power of two (16..128)
-    dividing every width that still gives ~`_TARGET_PROGRAMS` programs; block_k so a weight
-    tile is ~16 KiB (64..512), the largest power of two dividing k at most that."""
+                          itemsize: int = 2, weights_per_program: int = 1) -> LinearBlocks:
+    """Tiles for x [m, k] times weights of N = `widths`, output `columns` wide, each program
+    reading `weights_per_program` strips (2 for "silu_mul"): block_m the rows rounded up to a
+    power of two (16..128); block_n the widest power of two (16..128) dividing every width
+    that still gives ~`_TARGET_PROGRAMS` programs; block_k so a weight tile is ~16 KiB
+    (64..512), the largest power of two dividing k at most that, halved while the staged
+    tiles exceed `_SMEM_BUDGET`."""
     block_m = min(128, max(16, aa._next_pow2(m)))
     m_blocks = -(-m // block_m)
     block_n = 16
@@ -80,7 +85,9 @@ def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: i
            and m_blocks * columns // (2 * block_n) >= _TARGET_PROGRAMS):
         block_n *= 2
     block_k = min(512, max(64, _W_TILE_BYTES // (block_n * itemsize)))
-    while block_k > 16 and k % block_k:
+    stages = LinearBlocks.num_stages
+    staged = lambda bk: (block_m + weights_per_program * block_n) * bk * itemsize * stages
+    while block_k > 16 and (k % block_k or staged(block_k) > _SMEM_BUDGET):
         block_k //= 2
     return LinearBlocks(block_m=block_m, block_n=block_n, block_k=block_k)
 
@@ -225,8 +232,9 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
     widths, n_out = _validate(x_MxK, weights, norm_scale_K, bias, residual_MxN, activation,
                               blocks)
     m, k = x_MxK.shape
-    bs = blocks or default_linear_blocks(m=m, widths=widths, k=k, columns=n_out,
-                                         itemsize=x_MxK.dtype.itemsize)
+    bs = blocks or default_linear_blocks(
+        m=m, widths=widths, k=k, columns=n_out, itemsize=x_MxK.dtype.itemsize,
+        weights_per_program=2 if activation == "silu_mul" else 1)
     m_pad = -(-m // bs.block_m) * bs.block_m
     pad = lambda a: a if m_pad == m else jnp.pad(a, ((0, m_pad - m), (0, 0)))
     # Programs j in [starts[w], starts[w + 1]) compute weight w's columns.
