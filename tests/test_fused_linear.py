@@ -218,3 +218,54 @@ def test_compiled_fused_linear_matches_reference(case, dtype):
     want = fl.fused_linear_reference(x, weights, **kwargs)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                **TOLERANCE[dtype])
+
+
+# ---------------------------------------------------------------- Triton, without a GPU
+
+# The GPU cases, and the 1B block at 256- and 512-token appends (128-row tiles: the shared
+# memory the staged tiles take is what the default K step is sized by).
+LOWERING_CASES = GPU_CASES + [
+    Case(256, 2048, (2048, 512, 512), norm=True),
+    Case(512, 2048, (8192, 8192), norm=True, activation="silu_mul"),
+    Case(256, 8192, (2048,), residual=True),
+]
+
+
+def _lower_fused(case: Case, dtype: str, compile_for=None) -> str:
+    from test_kernels import _lower_or_compile  # noqa: PLC0415 - a test module's helper
+
+    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype))
+    n_out = case.widths[0] if case.activation else sum(case.widths)
+    kwargs = {}
+    if case.norm:
+        kwargs["norm_scale_K"] = shape(case.k)
+    if case.bias:
+        kwargs["bias"] = tuple(shape(n) for n in case.widths)
+    if case.residual:
+        kwargs["residual_MxN"] = shape(case.m, n_out)
+    call = jax.jit(lambda x, weights, kw: fl.fused_linear(
+        x, weights, activation=case.activation, interpret=False, **kw))
+    args = (shape(case.m, case.k), tuple(shape(n, case.k) for n in case.widths), kwargs)
+    return _lower_or_compile(call, args, {}, compile_for)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", LOWERING_CASES, ids=str)
+def test_fused_linear_lowers_to_triton_on_cpu(case, dtype):
+    assert "xla.gpu.triton" in _lower_fused(case, dtype)
+
+
+def _h100():
+    from test_kernels import H100  # noqa: PLC0415 - a test module's compile-only device
+
+    return H100
+
+
+@pytest.mark.skipif(_h100() is None, reason="compiling for a GPU target needs jax's CUDA "
+                                            "plugin (CI's second leg installs it)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", LOWERING_CASES, ids=str)
+def test_fused_linear_compiles_for_an_h100(case, dtype):
+    """Triton -> PTX within the H100's shared memory (a 256-token append's tiles once asked
+    for 240 KiB of its 227)."""
+    assert "xla.gpu.triton" in _lower_fused(case, dtype, compile_for=_h100())
