@@ -114,7 +114,8 @@ def test_floor_run_skips_the_baselines(tmp_path):
     assert "| – | – |" in md and "stateless largest" not in md and "partial" not in md
     # Which tiles the kernels ran: none measured here (interpret mode reads no table).
     assert results["tuned_tiles"] == []
-    assert "attention impl `pallas` (kernel tiles: the shape rules); weights packed;" in md
+    assert ("attention impl `pallas` (kernel tiles: the shape rules); linear layers `xla`; "
+            "weights packed;") in md
     floor = stream_latency.get_config("gpu-floor")
     assert (floor.impl, floor.baselines, floor.roofline.floor_bound,
             floor.flash_max_new_tokens, floor.weights_layout) == ("pallas", False, 1.3, 1,
