@@ -24,7 +24,6 @@ from statejax.cache import IMPLS
 from statejax.errors import CapacityError, InputError
 from statejax.model.config import ModelConfig
 from statejax.model.layouts import layout_of
-from statejax.model.llama import LINEAR_IMPLS
 from statejax.state import init_state
 from statejax.tokenizer import Tokenizer, check_fits_vocab, validate_token_ids
 
@@ -101,7 +100,8 @@ class Session:
         `NO_STOP` generates every requested token.
       impl: attention implementation for every step (`statejax.cache.IMPLS`).
       linear_impl: the blocks' linear layers in every step (`statejax.model.llama.
-        LINEAR_IMPLS`: "xla", or "pallas" for the fused kernels, per-layer weights only).
+        LINEAR_IMPLS`: "xla", or "pallas" for the fused kernels, per-layer weights only:
+        `steps.check_linear_impl`).
     """
 
     def __init__(self, params, cfg: ModelConfig, budget: Budget, tokenizer: Tokenizer, *,
@@ -117,11 +117,7 @@ class Session:
             raise InputError(f"keep_fraction={keep_fraction!r}; allowed: 0 < keep_fraction < 1")
         if impl not in IMPLS:
             raise InputError(f"impl={impl!r}; allowed: {IMPLS}")
-        if linear_impl not in LINEAR_IMPLS:
-            raise InputError(f"linear_impl={linear_impl!r}; allowed: {LINEAR_IMPLS}")
-        if linear_impl == "pallas" and layout_of(params) != "per_layer":
-            raise InputError(f"linear_impl='pallas' takes per-layer weights, got "
-                             f"{layout_of(params)} ones (statejax.model.layouts)")
+        steps.check_linear_impl(params, linear_impl)
         check_fits_vocab(tokenizer, cfg.vocab_size)
         stop = tokenizer.eos_id if stop_token is None else stop_token
         if not _is_int(stop) or not (stop == NO_STOP or 0 <= stop < tokenizer.vocab_size):
