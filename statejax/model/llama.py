@@ -95,7 +95,8 @@ class RMSNorm(nn.Module):
 
 
 def _fused_linear(x_BxTxK, weights, **epilogue):
-    """`kernels.fused_linear` over the rows of x [B, T, K]; weights [N_i, K]. -> [B, T, N]."""
+    """`kernels.fused_linear` over the rows of x [B, T, K]; weights [N_i, K]; `residual`
+    [B, T, N] added last; the other keywords are `fused_linear`'s. -> [B, T, N]."""
     b, t, k = x_BxTxK.shape
     residual = epilogue.pop("residual", None)
     if residual is not None:
