@@ -25,8 +25,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The query rows again per weights layout (statejax.model.layouts; [packed], [stacked]).
     c.layout_rows = ("packed", "stacked")
     # The query rows again with the blocks' linear layers by these linear_impls
-    # (statejax.model.llama.LINEAR_IMPLS; "pallas": kernels/fused_linear.py).
-    c.linear_rows = ("pallas",)
+    # (statejax.model.llama.LINEAR_IMPLS; "pallas": kernels/fused_linear.py, whose interpret
+    # mode on a CPU times nothing of use: GPU and tests only).
+    c.linear_rows = ()
+    # fused_linear[call,bn=N] rows: each fused call of one block alone, per output strip
+    # width N (the other tiles follow from it): which strips stream the weights fastest.
+    c.linear_tile_rows = ()
     c.impl = "reference"  # their attention: "reference", "pallas" or "pallas-mosaic"
     c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
     c.trace_calls = 5  # query_step calls traced by the profiler for its kernel breakdown
@@ -42,12 +46,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.impl = "pallas"
         c.extra_contexts = (32768,)
         c.chain_mib = 512
+        c.linear_rows = ("pallas",)
+        c.linear_tile_rows = (16, 32, 64)
     elif variant == "tiny":
         c.model = "tiny"
         c.context = 64
         c.extra_contexts = (128,)
         c.copy_mib = 8
         c.chain_mib = 1
+        c.linear_rows = ("pallas",)
+        c.linear_tile_rows = (16, 32)
         c.warmup = 1
         c.repeats = 2
     elif variant != "cpu":

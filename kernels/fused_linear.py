@@ -71,19 +71,21 @@ class LinearBlocks:
 
 
 def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: int,
-                          itemsize: int = 2, weights_per_program: int = 1) -> LinearBlocks:
+                          itemsize: int = 2, weights_per_program: int = 1,
+                          block_n: int | None = None) -> LinearBlocks:
     """Tiles for x [m, k] times weights of N = `widths`, output `columns` wide, each program
     reading `weights_per_program` strips (2 for "silu_mul"): block_m the rows rounded up to a
     power of two (16..128); block_n the widest power of two (16..128) dividing every width
     that still gives ~`_TARGET_PROGRAMS` programs; block_k so a weight tile is ~16 KiB
     (64..512), the largest power of two dividing k at most that, halved while the staged
-    tiles exceed `_SMEM_BUDGET`."""
+    tiles exceed `_SMEM_BUDGET`. A given `block_n` is kept (the rest follows from it)."""
     block_m = min(128, max(16, aa._next_pow2(m)))
     m_blocks = -(-m // block_m)
-    block_n = 16
-    while (block_n < 128 and all(w % (2 * block_n) == 0 for w in widths)
-           and m_blocks * columns // (2 * block_n) >= _TARGET_PROGRAMS):
-        block_n *= 2
+    if block_n is None:
+        block_n = 16
+        while (block_n < 128 and all(w % (2 * block_n) == 0 for w in widths)
+               and m_blocks * columns // (2 * block_n) >= _TARGET_PROGRAMS):
+            block_n *= 2
     block_k = min(512, max(64, _W_TILE_BYTES // (block_n * itemsize)))
     stages = LinearBlocks.num_stages
     staged = lambda bk: (block_m + weights_per_program * block_n) * bk * itemsize * stages

@@ -34,7 +34,8 @@ chained, so per-call launch cost is amortised as in the real step):
   of `config.linear_rows`, with the blocks' linear layers by that `linear_impl`
   (`query_step[linear=pallas]` ...: `kernels/fused_linear.py`, 175 launches instead of 223
   in the H100 compile of the 1B step), each followed by `attn_projections` and `mlp` rows
-  with those linear layers,
+  with those linear layers; then `fused_linear[call,bn=N]`: each of a block's four fused
+  calls alone for each strip width N of `config.linear_tile_rows` (`linear_tiles`),
 - `weights_in_N_gemms` (for each N of `config.chain_gemms`, before the layout rows): the same
   `config.chain_mib` of weights read by N dependent GEMMs at the query's shape ([T, E·m] x
   [E, E·m]^T, m = what makes the bytes equal), so the rows differ only in how many kernels
@@ -60,9 +61,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from statejax import device_trace, roofline, step_census, steps
+from statejax import device_trace, gpu_target, roofline, step_census, steps
 from statejax.budget import Budget
 from statejax.cache import FullView
+from statejax.kernels import fused_linear
 from statejax.model.config import preset
 from statejax.model.layouts import LAYOUTS, lay_out
 from statejax.model.llama import LINEAR_IMPLS, Attention, Mlp, Transformer, init_params
@@ -161,6 +163,43 @@ def gemm_chain(e: int, tokens: int, total_bytes: int, gemms: int, dtype):
         return x
 
     return jax.jit(chain), (weights, x)
+
+
+def linear_tiles(cfg, tokens: int, block_ns) -> dict:
+    """{name: (jitted fn, args, weight bytes)}: each fused linear call of one block
+    (`kernels/fused_linear.py`: norm + q/k/v, o + residual, norm + gate/up + silu-mul, down +
+    residual) on `tokens` rows of random inputs, once per output strip width of `block_ns`
+    that divides its weights, the other tiles `default_linear_blocks` of that width; named
+    `fused_linear[down,bn=16]` ..."""
+    dtype = cfg.jnp_dtype
+    e, f = cfg.embed_dim, cfg.mlp_dim
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    keys = iter(jax.random.split(jax.random.key(3), 16))
+    arr = lambda *shape: (0.02 * jax.random.normal(next(keys), shape)).astype(dtype)
+    x_e, x_q, x_f, scale = arr(tokens, e), arr(tokens, q), arr(tokens, f), jnp.ones((e,), dtype)
+    calls = {  # name: (x, weights, activation, keywords)
+        "qkv": (x_e, (arr(q, e), arr(kv, e), arr(kv, e)), None, dict(norm_scale_K=scale)),
+        "o": (x_q, (arr(e, q),), None, dict(residual_MxN=x_e)),
+        "gate_up": (x_e, (arr(f, e), arr(f, e)), "silu_mul", dict(norm_scale_K=scale)),
+        "down": (x_f, (arr(e, f),), None, dict(residual_MxN=x_e)),
+    }
+    interpret = not gpu_target.compiling_for_gpu()
+    pieces = {}
+    for name, (x, weights, activation, keywords) in calls.items():
+        widths = tuple(w.shape[0] for w in weights)
+        for block_n in block_ns:
+            if any(n % block_n for n in widths):
+                continue
+            blocks = fused_linear.default_linear_blocks(
+                m=tokens, widths=widths, k=x.shape[1],
+                columns=widths[0] if activation else sum(widths), itemsize=dtype.itemsize,
+                weights_per_program=len(weights) if activation else 1, block_n=block_n)
+            call = functools.partial(fused_linear.fused_linear, activation=activation,
+                                     blocks=blocks, interpret=interpret)
+            fn = jax.jit(lambda x, weights, keywords, call=call: call(x, weights, **keywords))
+            pieces[f"fused_linear[{name},bn={block_n}]"] = (fn, (x, weights, keywords),
+                                                            _nbytes(weights))
+    return pieces
 
 
 def _time_compiled(fn, args, timing, **static) -> tuple[float, int, object]:
@@ -333,6 +372,9 @@ def run(config, on_row=None) -> dict:
         for name in ("attn_projections", "mlp"):
             fn, args, nbytes = pieces[name]
             add(name + suffix, *_time_compiled(fn, args, timing)[:2], nbytes)
+    for name, (fn, args, nbytes) in linear_tiles(
+            cfg, config.tokens, config.get("linear_tile_rows", ())).items():
+        add(name, *_time_compiled(fn, args, timing)[:2], nbytes)
     # Kernel boundaries alone: the same bytes read by more, smaller GEMMs.
     for gemms in config.get("chain_gemms", ()):
         fn, args = gemm_chain(cfg.embed_dim, config.tokens, config.chain_mib * 2**20, gemms,

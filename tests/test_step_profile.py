@@ -65,6 +65,27 @@ def test_fused_components_are_the_xla_pieces_after_a_unit_norm():
                                    atol=1e-4)
 
 
+def test_linear_tiles_time_each_fused_call_at_each_strip_width():
+    """Every strip width computes the same call (the kernel's reference), reads that call's
+    weights, and keeps its tiles within the kernel's rules; widths that do not divide a
+    call's weights are left out."""
+    from statejax.kernels import fused_linear as fl
+
+    cfg = preset("tiny")  # q 64 wide, k and v 32, MLP 128
+    pieces = step_profile.linear_tiles(cfg, 32, (16, 32, 64))
+    assert sorted(pieces) == sorted(  # k and v are 32 wide: no 64-column q/k/v strips
+        [f"fused_linear[qkv,bn={n}]" for n in (16, 32)]
+        + [f"fused_linear[{c},bn={n}]" for c in ("o", "gate_up", "down") for n in (16, 32, 64)])
+    e, f = cfg.embed_dim, cfg.mlp_dim
+    assert pieces["fused_linear[down,bn=16]"][2] == e * f * 4
+    assert pieces["fused_linear[gate_up,bn=32]"][2] == 2 * e * f * 4
+    for name, (fn, (x, weights, keywords), _) in pieces.items():
+        activation = "silu_mul" if "gate_up" in name else None
+        want = fl.fused_linear_reference(x, weights, activation=activation, **keywords)
+        np.testing.assert_allclose(np.asarray(fn(x, weights, keywords)), np.asarray(want),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_tiny_run_reports_each_component_against_the_floor():
     seen = []
     results = step_profile.run(sp_config.get_config("tiny"),
@@ -78,6 +99,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
                      *[n + "@128" for n in query],  # the larger session's rows,
                      *[n + "[linear=pallas]" for n in query],  # fused linear kernels,
                      "attn_projections[linear=pallas]", "mlp[linear=pallas]",
+                     *[f"fused_linear[{c},bn={n}]" for c in ("qkv", "o", "gate_up", "down")
+                       for n in (16, 32)],  # the fused calls alone per strip width,
                      *[f"weights_in_{n}_gemms" for n in (1, 4, 16, 64)],  # boundaries,
                      *[n + "[packed]" for n in query],  # then packed and stacked weights
                      *[n + "[stacked]" for n in query]]
