@@ -26,13 +26,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from statejax.errors import InputError
 
 from . import append_attention as aa
 
-__all__ = ["ACTIVATIONS", "LinearBlocks", "default_linear_blocks", "fused_linear",
+__all__ = ["ACTIVATIONS", "LinearBlocks", "blocks_for", "default_linear_blocks", "fused_linear",
            "fused_linear_reference"]
 
 ACTIVATIONS = (None, "silu_mul")
@@ -94,6 +95,18 @@ def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: i
     return LinearBlocks(block_m=block_m, block_n=block_n, block_k=block_k)
 
 
+def blocks_for(x_MxK, weights, activation: str | None = None,
+               block_n: int | None = None) -> LinearBlocks:
+    """`default_linear_blocks` of a call: x [M, K], weights [N_i, K] (their output width and
+    strips per program from `activation`); `block_n` kept if given."""
+    widths = tuple(w.shape[0] for w in weights)
+    paired = activation == "silu_mul"
+    return default_linear_blocks(
+        m=x_MxK.shape[0], widths=widths, k=x_MxK.shape[1],
+        columns=widths[0] if paired else sum(widths), itemsize=x_MxK.dtype.itemsize,
+        weights_per_program=2 if paired else 1, block_n=block_n)
+
+
 def _validate(x_MxK, weights, norm_scale_K, bias, residual, activation, blocks):
     if x_MxK.ndim != 2:
         raise InputError(f"x must be [M, K], got shape {x_MxK.shape}")
@@ -145,15 +158,14 @@ def _rms(x_ref, k: int, block_k: int, eps: float):
     return jax.lax.rsqrt(total / k + eps)
 
 
-def _kernel(*refs, num_weights, starts, activation, has_norm, has_bias, has_residual, eps,
-            block_k):
+def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, block_k):
     """Program (i, j): y[i-rows, j-columns] from the weight(s) whose columns j falls in."""
     refs = list(refs)
     o_ref = refs.pop()
     x_ref = refs.pop(0)
     scale_ref = refs.pop(0) if has_norm else None
-    w_refs = [refs.pop(0) for _ in range(num_weights)]
-    b_refs = [refs.pop(0) for _ in range(num_weights)] if has_bias else None
+    w_refs = [refs.pop(0) for _ in firsts]
+    b_refs = [refs.pop(0) for _ in firsts] if has_bias else None
     r_ref = refs.pop(0) if has_residual else None
     k = x_ref.shape[1]
     dtype = x_ref.dtype
@@ -193,13 +205,13 @@ def _kernel(*refs, num_weights, starts, activation, has_norm, has_bias, has_resi
             y = y + b_refs[w][...][None, :].astype(dtype)
         finish(y)
 
-    if len(starts) == 1:
+    if len(firsts) == 1:
         one_weight(0)
         return
     # Each program computes columns of one weight: a branch per weight, so a program
     # reads only its own weight's strip.
     j = pl.program_id(1)
-    bounds = (*starts, None)
+    bounds = (*firsts, None)
     for w, (first, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         mine = j >= first if end is None else (j >= first) & (j < end)
         pl.when(mine)(functools.partial(one_weight, w))
@@ -234,16 +246,13 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
     widths, n_out = _validate(x_MxK, weights, norm_scale_K, bias, residual_MxN, activation,
                               blocks)
     m, k = x_MxK.shape
-    bs = blocks or default_linear_blocks(
-        m=m, widths=widths, k=k, columns=n_out, itemsize=x_MxK.dtype.itemsize,
-        weights_per_program=2 if activation == "silu_mul" else 1)
+    bs = blocks or blocks_for(x_MxK, weights, activation)
     m_pad = -(-m // bs.block_m) * bs.block_m
     pad = lambda a: a if m_pad == m else jnp.pad(a, ((0, m_pad - m), (0, 0)))
-    # Programs j in [starts[w], starts[w + 1]) compute weight w's columns.
-    starts = [0]
-    for n in widths[:-1]:
-        starts.append(starts[-1] + n // bs.block_n)
-    starts = tuple(starts) if activation is None else (0,)
+    # Programs j in [firsts[w], firsts[w + 1]) compute weight w's columns; with "silu_mul"
+    # every program reads both weights' strip j.
+    firsts = (0, 0) if activation == "silu_mul" else tuple(
+        int(f) // bs.block_n for f in np.cumsum((0, *widths[:-1])))
     grid = (m_pad // bs.block_m, n_out // bs.block_n)
     args = [pad(x_MxK)]
     in_specs = [pl.BlockSpec((bs.block_m, k), lambda i, j: (i, 0))]
@@ -251,18 +260,16 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
         args.append(norm_scale_K.astype(x_MxK.dtype))
         in_specs.append(pl.BlockSpec((k,), lambda i, j: (0,)))
 
-    def strip(first, blocks_n):  # weight w's column block of program j, clamped
-        return lambda i, j: (jnp.clip(j - first, 0, blocks_n - 1), 0)
-
-    for w, first in zip(weights, starts if activation is None else (0, 0), strict=True):
+    # The strip of a weight (or its bias) that program j reads, clamped to the weight's.
+    strips = [lambda j, f=first, n=w.shape[0] // bs.block_n: jnp.clip(j - f, 0, n - 1)
+              for w, first in zip(weights, firsts, strict=True)]
+    for w, strip in zip(weights, strips, strict=True):
         args.append(w)
-        in_specs.append(pl.BlockSpec((bs.block_n, k), strip(first, w.shape[0] // bs.block_n)))
+        in_specs.append(pl.BlockSpec((bs.block_n, k), lambda i, j, s=strip: (s(j), 0)))
     if bias is not None:
-        for b, first in zip(bias, starts, strict=True):
+        for b, strip in zip(bias, strips, strict=True):
             args.append(b)
-            in_specs.append(pl.BlockSpec(
-                (bs.block_n,), lambda i, j, f=first, n=b.shape[0] // bs.block_n:
-                (jnp.clip(j - f, 0, n - 1),)))
+            in_specs.append(pl.BlockSpec((bs.block_n,), lambda i, j, s=strip: (s(j),)))
     if residual_MxN is not None:
         args.append(pad(residual_MxN))
         in_specs.append(pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)))
@@ -274,7 +281,7 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
         args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
         in_specs.append(out_spec)
     kernel = functools.partial(
-        _kernel, num_weights=len(weights), starts=starts, activation=activation,
+        _kernel, firsts=firsts, activation=activation,
         has_norm=norm_scale_K is not None, has_bias=bias is not None,
         has_residual=residual_MxN is not None, eps=float(norm_eps), block_k=bs.block_k)
     if poison_outputs:  # the aliased poison input is not read

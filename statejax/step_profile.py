@@ -186,14 +186,10 @@ def linear_tiles(cfg, tokens: int, block_ns) -> dict:
     interpret = not gpu_target.compiling_for_gpu()
     pieces = {}
     for name, (x, weights, activation, keywords) in calls.items():
-        widths = tuple(w.shape[0] for w in weights)
         for block_n in block_ns:
-            if any(n % block_n for n in widths):
+            if any(w.shape[0] % block_n for w in weights):
                 continue
-            blocks = fused_linear.default_linear_blocks(
-                m=tokens, widths=widths, k=x.shape[1],
-                columns=widths[0] if activation else sum(widths), itemsize=dtype.itemsize,
-                weights_per_program=len(weights) if activation else 1, block_n=block_n)
+            blocks = fused_linear.blocks_for(x, weights, activation, block_n)
             call = functools.partial(fused_linear.fused_linear, activation=activation,
                                      blocks=blocks, interpret=interpret)
             fn = jax.jit(lambda x, weights, keywords, call=call: call(x, weights, **keywords))
