@@ -23,10 +23,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_new_caps = (1, 32)  # steps.query's static generation width (1: first token only)
     c.append_chunks = (256,)  # steps.append chunk sizes (the data plane's ingestion)
     # Weight layouts (statejax.model.layouts): "per_layer", "stacked" and "packed" (fewer
-    # argument buffers; their query rows are first-token only, as steps.query takes them).
+    # argument buffers; with XLA's linear layers their query rows are first-token only, as
+    # steps.query takes them).
     c.layouts = ("per_layer", "stacked", "packed")
     # The blocks' linear layers (statejax.model.llama.LINEAR_IMPLS): "xla", and "pallas"
-    # (kernels/fused_linear.py), per-layer weights only.
+    # (kernels/fused_linear.py; stacked or packed weights read in place).
     c.linear_impls = ("xla", "pallas")
     if variant == "tiny":
         c.model = "tiny"

@@ -32,11 +32,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
     c.impl = "reference"  # attention: "reference", "pallas" or "pallas-mosaic" (statejax.cache)
     # The session's weights layout (statejax.model.layouts): "per_layer", or "stacked" /
-    # "packed" (fewer argument buffers per call, first-token queries only; stacked: 1.4-2x
-    # the compile time).
+    # "packed" (fewer argument buffers per call; with linear_impl "xla" first-token queries
+    # only; stacked: 1.4-2x the compile time).
     c.weights_layout = "per_layer"
     # The blocks' linear layers (statejax.model.llama.LINEAR_IMPLS): "xla", or "pallas" for
-    # the fused kernels (kernels/fused_linear.py; per-layer weights only).
+    # the fused kernels (kernels/fused_linear.py; they read stacked or packed weights in
+    # place, and those then generate too).
     c.linear_impl = "xla"
     c.baselines = True  # time the stateless and prefix-cache engines too
     c.system_prompt = SYSTEM_PROMPT  # the session's frozen prefix

@@ -18,6 +18,11 @@ input one (norm + q/k/v) and its output one (o + residual). Grid (M / bm, N / bn
 (i, j) reads rows i of x and the [bn, K] strip j of its weight(s) in K steps of bk,
 accumulating in float32; no split-K, so nothing but y is written.
 
+A weight, bias or norm scale may be given as `BufferRows`: rows of a bigger buffer (a layer's
+slice of stacked or packed weights, `statejax.model.layouts`), which the kernel reads in place
+through its block index maps. Handed the slice itself, XLA would copy it out first: a
+Pallas call takes whole buffers.
+
 The kernels have no VJP: they are for inference steps (`steps`), not training.
 """
 
@@ -27,14 +32,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.experimental import pallas as pl
 
 from statejax.errors import InputError
 
 from . import append_attention as aa
 
-__all__ = ["ACTIVATIONS", "LinearBlocks", "blocks_for", "default_linear_blocks", "fused_linear",
-           "fused_linear_reference"]
+__all__ = ["ACTIVATIONS", "BufferRows", "LinearBlocks", "blocks_for", "default_linear_blocks",
+           "fused_linear", "fused_linear_reference"]
 
 ACTIVATIONS = (None, "silu_mul")
 # Programs to aim for: one wave over an H100's 132 SMs, each streaming its own weight strip.
@@ -44,6 +50,49 @@ _W_TILE_BYTES = 16 * 1024
 # Shared memory the pipelined tiles may take (x and weight tiles x stages): an H100 has
 # 227 KiB a block; 240 KiB (x [128, 256] with 3 stages) failed to compile.
 _SMEM_BUDGET = 160 * 1024
+
+
+@struct.dataclass
+class BufferRows:
+    """Rows [first, first + count) of a [R, W] buffer: a [count, W] operand read in place.
+
+    A weight [N = count, K = W]; a norm scale or bias [W] is one row (count 1). The kernel's
+    index maps add `first` (a weight's: a multiple of its `block_n`) to the strip they read.
+
+    Attributes:
+      buffer: [R, W] the whole buffer (a jit argument, or a free reshape of one).
+      first, count: static rows.
+    """
+
+    buffer: jax.Array
+    first: int = struct.field(pytree_node=False)
+    count: int = struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.count, self.buffer.shape[1])
+
+    @property
+    def dtype(self):
+        return self.buffer.dtype
+
+    def value(self) -> jax.Array:
+        """The rows as an array [count, W] (a slice: a copy where a kernel takes it)."""
+        return jax.lax.slice_in_dim(self.buffer, self.first, self.first + self.count)
+
+
+def _vector_shape(v) -> tuple[int, ...]:
+    """A norm scale's or bias's shape: [W] for one `BufferRows` row, else its own."""
+    return (v.shape[1],) if isinstance(v, BufferRows) and v.count == 1 else v.shape
+
+
+def _vector(v) -> jax.Array:
+    """A vector operand as an array [W] (the reference's view)."""
+    return v.value()[0] if isinstance(v, BufferRows) else v
+
+
+def _matrix(w) -> jax.Array:
+    return w.value() if isinstance(w, BufferRows) else w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,18 +122,20 @@ class LinearBlocks:
 
 def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: int,
                           itemsize: int = 2, weights_per_program: int = 1,
-                          block_n: int | None = None) -> LinearBlocks:
+                          block_n: int | None = None,
+                          offsets: tuple[int, ...] = ()) -> LinearBlocks:
     """Tiles for x [m, k] times weights of N = `widths`, output `columns` wide, each program
     reading `weights_per_program` strips (2 for "silu_mul"): block_m the rows rounded up to a
     power of two (16..128); block_n the widest power of two (16..128) dividing every width
     that still gives ~`_TARGET_PROGRAMS` programs; block_k so a weight tile is ~16 KiB
     (64..512), the largest power of two dividing k at most that, halved while the staged
-    tiles exceed `_SMEM_BUDGET`. A given `block_n` is kept (the rest follows from it)."""
+    tiles exceed `_SMEM_BUDGET`. A given `block_n` is kept (the rest follows from it).
+    `offsets`: first rows of weights read in place (`BufferRows`), which block_n divides too."""
     block_m = min(128, max(16, aa._next_pow2(m)))
     m_blocks = -(-m // block_m)
     if block_n is None:
         block_n = 16
-        while (block_n < 128 and all(w % (2 * block_n) == 0 for w in widths)
+        while (block_n < 128 and all(w % (2 * block_n) == 0 for w in (*widths, *offsets))
                and m_blocks * columns // (2 * block_n) >= _TARGET_PROGRAMS):
             block_n *= 2
     block_k = min(512, max(64, _W_TILE_BYTES // (block_n * itemsize)))
@@ -97,17 +148,24 @@ def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: i
 
 def blocks_for(x_MxK, weights, activation: str | None = None,
                block_n: int | None = None) -> LinearBlocks:
-    """`default_linear_blocks` of a call: x [M, K], weights [N_i, K] (their output width and
-    strips per program from `activation`); `block_n` kept if given."""
+    """`default_linear_blocks` of a call: x [M, K], weights [N_i, K] arrays or `BufferRows`
+    (their output width and strips per program from `activation`); `block_n` kept if given."""
     widths = tuple(w.shape[0] for w in weights)
     paired = activation == "silu_mul"
     return default_linear_blocks(
         m=x_MxK.shape[0], widths=widths, k=x_MxK.shape[1],
         columns=widths[0] if paired else sum(widths), itemsize=x_MxK.dtype.itemsize,
-        weights_per_program=2 if paired else 1, block_n=block_n)
+        weights_per_program=2 if paired else 1, block_n=block_n,
+        offsets=tuple(w.first for w in weights if isinstance(w, BufferRows)))
 
 
 def _validate(x_MxK, weights, norm_scale_K, bias, residual, activation, blocks):
+    for v in (*weights, norm_scale_K, *(bias or ())):
+        if isinstance(v, BufferRows) and (
+                v.buffer.ndim != 2 or v.first < 0 or v.count < 1
+                or v.first + v.count > v.buffer.shape[0]):
+            raise InputError(f"BufferRows: rows [{v.first}, {v.first + v.count}) of a buffer "
+                             f"{v.buffer.shape}; allowed: rows inside a 2-D buffer")
     if x_MxK.ndim != 2:
         raise InputError(f"x must be [M, K], got shape {x_MxK.shape}")
     m, k = x_MxK.shape
@@ -115,7 +173,7 @@ def _validate(x_MxK, weights, norm_scale_K, bias, residual, activation, blocks):
         raise InputError(f"weights must be a non-empty tuple of [N, K] arrays, got "
                          f"{type(weights).__name__}")
     for i, w in enumerate(weights):
-        if w.ndim != 2 or w.shape[1] != k or w.dtype != x_MxK.dtype:
+        if len(w.shape) != 2 or w.shape[1] != k or w.dtype != x_MxK.dtype:
             raise InputError(f"weights[{i}] must be [N, K={k}] in x's dtype {x_MxK.dtype}, "
                              f"got {w.shape} {w.dtype}")
     if activation not in ACTIVATIONS:
@@ -125,14 +183,19 @@ def _validate(x_MxK, weights, norm_scale_K, bias, residual, activation, blocks):
         raise InputError(f"activation='silu_mul' takes two weights (gate, up) of one width, "
                          f"got widths {widths}")
     n_out = widths[0] if activation == "silu_mul" else sum(widths)
-    if norm_scale_K is not None and norm_scale_K.shape != (k,):
-        raise InputError(f"norm_scale must be [K={k}], got {norm_scale_K.shape}")
+    if norm_scale_K is not None and _vector_shape(norm_scale_K) != (k,):
+        raise InputError(f"norm_scale must be [K={k}] (or one BufferRows row of K), got "
+                         f"{norm_scale_K.shape}")
+    if isinstance(norm_scale_K, BufferRows) and norm_scale_K.dtype != x_MxK.dtype:
+        raise InputError(f"norm_scale as BufferRows must be in x's dtype {x_MxK.dtype}, got "
+                         f"{norm_scale_K.dtype}")
     if bias is not None:
         if activation is not None or len(bias) != len(weights):
             raise InputError("bias takes one [N_i] array per weight, without an activation")
         for i, (b, n) in enumerate(zip(bias, widths, strict=True)):
-            if b.shape != (n,):
-                raise InputError(f"bias[{i}] must be [{n}], got {b.shape}")
+            if _vector_shape(b) != (n,):
+                raise InputError(f"bias[{i}] must be [{n}] (or one BufferRows row of {n}), "
+                                 f"got {b.shape}")
     if residual is not None and (residual.shape != (m, n_out) or
                                  residual.dtype != x_MxK.dtype):
         raise InputError(f"residual must be [M, N] = [{m}, {n_out}] in {x_MxK.dtype}, got "
@@ -144,6 +207,13 @@ def _validate(x_MxK, weights, norm_scale_K, bias, residual, activation, blocks):
             raise InputError(f"{blocks} must tile K={k} and every weight's N {widths}: "
                              "block_k dividing K, block_n dividing each N")
     return widths, n_out
+
+
+def _check_aligned(weights, block_n: int):
+    for i, w in enumerate(weights):
+        if isinstance(w, BufferRows) and w.first % block_n:
+            raise InputError(f"weights[{i}] starts at row {w.first} of its buffer; read in "
+                             f"place its first row must be a multiple of block_n={block_n}")
 
 
 def _rms(x_ref, k: int, block_k: int, eps: float):
@@ -177,7 +247,8 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
             ks = pl.ds(pl.multiple_of(step * block_k, block_k), block_k)
             xk = x_ref[:, ks]
             if has_norm:  # llama.RMSNorm: normalise in f32, round, then scale
-                xk = (xk.astype(jnp.float32) * rms).astype(dtype) * scale_ref[ks][None, :]
+                scale = scale_ref[:, ks] if scale_ref.ndim == 2 else scale_ref[ks][None, :]
+                xk = (xk.astype(jnp.float32) * rms).astype(dtype) * scale
             # HIGHEST: float32 operands take the IEEE path on Triton, not TF32.
             return tuple(acc + jax.lax.dot_general(
                 xk, w[:, ks], (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
@@ -202,7 +273,8 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
         (acc,) = accumulate([w_refs[w]])
         y = acc.astype(dtype)
         if has_bias:
-            y = y + b_refs[w][...][None, :].astype(dtype)
+            b = b_refs[w][...]
+            y = y + (b if b.ndim == 2 else b[None, :]).astype(dtype)
         finish(y)
 
     if len(firsts) == 1:
@@ -227,11 +299,13 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
 
     Args:
       x_MxK: activations; M any size (padded to the row tile inside).
-      weights: tuple of [N_i, K] weights in x's dtype; with `activation="silu_mul"` exactly
-        two of one width (gate, up).
-      norm_scale_K: optional RMSNorm scale [K]: x is normalised first (`llama.RMSNorm`).
+      weights: tuple of [N_i, K] weights in x's dtype, arrays or `BufferRows` (read in
+        place); with `activation="silu_mul"` exactly two of one width (gate, up).
+      norm_scale_K: optional RMSNorm scale [K] (or a one-row `BufferRows` in x's dtype): x
+        is normalised first (`llama.RMSNorm`).
       norm_eps: the RMSNorm epsilon.
-      bias: optional tuple of [N_i] biases, one per weight (no activation).
+      bias: optional tuple of [N_i] biases (arrays or one-row `BufferRows`), one per weight
+        (no activation).
       residual_MxN: optional [M, N] in x's dtype, added last.
       activation: None (outputs side by side) or "silu_mul".
       blocks: tiles; default `default_linear_blocks` of this shape.
@@ -247,6 +321,7 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
                               blocks)
     m, k = x_MxK.shape
     bs = blocks or blocks_for(x_MxK, weights, activation)
+    _check_aligned(weights, bs.block_n)
     m_pad = -(-m // bs.block_m) * bs.block_m
     pad = lambda a: a if m_pad == m else jnp.pad(a, ((0, m_pad - m), (0, 0)))
     # Programs j in [firsts[w], firsts[w + 1]) compute weight w's columns; with "silu_mul"
@@ -257,19 +332,22 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
     args = [pad(x_MxK)]
     in_specs = [pl.BlockSpec((bs.block_m, k), lambda i, j: (i, 0))]
     if norm_scale_K is not None:
-        args.append(norm_scale_K.astype(x_MxK.dtype))
-        in_specs.append(pl.BlockSpec((k,), lambda i, j: (0,)))
+        scale = (norm_scale_K if isinstance(norm_scale_K, BufferRows)
+                 else norm_scale_K.astype(x_MxK.dtype))
+        _add_vector(args, in_specs, scale, k, lambda j: 0)
 
     # The strip of a weight (or its bias) that program j reads, clamped to the weight's.
     strips = [lambda j, f=first, n=w.shape[0] // bs.block_n: jnp.clip(j - f, 0, n - 1)
               for w, first in zip(weights, firsts, strict=True)]
     for w, strip in zip(weights, strips, strict=True):
-        args.append(w)
-        in_specs.append(pl.BlockSpec((bs.block_n, k), lambda i, j, s=strip: (s(j), 0)))
+        in_place = isinstance(w, BufferRows)
+        args.append(w.buffer if in_place else w)
+        row0 = w.first // bs.block_n if in_place else 0  # in blocks of the buffer's rows
+        in_specs.append(pl.BlockSpec((bs.block_n, k),
+                                     lambda i, j, s=strip, r=row0: (r + s(j), 0)))
     if bias is not None:
         for b, strip in zip(bias, strips, strict=True):
-            args.append(b)
-            in_specs.append(pl.BlockSpec((bs.block_n,), lambda i, j, s=strip: (s(j),)))
+            _add_vector(args, in_specs, b, bs.block_n, strip)
     if residual_MxN is not None:
         args.append(pad(residual_MxN))
         in_specs.append(pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)))
@@ -295,6 +373,17 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
     return y[:m]
 
 
+def _add_vector(args, in_specs, v, block: int, index):
+    """Appends vector operand v and its spec: blocks of `block` elements, block `index(j)`
+    for program j; a `BufferRows` row is read in place as a [1, block] block of its buffer."""
+    if isinstance(v, BufferRows):
+        args.append(v.buffer)
+        in_specs.append(pl.BlockSpec((1, block), lambda i, j: (v.first, index(j))))
+    else:
+        args.append(v)
+        in_specs.append(pl.BlockSpec((block,), lambda i, j: (index(j),)))
+
+
 def _drop_poison(kernel, *refs):
     return kernel(*refs[:-2], refs[-1])
 
@@ -305,7 +394,10 @@ def fused_linear_reference(x_MxK, weights, *, norm_scale_K=None, norm_eps: float
     `llama.Linear`, the block's residual add). Returns y [M, N] in x's dtype."""
     dtype = x_MxK.dtype
     x = x_MxK
+    weights = [_matrix(w) for w in weights]
+    bias = None if bias is None else [_vector(b) for b in bias]
     if norm_scale_K is not None:
+        norm_scale_K = _vector(norm_scale_K)
         x32 = x.astype(jnp.float32)
         rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + norm_eps)
         x = (x32 * rms).astype(dtype) * norm_scale_K.astype(dtype)[None, :]

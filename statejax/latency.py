@@ -34,6 +34,7 @@ from statejax.model.config import preset
 from statejax.model.layouts import lay_out
 from statejax.model.llama import init_params
 from statejax.session import Session
+from statejax.steps import generates
 from statejax.streaming import StreamingSession
 from statejax.tokenizer import ByteTokenizer
 
@@ -110,13 +111,16 @@ def run_stream_latency(config, on_progress=None) -> dict:
     budget, tokenizer = budget_from_config(config), ByteTokenizer()
     question_tokens = int(tokenizer.encode(config.question).size)
     # Stacked or packed layer weights: the session's steps pass fewer argument buffers (1B
-    # shape: 22 or 45 instead of 157), for first-token queries only (`model.layouts`).
+    # shape: 22 or 45 instead of 157); with XLA's linear layers for first-token queries only
+    # (`model.layouts`, `steps.generates`).
     layout = config.get("weights_layout", "per_layer")
-    if layout != "per_layer" and config.flash_max_new_tokens > 1:
-        raise ValueError(f"weights_layout={layout!r} runs first-token queries only; "
-                         f"flash_max_new_tokens={config.flash_max_new_tokens} would generate")
     kernels = dict(impl=config.impl, linear_impl=config.get("linear_impl", "xla"))
-    session = Session(lay_out(params, layout), cfg, budget, tokenizer,
+    laid_out = lay_out(params, layout)
+    if config.flash_max_new_tokens > 1 and not generates(laid_out, kernels["linear_impl"]):
+        raise ValueError(f"weights_layout={layout!r} with linear_impl="
+                         f"{kernels['linear_impl']!r} runs first-token queries only; "
+                         f"flash_max_new_tokens={config.flash_max_new_tokens} would generate")
+    session = Session(laid_out, cfg, budget, tokenizer,
                       prefix=config.system_prompt, **kernels)
     # `baselines=False` (the GPU floor run) times only the stateful paths and the floor.
     engines = (StatelessEngine(params, cfg, budget, tokenizer, **kernels),

@@ -100,8 +100,8 @@ class Session:
         `NO_STOP` generates every requested token.
       impl: attention implementation for every step (`statejax.cache.IMPLS`).
       linear_impl: the blocks' linear layers in every step (`statejax.model.llama.
-        LINEAR_IMPLS`: "xla", or "pallas" for the fused kernels, per-layer weights only:
-        `steps.check_linear_impl`).
+        LINEAR_IMPLS`: "xla", or "pallas" for the fused kernels, which read stacked or
+        packed weights in place: `steps.model_params`).
     """
 
     def __init__(self, params, cfg: ModelConfig, budget: Budget, tokenizer: Tokenizer, *,
@@ -117,7 +117,7 @@ class Session:
             raise InputError(f"keep_fraction={keep_fraction!r}; allowed: 0 < keep_fraction < 1")
         if impl not in IMPLS:
             raise InputError(f"impl={impl!r}; allowed: {IMPLS}")
-        steps.check_linear_impl(params, linear_impl)
+        steps.check_linear_impl(linear_impl)
         check_fits_vocab(tokenizer, cfg.vocab_size)
         stop = tokenizer.eos_id if stop_token is None else stop_token
         if not _is_int(stop) or not (stop == NO_STOP or 0 <= stop < tokenizer.vocab_size):
@@ -346,18 +346,19 @@ class Session:
     def validate_max_new_tokens(self, max_new_tokens) -> int:
         """Checks 1 <= max_new_tokens <= min(256, budget.max_new_tokens); None means
         `DEFAULT_MAX_NEW_TOKENS` or that cap if smaller (the user asked for no limit). With
-        stacked or packed weights (`statejax.model.layouts`) the cap is 1: they run no
-        generation loop."""
+        stacked or packed weights (`statejax.model.layouts`) and XLA's linear layers the cap
+        is 1: they run no generation loop (`steps.generates`)."""
         layout = layout_of(self.params)
-        cap = 1 if layout != "per_layer" else min(256, self.budget.max_new_tokens)
+        generates = steps.generates(self.params, self.linear_impl)
+        cap = min(256, self.budget.max_new_tokens) if generates else 1
         if max_new_tokens is None:
             return min(DEFAULT_MAX_NEW_TOKENS, cap)
         if not _is_int(max_new_tokens):
             raise InputError(f"max_new_tokens={max_new_tokens!r}; allowed: an int in 1..{cap}")
         if not 1 <= max_new_tokens <= cap:
-            why = (f" (this session's weights are {layout}, statejax.model.layouts: "
-                   "first-token queries only; per-layer weights generate)"
-                   if layout != "per_layer" else "")
+            why = ("" if generates else f" (this session's weights are {layout}, "
+                   "statejax.model.layouts: first-token queries only with linear_impl 'xla'; "
+                   "per-layer weights or linear_impl 'pallas' generate)")
             raise InputError(f"max_new_tokens={max_new_tokens}; allowed: 1..{cap}{why}")
         return int(max_new_tokens)
 

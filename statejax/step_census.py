@@ -308,9 +308,9 @@ def _row(step, context, impl, text, cfg, **extra) -> dict:
 def run(config) -> dict:
     """Compiles the steps for `config.target` and counts their kernels: the query at each
     (context, impl, max_new_cap), the append of each chunk size at each (context, impl), for
-    each weight layout of `config.layouts` (`model.layouts.LAYOUTS`; stacked and packed:
-    first-token queries only) and each `linear_impl` of `config.linear_impls`
-    (`model.llama.LINEAR_IMPLS`; "pallas": per-layer weights only).
+    each weight layout of `config.layouts` (`model.layouts.LAYOUTS`) and each `linear_impl`
+    of `config.linear_impls` (`model.llama.LINEAR_IMPLS`); stacked and packed weights with
+    "xla" run first-token queries only (`steps.generates`).
 
     Returns:
       {"rows": [{step, context, impl, linear_impl, layout, args (argument buffers),
@@ -340,14 +340,13 @@ def run(config) -> dict:
 
     def add(step, name, context, args, static, **extra):
         for layout in layouts:
-            if layout != "per_layer" and extra.get("max_new_cap", 1) > 1:
-                continue  # steps.query runs stacked or packed weights first-token only
             laid_out = (_abstract_laid_out(cfg, layout), *args[1:])
             # Entry parameter numbers: the params' leaves, the state's 3, then argument 2 on.
             first_input = len(jax.tree.leaves(laid_out[0])) + 3 - 2
             for impl, linear_impl in itertools.product(config.impls, linear_impls):
-                if linear_impl != "xla" and layout != "per_layer":
-                    continue  # fused linear kernels take per-layer weights (steps)
+                if extra.get("max_new_cap", 1) > 1 and not steps.generates(laid_out[0],
+                                                                           linear_impl):
+                    continue  # steps.query refuses the generation loop
                 text, secs = _compile(step, device, laid_out,
                                       static | dict(impl=impl, linear_impl=linear_impl))
                 if _entry_parameters(text) != len(jax.tree.leaves(laid_out)):

@@ -34,7 +34,9 @@ chained, so per-call launch cost is amortised as in the real step):
   of `config.linear_rows`, with the blocks' linear layers by that `linear_impl`
   (`query_step[linear=pallas]` ...: `kernels/fused_linear.py`, 175 launches instead of 223
   in the H100 compile of the 1B step), each followed by `attn_projections` and `mlp` rows
-  with those linear layers; then `fused_linear[call,bn=N]`: each of a block's four fused
+  with those linear layers and by the query rows with those linear layers on each layout of
+  `config.layout_rows` (`query_step[packed,linear=pallas]` ...: the kernels read the laid-out
+  weights in place); then `fused_linear[call,bn=N]`: each of a block's four fused
   calls alone for each strip width N of `config.linear_tile_rows` (`linear_tiles`),
 - `weights_in_N_gemms` (for each N of `config.chain_gemms`, before the layout rows): the same
   `config.chain_mib` of weights read by N dependent GEMMs at the query's shape ([T, E·m] x
@@ -368,6 +370,15 @@ def run(config, on_row=None) -> dict:
         for name in ("attn_projections", "mlp"):
             fn, args, nbytes = pieces[name]
             add(name + suffix, *_time_compiled(fn, args, timing)[:2], nbytes)
+        # With the weights laid out (the kernels read them in place): fewer argument buffers,
+        # the same kernels (H100 compile: tests/test_step_census.py).
+        for layout in layouts:
+            laid_suffix = f"[{layout},linear={linear_impl}]"
+            laid_args, laid_static = query_rows(cfg, lay_out(params, layout), config,
+                                                config.context, timing, add,
+                                                suffix=laid_suffix, linear_impl=linear_impl)
+            results[f"logits_diff{laid_suffix}"] = logits_difference(
+                first_query(), steps.query(*laid_args, **laid_static))
     for name, (fn, args, nbytes) in linear_tiles(
             cfg, config.tokens, config.get("linear_tile_rows", ())).items():
         add(name, *_time_compiled(fn, args, timing)[:2], nbytes)
@@ -450,7 +461,11 @@ def results_markdown(results: dict) -> str:
                   if f"query_args_{layout}" in results)
         + ("; rows [linear=pallas]: the blocks' linear layers by kernels/fused_linear.py "
            "(next-token logits off XLA's by "
-           f"{results['logits_diff[linear=pallas]']:.2e} of their largest)"
+           f"{results['logits_diff[linear=pallas]']:.2e} of their largest"
+           + "".join(f"; [{layout},linear=pallas]: "
+                     f"{results[f'logits_diff[{layout},linear=pallas]']:.2e}"
+                     for layout in LAYOUTS[1:]
+                     if f"logits_diff[{layout},linear=pallas]" in results) + ")"
            if "logits_diff[linear=pallas]" in results else ""), "",
         "| component | ms | MB read | floor ms | GB/s | % of copy bandwidth | kernels |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -14,7 +14,7 @@ from statejax.cache import AppendView, BranchView, FullView
 from statejax.errors import InputError
 from statejax.model.config import ModelConfig
 from statejax.model.layouts import layout_of, per_layer
-from statejax.model.llama import LINEAR_IMPLS, Transformer
+from statejax.model.llama import FUSED_PARAMS, LINEAR_IMPLS, Transformer
 from statejax.state import SessionState
 
 
@@ -26,8 +26,7 @@ def forward(params, tokens_BxT, *, cfg: ModelConfig, impl: str = "reference",
     params: in any layout (`statejax.model.layouts`), as in every step. impl: attention
     (`statejax.cache.IMPLS`); linear_impl: the blocks' linear layers
     (`statejax.model.llama.LINEAR_IMPLS`), as in every step."""
-    check_linear_impl(params, linear_impl)
-    params = per_layer(params)
+    params = model_params(params, linear_impl)
     b, t = tokens_BxT.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, _ = Transformer(cfg, linear_impl).apply({"params": params}, tokens_BxT, positions,
@@ -51,13 +50,12 @@ def append(params, state: SessionState, tokens_BxT, num_new_B, *, cfg: ModelConf
       window: static attention window S >= lengths + num_new for every row.
       all_logits: return logits for every chunk position instead of the last valid one.
       impl: attention (`statejax.cache.IMPLS`); linear_impl: the blocks' linear layers
-        (`statejax.model.llama.LINEAR_IMPLS`; "pallas" takes per-layer weights).
+        (`statejax.model.llama.LINEAR_IMPLS`).
 
     Returns:
       (new state, logits): logits [B, V] at each row's last new token, or [B, T, V].
     """
-    check_linear_impl(params, linear_impl)
-    params = per_layer(params)
+    params = model_params(params, linear_impl)
     t = tokens_BxT.shape[1]
     view = AppendView(state.k, state.v, state.lengths, num_new_B, window=window, impl=impl)
     last = None if all_logits else jnp.maximum(num_new_B - 1, 0)
@@ -85,19 +83,31 @@ class Generation:
     first_logits: jax.Array
 
 
-def check_linear_impl(params, linear_impl: str):
-    """Raises unless `linear_impl` is one of `LINEAR_IMPLS` and fits the params' layout.
-
-    Fused linear kernels take each weight as its own buffer: given stacked or packed
-    weights, XLA copies every slice a kernel reads (packed, Llama-3.2-1B on an H100 compile:
-    1378 MiB written per query instead of 34)."""
+def check_linear_impl(linear_impl: str):
+    """Raises unless `linear_impl` is one of `LINEAR_IMPLS`."""
     if linear_impl not in LINEAR_IMPLS:
         raise InputError(f"linear_impl={linear_impl!r}; allowed: {LINEAR_IMPLS}")
-    layout = layout_of(params)
-    if linear_impl == "pallas" and layout != "per_layer":
-        raise InputError(f"linear_impl='pallas' takes per-layer weights, got {layout} ones "
-                         "(statejax.model.layouts): its kernels would read copies of the "
-                         "slices; pass layouts.per_layer(params)")
+
+
+def generates(params, linear_impl: str) -> bool:
+    """Whether `query` runs a generation loop (`max_new_cap` > 1) on params in their layout.
+
+    Compiled for an H100, XLA's one-token GEMMs in the loop do not read slices of stacked or
+    packed weights in place: XLA copies them (stacked: every layer's MLP weights each turn,
+    1.5 GiB a token; packed: all weights once per query, before the loop). The fused
+    kernels read them in place (linear_impl "pallas")."""
+    return layout_of(params) == "per_layer" or linear_impl == "pallas"
+
+
+def model_params(params, linear_impl: str) -> dict:
+    """The per-layer tree the model applies, from params in any layout (`model.layouts`).
+
+    With linear_impl "pallas" the fused kernels' parameters (`llama.FUSED_PARAMS`) of
+    stacked or packed weights stay in their buffers (`layouts.LaidOutLeaf`): a Pallas call
+    takes whole buffers, and handed slices XLA would copy each out first (packed, the
+    Llama-3.2-1B query compiled for an H100: 1378 MiB written instead of 34)."""
+    check_linear_impl(linear_impl)
+    return per_layer(params, FUSED_PARAMS if linear_impl == "pallas" else frozenset())
 
 
 def _mask_vocab(logits_RxV, valid_vocab):
@@ -197,17 +207,13 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     Returns:
       A `Generation`.
     """
-    layout = layout_of(params)
-    if layout != "per_layer" and max_new_cap > 1:
-        # Compiled for an H100, the loop's one-token GEMMs do not read slices of stacked or
-        # packed weights in place: XLA copies them (stacked: every layer's MLP weights each
-        # turn, 1.5 GiB a token; packed: all weights once per query, before the loop).
-        raise InputError(f"{layout} layer weights (statejax.model.layouts) run first-token "
-                         f"queries (max_new_cap=1), not a generation loop (max_new_cap="
-                         f"{max_new_cap}); pass per-layer params (layouts.per_layer) to "
+    if max_new_cap > 1 and not generates(params, linear_impl):
+        raise InputError(f"{layout_of(params)} layer weights (statejax.model.layouts) with "
+                         f"linear_impl={linear_impl!r} run first-token queries (max_new_cap="
+                         f"1), not a generation loop (max_new_cap={max_new_cap}); pass "
+                         "per-layer params (layouts.per_layer) or linear_impl='pallas' to "
                          "generate")
-    check_linear_impl(params, linear_impl)
-    params = per_layer(params)
+    params = model_params(params, linear_impl)
     model = Transformer(cfg, linear_impl)
     r, t = question_RxT.shape
     cells_shape = (cfg.num_layers, r, branch_cells, cfg.num_kv_heads, cfg.head_dim)

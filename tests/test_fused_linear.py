@@ -180,19 +180,139 @@ def test_session_with_fused_linear_layers_answers_as_xla():
     assert abs(answers[1].first_gap - answers[0].first_gap) < 1e-3
 
 
-def test_fused_linear_layers_refuse_what_they_cannot_run():
+def test_fused_linear_layers_refuse_unknown_names():
     cfg, params = _tiny()
     budget = Budget(cells=64, page_size=16, chunk_sizes=(16,), question_cells=16,
                     max_new_tokens=1)
     with pytest.raises(InputError, match="linear_impl='mlp'; allowed"):
         Session(params, cfg, budget, ByteTokenizer(), linear_impl="mlp")
-    with pytest.raises(InputError, match="takes per-layer weights, got packed"):
-        Session(lay_out(params, "packed"), cfg, budget, ByteTokenizer(), linear_impl="pallas")
     tokens = jnp.zeros((1, 4), jnp.int32)
-    with pytest.raises(InputError, match="takes per-layer weights, got stacked"):
-        steps.forward(lay_out(params, "stacked"), tokens, cfg=cfg, linear_impl="pallas")
+    with pytest.raises(InputError, match="linear_impl='dot'; allowed"):
+        steps.forward(params, tokens, cfg=cfg, linear_impl="dot")
     with pytest.raises(InputError, match="linear_impl='cublas'; allowed"):
         Transformer(cfg, "cublas").init(jax.random.key(0), tokens, tokens, None)
+
+
+# ------------------------------------------------- weights read in place (model.layouts)
+
+def _in_place_inputs(dtype, seed: int = 3):
+    """A [322, 64] buffer holding q/k/v (64, 32, 32 rows), gate/up (96 rows each), a norm
+    scale row and a bias row; returns (x [20, 64], buffer, {name: (first, count)})."""
+    rng = np.random.default_rng(seed)
+    counts = dict(q=64, k=32, v=32, gate=96, up=96, scale=1, bias=1)
+    rows, first = {}, 0
+    for name, count in counts.items():
+        rows[name] = (first, count)
+        first += count
+    buffer = jnp.asarray(0.2 * rng.standard_normal((first, 64)), dtype)
+    x = jnp.asarray(2 * rng.standard_normal((20, 64)), dtype)
+    return x, buffer, rows
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_read_in_place_equal_their_slices(dtype):
+    """`BufferRows` operands (weights, a norm scale, a bias: rows of one buffer) give what
+    their slices give, bit for bit: same kernel, the index maps offset by the first row.
+    Another buffer's rows must not leak in (poisoned output, neighbours of other values)."""
+    x, buffer, rows = _in_place_inputs(jnp.dtype(dtype))
+    ref = {name: fl.BufferRows(buffer, *rows[name]) for name in rows}
+    sliced = {name: r.value() for name, r in ref.items()}
+    assert sliced["q"].shape == (64, 64) and sliced["scale"].shape == (1, 64)
+    np.testing.assert_array_equal(sliced["k"], buffer[64:96])
+    # q's bias is a row of the buffer (width 64); k's and v's (width 32) are arrays.
+    kv_bias = buffer[-1, :32] + 1
+    qkv = lambda a, vector: dict(norm_scale_K=vector(a["scale"]),
+                                 bias=(vector(a["bias"]), kv_bias, -kv_bias))
+    got = fl.fused_linear(x, (ref["q"], ref["k"], ref["v"]), **qkv(ref, lambda r: r),
+                          interpret=True, poison_outputs=True)
+    want = fl.fused_linear(x, (sliced["q"], sliced["k"], sliced["v"]),
+                           **qkv(sliced, lambda a: a[0]), interpret=True)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    reference = fl.fused_linear_reference(x, (ref["q"], ref["k"], ref["v"]),
+                                          **qkv(ref, lambda r: r))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(reference, np.float32),
+                               **TOLERANCE[dtype])
+    # gate / up at rows 128 and 224 (block_n 32 divides both), silu-mul, then a residual.
+    # Strips as wide as the weights' first rows allow (the 1B up projection: 64 columns;
+    # starting at row 16 of its buffer: 16).
+    wide = dict(m=32, widths=(8192,), k=2048, columns=8192)
+    assert fl.default_linear_blocks(**wide).block_n == 64
+    assert fl.default_linear_blocks(**wide, offsets=(5120, 16)).block_n == 16
+    assert fl.blocks_for(x, (ref["gate"], fl.BufferRows(buffer, 16, 96)),
+                         "silu_mul").block_n == 16
+    got = fl.fused_linear(x, (ref["gate"], ref["up"]), norm_scale_K=ref["scale"],
+                          activation="silu_mul", residual_MxN=x[:, :48].repeat(2, 1),
+                          interpret=True, poison_outputs=True)
+    want = fl.fused_linear(x, (sliced["gate"], sliced["up"]), norm_scale_K=sliced["scale"][0],
+                           activation="silu_mul", residual_MxN=x[:, :48].repeat(2, 1),
+                           interpret=True)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_weights_read_in_place_are_checked():
+    x, buffer, rows = _in_place_inputs(jnp.float32)
+    call = lambda *a, **k: fl.fused_linear(x, *a, interpret=True, **k)
+    with pytest.raises(InputError, match=r"starts at row 8 of its buffer; .* multiple of "
+                                         r"block_n=16"):
+        call((fl.BufferRows(buffer, 8, 32),))
+    with pytest.raises(InputError, match=r"rows \[320, 352\) of a buffer \(322, 64\)"):
+        call((fl.BufferRows(buffer, 320, 32),))
+    with pytest.raises(InputError, match=r"norm_scale must be \[K=64\] \(or one BufferRows"):
+        call((fl.BufferRows(buffer, 0, 32),), norm_scale_K=fl.BufferRows(buffer, 0, 2))
+    with pytest.raises(InputError, match="norm_scale as BufferRows must be in x's dtype"):
+        call((fl.BufferRows(buffer, 0, 32),),
+             norm_scale_K=fl.BufferRows(buffer.astype(jnp.bfloat16), 320, 1))
+    with pytest.raises(InputError, match=r"bias\[0\] must be \[32\]"):
+        call((fl.BufferRows(buffer, 0, 32),), bias=(fl.BufferRows(buffer, 321, 1),))
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, qk_norm=True),
+                                       dict(dtype="bfloat16")],
+                         ids=["llama", "qwen", "bf16"])
+@pytest.mark.parametrize("layout", ["stacked", "packed"])
+def test_laid_out_weights_feed_the_fused_kernels_in_place(layout, overrides):
+    """With stacked or packed weights the fused kernels read the layers' buffers in place
+    (`layouts.LaidOutLeaf`): the same logits as per-layer weights, bit for bit."""
+    cfg, params = _tiny(**overrides)
+    laid_out = lay_out(params, layout)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)), jnp.int32)
+    want = steps.forward(params, tokens, cfg=cfg, linear_impl="pallas")
+    got = steps.forward(laid_out, tokens, cfg=cfg, linear_impl="pallas")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # What the model receives: the fused kernels' parameters as leaves of the buffers.
+    from statejax.model.layouts import LaidOutLeaf
+    tree = steps.model_params(laid_out, "pallas")["layer_1"]
+    q = tree["attn"]["q_proj"]["weight"]
+    assert isinstance(q, LaidOutLeaf) and q.shape == (4, 16, 64)
+    np.testing.assert_array_equal(q.rows(64).value(),
+                                  params["layer_1"]["attn"]["q_proj"]["weight"].reshape(-1, 64))
+    assert isinstance(tree["post_norm"]["scale"], LaidOutLeaf)
+    with pytest.raises(InputError, match=r"a leaf \(4, 16, 64\) .* is not whole rows of 48"):
+        q.rows(48)
+    assert not isinstance(steps.model_params(laid_out, "xla")["layer_1"]["attn"]["q_proj"][
+        "weight"], LaidOutLeaf)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "packed"])
+def test_session_on_laid_out_weights_generates_with_fused_kernels(layout):
+    """XLA's generation loop would copy stacked or packed weights, the fused kernels read
+    them in place: such a session generates, and answers as on per-layer weights."""
+    cfg, params = _tiny()
+    budget = Budget(cells=128, page_size=16, chunk_sizes=(16, 32), question_cells=16,
+                    max_new_tokens=8)
+    sessions = [Session(p, cfg, budget, ByteTokenizer(), linear_impl="pallas")
+                for p in (params, lay_out(params, layout))]
+    assert sessions[1].validate_max_new_tokens(8) == 8
+    data = np.random.default_rng(1).integers(0, 256, 45).astype(np.int32)
+    logits = [s.append(data) for s in sessions]
+    np.testing.assert_array_equal(np.asarray(logits[1]), np.asarray(logits[0]))
+    answers = [s.query("what next?", 8) for s in sessions]
+    np.testing.assert_array_equal(answers[1].tokens, answers[0].tokens)
+    assert answers[1].tokens.size == 8 and answers[1].first_gap == answers[0].first_gap
+    xla = Session(lay_out(params, layout), cfg, budget, ByteTokenizer())
+    with pytest.raises(InputError, match=rf"allowed: 1\.\.1 \(this session's weights are "
+                                         rf"{layout}"):
+        xla.query("what next?", 8)
 
 
 GPU = jax.default_backend() == "gpu"
@@ -255,6 +375,25 @@ def test_fused_linear_lowers_to_triton_on_cpu(case, dtype):
     assert "xla.gpu.triton" in _lower_fused(case, dtype)
 
 
+def _lower_in_place(dtype: str, compile_for=None) -> str:
+    """The 1B input norm + q/k/v reading a packed layer's rows [21506, 2048] in place (the
+    rows of `layouts.pack_layers`: k, o, q, v, gate, up, then the two norm scales)."""
+    from test_kernels import _lower_or_compile  # noqa: PLC0415 - a test module's helper
+
+    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype))
+    call = jax.jit(lambda x, rows: fl.fused_linear(
+        x, (fl.BufferRows(rows, 2560, 2048), fl.BufferRows(rows, 0, 512),
+            fl.BufferRows(rows, 4608, 512)), norm_scale_K=fl.BufferRows(rows, 21504, 1),
+        interpret=False))
+    return _lower_or_compile(call, (shape(32, 2048), shape(21506, 2048)), {}, compile_for)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_read_in_place_lower_to_triton_without_slices(dtype):
+    text = _lower_in_place(dtype)
+    assert "xla.gpu.triton" in text and "slice" not in text
+
+
 def _h100():
     from test_kernels import H100  # noqa: PLC0415 - a test module's compile-only device
 
@@ -269,3 +408,15 @@ def test_fused_linear_compiles_for_an_h100(case, dtype):
     """Triton -> PTX within the H100's shared memory (a 256-token append's tiles once asked
     for 240 KiB of its 227)."""
     assert "xla.gpu.triton" in _lower_fused(case, dtype, compile_for=_h100())
+
+
+@pytest.mark.skipif(_h100() is None, reason="compiling for a GPU target needs jax's CUDA "
+                                            "plugin (CI's second leg installs it)")
+def test_weights_read_in_place_compile_for_an_h100_without_copies():
+    """Compiled for the H100 the kernel reads the packed rows where they are: the program
+    writes the output only (a slice handed to a Pallas call would be copied out first)."""
+    from statejax import step_census  # noqa: PLC0415
+
+    text = _lower_in_place("bfloat16", compile_for=_h100())
+    assert step_census.kernel_kinds(text) == dict(gemm=0, pallas=1, fusion=0, other=0, total=1)
+    assert step_census.written_bytes(text)["total"] == 32 * 3072 * 2

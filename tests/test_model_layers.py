@@ -79,8 +79,9 @@ def test_stacked_layers_put_each_layer_at_its_index(tiny):
 
 def test_packed_layers_hold_whole_rows_of_the_embedding_width(tiny):
     """`pack_layers` lays each layer's leaves that are rows of the embedding width E end to
-    end in one [R, E] buffer, in the layer's tree order, and keeps the rest (the down
-    projection, [E, F]) as leaves; `per_layer` gives back every leaf exactly."""
+    end in one [R, E] buffer, in the layer's tree order with the one-row leaves last, and
+    keeps the rest (the down projection, [E, F]) as leaves; `per_layer` gives back every
+    leaf exactly."""
     from statejax.errors import InputError
     from statejax.model.layouts import PackedLayer, lay_out, layout_of, pack_layers, per_layer
     from statejax.model.llama import init_params
@@ -94,15 +95,16 @@ def test_packed_layers_hold_whole_rows_of_the_embedding_width(tiny):
         layer, original = packed[f"layer_{i}"], params[f"layer_{i}"]
         assert isinstance(layer, PackedLayer)
         attn, mlp = original["attn"], original["mlp"]
-        # Flattened in key order: k, o, q, v projections; input norm; gate, up; post norm.
+        # Key order, one-row leaves last: k, o, q, v projections; gate, up; the two norms.
+        # So every weight starts at a multiple of a kernel's row tile (here 32).
         order = [attn["k_proj"]["weight"], attn["o_proj"]["weight"], attn["q_proj"]["weight"],
-                 attn["v_proj"]["weight"], original["input_norm"]["scale"],
-                 mlp["gate_proj"]["weight"], mlp["up_proj"]["weight"],
-                 original["post_norm"]["scale"]]
+                 attn["v_proj"]["weight"], mlp["gate_proj"]["weight"], mlp["up_proj"]["weight"],
+                 original["input_norm"]["scale"], original["post_norm"]["scale"]]
         np.testing.assert_array_equal(layer.rows, np.concatenate(
             [np.reshape(x, (-1, e)) for x in order]))
-        assert [first for _, _, first in layer.layout] == list(
-            np.cumsum([0] + [x.size // e for x in order[:-1]]))
+        firsts = [first for _, _, first in layer.layout]
+        assert firsts == list(np.cumsum([0] + [x.size // e for x in order[:-1]]))
+        assert all(first % 32 == 0 for first in firsts[:6])
         assert layer.rest == {"mlp": {"down_proj": {"weight": mlp["down_proj"]["weight"]}}}
         assert layer.rest["mlp"]["down_proj"]["weight"].shape == (e, f)
     # 2 buffers a layer instead of 9.

@@ -192,7 +192,8 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
     # Stacked and packed weights (`statejax.model.layouts`): the append and first-token
     # query steps read the layers' slices in place, so the H100 program launches the
     # per-layer layout's kernels and writes no more bytes, from fewer argument buffers (the
-    # claim of its docstring). No stacked or packed generation loop: steps.query refuses one.
+    # claim of its docstring). No stacked or packed generation loop with XLA's linear layers:
+    # steps.query refuses one.
     # Launches that read what a session passes anew per call (graph nodes a new address
     # re-points), and for the query those reading the scalars it keeps on the device.
     for row in results["rows"]:
@@ -200,7 +201,7 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
         assert (row["scalar_readers"] > 0) if row["step"] == "query" else (
             "scalar_readers" not in row)
     laid_out = {(r["layout"], r["step"], r["impl"]): r for r in results["rows"]
-                if r["layout"] != "per_layer"}
+                if r["layout"] != "per_layer" and r["linear_impl"] == "xla"}
     assert set(laid_out) == {(layout, s, i) for layout in ("stacked", "packed")
                              for s in ("query", "append") for i in ("reference", "pallas")}
     for (layout, step, impl), row in laid_out.items():
@@ -213,14 +214,26 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
     query = {layout: laid_out[layout, "query", "pallas"]["args"] for layout in
              ("stacked", "packed")}
     assert rows["pallas", 1]["args"] - query["packed"] == 7 * layers
-    # Fused linear kernels (kernels/fused_linear.py; per-layer weights only): four Pallas
-    # kernels a block in place of XLA's GEMMs and their neighbours, so fewer launches and
-    # no split-K partials, the same argument buffers.
-    fused = {(r["step"], r["impl"], r.get("max_new_cap", r.get("chunk"))): r
-             for r in results["rows"] if r["linear_impl"] == "pallas"}
+    # Fused linear kernels (kernels/fused_linear.py): four Pallas kernels a block in place
+    # of XLA's GEMMs and their neighbours, so fewer launches and no split-K partials, the
+    # same argument buffers.
+    fused_rows = {(r["layout"], r["step"], r["impl"], r.get("max_new_cap", r.get("chunk"))): r
+                  for r in results["rows"] if r["linear_impl"] == "pallas"}
+    fused = {key[1:]: r for key, r in fused_rows.items() if key[0] == "per_layer"}
+    fused_laid_out = {key: r for key, r in fused_rows.items() if key[0] != "per_layer"}
     impls = ("reference", "pallas")
     assert set(fused) == ({("query", i, g) for i in impls for g in (1, 32)}
                           | {("append", i, 16) for i in impls})
+    # Stacked or packed weights with the fused kernels: read in place (`LaidOutLeaf`), so
+    # the same program as per-layer weights from fewer buffers, generation loops included.
+    assert set(fused_laid_out) == {(layout, *key) for layout in ("stacked", "packed")
+                                   for key in fused}
+    for (layout, step, impl, width), row in fused_laid_out.items():
+        twin = fused[step, impl, width]
+        assert row["args"] == laid_out[layout, step, impl]["args"] < twin["args"]
+        for key in (*step_census.KINDS, "total", "large_copies", "donated", "written_mb",
+                    "per_token", "token_writes"):
+            assert row[key] == twin[key], (layout, step, impl, width, key)
     for (step, impl, width), row in fused.items():
         twin = rows[impl, width] if step == "query" else appends[impl]
         attention = (2 if step == "query" else 1) * layers if impl == "pallas" else 0

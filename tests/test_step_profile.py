@@ -99,6 +99,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
                      *[n + "@128" for n in query],  # the larger session's rows,
                      *[n + "[linear=pallas]" for n in query],  # fused linear kernels,
                      "attn_projections[linear=pallas]", "mlp[linear=pallas]",
+                     *[n + f"[{layout},linear=pallas]" for layout in ("packed", "stacked")
+                       for n in query],  # on laid-out weights, read in place,
                      *[f"fused_linear[{c},bn={n}]" for c in ("qkv", "o", "gate_up", "down")
                        for n in (16, 32)],  # the fused calls alone per strip width,
                      *[f"weights_in_{n}_gemms" for n in (1, 4, 16, 64)],  # boundaries,
@@ -118,7 +120,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
             == rows["query_step_host_io_call"]["kernels"]
             == rows["query_step_host_io"]["kernels"] == rows["query_step"]["kernels"])
     # The lone call returns before its answer is on the host (medians of the same calls).
-    for suffix in ("", "@128", "[linear=pallas]", "[packed]", "[stacked]"):
+    for suffix in ("", "@128", "[linear=pallas]", "[packed]", "[stacked]",
+                   "[packed,linear=pallas]", "[stacked,linear=pallas]"):
         assert (rows["query_step_host_io_call" + suffix]["ms"]
                 <= rows["query_step_host_io" + suffix]["ms"])
     # Its argument buffers: the params' and the state's, and the 8 per-query inputs.
@@ -156,6 +159,12 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert "rows [linear=pallas]: the blocks' linear layers by kernels/fused_linear.py" in md
     # The fused step's next-token logits against XLA's, same session and question: f32.
     assert 0 <= results["logits_diff[linear=pallas]"] < 1e-4
+    # On laid-out weights the fused kernels compute what they compute per layer, bit for bit
+    # (their H100 programs are the same too: tests/test_step_census.py).
+    for layout in ("packed", "stacked"):
+        assert (results[f"logits_diff[{layout},linear=pallas]"]
+                == results["logits_diff[linear=pallas]"])
+    assert "; [packed,linear=pallas]: " in md and "; [stacked,linear=pallas]: " in md
     # Fused: four Pallas kernels a block replace XLA's projections (interpret mode here,
     # so only that the program differs; the H100 counts are tests/test_step_census.py's).
     assert rows["query_step[linear=pallas]"]["kernels"] != rows["query_step"]["kernels"]

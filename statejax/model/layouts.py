@@ -18,12 +18,19 @@ copied; `statejax.step_census` checks it for an H100):
   buffer, or with the down projection as rows of W (reshaped or transposed back), XLA
   copied their slices out every call (docs/results.md).
 
-Neither runs a generation loop: there the one-token GEMMs do not read slices in place and
-XLA copies the weights (every turn, or once per query before the loop), so `steps.query`
-refuses both with `max_new_cap` > 1. The steps take every layout (`per_layer` turns each
-into the tree the model applies); a laid-out tree is a copy: keep one of the two.
+Neither runs XLA's generation loop: there the one-token GEMMs do not read slices in place
+and XLA copies the weights (every turn, or once per query before the loop), so `steps.query`
+refuses both with `max_new_cap` > 1 unless the fused linear kernels compute the layers. The
+steps take every layout (`per_layer` turns each into the tree the model applies); a laid-out
+tree is a copy: keep one of the two.
+
+Kernels read laid-out weights in place: a Pallas call takes whole buffers (handed a slice,
+XLA copies it out first), so `per_layer(params, in_place=paths)` leaves the leaves at those
+paths in their buffers as `LaidOutLeaf`s, which give the kernels a [rows, width] view of the
+buffer and the rows to read (`kernels.fused_linear.BufferRows`).
 """
 
+import functools
 import math
 
 import jax
@@ -31,9 +38,41 @@ import jax.numpy as jnp
 from flax import struct
 
 from statejax.errors import InputError
+from statejax.kernels.fused_linear import BufferRows
 
 LAYOUTS = ("per_layer", "stacked", "packed")
 STACKED = "layers"  # the key of the stacked layers' tree (`stack_layers`)
+
+
+@struct.dataclass
+class LaidOutLeaf:
+    """A layer's leaf left in its laid-out buffer: elements [offset, offset + size) of it in
+    row-major order (a layer's slice of a stacked leaf, or rows of a packed layer).
+
+    Attributes:
+      buffer: the whole buffer ([L, ...] stacked, [R, W] packed).
+      offset: static, the leaf's first element in the buffer.
+      shape: static, the leaf's shape.
+    """
+
+    buffer: jax.Array
+    offset: int = struct.field(pytree_node=False)
+    shape: tuple = struct.field(pytree_node=False)
+
+    @property
+    def dtype(self):
+        return self.buffer.dtype
+
+    def rows(self, width: int) -> BufferRows:
+        """The leaf as a [size / width, width] matrix read in place: rows of the buffer seen
+        as [buffer size / width, width] (a free reshape). A vector leaf of `width` is one
+        row. Raises unless the leaf is whole rows of `width`."""
+        size = math.prod(self.shape)
+        if size % width or self.offset % width or self.buffer.size % width:
+            raise InputError(f"a leaf {self.shape} at element {self.offset} of a buffer "
+                             f"{self.buffer.shape} is not whole rows of {width}")
+        return BufferRows(self.buffer.reshape(-1, width), self.offset // width,
+                          size // width)
 
 
 @struct.dataclass
@@ -51,12 +90,16 @@ class PackedLayer:
     rest: dict
     layout: tuple = struct.field(pytree_node=False)
 
-    def unpack(self) -> dict:
+    def unpack(self, in_place: frozenset = frozenset()) -> dict:
         """The layer's tree: each packed leaf a static slice of whole rows, reshaped (a view:
-        inside a jitted step XLA reads it in place)."""
+        inside a jitted step an XLA fusion reads it in place), or a `LaidOutLeaf` of `rows`
+        where its path is in `in_place`."""
         tree = jax.tree.map(lambda x: x, self.rest)  # new dicts: `rest` stays as it is
         width = self.rows.shape[1]
         for path, shape, first in self.layout:
+            if path in in_place:
+                _put(tree, path, LaidOutLeaf(self.rows, first * width, shape))
+                continue
             count = math.prod(shape) // width
             _put(tree, path, jax.lax.slice_in_dim(self.rows, first, first + count).reshape(shape))
         return tree
@@ -111,7 +154,9 @@ def pack_layers(params) -> dict:
     The row width W is the layer's embedding width (the size of its `input_norm` scale); a
     leaf goes into the rows when it has the layer's dtype and its trailing axes multiply to
     W (a [2048, 8192] weight as rows of 2048 does not: compiled for an H100 its slice was
-    copied out every call), in the layer's tree order.
+    copied out every call), in the layer's tree order, the one-row leaves (norm scales,
+    biases) after the others: so a weight starts at a row that a kernel's row tile divides
+    (Llama-3.2-1B: multiples of 512).
     """
     names = _layer_names(params, "pack")
     return {**params, **{k: _pack(params[k], k) for k in names}}
@@ -123,31 +168,43 @@ def _pack(layer, name: str) -> PackedLayer:
     except (KeyError, TypeError) as e:
         raise ValueError(f"{name} has no input_norm scale to take the row width from") from e
     width, dtype = norm.shape[-1], norm.dtype
-    layout, pieces, rest, first = [], [], {}, 0
+    leaves, rest = [], {}
     for path, x in jax.tree_util.tree_flatten_with_path(layer)[0]:
         keys = tuple(k.key for k in path)
         if x.dtype != dtype or not any(math.prod(x.shape[k:]) == width
                                        for k in range(x.ndim)):
             _put(rest, keys, x)
-            continue
-        count = math.prod(x.shape) // width
+        else:
+            leaves.append((keys, x))
+    leaves.sort(key=lambda leaf: leaf[1].size == width)  # stable: one-row leaves last
+    layout, first = [], 0
+    for keys, x in leaves:
         layout.append((keys, tuple(x.shape), first))
-        pieces.append(jnp.reshape(x, (count, width)))
-        first += count
-    return PackedLayer(rows=jnp.concatenate(pieces), rest=rest, layout=tuple(layout))
+        first += x.size // width
+    rows = jnp.concatenate([jnp.reshape(x, (-1, width)) for _, x in leaves])
+    return PackedLayer(rows=rows, rest=rest, layout=tuple(layout))
 
 
-def per_layer(params) -> dict:
+def per_layer(params, in_place: frozenset = frozenset()) -> dict:
     """The per-layer tree the model applies, from params in any layout (per-layer params come
     back as they are). Inside a jitted step each layer's leaves are static slices of the
-    stacked or packed buffers."""
+    stacked or packed buffers; those at the paths in `in_place` (keys within a layer, e.g.
+    ("attn", "q_proj", "weight")) are `LaidOutLeaf`s of their buffers instead, for kernels
+    that read them in place (packed: the leaves in the rows; the rest are whole buffers)."""
     layout = layout_of(params)
     if layout == "packed":
-        return {k: v.unpack() if isinstance(v, PackedLayer) else v for k, v in params.items()}
+        return {k: v.unpack(in_place) if isinstance(v, PackedLayer) else v
+                for k, v in params.items()}
     if layout == "per_layer":
         return params
     stacked = params[STACKED]
     layers = jax.tree.leaves(stacked)[0].shape[0]
     rest = {k: v for k, v in params.items() if k != STACKED}
-    return {**rest, **{f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
-                       for i in range(layers)}}
+
+    def layer_leaf(i, path, x):
+        if tuple(k.key for k in path) in in_place:
+            return LaidOutLeaf(x, i * math.prod(x.shape[1:]), tuple(x.shape[1:]))
+        return x[i]
+
+    return {**rest, **{f"layer_{i}": jax.tree_util.tree_map_with_path(
+        functools.partial(layer_leaf, i), stacked) for i in range(layers)}}

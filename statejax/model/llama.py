@@ -9,7 +9,9 @@ The model is cache-agnostic: each attention layer hands its q/k/v to a cache *vi
 - `"pallas"`: `kernels.fused_linear`, four kernels a block, each with what surrounds its
   GEMM (input norm + q/k/v; o + residual; post norm + gate/up + silu-mul; down + residual).
   Inference only (no VJP); interpret mode unless compiling for a GPU, as the attention
-  kernels. Same parameters, same rounding order; sums in another order.
+  kernels. Same parameters, same rounding order; sums in another order. The parameters at
+  `FUSED_PARAMS` may be `layouts.LaidOutLeaf`s: the kernels read them in place from
+  stacked or packed buffers (`steps.model_params`).
 """
 
 import flax.linen as nn
@@ -22,10 +24,18 @@ from statejax import gpu_target
 from statejax.errors import InputError
 from statejax.kernels.fused_linear import fused_linear
 from statejax.model.config import ModelConfig
+from statejax.model.layouts import LaidOutLeaf
 from statejax.model.rope import apply_rope, inverse_frequencies
 
 _INIT = nn.initializers.normal(stddev=0.02)
 LINEAR_IMPLS = ("xla", "pallas")
+# A layer's parameters that only the fused kernels read (linear_impl "pallas"), as paths in
+# its tree: with stacked or packed weights they come to the model as `LaidOutLeaf`s.
+FUSED_PARAMS = frozenset(
+    {("attn", p, leaf) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+     for leaf in ("weight", "bias")}
+    | {("mlp", p, "weight") for p in ("gate_proj", "up_proj", "down_proj")}
+    | {("input_norm", "scale"), ("post_norm", "scale")})
 
 
 class Linear(nn.Module):
@@ -41,7 +51,7 @@ class Linear(nn.Module):
 
     Call: x [..., *in] -> [..., *features]; with `params_only`, (weight [*features, *in],
     bias [*features] or None) in `dtype`, for a fused kernel that applies them (x gives the
-    input shape only).
+    input shape only); each a `LaidOutLeaf` as given, if it was.
     """
 
     features: tuple[int, ...]
@@ -53,6 +63,9 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if self.params_only and _laid_out(self, "weight"):
+            return (self.get_variable("params", "weight"),
+                    self.get_variable("params", "bias") if self.use_bias else None)
         in_shape = x.shape[x.ndim - self.in_axes:]
         weight = self.param("weight", _INIT, (*self.features, *in_shape), self.param_dtype)
         bias = (self.param("bias", nn.initializers.zeros, self.features, self.param_dtype)
@@ -75,7 +88,8 @@ class RMSNorm(nn.Module):
     (statistics, then the scaling) after the residual add's own.
 
     Call: x [..., N] -> [..., N] in `dtype`; param `scale` [N]. With `params_only`, the
-    scale [N] in `dtype`, for a fused kernel that normalises (x gives N only).
+    scale [N] in `dtype` (a `LaidOutLeaf` as given, if it was), for a fused kernel that
+    normalises (x gives N only).
     """
 
     epsilon: float
@@ -85,6 +99,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if self.params_only and _laid_out(self, "scale"):
+            return self.get_variable("params", "scale")
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         if self.params_only:
             return scale.astype(self.dtype)
@@ -92,6 +108,22 @@ class RMSNorm(nn.Module):
         rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
         scale = scale.astype(self.dtype).reshape((1,) * (x.ndim - 1) + scale.shape)
         return (x32 * rms).astype(self.dtype) * scale
+
+
+def _laid_out(module: nn.Module, name: str) -> bool:
+    """Whether the module's param `name` came as a `LaidOutLeaf` (flax's `param` would check
+    its shape against the buffer's)."""
+    return isinstance(module.get_variable("params", name), LaidOutLeaf)
+
+
+def _matrix(w, k: int):
+    """A weight [*out, *in] as [N, K = k] for `fused_linear`: reshaped, or read in place."""
+    return w.rows(k) if isinstance(w, LaidOutLeaf) else w.reshape(-1, k)
+
+
+def _vector(v):
+    """A norm scale or bias as [N] for `fused_linear`: reshaped, or one row read in place."""
+    return v.rows(int(np.prod(v.shape))) if isinstance(v, LaidOutLeaf) else v.reshape(-1)
 
 
 def _fused_linear(x_BxTxK, weights, **epilogue):
@@ -131,9 +163,9 @@ class Attention(nn.Module):
             e = cfg.embed_dim
             weights, biases = zip(*(p(x_BxTxE) for p in projections), strict=True)
             qkv = _fused_linear(
-                x_BxTxE, [w.reshape(-1, e) for w in weights], norm_scale_K=norm(x_BxTxE),
+                x_BxTxE, [_matrix(w, e) for w in weights], norm_scale_K=_vector(norm(x_BxTxE)),
                 norm_eps=cfg.rms_eps,
-                bias=tuple(b.reshape(-1) for b in biases) if cfg.qkv_bias else None)
+                bias=tuple(_vector(b) for b in biases) if cfg.qkv_bias else None)
             bounds = np.cumsum([h * cfg.head_dim for h in heads])[:-1]
             q, k, v = (y.reshape(*y.shape[:2], h, cfg.head_dim)
                        for y, h in zip(jnp.split(qkv, bounds, axis=-1), heads, strict=True))
@@ -152,7 +184,7 @@ class Attention(nn.Module):
         if fused:
             weight, _ = o_proj(out_BxTxHxD)
             out = out_BxTxHxD.reshape(*out_BxTxHxD.shape[:2], -1)
-            return _fused_linear(out, [weight.reshape(cfg.embed_dim, -1)],
+            return _fused_linear(out, [_matrix(weight, out.shape[-1])],
                                  residual=x_BxTxE), view
         return x_BxTxE + o_proj(out_BxTxHxD), view
 
@@ -177,10 +209,12 @@ class Mlp(nn.Module):
         gate, up, down = (dense(cfg.mlp_dim, "gate_proj"), dense(cfg.mlp_dim, "up_proj"),
                           dense(cfg.embed_dim, "down_proj"))
         if fused:
-            hidden = _fused_linear(x_BxTxE, [gate(x_BxTxE)[0], up(x_BxTxE)[0]],
-                                   norm_scale_K=norm(x_BxTxE), norm_eps=cfg.rms_eps,
+            e, f = cfg.embed_dim, cfg.mlp_dim
+            hidden = _fused_linear(x_BxTxE, [_matrix(gate(x_BxTxE)[0], e),
+                                             _matrix(up(x_BxTxE)[0], e)],
+                                   norm_scale_K=_vector(norm(x_BxTxE)), norm_eps=cfg.rms_eps,
                                    activation="silu_mul")
-            return _fused_linear(hidden, [down(hidden)[0]], residual=x_BxTxE)
+            return _fused_linear(hidden, [_matrix(down(hidden)[0], f)], residual=x_BxTxE)
         h = norm(x_BxTxE)
         return x_BxTxE + down(nn.silu(gate(h)) * up(h))
 
