@@ -21,6 +21,7 @@ from statejax.model.llama import Transformer, init_params
 from statejax.session import Session
 from statejax.tokenizer import ByteTokenizer
 
+GPU = jax.default_backend() == "gpu"
 TOLERANCE = {"float32": dict(atol=2e-5, rtol=2e-5), "bfloat16": dict(atol=3e-2, rtol=3e-2)}
 
 
@@ -210,7 +211,7 @@ def _in_place_inputs(dtype, seed: int = 3):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_weights_read_in_place_equal_their_slices(dtype):
+def test_weights_read_in_place_equal_their_slices(dtype, interpret=True):
     """`BufferRows` operands (weights, a norm scale, a bias: rows of one buffer) give what
     their slices give, bit for bit: same kernel, the index maps offset by the first row.
     Another buffer's rows must not leak in (poisoned output, neighbours of other values)."""
@@ -224,9 +225,9 @@ def test_weights_read_in_place_equal_their_slices(dtype):
     qkv = lambda a, vector: dict(norm_scale_K=vector(a["scale"]),
                                  bias=(vector(a["bias"]), kv_bias, -kv_bias))
     got = fl.fused_linear(x, (ref["q"], ref["k"], ref["v"]), **qkv(ref, lambda r: r),
-                          interpret=True, poison_outputs=True)
+                          interpret=interpret, poison_outputs=True)
     want = fl.fused_linear(x, (sliced["q"], sliced["k"], sliced["v"]),
-                           **qkv(sliced, lambda a: a[0]), interpret=True)
+                           **qkv(sliced, lambda a: a[0]), interpret=interpret)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     reference = fl.fused_linear_reference(x, (ref["q"], ref["k"], ref["v"]),
                                           **qkv(ref, lambda r: r))
@@ -242,11 +243,18 @@ def test_weights_read_in_place_equal_their_slices(dtype):
                          "silu_mul").block_n == 16
     got = fl.fused_linear(x, (ref["gate"], ref["up"]), norm_scale_K=ref["scale"],
                           activation="silu_mul", residual_MxN=x[:, :48].repeat(2, 1),
-                          interpret=True, poison_outputs=True)
+                          interpret=interpret, poison_outputs=True)
     want = fl.fused_linear(x, (sliced["gate"], sliced["up"]), norm_scale_K=sliced["scale"][0],
                            activation="silu_mul", residual_MxN=x[:, :48].repeat(2, 1),
-                           interpret=True)
+                           interpret=interpret)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (compiled Triton kernels)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_weights_read_in_place_equal_their_slices(dtype):
+    test_weights_read_in_place_equal_their_slices(dtype, interpret=False)
 
 
 def test_weights_read_in_place_are_checked():
@@ -315,7 +323,6 @@ def test_session_on_laid_out_weights_generates_with_fused_kernels(layout):
         xla.query("what next?", 8)
 
 
-GPU = jax.default_backend() == "gpu"
 # The Llama-3.2-1B block at a 32-token query, default tiles: the shapes the step runs.
 GPU_CASES = [
     Case(32, 2048, (2048, 512, 512), norm=True),  # input norm + q/k/v
