@@ -14,7 +14,7 @@ from statejax.cache import AppendView, BranchView, FullView
 from statejax.errors import InputError
 from statejax.model.config import ModelConfig
 from statejax.model.layouts import layout_of, per_layer
-from statejax.model.llama import FUSED_PARAMS, LINEAR_IMPLS, Transformer
+from statejax.model.llama import FUSED_PARAMS, Transformer, check_linear_impl
 from statejax.state import SessionState
 
 
@@ -81,12 +81,6 @@ class Generation:
     num_tokens: jax.Array
     gaps: jax.Array
     first_logits: jax.Array
-
-
-def check_linear_impl(linear_impl: str):
-    """Raises unless `linear_impl` is one of `LINEAR_IMPLS`."""
-    if linear_impl not in LINEAR_IMPLS:
-        raise InputError(f"linear_impl={linear_impl!r}; allowed: {LINEAR_IMPLS}")
 
 
 def generates(params, linear_impl: str) -> bool:

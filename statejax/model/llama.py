@@ -38,6 +38,12 @@ FUSED_PARAMS = frozenset(
     | {("input_norm", "scale"), ("post_norm", "scale")})
 
 
+def check_linear_impl(linear_impl: str):
+    """Raises unless `linear_impl` is one of `LINEAR_IMPLS`."""
+    if linear_impl not in LINEAR_IMPLS:
+        raise InputError(f"linear_impl={linear_impl!r}; allowed: {LINEAR_IMPLS}")
+
+
 class Linear(nn.Module):
     """`y = x . W^T (+ b)` over the trailing `in_axes` axes of x, W stored [*features, *in].
 
@@ -249,8 +255,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, view, logit_index_B=None):
         cfg = self.cfg
-        if self.linear_impl not in LINEAR_IMPLS:
-            raise InputError(f"linear_impl={self.linear_impl!r}; allowed: {LINEAR_IMPLS}")
+        check_linear_impl(self.linear_impl)
         embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.jnp_dtype,
                          param_dtype=cfg.jnp_dtype, embedding_init=_INIT, name="embed")
         x_BxTxE = embed(tokens_BxT)
