@@ -180,19 +180,21 @@ def validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
 
 def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens,
                   causal, window, page_size, pages_per_block, blocks_per_split, num_pages,
-                  merge_splits):
+                  merge_splits, block_q):
     """One (row, kv-head, query block, split) program.
 
     Refs: len_ref [1] the row's n; pt_ref [P] its page table; offset_ref [1] added to its
     entries (an operand, not a constant of the kernel: the layers of a step then launch one
-    identical kernel, compiled once); q_ref [block_q, D];
+    identical kernel, compiled once); q_ref [block_q, D] folded, or [block_q / G, G x D]:
+    whole tokens read from q's own [B, T, H, D] layout (`token_tiles`), the same rows;
     k_ref, v_ref [num_pages, page_size, D] (this kv-head's slice of the pool); with
     `merge_splits` N > 0, then earlier_o_ref [N, block_q, D] and earlier_lse_ref [N, block_q],
     partials of the same query rows over other keys, merged into this program's result;
-    refs[-2:] = o_ref [block_q, D], lse_ref [block_q] (refs between: aliased poison inputs).
+    refs[-2:] = o_ref [block_q, D] (or whole tokens, as q_ref), lse_ref [block_q] (refs
+    between: aliased poison inputs).
     """
     o_ref, lse_ref = refs[-2:]
-    block_q, head_dim = q_ref.shape
+    head_dim = k_ref.shape[-1]
     block_k = page_size * pages_per_block
     qi, split = pl.program_id(2), pl.program_id(3)
     n = len_ref[0]
@@ -209,7 +211,7 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
     last = jnp.minimum(first + blocks_per_split, lax.div(limit_hi + block_k - 1, block_k))
     full_end = jnp.maximum(first, jnp.minimum(last, lax.div(limit_lo, block_k)))
 
-    q = q_ref[...]
+    q = q_ref[...].reshape(block_q, head_dim)  # row-major: a token's G heads in a row
     scale = head_dim**-0.5 * _LOG2E  # scores in base 2: exp2 is the fast path
     page_offset = offset_ref[0]
 
@@ -259,7 +261,7 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
     lse = jnp.where(empty, MASK_VALUE, (m + jnp.log2(denom)) * _LN2)
     if merge_splits:
         out, lse = _merge_earlier(out, lse, *refs[:2], merge_splits)
-    o_ref[...] = out.astype(o_ref.dtype)
+    o_ref[...] = out.astype(o_ref.dtype).reshape(o_ref.shape)
     lse_ref[...] = lse
 
 
@@ -278,6 +280,14 @@ def _merge_earlier(out, lse, earlier_o_ref, earlier_lse_ref, num: int):
         return out, new + jnp.log(total)
 
     return lax.fori_loop(0, num, merge, (out, lse))
+
+
+def token_tiles(tokens: int, group: int, block_q: int) -> bool:
+    """Whether query tiles of `block_q` folded rows are whole tokens (no padded rows, G a
+    power of two dividing block_q): the kernel then reads q, and writes an unsplit output, in
+    the model's [B, T, H, D] layout (a tile: block_q / G tokens x the G heads of a kv-head),
+    and no transpose runs before or after it."""
+    return (tokens * group) % block_q == 0 and _is_pow2(group) and block_q % group == 0
 
 
 def _fold_queries(q_BxTxHxD, k_heads: int, rows_padded: int):
@@ -325,19 +335,28 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
     Returns:
       out_BxTxHxNxD partial outputs (N = num_splits) in `out_dtype`, lse_BxTxHxN float32.
     """
-    t, h = q_BxTxHxD.shape[1:3]
+    b, t, h, d = q_BxTxHxD.shape
+    # Unsplit, with tiles of whole tokens, the kernel writes out in q's layout itself.
+    tokens_out = block_sizes.num_splits == 1 and token_tiles(
+        t, h // k_pool.shape[2], block_sizes.block_q)
     out, lse = paged_flash_folded(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=causal,
         block_sizes=block_sizes, out_dtype=out_dtype, interpret=interpret,
-        page_offset=page_offset, poison_outputs=poison_outputs)
-    return unfold_partials(out, lse, t, h)
+        page_offset=page_offset, poison_outputs=poison_outputs, tokens_out=tokens_out)
+    lse = unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)
+    return (out.reshape(b, t, h, 1, d) if tokens_out
+            else unfold_rows(jnp.moveaxis(out, 2, 3), t, h)), lse
 
 
 def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window: int,
                        causal: bool, block_sizes: BlockSizes, out_dtype, interpret: bool,
-                       page_offset: int = 0, poison_outputs: bool = False, earlier=None):
+                       page_offset: int = 0, poison_outputs: bool = False, earlier=None,
+                       tokens_out: bool = False):
     """`paged_attention_partials` in the kernel's folded layout (query rows m = t * G + g,
     padded to the query tile), optionally merging `earlier` partials of the same rows.
+
+    Queries are read in place from [B, T, H, D] when the tiles are whole tokens
+    (`token_tiles`), else folded into the rows by a transpose first.
 
     Args:
       earlier: None, or partials (out [1, K, N', M', D] in float32 or q's dtype, lse
@@ -346,9 +365,12 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         folds them): row b's m is their row b * T * G + m. Requires T * G to be a multiple
         of block_q (no padded rows) and num_splits == 1; the result is then the exact
         log-sum-exp merge of this call's keys and the earlier ones.
+      tokens_out: write out as [B, T, H, D] (the queries' layout: no transpose after the
+        call); requires `token_tiles` and num_splits == 1.
 
     Returns:
-      out [B, K, N, M_pad, D] in `out_dtype`, lse [B, K, N, M_pad] float32.
+      out [B, K, N, M_pad, D] (or [B, T, H, D] with `tokens_out`) in `out_dtype`, lse
+      [B, K, N, M_pad] float32.
     """
     b, t, h, d = q_BxTxHxD.shape
     num_pages, page_size, k_heads, _ = k_pool.shape
@@ -370,18 +392,32 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         raise InputError(f"merging earlier partials needs T * G ({rows}) a multiple of "
                          f"block_q ({bs.block_q}) and num_splits 1 (got {bs.num_splits})")
 
-    q = _fold_queries(q_BxTxHxD, k_heads, rows_padded)
+    in_place = token_tiles(t, g, bs.block_q)
+    if tokens_out and not (in_place and bs.num_splits == 1):
+        raise InputError(f"tokens_out needs query tiles of whole tokens (T={t}, G={g}, "
+                         f"block_q={bs.block_q}: `token_tiles`) and num_splits 1 (got "
+                         f"{bs.num_splits})")
+    # A tile of whole tokens: block_q / G tokens x the G query heads of kv-head h, which in
+    # [B, T, K, G x D] (a free reshape) is one rectangular block.
+    token_spec = pl.BlockSpec((None, bs.block_q // g, None, g * d),
+                              lambda b, h, i, s: (b, i, h, 0))
+    if in_place:
+        q, q_spec = q_BxTxHxD.reshape(b, t, k_heads, g * d), token_spec
+    else:
+        q = _fold_queries(q_BxTxHxD, k_heads, rows_padded)
+        q_spec = pl.BlockSpec((None, None, bs.block_q, d), lambda b, h, i, s: (b, h, i, 0))
     grid = (b, k_heads, rows_padded // bs.block_q, bs.num_splits)
     kernel = functools.partial(
         _flash_kernel, group=g, num_tokens=t, causal=causal, window=window,
         page_size=page_size, pages_per_block=pages_per_block,
-        blocks_per_split=blocks_per_split, num_pages=num_pages, merge_splits=merge_splits)
+        blocks_per_split=blocks_per_split, num_pages=num_pages, merge_splits=merge_splits,
+        block_q=bs.block_q)
     pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i, s: (0, 0, h, 0))
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
         pl.BlockSpec((None, table_width), lambda b, h, i, s: (b, 0)),
         pl.BlockSpec((None, 1), lambda b, h, i, s: (0, 0)),
-        pl.BlockSpec((None, None, bs.block_q, d), lambda b, h, i, s: (b, h, i, 0)),
+        q_spec,
         pool_spec,
         pool_spec,
     ]
@@ -398,20 +434,22 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
                          lambda b, h, i, s: (0, h, 0, b * row_blocks + i)),
         ]
         args += list(earlier)
-    out_specs = [
-        pl.BlockSpec((None, None, None, bs.block_q, d), lambda b, h, i, s: (b, h, s, i, 0)),
-        pl.BlockSpec((None, None, None, bs.block_q), lambda b, h, i, s: (b, h, s, i)),
-    ]
-    out_shape = [
-        jax.ShapeDtypeStruct((b, k_heads, bs.num_splits, rows_padded, d), out_dtype),
-        jax.ShapeDtypeStruct((b, k_heads, bs.num_splits, rows_padded), jnp.float32),
-    ]
+    lse_spec = pl.BlockSpec((None, None, None, bs.block_q), lambda b, h, i, s: (b, h, s, i))
+    lse_shape = jax.ShapeDtypeStruct((b, k_heads, bs.num_splits, rows_padded), jnp.float32)
+    if tokens_out:
+        out_specs = [token_spec, lse_spec]
+        out_shape = [jax.ShapeDtypeStruct((b, t, k_heads, g * d), out_dtype), lse_shape]
+    else:
+        out_specs = [pl.BlockSpec((None, None, None, bs.block_q, d),
+                                  lambda b, h, i, s: (b, h, s, i, 0)), lse_spec]
+        out_shape = [jax.ShapeDtypeStruct((b, k_heads, bs.num_splits, rows_padded, d),
+                                          out_dtype), lse_shape]
     aliases = {}
     if poison_outputs:
         aliases = {len(args): 0, len(args) + 1: 1}
         args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
         in_specs += out_specs
-    return pl.pallas_call(
+    out, lse = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
@@ -422,6 +460,7 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         interpret=interpret,
         name="statejax_paged_flash",
     )(*args)
+    return (out.reshape(b, t, h, d) if tokens_out else out), lse
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",

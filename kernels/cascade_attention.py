@@ -260,11 +260,15 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     rows = t * (h // k_heads)
     if rows % bs.private.block_q == 0:
         # The private kernel merges the shared splits into its own result (one launch, no
-        # merge kernels after it) and writes q's dtype.
+        # merge kernels after it) and writes q's dtype, in q's layout where its tiles are
+        # whole tokens (no transpose after it).
+        tokens_out = aa.token_tiles(t, h // k_heads, bs.private.block_q)
         out, lse = aa.paged_flash_folded(
             q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
-            out_dtype=q_RxTxHxD.dtype, earlier=(out_s, lse_s), **private)
-        return aa.unfold_rows(out[:, :, 0], t, h), aa.unfold_rows(lse[:, :, 0], t, h)
+            out_dtype=q_RxTxHxD.dtype, earlier=(out_s, lse_s), tokens_out=tokens_out,
+            **private)
+        return (out if tokens_out else aa.unfold_rows(out[:, :, 0], t, h),
+                aa.unfold_rows(lse[:, :, 0], t, h))
     # Padded query tiles (e.g. one token of a small GQA group): the private part is one more
     # float32 partial, merged with the shared splits in one log-sum-exp.
     out_p, lse_p = aa.unfold_partials(*aa.paged_flash_folded(

@@ -11,12 +11,17 @@ kernel does one linear layer together with what surrounds it in the block:
 - prologue `norm_scale`: HF's RMSNorm of each row of x (`llama.RMSNorm`'s rounding order);
 - several weights, e.g. q, k, v: y is their outputs side by side, [M, N_1 + N_2 + ...];
 - `activation="silu_mul"` with two weights (gate, up): y = silu(x G^T) * (x U^T);
-- `bias` per weight (Qwen's q/k/v) and `residual` [M, N] added last (the block's skip).
+- `bias` per weight (Qwen's q/k/v) and `residual` [M, N] added last (the block's skip);
+- `rotary`: RoPE of the outputs' heads (q and k) by per-row angles, and `split_outputs`:
+  one output per weight, so the attention kernels read q, and the cell writes k and v, as
+  whole buffers (a slice handed to a Pallas call is copied out first).
 
 So the MLP is two kernels (norm + gate/up + silu-mul; down + residual), the attention's
-input one (norm + q/k/v) and its output one (o + residual). Grid (M / bm, N / bn): program
-(i, j) reads rows i of x and the [bn, K] strip j of its weight(s) in K steps of bk,
-accumulating in float32; no split-K, so nothing but y is written.
+input one (norm + q/k/v + RoPE) and its output one (o + residual). Grid (M / bm, N / bn):
+program (i, j) reads rows i of x and the [bn, K] strip j of its weight(s) in K steps of bk,
+accumulating in float32; no split-K, so nothing but y is written. With `rotary` a program's
+bn columns are bn / 2 of a head's first half and their partners in its second half (two
+[bn / 2, K] strips), so it rotates them in its epilogue.
 
 A weight, bias or norm scale may be given as `BufferRows`: rows of a bigger buffer (a layer's
 slice of stacked or packed weights, `statejax.model.layouts`), which the kernel reads in place
@@ -36,11 +41,12 @@ from flax import struct
 from jax.experimental import pallas as pl
 
 from statejax.errors import InputError
+from statejax.model import rope
 
 from . import append_attention as aa
 
-__all__ = ["ACTIVATIONS", "BufferRows", "LinearBlocks", "blocks_for", "default_linear_blocks",
-           "fused_linear", "fused_linear_reference"]
+__all__ = ["ACTIVATIONS", "BufferRows", "LinearBlocks", "Rotary", "blocks_for",
+           "default_linear_blocks", "fused_linear", "fused_linear_reference", "rotary_fits"]
 
 ACTIVATIONS = (None, "silu_mul")
 # Programs to aim for: one wave over an H100's 132 SMs, each streaming its own weight strip.
@@ -79,6 +85,32 @@ class BufferRows:
     def value(self) -> jax.Array:
         """The rows as an array [count, W] (a slice: a copy where a kernel takes it)."""
         return jax.lax.slice_in_dim(self.buffer, self.first, self.first + self.count)
+
+
+@struct.dataclass
+class Rotary:
+    """RoPE in the epilogue (HF's half-split layout, `model.rope.rotate`): each output head
+    of `head_dim` columns of the weights flagged in `rotate`, rotated by its row's angles.
+
+    Attributes:
+      cos, sin: [M, head_dim / 2] float32, the angles of each row of x
+        (`model.rope.rope_tables` of its token's position).
+      rotate: static, one flag per weight (q, k, v: (True, True, False)).
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+    rotate: tuple = struct.field(pytree_node=False)
+
+    @property
+    def head_dim(self) -> int:
+        return 2 * self.cos.shape[-1]
+
+
+def rotary_fits(head_dim: int) -> bool:
+    """Whether `Rotary` takes heads of `head_dim`: a power of two >= 32 (a program's two
+    half-head strips are >= 16 rows, Triton's least for a dot)."""
+    return head_dim >= 32 and aa._is_pow2(head_dim)
 
 
 def _vector_shape(v) -> tuple[int, ...]:
@@ -147,16 +179,44 @@ def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: i
 
 
 def blocks_for(x_MxK, weights, activation: str | None = None,
-               block_n: int | None = None) -> LinearBlocks:
+               block_n: int | None = None, head_dim: int | None = None) -> LinearBlocks:
     """`default_linear_blocks` of a call: x [M, K], weights [N_i, K] arrays or `BufferRows`
-    (their output width and strips per program from `activation`); `block_n` kept if given."""
+    (their output width and strips per program from `activation`); `block_n` kept if given.
+    With a rotary `head_dim`, strips of half-head pairs: block_n between 32 (two 16-row
+    strips, Triton's least) and the head, its halves dividing the weights' first rows."""
     widths = tuple(w.shape[0] for w in weights)
     paired = activation == "silu_mul"
-    return default_linear_blocks(
-        m=x_MxK.shape[0], widths=widths, k=x_MxK.shape[1],
-        columns=widths[0] if paired else sum(widths), itemsize=x_MxK.dtype.itemsize,
-        weights_per_program=2 if paired else 1, block_n=block_n,
-        offsets=tuple(w.first for w in weights if isinstance(w, BufferRows)))
+    offsets = tuple(w.first for w in weights if isinstance(w, BufferRows))
+    shape = dict(m=x_MxK.shape[0], widths=widths, k=x_MxK.shape[1],
+                 columns=widths[0] if paired else sum(widths), itemsize=x_MxK.dtype.itemsize,
+                 weights_per_program=2 if paired else 1)
+    if head_dim is not None and block_n is None:
+        block_n = max(32, min(head_dim, default_linear_blocks(**shape, offsets=offsets).block_n))
+        while block_n > 32 and any(f % (block_n // 2) for f in offsets):
+            block_n //= 2
+    return default_linear_blocks(**shape, block_n=block_n, offsets=offsets)
+
+
+def _validate_rotary(x_MxK, widths, rotary, residual, activation, blocks):
+    if not isinstance(rotary, Rotary):
+        raise InputError(f"rotary must be a Rotary, got {type(rotary).__name__}")
+    m = x_MxK.shape[0]
+    d = rotary.head_dim
+    if activation is not None or residual is not None:
+        raise InputError("rotary takes outputs side by side: no activation, no residual")
+    if len(rotary.rotate) != len(widths):
+        raise InputError(f"rotary.rotate needs one flag per weight ({len(widths)}), got "
+                         f"{rotary.rotate}")
+    for name, t in (("cos", rotary.cos), ("sin", rotary.sin)):
+        if t.shape != (m, d // 2) or t.dtype != jnp.float32:
+            raise InputError(f"rotary.{name} must be float32 [M, head_dim / 2] = [{m}, "
+                             f"{d // 2}], got {t.dtype}{list(t.shape)}")
+    if not rotary_fits(d) or any(n % d for n in widths):
+        raise InputError(f"rotary head_dim={d} must be a power of two >= 32 dividing every "
+                         f"weight's N {widths}")
+    if blocks is not None and not (32 <= blocks.block_n <= d):
+        raise InputError(f"with rotary, block_n={blocks.block_n} must be in [32, head_dim="
+                         f"{d}] (half-head strips of >= 16 rows)")
 
 
 def _validate(x_MxK, weights, norm_scale_K, bias, residual, activation, blocks):
@@ -209,11 +269,14 @@ def _validate(x_MxK, weights, norm_scale_K, bias, residual, activation, blocks):
     return widths, n_out
 
 
-def _check_aligned(weights, block_n: int):
+def _check_aligned(weights, rows: int):
+    """Weights read in place start at a multiple of the `rows` a strip reads (block_n, or
+    block_n / 2 with rotary)."""
     for i, w in enumerate(weights):
-        if isinstance(w, BufferRows) and w.first % block_n:
+        if isinstance(w, BufferRows) and w.first % rows:
             raise InputError(f"weights[{i}] starts at row {w.first} of its buffer; read in "
-                             f"place its first row must be a multiple of block_n={block_n}")
+                             f"place its first row must be a multiple of the {rows} rows a "
+                             "strip reads")
 
 
 def _rms(x_ref, k: int, block_k: int, eps: float):
@@ -228,18 +291,25 @@ def _rms(x_ref, k: int, block_k: int, eps: float):
     return jax.lax.rsqrt(total / k + eps)
 
 
-def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, block_k):
-    """Program (i, j): y[i-rows, j-columns] from the weight(s) whose columns j falls in."""
+def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, block_k,
+            rotate, outputs):
+    """Program (i, j): y[i-rows, j-columns] from the weight(s) whose columns j falls in.
+
+    Refs: x, the norm scale, each weight's strip (two with `rotate`: a head's first-half
+    rows and their partners), each bias likewise, the residual, cos and sin, aliased poison
+    inputs (not read), then the `outputs` output refs.
+    """
     refs = list(refs)
-    o_ref = refs.pop()
+    o_refs = refs[len(refs) - outputs:]
     x_ref = refs.pop(0)
     scale_ref = refs.pop(0) if has_norm else None
-    w_refs = [refs.pop(0) for _ in firsts]
-    b_refs = [refs.pop(0) for _ in firsts] if has_bias else None
+    per_weight = 2 if rotate else 1
+    w_refs = [[refs.pop(0) for _ in range(per_weight)] for _ in firsts]
+    b_refs = [[refs.pop(0) for _ in range(per_weight)] for _ in firsts] if has_bias else None
     r_ref = refs.pop(0) if has_residual else None
-    k = x_ref.shape[1]
+    cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rotate else (None, None)
+    bm, k = x_ref.shape
     dtype = x_ref.dtype
-    bm, bn = o_ref.shape
     rms = _rms(x_ref, k, block_k, eps) if has_norm else None
 
     def accumulate(weights):
@@ -254,28 +324,38 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
                 xk, w[:, ks], (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
                 preferred_element_type=jnp.float32) for acc, w in zip(accs, weights, strict=True))
 
-        zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in weights)
+        zeros = tuple(jnp.zeros((bm, w.shape[0]), jnp.float32) for w in weights)
         return jax.lax.fori_loop(0, k // block_k, body, zeros)
 
-    def finish(y):
+    def finish(o_ref, y):
         if has_residual:
             y = r_ref[...] + y
         o_ref[...] = y.astype(o_ref.dtype)
 
     if activation == "silu_mul":
-        gate, up = accumulate(w_refs)
+        gate, up = accumulate([w_refs[0][0], w_refs[1][0]])
         # silu of the rounded gate, in float32 (Triton divides no bf16), then rounded again.
         gate = gate.astype(dtype).astype(jnp.float32)
-        finish(jax.nn.silu(gate).astype(dtype) * up.astype(dtype))
+        finish(o_refs[0], jax.nn.silu(gate).astype(dtype) * up.astype(dtype))
         return
 
     def one_weight(w):
-        (acc,) = accumulate([w_refs[w]])
-        y = acc.astype(dtype)
+        ys = [acc.astype(dtype) for acc in accumulate(w_refs[w])]
         if has_bias:
-            b = b_refs[w][...]
-            y = y + (b if b.ndim == 2 else b[None, :]).astype(dtype)
-        finish(y)
+            ys = [y + (b if b.ndim == 2 else b[None, :]).astype(dtype)
+                  for y, b in zip(ys, (r[...] for r in b_refs[w]), strict=True)]
+        o_ref = o_refs[w if outputs > 1 else 0]
+        if not rotate:
+            finish(o_ref, ys[0])
+            return
+        lo, hi = ys
+        if rotate[w]:  # model.rope.rotate: in float32 from the rounded outputs, rounded
+            lo32, hi32, cos, sin = (lo.astype(jnp.float32), hi.astype(jnp.float32),
+                                    cos_ref[...], sin_ref[...])
+            lo, hi = (lo32 * cos - hi32 * sin).astype(dtype), (hi32 * cos + lo32 * sin).astype(
+                dtype)
+        o_ref[:, 0, :] = lo  # the block [bm, 2, bn / 2]: the head's two halves
+        o_ref[:, 1, :] = hi
 
     if len(firsts) == 1:
         one_weight(0)
@@ -290,11 +370,11 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "norm_eps", "blocks", "interpret",
-                                             "poison_outputs"))
+                                             "poison_outputs", "split_outputs"))
 def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, bias=None,
-                 residual_MxN=None, activation: str | None = None,
-                 blocks: LinearBlocks | None = None, interpret: bool,
-                 poison_outputs: bool = False):
+                 residual_MxN=None, activation: str | None = None, rotary: Rotary | None = None,
+                 split_outputs: bool = False, blocks: LinearBlocks | None = None,
+                 interpret: bool, poison_outputs: bool = False):
     """`epilogue(norm(x) . W^T)` in one Pallas kernel (module docstring).
 
     Args:
@@ -308,20 +388,33 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
         (no activation).
       residual_MxN: optional [M, N] in x's dtype, added last.
       activation: None (outputs side by side) or "silu_mul".
-      blocks: tiles; default `default_linear_blocks` of this shape.
+      rotary: optional `Rotary`: the flagged weights' outputs rotated per head, after the
+        bias (no activation or residual; every N_i a multiple of its head_dim, a power of
+        two >= 32).
+      split_outputs: return one output per weight instead of them side by side (no
+        activation or residual).
+      blocks: tiles; default `blocks_for` this call.
       interpret: run in Pallas interpret mode (CPU); compiled needs a GPU.
-      poison_outputs: test hook: the output starts NaN-filled (aliased), so an element the
+      poison_outputs: test hook: the outputs start NaN-filled (aliased), so an element the
         kernel does not write stays NaN.
 
     Returns:
-      y [M, N] in x's dtype: N = N_1 (silu_mul) or N_1 + N_2 + ... .
+      y [M, N] in x's dtype: N = N_1 (silu_mul) or N_1 + N_2 + ...; with `split_outputs` a
+      tuple of [M, N_i].
     """
     aa.check_backend("triton", interpret)
     widths, n_out = _validate(x_MxK, weights, norm_scale_K, bias, residual_MxN, activation,
                               blocks)
+    if rotary is not None:
+        _validate_rotary(x_MxK, widths, rotary, residual_MxN, activation, blocks)
+    if split_outputs and (activation is not None or residual_MxN is not None):
+        raise InputError("split_outputs gives each weight its own output: no activation, no "
+                         "residual")
     m, k = x_MxK.shape
-    bs = blocks or blocks_for(x_MxK, weights, activation)
-    _check_aligned(weights, bs.block_n)
+    d = None if rotary is None else rotary.head_dim
+    bs = blocks or blocks_for(x_MxK, weights, activation, head_dim=d)
+    strip_rows = bs.block_n // 2 if rotary is not None else bs.block_n
+    _check_aligned(weights, strip_rows)
     m_pad = -(-m // bs.block_m) * bs.block_m
     pad = lambda a: a if m_pad == m else jnp.pad(a, ((0, m_pad - m), (0, 0)))
     # Programs j in [firsts[w], firsts[w + 1]) compute weight w's columns; with "silu_mul"
@@ -336,41 +429,72 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
                  else norm_scale_K.astype(x_MxK.dtype))
         _add_vector(args, in_specs, scale, k, lambda j: 0)
 
-    # The strip of a weight (or its bias) that program j reads, clamped to the weight's.
+    # The strip of a weight (or its bias) that program j reads, clamped to the weight's;
+    # with rotary, its two half-strips (in strips of strip_rows: head h's first-half strip
+    # s is strip 2 * per_head * h + s, its partner per_head strips later).
     strips = [lambda j, f=first, n=w.shape[0] // bs.block_n: jnp.clip(j - f, 0, n - 1)
               for w, first in zip(weights, firsts, strict=True)]
-    for w, strip in zip(weights, strips, strict=True):
+    if rotary is None:
+        parts = [[strip] for strip in strips]
+    else:
+        per_head = d // bs.block_n  # programs per head
+        half = lambda s, upper: lambda j: (s(j) // per_head * 2 * per_head + upper * per_head
+                                           + s(j) % per_head)
+        parts = [[half(strip, 0), half(strip, 1)] for strip in strips]
+    for w, indices in zip(weights, parts, strict=True):
         in_place = isinstance(w, BufferRows)
-        args.append(w.buffer if in_place else w)
-        row0 = w.first // bs.block_n if in_place else 0  # in blocks of the buffer's rows
-        in_specs.append(pl.BlockSpec((bs.block_n, k),
-                                     lambda i, j, s=strip, r=row0: (r + s(j), 0)))
+        row0 = w.first // strip_rows if in_place else 0  # in strips of the buffer's rows
+        for index in indices:
+            args.append(w.buffer if in_place else w)
+            in_specs.append(pl.BlockSpec((strip_rows, k),
+                                         lambda i, j, s=index, r=row0: (r + s(j), 0)))
     if bias is not None:
-        for b, strip in zip(bias, strips, strict=True):
-            _add_vector(args, in_specs, b, bs.block_n, strip)
+        for b, indices in zip(bias, parts, strict=True):
+            for index in indices:
+                _add_vector(args, in_specs, b, strip_rows, index)
     if residual_MxN is not None:
         args.append(pad(residual_MxN))
         in_specs.append(pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)))
-    out_spec = pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j))
-    out_shape = jax.ShapeDtypeStruct((m_pad, n_out), x_MxK.dtype)
+    if rotary is not None:
+        for table in (rotary.cos, rotary.sin):
+            args.append(pad(table))
+            in_specs.append(pl.BlockSpec((bs.block_m, strip_rows),
+                                         lambda i, j: (i, j % per_head)))
+
+    # Outputs: [M_pad, N] blocks [bm, bn]; with rotary [M_pad, N / D, 2, D / 2] (a free
+    # reshape) blocks [bm, 2, bn / 2]: the program's two half-strips of one head.
+    columns = [(n, strip) for n, strip in zip(widths, strips, strict=True)] if (
+        split_outputs) else [(n_out, lambda j: j)]
+    out_specs, out_shapes = [], []
+    for n, index in columns:
+        if rotary is None:
+            out_shapes.append((m_pad, n))
+            out_specs.append(pl.BlockSpec((bs.block_m, bs.block_n),
+                                          lambda i, j, s=index: (i, s(j))))
+        else:
+            out_shapes.append((m_pad, n // d, 2, d // 2))
+            out_specs.append(pl.BlockSpec(
+                (bs.block_m, None, 2, strip_rows),
+                lambda i, j, s=index: (i, s(j) // per_head, 0, s(j) % per_head)))
+    out_shape = [jax.ShapeDtypeStruct(shape, x_MxK.dtype) for shape in out_shapes]
     aliases = {}
     if poison_outputs:
-        aliases = {len(args): 0}
-        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        in_specs.append(out_spec)
+        aliases = {len(args) + o: o for o in range(len(out_shape))}
+        args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
+        in_specs += out_specs
     kernel = functools.partial(
         _kernel, firsts=firsts, activation=activation,
         has_norm=norm_scale_K is not None, has_bias=bias is not None,
-        has_residual=residual_MxN is not None, eps=float(norm_eps), block_k=bs.block_k)
-    if poison_outputs:  # the aliased poison input is not read
-        kernel = functools.partial(_drop_poison, kernel)
-    y = pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
+        has_residual=residual_MxN is not None, eps=float(norm_eps), block_k=bs.block_k,
+        rotate=None if rotary is None else tuple(rotary.rotate), outputs=len(out_shape))
+    ys = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=aa.triton_compiler_params(bs.num_warps, bs.num_stages),
         interpret=interpret, name="statejax_fused_linear",
     )(*args)
-    return y[:m]
+    ys = [y.reshape(m_pad, -1)[:m] for y in ys]
+    return tuple(ys) if split_outputs else ys[0]
 
 
 def _add_vector(args, in_specs, v, block: int, index):
@@ -384,14 +508,12 @@ def _add_vector(args, in_specs, v, block: int, index):
         in_specs.append(pl.BlockSpec((block,), lambda i, j: (index(j),)))
 
 
-def _drop_poison(kernel, *refs):
-    return kernel(*refs[:-2], refs[-1])
-
-
 def fused_linear_reference(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5,
-                           bias=None, residual_MxN=None, activation: str | None = None):
+                           bias=None, residual_MxN=None, activation: str | None = None,
+                           rotary: Rotary | None = None, split_outputs: bool = False):
     """Plain-JAX `fused_linear`, rounding as the model's modules (`llama.RMSNorm`,
-    `llama.Linear`, the block's residual add). Returns y [M, N] in x's dtype."""
+    `llama.Linear`, `model.rope.rotate`, the block's residual add). Returns y [M, N] in x's
+    dtype (a tuple of [M, N_i] with `split_outputs`)."""
     dtype = x_MxK.dtype
     x = x_MxK
     weights = [_matrix(w) for w in weights]
@@ -405,6 +527,13 @@ def fused_linear_reference(x_MxK, weights, *, norm_scale_K=None, norm_eps: float
             for w in weights]
     if bias is not None:
         outs = [y + b.astype(dtype)[None, :] for y, b in zip(outs, bias, strict=True)]
+    if rotary is not None:
+        d, m = rotary.head_dim, x.shape[0]
+        cos, sin = rotary.cos[:, None, :], rotary.sin[:, None, :]
+        outs = [rope.rotate(y.reshape(m, -1, d), cos, sin).reshape(m, -1) if r else y
+                for y, r in zip(outs, rotary.rotate, strict=True)]
+    if split_outputs:
+        return tuple(outs)
     y = jax.nn.silu(outs[0]) * outs[1] if activation == "silu_mul" else jnp.concatenate(
         outs, axis=1)
     return y if residual_MxN is None else residual_MxN + y

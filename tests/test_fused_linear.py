@@ -15,6 +15,7 @@ from statejax import steps
 from statejax.budget import Budget
 from statejax.errors import InputError
 from statejax.kernels import fused_linear as fl
+from statejax.model import rope
 from statejax.model.config import preset
 from statejax.model.layouts import lay_out
 from statejax.model.llama import Transformer, init_params
@@ -140,7 +141,8 @@ def test_bad_input_is_refused_with_what_is_allowed():
 
 
 def _tiny(**overrides):
-    cfg = preset("tiny", **overrides)
+    """The tiny model with heads of 32 (RoPE in the fused q/k/v kernel: `rotary_fits`)."""
+    cfg = preset("tiny", **{"head_dim": 32, **overrides})
     params = init_params(cfg, seed=1)
     # Norm scales at one and zero biases would let a kernel skip them unnoticed.
     noise = lambda a, i: a + 0.1 * jax.random.normal(jax.random.key(i), a.shape, a.dtype)
@@ -149,8 +151,9 @@ def _tiny(**overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, qk_norm=True),
-                                       dict(dtype="bfloat16")],
-                         ids=["llama", "qwen", "bf16"])
+                                       dict(dtype="bfloat16"), dict(qkv_bias=True),
+                                       dict(head_dim=16)],
+                         ids=["llama", "qwen", "bf16", "qwen2.5", "heads-of-16"])
 def test_model_with_fused_linear_layers_matches_xla(overrides):
     cfg, params = _tiny(**overrides)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)), jnp.int32)
@@ -192,6 +195,118 @@ def test_fused_linear_layers_refuse_unknown_names():
         steps.forward(params, tokens, cfg=cfg, linear_impl="dot")
     with pytest.raises(InputError, match="linear_impl='cublas'; allowed"):
         Transformer(cfg, "cublas").init(jax.random.key(0), tokens, tokens, None)
+
+
+# ------------------------------------------- RoPE in the epilogue, one output per weight
+
+def _rotary(m: int, d: int, rotate: tuple[bool, ...], seed: int = 5) -> fl.Rotary:
+    """Angles of m random positions up to 128k (Llama-3's inverse frequencies)."""
+    positions = jnp.asarray(np.random.default_rng(seed).integers(0, 1 << 17, m), jnp.int32)
+    inv_freq = jnp.asarray(1.0 / 500000.0 ** (np.arange(0, d, 2) / d), jnp.float32)
+    cos, sin = rope.rope_tables(positions, inv_freq)
+    return fl.Rotary(cos, sin, rotate=rotate)
+
+
+ROTARY_CASES = [
+    # q/k/v of 4/2/2 heads of 32 (the least: two 16-row half-strips a program), 20 rows.
+    (Case(20, 128, (128, 64, 64), norm=True), 32, (True, True, False)),
+    # Heads of 64 in strips of 16 of each half (2 programs a head), biases, 2 row tiles.
+    (Case(20, 128, (128, 64, 64), norm=True, bias=True, blocks=(16, 32, 32)), 64,
+     (True, True, False)),
+    # A whole head per program (block_n = D), v-like weights first, 3 K steps.
+    (Case(33, 192, (64, 128), blocks=(32, 64, 64)), 64, (False, True)),
+]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["side-by-side", "split"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case, d, rotate", ROTARY_CASES,
+                         ids=[f"{c}_d{d}" for c, d, _ in ROTARY_CASES])
+def test_rotary_epilogue_matches_reference(case, d, rotate, dtype, split, interpret=True):
+    """q/k rotated per head in the epilogue: as the reference (`model.rope.rotate` of the
+    rounded outputs), outputs poisoned; the unrotated weights' outputs bit for bit as
+    without rotary; split outputs are the side-by-side ones' columns."""
+    x, weights, kwargs, _ = _inputs(case, jnp.dtype(dtype))
+    blocks = None if case.blocks is None else fl.LinearBlocks(*case.blocks)
+    rotary = _rotary(case.m, d, rotate)
+    got = fl.fused_linear(x, weights, rotary=rotary, split_outputs=split, blocks=blocks,
+                          interpret=interpret, poison_outputs=True, **kwargs)
+    want = fl.fused_linear_reference(x, weights, rotary=rotary, split_outputs=split, **kwargs)
+    plain = fl.fused_linear(x, weights, blocks=blocks, interpret=interpret, **kwargs)
+    bounds = np.cumsum(case.widths)[:-1]
+    if not split:
+        assert got.shape == (case.m, sum(case.widths))
+        got, want = jnp.split(got, bounds, axis=1), jnp.split(want, bounds, axis=1)
+    assert [g.shape for g in got] == [(case.m, n) for n in case.widths]
+    for g, w, p, r in zip(got, want, jnp.split(plain, bounds, axis=1), rotate, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   **TOLERANCE[dtype])
+        if not r:
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(p, np.float32))
+        else:  # rotated: not the plain output (angles up to 128k rad are not ~0)
+            assert np.abs(np.asarray(g, np.float32) - np.asarray(p, np.float32)).max() > 0.1
+
+
+def test_rotary_default_strips_pair_half_heads():
+    """Default tiles with rotary: strips of 32..D columns (two half-strips of >= 16 rows),
+    the 1B q/k/v at 32 rows in 32-column strips (96 programs, 192 without rotary), halves
+    dividing the weights' first rows when read in place."""
+    x = jnp.zeros((32, 2048), jnp.bfloat16)
+    w = [jnp.zeros((n, 2048), jnp.bfloat16) for n in (2048, 512, 512)]
+    assert fl.blocks_for(x, w).block_n == 16
+    assert fl.blocks_for(x, w, head_dim=64) == fl.LinearBlocks(block_m=32, block_n=32,
+                                                               block_k=256)
+    wide = [jnp.zeros((n, 2048), jnp.bfloat16) for n in (64, 64)]
+    assert fl.blocks_for(x[:1], wide, head_dim=64).block_n == 16 * 2  # 2 programs at most
+    buffer = jnp.zeros((4096, 2048), jnp.bfloat16)
+    assert fl.blocks_for(x, [fl.BufferRows(buffer, 16, 512)], head_dim=128).block_n == 32
+
+
+def test_rotary_is_checked():
+    x = jnp.ones((4, 64), jnp.float32)
+    w = jnp.ones((64, 64), jnp.float32)
+    ok = _rotary(4, 32, (True,))
+    call = lambda *a, **k: fl.fused_linear(x, *a, interpret=True, **k)
+    with pytest.raises(InputError, match="no activation, no residual"):
+        call((w, w), rotary=fl.Rotary(ok.cos, ok.sin, (True, True)), activation="silu_mul")
+    with pytest.raises(InputError, match="one flag per weight"):
+        call((w, w), rotary=ok)
+    with pytest.raises(InputError, match=r"rotary.cos must be float32 \[M, head_dim / 2\] = "
+                                         r"\[4, 16\]"):
+        call((w,), rotary=fl.Rotary(ok.cos[:3], ok.sin, (True,)))
+    with pytest.raises(InputError, match=r"rotary.sin must be float32"):
+        call((w,), rotary=fl.Rotary(ok.cos, ok.sin.astype(jnp.bfloat16), (True,)))
+    with pytest.raises(InputError, match="head_dim=16 must be a power of two >= 32"):
+        call((w,), rotary=_rotary(4, 16, (True,)))
+    with pytest.raises(InputError, match=r"dividing every weight's N \(48,\)"):
+        call((w[:48],), rotary=ok)
+    with pytest.raises(InputError, match=r"block_n=16 must be in \[32, head_dim=32\]"):
+        call((w,), rotary=ok, blocks=fl.LinearBlocks(16, 16, 64))
+    with pytest.raises(InputError, match="split_outputs gives each weight its own output"):
+        call((w,), split_outputs=True, residual_MxN=x)
+    with pytest.raises(InputError, match="rotary must be a Rotary"):
+        call((w,), rotary=(ok.cos, ok.sin))
+
+
+def test_model_rotates_in_the_qkv_kernel():
+    """Llama's fused q/k/v call writes q, k, v as three outputs and rotates them: outside
+    the kernel only the angles' table (one cos a layer, of the positions); with qk-norm
+    (Qwen3) RoPE stays after the norm, outside the kernel (q's and k's)."""
+    from test_kernels import _all_eqns  # noqa: PLC0415 - a test module's helper
+
+    def calls(cfg):
+        params = init_params(cfg, seed=0)
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda p: steps.forward(p, tokens, cfg=cfg,
+                                                       linear_impl="pallas"))(params)
+        eqns = list(_all_eqns(jaxpr.jaxpr))
+        fused = [e for e in eqns if e.primitive.name == "pallas_call"]
+        return [len(e.outvars) for e in fused], sum(e.primitive.name == "cos" for e in eqns)
+
+    outputs, cosines = calls(_tiny()[0])
+    assert outputs == [3, 1, 1, 1] * 2 and cosines == 2
+    outputs, cosines = calls(_tiny(qk_norm=True)[0])
+    assert outputs == [3, 1, 1, 1] * 2 and cosines == 2 * 2  # q and k, per layer
 
 
 # ------------------------------------------------- weights read in place (model.layouts)
@@ -257,11 +372,22 @@ def test_compiled_weights_read_in_place_equal_their_slices(dtype):
     test_weights_read_in_place_equal_their_slices(dtype, interpret=False)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (compiled Triton kernels)")
+@pytest.mark.parametrize("split", [False, True], ids=["side-by-side", "split"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case, d, rotate", ROTARY_CASES + [
+    (Case(32, 2048, (2048, 512, 512), norm=True), 64, (True, True, False))],
+                         ids=[f"{c}_d{d}" for c, d, _ in ROTARY_CASES] + ["1b-qkv"])
+def test_compiled_rotary_epilogue_matches_reference(case, d, rotate, dtype, split):
+    test_rotary_epilogue_matches_reference(case, d, rotate, dtype, split, interpret=False)
+
+
 def test_weights_read_in_place_are_checked():
     x, buffer, rows = _in_place_inputs(jnp.float32)
     call = lambda *a, **k: fl.fused_linear(x, *a, interpret=True, **k)
     with pytest.raises(InputError, match=r"starts at row 8 of its buffer; .* multiple of "
-                                         r"block_n=16"):
+                                         r"the 16 rows a strip reads"):
         call((fl.BufferRows(buffer, 8, 32),))
     with pytest.raises(InputError, match=r"rows \[320, 352\) of a buffer \(322, 64\)"):
         call((fl.BufferRows(buffer, 320, 32),))
@@ -275,8 +401,8 @@ def test_weights_read_in_place_are_checked():
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, qk_norm=True),
-                                       dict(dtype="bfloat16")],
-                         ids=["llama", "qwen", "bf16"])
+                                       dict(dtype="bfloat16"), dict(qkv_bias=True)],
+                         ids=["llama", "qwen", "bf16", "qwen2.5"])
 @pytest.mark.parametrize("layout", ["stacked", "packed"])
 def test_laid_out_weights_feed_the_fused_kernels_in_place(layout, overrides):
     """With stacked or packed weights the fused kernels read the layers' buffers in place
@@ -291,11 +417,11 @@ def test_laid_out_weights_feed_the_fused_kernels_in_place(layout, overrides):
     from statejax.model.layouts import LaidOutLeaf
     tree = steps.model_params(laid_out, "pallas")["layer_1"]
     q = tree["attn"]["q_proj"]["weight"]
-    assert isinstance(q, LaidOutLeaf) and q.shape == (4, 16, 64)
+    assert isinstance(q, LaidOutLeaf) and q.shape == (4, 32, 64)
     np.testing.assert_array_equal(q.rows(64).value(),
                                   params["layer_1"]["attn"]["q_proj"]["weight"].reshape(-1, 64))
     assert isinstance(tree["post_norm"]["scale"], LaidOutLeaf)
-    with pytest.raises(InputError, match=r"a leaf \(4, 16, 64\) .* is not whole rows of 48"):
+    with pytest.raises(InputError, match=r"a leaf \(4, 32, 64\) .* is not whole rows of 48"):
         q.rows(48)
     assert not isinstance(steps.model_params(laid_out, "xla")["layer_1"]["attn"]["q_proj"][
         "weight"], LaidOutLeaf)
@@ -382,22 +508,27 @@ def test_fused_linear_lowers_to_triton_on_cpu(case, dtype):
     assert "xla.gpu.triton" in _lower_fused(case, dtype)
 
 
-def _lower_in_place(dtype: str, compile_for=None) -> str:
+def _lower_in_place(dtype: str, compile_for=None, rotary: bool = False) -> str:
     """The 1B input norm + q/k/v reading a packed layer's rows [21506, 2048] in place (the
-    rows of `layouts.pack_layers`: k, o, q, v, gate, up, then the two norm scales)."""
+    rows of `layouts.pack_layers`: k, o, q, v, gate, up, then the two norm scales); with
+    `rotary`, as the model calls it: RoPE of q and k (heads of 64), three outputs."""
     from test_kernels import _lower_or_compile  # noqa: PLC0415 - a test module's helper
 
-    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype))
-    call = jax.jit(lambda x, rows: fl.fused_linear(
+    shape = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, jnp.dtype(dt))
+    table = shape(32, 32, dt="float32")
+    call = jax.jit(lambda x, rows, cos, sin: fl.fused_linear(
         x, (fl.BufferRows(rows, 2560, 2048), fl.BufferRows(rows, 0, 512),
             fl.BufferRows(rows, 4608, 512)), norm_scale_K=fl.BufferRows(rows, 21504, 1),
-        interpret=False))
-    return _lower_or_compile(call, (shape(32, 2048), shape(21506, 2048)), {}, compile_for)
+        rotary=fl.Rotary(cos, sin, (True, True, False)) if rotary else None,
+        split_outputs=rotary, interpret=False))
+    return _lower_or_compile(call, (shape(32, 2048), shape(21506, 2048), table, table), {},
+                             compile_for)
 
 
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_weights_read_in_place_lower_to_triton_without_slices(dtype):
-    text = _lower_in_place(dtype)
+def test_weights_read_in_place_lower_to_triton_without_slices(dtype, rotary):
+    text = _lower_in_place(dtype, rotary=rotary)
     assert "xla.gpu.triton" in text and "slice" not in text
 
 
@@ -424,6 +555,8 @@ def test_weights_read_in_place_compile_for_an_h100_without_copies():
     writes the output only (a slice handed to a Pallas call would be copied out first)."""
     from statejax import step_census  # noqa: PLC0415
 
-    text = _lower_in_place("bfloat16", compile_for=_h100())
-    assert step_census.kernel_kinds(text) == dict(gemm=0, pallas=1, fusion=0, other=0, total=1)
-    assert step_census.written_bytes(text)["total"] == 32 * 3072 * 2
+    for rotary in (False, True):  # with RoPE and three outputs: the same one kernel
+        text = _lower_in_place("bfloat16", compile_for=_h100(), rotary=rotary)
+        assert step_census.kernel_kinds(text) == dict(gemm=0, pallas=1, fusion=0, other=0,
+                                                      total=1)
+        assert step_census.written_bytes(text)["total"] == 32 * 3072 * 2

@@ -252,6 +252,82 @@ def _all_eqns(jaxpr):
                 yield from _all_eqns(inner)
 
 
+# Query tiles of whole tokens (`token_tiles`): q read, and an unsplit output written, in the
+# model's [B, T, H, D] layout; tiles of 1, 2 and 8 tokens, GQA 1 / 8 / 2.
+TOKEN_TILE_CASES = [
+    Case(lengths=(0, 33, 70), t=32, h=2, k=2, pages=8, block=(16, 32, 1)),
+    Case(lengths=(9, 64), t=6, h=8, k=1, pages=6, dtype="bfloat16", block=(16, 16, 1)),
+    Case(lengths=(40,), t=16, h=4, k=2, pages=5, d=32, block=(16, 16, 1)),
+]
+
+
+def _kernel_layouts(fn, *args) -> list[tuple[tuple, tuple]]:
+    """(q operand shape, first output shape) of each Pallas call of fn(*args)."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return [(tuple(e.invars[3].aval.shape), tuple(e.outvars[0].aval.shape))
+            for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+
+
+@pytest.mark.parametrize("case", TOKEN_TILE_CASES, ids=str)
+def test_token_tiles_read_and_write_the_queries_layout(case):
+    """Tiles of whole tokens: the same answers as the reference (outputs poisoned), and the
+    kernel reads q and writes its output as [B, T, K, G x D] (free reshapes of [B, T, H, D]:
+    no transpose before or after it)."""
+    g = case.h // case.k
+    assert aa.token_tiles(case.t, g, case.block[0])
+    check_paged(case, aa.append_attention, aa.append_attention_reference, interpret=True)
+    q, pool, _, table, lengths = _valid_args()
+    q = jnp.ones((len(case.lengths), case.t, case.h, case.d))
+    pool = jnp.ones((len(case.lengths) * case.pages, case.page_size, case.k, case.d))
+    table = jnp.zeros((len(case.lengths), case.pages), jnp.int32)
+    lengths = jnp.zeros((len(case.lengths),), jnp.int32)
+    call = lambda *a: aa.append_attention(*a, block_sizes=case.block_sizes,
+                                          interpret=True)[0]
+    b, tokens = (len(case.lengths), case.t)
+    as_tokens = (b, tokens, case.k, g * case.d)
+    assert _kernel_layouts(call, q, pool, pool, table, lengths) == [(as_tokens, as_tokens)]
+    # Padded tiles still fold (one token less): [B, K, M_pad, D] in, [B, K, N, M_pad, D] out.
+    rows = -(-(tokens - 1) * g // case.block[0]) * case.block[0]
+    assert _kernel_layouts(call, q[:, 1:], pool, pool, table, lengths) == [
+        ((b, case.k, rows, case.d), (b, case.k, 1, rows, case.d))]
+
+
+def test_token_tiles_rule():
+    assert aa.token_tiles(32, 4, 128) and aa.token_tiles(4, 8, 16) and aa.token_tiles(16, 1, 16)
+    assert not aa.token_tiles(5, 4, 32)  # padded rows
+    assert not aa.token_tiles(32, 7, 32)  # 224 rows fill 7 tiles, but a tile splits a token
+    assert not aa.token_tiles(1, 32, 16)  # a token's heads span two tiles
+
+
+def test_token_tiles_cascade_merges_into_the_queries_layout():
+    """Both cascade kernels read the branch queries in place (the shared one as R x T tokens
+    of one row) and the private one, merging the shared splits, writes their layout itself
+    (CASCADE_CASES[-1]: T x G = 16 rows fill its tile), the shared partials stay folded."""
+    case = CASCADE_CASES[-1]
+    rng = np.random.default_rng(0)
+    q = _queries(rng, (2, case.t, case.h, case.d), case.dtype)
+    pool = _queries(rng, (8, case.shared_page_size, case.k, case.d), case.dtype)
+    table = jnp.arange(8, dtype=jnp.int32)
+    args = (q, pool, pool, table, jnp.int32(100), pool, pool, table.reshape(2, 4),
+            jnp.zeros((2,), jnp.int32))
+    call = lambda *a: ca.cascade_attention(*a, block_sizes=case.block_sizes,
+                                           interpret=True)[0]
+    r, t, k, g, d = 2, case.t, case.k, case.h // case.k, case.d
+    splits = case.block_sizes.shared.num_splits
+    assert _kernel_layouts(call, *args) == [
+        ((1, r * t, k, g * d), (1, k, splits, r * t * g, d)),
+        ((r, t, k, g * d), (r, t, k, g * d))]
+    check_cascade(case, interpret=True, seed=3)
+
+
+def test_tokens_out_needs_token_tiles():
+    q, pool, _, table, lengths = _valid_args()  # T x G = 6 rows: padded tiles
+    with pytest.raises(InputError, match="tokens_out needs query tiles of whole tokens"):
+        aa.paged_flash_folded(q, pool, pool, table, lengths, window=32, causal=True,
+                              block_sizes=aa.BlockSizes(block_q=16, block_k=16),
+                              out_dtype=q.dtype, interpret=True, tokens_out=True)
+
+
 def check_cells(*, dtype: str, interpret: bool, d: int = 16, cells: int = 48, window: int = 40):
     """Contiguous [L, B, C, K, D] entry points vs `attend` exactly as AppendView calls it."""
     layers, lengths, t, h, k = 2, (0, 9, 30), 5, 4, 2

@@ -22,10 +22,10 @@ from flax.linen.dtypes import promote_dtype
 
 from statejax import gpu_target
 from statejax.errors import InputError
-from statejax.kernels.fused_linear import fused_linear
+from statejax.kernels.fused_linear import Rotary, fused_linear, rotary_fits
 from statejax.model.config import ModelConfig
 from statejax.model.layouts import LaidOutLeaf
-from statejax.model.rope import apply_rope, inverse_frequencies
+from statejax.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 _INIT = nn.initializers.normal(stddev=0.02)
 LINEAR_IMPLS = ("xla", "pallas")
@@ -134,18 +134,26 @@ def _vector(v):
 
 def _fused_linear(x_BxTxK, weights, **epilogue):
     """`kernels.fused_linear` over the rows of x [B, T, K]; weights [N_i, K]; `residual`
-    [B, T, N] added last; the other keywords are `fused_linear`'s. -> [B, T, N]."""
+    [B, T, N] added last; the other keywords are `fused_linear`'s. -> [B, T, N] (with
+    `split_outputs`, a tuple of [B, T, N_i])."""
     b, t, k = x_BxTxK.shape
     residual = epilogue.pop("residual", None)
     if residual is not None:
         epilogue["residual_MxN"] = residual.reshape(b * t, -1)
     y = fused_linear(x_BxTxK.reshape(b * t, k), tuple(weights),
                      interpret=not gpu_target.compiling_for_gpu(), **epilogue)
+    if isinstance(y, tuple):
+        return tuple(part.reshape(b, t, -1) for part in y)
     return y.reshape(b, t, -1)
 
 
 class Attention(nn.Module):
     """Norm, q/k/v, RoPE, the cache view's attention, o, and the residual add.
+
+    With linear_impl "pallas" one kernel normalises, projects and rotates (without qk-norm,
+    which comes between the projection and RoPE; heads of a power of two >= 32, as
+    `fused_linear.rotary_fits`), writing q, k and v as separate buffers: the attention
+    kernels read q where it is (`append_attention.token_tiles`).
 
     Call: (x_BxTxE the residual stream, positions_BxT, view, norm: the block's input
     `RMSNorm`, made with `params_only` for linear_impl "pallas") -> (x + attention, view).
@@ -165,25 +173,31 @@ class Attention(nn.Module):
         heads = (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)
         projections = [dense(h, name)
                        for h, name in zip(heads, ("q_proj", "k_proj", "v_proj"), strict=True)]
+        inv_freq = jnp.asarray(inverse_frequencies(cfg))
+        # RoPE in the q/k/v kernel's epilogue (qk-norm would come between them).
+        rotated = fused and not cfg.qk_norm and rotary_fits(cfg.head_dim)
         if fused:
             e = cfg.embed_dim
             weights, biases = zip(*(p(x_BxTxE) for p in projections), strict=True)
-            qkv = _fused_linear(
+            rotary = None
+            if rotated:
+                cos, sin = (a.reshape(-1, cfg.head_dim // 2)
+                            for a in rope_tables(positions_BxT, inv_freq))
+                rotary = Rotary(cos, sin, rotate=(True, True, False))
+            q, k, v = (y.reshape(*y.shape[:2], h, cfg.head_dim) for y, h in zip(_fused_linear(
                 x_BxTxE, [_matrix(w, e) for w in weights], norm_scale_K=_vector(norm(x_BxTxE)),
-                norm_eps=cfg.rms_eps,
-                bias=tuple(_vector(b) for b in biases) if cfg.qkv_bias else None)
-            bounds = np.cumsum([h * cfg.head_dim for h in heads])[:-1]
-            q, k, v = (y.reshape(*y.shape[:2], h, cfg.head_dim)
-                       for y, h in zip(jnp.split(qkv, bounds, axis=-1), heads, strict=True))
+                norm_eps=cfg.rms_eps, rotary=rotary, split_outputs=True,
+                bias=tuple(_vector(b) for b in biases) if cfg.qkv_bias else None), heads,
+                strict=True))
         else:
             h = norm(x_BxTxE)
             q, k, v = (p(h) for p in projections)
         if cfg.qk_norm:
             q = _rms_norm(cfg, "q_norm")(q)
             k = _rms_norm(cfg, "k_norm")(k)
-        inv_freq = jnp.asarray(inverse_frequencies(cfg))
-        q = apply_rope(q, positions_BxT, inv_freq)
-        k = apply_rope(k, positions_BxT, inv_freq)
+        if not rotated:
+            q = apply_rope(q, positions_BxT, inv_freq)
+            k = apply_rope(k, positions_BxT, inv_freq)
         out_BxTxHxD, view = view.update_and_attend(self.layer, q, k, v)
         o_proj = Linear((cfg.embed_dim,), in_axes=2, dtype=cfg.jnp_dtype,
                         param_dtype=cfg.jnp_dtype, params_only=fused, name="o_proj")

@@ -27,12 +27,22 @@ def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
+def rope_tables(positions, inv_freq_half):
+    """cos, sin of the rotation angles: positions [...] int, inv_freq [D/2] -> two float32
+    [..., D/2]."""
+    angles = (positions[..., None].astype(jnp.float32)
+              * jnp.reshape(inv_freq_half, (1,) * positions.ndim + (-1,)))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate(x, cos, sin):
+    """x [..., D] rotated in HF's half-split layout, in float32, rounded to x's dtype; cos,
+    sin broadcast against [..., D/2]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
 def apply_rope(x_BxTxNxD, positions_BxT, inv_freq_half):
     """Rotates x by its positions. x: [B, T, N, D]; positions: [B, T] int; returns x's dtype."""
-    angles_BxTxhalf = positions_BxT[..., None].astype(jnp.float32) * inv_freq_half[None, None]
-    cos = jnp.cos(angles_BxTxhalf)[:, :, None, :]
-    sin = jnp.sin(angles_BxTxhalf)[:, :, None, :]
-    x = x_BxTxNxD.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x_BxTxNxD.dtype)
+    cos, sin = rope_tables(positions_BxT, inv_freq_half)
+    return rotate(x_BxTxNxD, cos[:, :, None, :], sin[:, :, None, :])
