@@ -6,7 +6,7 @@
 #            Pallas kernels vs its floor (configs/stream_latency.py:gpu-floor; STREAM_FLAGS
 #            adds flags)                                                         STREAM_S=330
 #   tests    compiled-GPU tests: kernels (Triton), the model on the kernels      TESTS_S=150
-#   fused    compiled-GPU tests of the fused linear kernels alone                 FUSED_S=60
+#   fused    compiled-GPU tests of the fused linear kernels alone                 FUSED_S=90
 #   tune     kernel bench: target shapes + the Triton block-size grids (:gpu-tune) TUNE_S=180
 #   bench    kernel bench: every shape of :gpu with baselines (cascade included) BENCH_S=150
 #   query    kernel bench :gpu-query: the end-to-end query's attention, its tiles  QUERY_S=150
@@ -149,8 +149,8 @@ run_tests() {
 }
 
 run_fused() {
-  capped fused "${FUSED_S:-60}" || return 0
-  timeout "${FUSED_S:-60}" python3 -m pytest -p no:cacheprovider -m gpu -q -rfEs \
+  capped fused "${FUSED_S:-90}" || return 0
+  timeout "${FUSED_S:-90}" python3 -m pytest -p no:cacheprovider -m gpu -q -rfEs \
     --durations=5 tests/test_fused_linear.py > "$WORK/pytest_fused.log" 2>&1
   echo "pytest fused exit: $?" | tee -a "$WORK/pytest_fused.log"
 }

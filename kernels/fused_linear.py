@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from statejax.errors import InputError
 from statejax.model import rope
@@ -132,7 +133,7 @@ class LinearBlocks:
     """Tiles of `fused_linear` (powers of two, >= 16: Triton's dot).
 
     Attributes:
-      block_m: rows of x per program (M is padded to a multiple).
+      block_m: rows of x per program (a last tile past M is masked).
       block_n: output columns per program; divides every weight's N.
       block_k: the K step; divides K.
       num_warps, num_stages: Triton's (stages pipeline the K loop's loads).
@@ -279,10 +280,29 @@ def _check_aligned(weights, rows: int):
                              "strip reads")
 
 
-def _rms(x_ref, k: int, block_k: int, eps: float):
+def _read(ref, valid, *idx):
+    """ref[:, *idx] of a block of rows; with `valid` ([bm, 1] bool: rows below M) the rows
+    past M (a last row tile overhanging the array) read as zeros, not past the buffer."""
+    idx = (slice(None), *idx) if idx else (...,)
+    if valid is None:
+        return ref[idx]
+    view = ref.at[idx]
+    return plgpu.load(view, mask=jnp.broadcast_to(valid, view.shape), other=0)
+
+
+def _write(ref, value, valid, *idx):
+    """ref[:, *idx] = value, rows past M (`valid` False) left unwritten."""
+    idx = (slice(None), *idx) if idx else (...,)
+    if valid is None:
+        ref[idx] = value
+        return
+    plgpu.store(ref.at[idx], value, mask=jnp.broadcast_to(valid, value.shape))
+
+
+def _rms(x_ref, k: int, block_k: int, eps: float, valid):
     """Per-row 1 / RMS of x_ref [bm, K] in float32, read in K steps: [bm, 1]."""
     def body(step, total):
-        xk = x_ref[:, pl.ds(pl.multiple_of(step * block_k, block_k), block_k)]
+        xk = _read(x_ref, valid, pl.ds(pl.multiple_of(step * block_k, block_k), block_k))
         xk = xk.astype(jnp.float32)
         return total + jnp.sum(xk * xk, axis=1, keepdims=True)
 
@@ -292,12 +312,13 @@ def _rms(x_ref, k: int, block_k: int, eps: float):
 
 
 def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, block_k,
-            rotate, outputs):
+            rotate, outputs, rows):
     """Program (i, j): y[i-rows, j-columns] from the weight(s) whose columns j falls in.
 
     Refs: x, the norm scale, each weight's strip (two with `rotate`: a head's first-half
     rows and their partners), each bias likewise, the residual, cos and sin, aliased poison
-    inputs (not read), then the `outputs` output refs.
+    inputs (not read), then the `outputs` output refs. `rows`: M where the last row tile
+    overhangs it (its loads and stores masked), else None.
     """
     refs = list(refs)
     o_refs = refs[len(refs) - outputs:]
@@ -310,12 +331,14 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
     cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rotate else (None, None)
     bm, k = x_ref.shape
     dtype = x_ref.dtype
-    rms = _rms(x_ref, k, block_k, eps) if has_norm else None
+    valid = None if rows is None else (
+        pl.program_id(0) * bm + jnp.arange(bm, dtype=jnp.int32) < rows)[:, None]
+    rms = _rms(x_ref, k, block_k, eps, valid) if has_norm else None
 
     def accumulate(weights):
         def body(step, accs):
             ks = pl.ds(pl.multiple_of(step * block_k, block_k), block_k)
-            xk = x_ref[:, ks]
+            xk = _read(x_ref, valid, ks)
             if has_norm:  # llama.RMSNorm: normalise in f32, round, then scale
                 scale = scale_ref[:, ks] if scale_ref.ndim == 2 else scale_ref[ks][None, :]
                 xk = (xk.astype(jnp.float32) * rms).astype(dtype) * scale
@@ -329,8 +352,8 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
 
     def finish(o_ref, y):
         if has_residual:
-            y = r_ref[...] + y
-        o_ref[...] = y.astype(o_ref.dtype)
+            y = _read(r_ref, valid) + y
+        _write(o_ref, y.astype(o_ref.dtype), valid)
 
     if activation == "silu_mul":
         gate, up = accumulate([w_refs[0][0], w_refs[1][0]])
@@ -351,11 +374,14 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
         lo, hi = ys
         if rotate[w]:  # model.rope.rotate: in float32 from the rounded outputs, rounded
             lo32, hi32, cos, sin = (lo.astype(jnp.float32), hi.astype(jnp.float32),
-                                    cos_ref[...], sin_ref[...])
+                                    _read(cos_ref, valid), _read(sin_ref, valid))
             lo, hi = (lo32 * cos - hi32 * sin).astype(dtype), (hi32 * cos + lo32 * sin).astype(
                 dtype)
-        o_ref[:, 0, :] = lo  # the block [bm, 2, bn / 2]: the head's two halves
-        o_ref[:, 1, :] = hi
+        # The block [bm, 2, bn / 2]: the two halves of a head's columns.
+        _write(o_ref, lo[:, None, :], valid[:, :, None] if valid is not None else None,
+               pl.ds(0, 1), slice(None))
+        _write(o_ref, hi[:, None, :], valid[:, :, None] if valid is not None else None,
+               pl.ds(1, 1), slice(None))
 
     if len(firsts) == 1:
         one_weight(0)
@@ -378,7 +404,7 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
     """`epilogue(norm(x) . W^T)` in one Pallas kernel (module docstring).
 
     Args:
-      x_MxK: activations; M any size (padded to the row tile inside).
+      x_MxK: activations; M any size (a last row tile past M is masked).
       weights: tuple of [N_i, K] weights in x's dtype, arrays or `BufferRows` (read in
         place); with `activation="silu_mul"` exactly two of one width (gate, up).
       norm_scale_K: optional RMSNorm scale [K] (or a one-row `BufferRows` in x's dtype): x
@@ -415,14 +441,15 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
     bs = blocks or blocks_for(x_MxK, weights, activation, head_dim=d)
     strip_rows = bs.block_n // 2 if rotary is not None else bs.block_n
     _check_aligned(weights, strip_rows)
-    m_pad = -(-m // bs.block_m) * bs.block_m
-    pad = lambda a: a if m_pad == m else jnp.pad(a, ((0, m_pad - m), (0, 0)))
+    # A last row tile overhanging M is masked in the kernel, not padded by XLA (a launch
+    # per operand: at a generated token's one row, most of the step's launches).
+    ragged = m % bs.block_m != 0
     # Programs j in [firsts[w], firsts[w + 1]) compute weight w's columns; with "silu_mul"
     # every program reads both weights' strip j.
     firsts = (0, 0) if activation == "silu_mul" else tuple(
         int(f) // bs.block_n for f in np.cumsum((0, *widths[:-1])))
-    grid = (m_pad // bs.block_m, n_out // bs.block_n)
-    args = [pad(x_MxK)]
+    grid = (pl.cdiv(m, bs.block_m), n_out // bs.block_n)
+    args = [x_MxK]
     in_specs = [pl.BlockSpec((bs.block_m, k), lambda i, j: (i, 0))]
     if norm_scale_K is not None:
         scale = (norm_scale_K if isinstance(norm_scale_K, BufferRows)
@@ -453,26 +480,26 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
             for index in indices:
                 _add_vector(args, in_specs, b, strip_rows, index)
     if residual_MxN is not None:
-        args.append(pad(residual_MxN))
+        args.append(residual_MxN)
         in_specs.append(pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)))
     if rotary is not None:
         for table in (rotary.cos, rotary.sin):
-            args.append(pad(table))
+            args.append(table)
             in_specs.append(pl.BlockSpec((bs.block_m, strip_rows),
                                          lambda i, j: (i, j % per_head)))
 
-    # Outputs: [M_pad, N] blocks [bm, bn]; with rotary [M_pad, N / D, 2, D / 2] (a free
+    # Outputs: [M, N] blocks [bm, bn]; with rotary [M, N / D, 2, D / 2] (a free
     # reshape) blocks [bm, 2, bn / 2]: the program's two half-strips of one head.
     columns = [(n, strip) for n, strip in zip(widths, strips, strict=True)] if (
         split_outputs) else [(n_out, lambda j: j)]
     out_specs, out_shapes = [], []
     for n, index in columns:
         if rotary is None:
-            out_shapes.append((m_pad, n))
+            out_shapes.append((m, n))
             out_specs.append(pl.BlockSpec((bs.block_m, bs.block_n),
                                           lambda i, j, s=index: (i, s(j))))
         else:
-            out_shapes.append((m_pad, n // d, 2, d // 2))
+            out_shapes.append((m, n // d, 2, d // 2))
             out_specs.append(pl.BlockSpec(
                 (bs.block_m, None, 2, strip_rows),
                 lambda i, j, s=index: (i, s(j) // per_head, 0, s(j) % per_head)))
@@ -486,14 +513,15 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
         _kernel, firsts=firsts, activation=activation,
         has_norm=norm_scale_K is not None, has_bias=bias is not None,
         has_residual=residual_MxN is not None, eps=float(norm_eps), block_k=bs.block_k,
-        rotate=None if rotary is None else tuple(rotary.rotate), outputs=len(out_shape))
+        rotate=None if rotary is None else tuple(rotary.rotate), outputs=len(out_shape),
+        rows=m if ragged else None)
     ys = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=aa.triton_compiler_params(bs.num_warps, bs.num_stages),
         interpret=interpret, name="statejax_fused_linear",
     )(*args)
-    ys = [y.reshape(m_pad, -1)[:m] for y in ys]
+    ys = [y.reshape(m, -1) for y in ys]
     return tuple(ys) if split_outputs else ys[0]
 
 

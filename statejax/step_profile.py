@@ -32,7 +32,7 @@ chained, so per-call launch cost is amortised as in the real step):
   `config.layout_rows` (`statejax.model.layouts`: packed, 45 argument buffers instead of
   157 at the 1B shape; stacked, 22; named `query_step[packed]` ...); before those, for each
   of `config.linear_rows`, with the blocks' linear layers by that `linear_impl`
-  (`query_step[linear=pallas]` ...: `kernels/fused_linear.py`, 175 launches instead of 223
+  (`query_step[linear=pallas]` ...: `kernels/fused_linear.py`, 143 launches instead of 223
   in the H100 compile of the 1B step), each followed by `attn_projections` and `mlp` rows
   with those linear layers and by the query rows with those linear layers on each layout of
   `config.layout_rows` (`query_step[packed,linear=pallas]` ...: the kernels read the laid-out
@@ -67,6 +67,7 @@ from statejax import device_trace, gpu_target, roofline, step_census, steps
 from statejax.budget import Budget
 from statejax.cache import FullView
 from statejax.kernels import fused_linear
+from statejax.model import rope
 from statejax.model.config import preset
 from statejax.model.layouts import LAYOUTS, lay_out
 from statejax.model.llama import LINEAR_IMPLS, Attention, Mlp, Transformer, init_params
@@ -169,18 +170,27 @@ def gemm_chain(e: int, tokens: int, total_bytes: int, gemms: int, dtype):
 
 def linear_tiles(cfg, tokens: int, block_ns) -> dict:
     """{name: (jitted fn, args, weight bytes)}: each fused linear call of one block
-    (`kernels/fused_linear.py`: norm + q/k/v, o + residual, norm + gate/up + silu-mul, down +
-    residual) on `tokens` rows of random inputs, once per output strip width of `block_ns`
-    that divides its weights, the other tiles `default_linear_blocks` of that width; named
-    `fused_linear[down,bn=16]` ..."""
+    (`kernels/fused_linear.py`: norm + q/k/v (+ RoPE, three outputs, as the model calls it),
+    o + residual, norm + gate/up + silu-mul, down + residual) on `tokens` rows of random
+    inputs, once per output strip width of `block_ns` that the call takes (dividing its
+    weights; with RoPE, 32 to head_dim), the other tiles `default_linear_blocks` of that
+    width; named `fused_linear[down,bn=16]` ..."""
     dtype = cfg.jnp_dtype
     e, f = cfg.embed_dim, cfg.mlp_dim
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     keys = iter(jax.random.split(jax.random.key(3), 16))
     arr = lambda *shape: (0.02 * jax.random.normal(next(keys), shape)).astype(dtype)
     x_e, x_q, x_f, scale = arr(tokens, e), arr(tokens, q), arr(tokens, f), jnp.ones((e,), dtype)
+    qkv = dict(norm_scale_K=scale)
+    # q/k/v as the model calls it: with RoPE in the epilogue (half-head strips of 32 to
+    # head_dim columns) and three outputs, where the model does (`llama.Attention`).
+    rotated = fused_linear.rotary_fits(cfg.head_dim) and not cfg.qk_norm
+    if rotated:
+        cos, sin = rope.rope_tables(jnp.arange(tokens), jnp.asarray(
+            rope.inverse_frequencies(cfg)))
+        qkv["rotary"] = fused_linear.Rotary(cos, sin, rotate=(True, True, False))
     calls = {  # name: (x, weights, activation, keywords)
-        "qkv": (x_e, (arr(q, e), arr(kv, e), arr(kv, e)), None, dict(norm_scale_K=scale)),
+        "qkv": (x_e, (arr(q, e), arr(kv, e), arr(kv, e)), None, qkv),
         "o": (x_q, (arr(e, q),), None, dict(residual_MxN=x_e)),
         "gate_up": (x_e, (arr(f, e), arr(f, e)), "silu_mul", dict(norm_scale_K=scale)),
         "down": (x_f, (arr(e, f),), None, dict(residual_MxN=x_e)),
@@ -188,12 +198,15 @@ def linear_tiles(cfg, tokens: int, block_ns) -> dict:
     interpret = not gpu_target.compiling_for_gpu()
     pieces = {}
     for name, (x, weights, activation, keywords) in calls.items():
+        rotary = "rotary" in keywords
         for block_n in block_ns:
-            if any(w.shape[0] % block_n for w in weights):
+            if any(w.shape[0] % block_n for w in weights) or (
+                    rotary and not 32 <= block_n <= cfg.head_dim):
                 continue
             blocks = fused_linear.blocks_for(x, weights, activation, block_n)
             call = functools.partial(fused_linear.fused_linear, activation=activation,
-                                     blocks=blocks, interpret=interpret)
+                                     blocks=blocks, interpret=interpret,
+                                     split_outputs=rotary)
             fn = jax.jit(lambda x, weights, keywords, call=call: call(x, weights, **keywords))
             pieces[f"fused_linear[{name},bn={block_n}]"] = (fn, (x, weights, keywords),
                                                             _nbytes(weights))

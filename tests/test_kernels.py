@@ -253,7 +253,7 @@ def _all_eqns(jaxpr):
 
 
 # Query tiles of whole tokens (`token_tiles`): q read, and an unsplit output written, in the
-# model's [B, T, H, D] layout; tiles of 1, 2 and 8 tokens, GQA 1 / 8 / 2.
+# model's [B, T, H, D] layout; tiles of 16, 2 and 8 tokens, GQA 1 / 8 / 2.
 TOKEN_TILE_CASES = [
     Case(lengths=(0, 33, 70), t=32, h=2, k=2, pages=8, block=(16, 32, 1)),
     Case(lengths=(9, 64), t=6, h=8, k=1, pages=6, dtype="bfloat16", block=(16, 16, 1)),

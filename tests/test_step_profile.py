@@ -84,6 +84,17 @@ def test_linear_tiles_time_each_fused_call_at_each_strip_width():
         want = fl.fused_linear_reference(x, weights, activation=activation, **keywords)
         np.testing.assert_allclose(np.asarray(fn(x, weights, keywords)), np.asarray(want),
                                    rtol=1e-5, atol=1e-6, err_msg=name)
+    # Heads of 32: q/k/v as the model calls it, rotated, three outputs, strips of 32 only.
+    cfg = preset("tiny", head_dim=32)
+    pieces = step_profile.linear_tiles(cfg, 32, (16, 32, 64))
+    assert [n for n in pieces if "qkv" in n] == ["fused_linear[qkv,bn=32]"]
+    fn, (x, weights, keywords), _ = pieces["fused_linear[qkv,bn=32]"]
+    assert keywords["rotary"].rotate == (True, True, False)
+    got = fn(x, weights, keywords)
+    want = fl.fused_linear_reference(x, weights, split_outputs=True, **keywords)
+    assert [g.shape for g in got] == [(32, 128), (32, 64), (32, 64)]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
 def test_tiny_run_reports_each_component_against_the_floor():
