@@ -178,9 +178,28 @@ def validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
     return window
 
 
+def read_rows(ref, valid, *idx):
+    """ref[:, *idx] of a block of rows; with `valid` ([bm, 1] bool: rows below M) the rows
+    past M (a last row tile overhanging the array) read as zeros, not past the buffer."""
+    idx = (slice(None), *idx) if idx else (...,)
+    if valid is None:
+        return ref[idx]
+    view = ref.at[idx]
+    return plgpu.load(view, mask=jnp.broadcast_to(valid, view.shape), other=0)
+
+
+def write_rows(ref, value, valid, *idx):
+    """ref[:, *idx] = value, rows past M (`valid` False) left unwritten."""
+    idx = (slice(None), *idx) if idx else (...,)
+    if valid is None:
+        ref[idx] = value
+        return
+    plgpu.store(ref.at[idx], value, mask=jnp.broadcast_to(valid, value.shape))
+
+
 def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens,
                   causal, window, page_size, pages_per_block, blocks_per_split, num_pages,
-                  merge_splits, block_q):
+                  merge_splits, block_q, overhang, tokens_out):
     """One (row, kv-head, query block, split) program.
 
     Refs: len_ref [1] the row's n; pt_ref [P] its page table; offset_ref [1] added to its
@@ -191,7 +210,9 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
     `merge_splits` N > 0, then earlier_o_ref [N, block_q, D] and earlier_lse_ref [N, block_q],
     partials of the same query rows over other keys, merged into this program's result;
     refs[-2:] = o_ref [block_q, D] (or whole tokens, as q_ref), lse_ref [block_q] (refs
-    between: aliased poison inputs).
+    between: aliased poison inputs). `overhang`: whole-token tiles whose last one reaches
+    past the T tokens (its rows there read as zeros); `tokens_out`: o_ref is whole tokens
+    (left unwritten past T).
     """
     o_ref, lse_ref = refs[-2:]
     head_dim = k_ref.shape[-1]
@@ -211,7 +232,10 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
     last = jnp.minimum(first + blocks_per_split, lax.div(limit_hi + block_k - 1, block_k))
     full_end = jnp.maximum(first, jnp.minimum(last, lax.div(limit_lo, block_k)))
 
-    q = q_ref[...].reshape(block_q, head_dim)  # row-major: a token's G heads in a row
+    # Tokens of this tile inside the T (masked loads and stores where a tile overhangs).
+    tokens = (qi * q_ref.shape[0] + jnp.arange(q_ref.shape[0], dtype=jnp.int32)
+              < num_tokens)[:, None] if overhang else None
+    q = read_rows(q_ref, tokens).reshape(block_q, head_dim)  # a token's G heads in a row
     scale = head_dim**-0.5 * _LOG2E  # scores in base 2: exp2 is the fast path
     page_offset = offset_ref[0]
 
@@ -261,7 +285,8 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
     lse = jnp.where(empty, MASK_VALUE, (m + jnp.log2(denom)) * _LN2)
     if merge_splits:
         out, lse = _merge_earlier(out, lse, *refs[:2], merge_splits)
-    o_ref[...] = out.astype(o_ref.dtype).reshape(o_ref.shape)
+    out = out.astype(o_ref.dtype).reshape(o_ref.shape)
+    write_rows(o_ref, out, tokens if tokens_out else None)
     lse_ref[...] = lse
 
 
@@ -282,12 +307,23 @@ def _merge_earlier(out, lse, earlier_o_ref, earlier_lse_ref, num: int):
     return lax.fori_loop(0, num, merge, (out, lse))
 
 
-def token_tiles(tokens: int, group: int, block_q: int) -> bool:
-    """Whether query tiles of `block_q` folded rows are whole tokens (no padded rows, G a
-    power of two dividing block_q): the kernel then reads q, and writes an unsplit output, in
-    the model's [B, T, H, D] layout (a tile: block_q / G tokens x the G heads of a kv-head),
-    and no transpose runs before or after it."""
-    return (tokens * group) % block_q == 0 and _is_pow2(group) and block_q % group == 0
+def token_tiles(group: int, block_q: int) -> bool:
+    """Whether query tiles of `block_q` folded rows are whole tokens (G a power of two
+    dividing block_q): the kernel then reads q, and writes an unsplit output, in the model's
+    [B, T, H, D] layout (a tile: block_q / G tokens x the G heads of a kv-head; where the
+    last tile reaches past the T tokens, its loads and stores there are masked), and no
+    transpose or pad runs before or after it."""
+    return _is_pow2(group) and block_q % group == 0
+
+
+def merges_earlier(batch: int, tokens: int, group: int, block_q: int, *,
+                   earlier_rows: int) -> bool:
+    """Whether a call's query tiles can merge earlier partials of all `batch` rows' queries
+    folded into one row of `earlier_rows` (`paged_flash_folded(..., earlier=)`): row b's
+    tiles read the earlier rows' block b * tiles + i, so each row's T * G rows must fill
+    whole tiles, or there is one row whose tiles lie within the earlier rows."""
+    tiles = -(-tokens * group // block_q)
+    return (tokens * group) % block_q == 0 or (batch == 1 and earlier_rows >= tiles * block_q)
 
 
 def _fold_queries(q_BxTxHxD, k_heads: int, rows_padded: int):
@@ -337,8 +373,8 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
     """
     b, t, h, d = q_BxTxHxD.shape
     # Unsplit, with tiles of whole tokens, the kernel writes out in q's layout itself.
-    tokens_out = block_sizes.num_splits == 1 and token_tiles(
-        t, h // k_pool.shape[2], block_sizes.block_q)
+    tokens_out = block_sizes.num_splits == 1 and token_tiles(h // k_pool.shape[2],
+                                                             block_sizes.block_q)
     out, lse = paged_flash_folded(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=causal,
         block_sizes=block_sizes, out_dtype=out_dtype, interpret=interpret,
@@ -356,15 +392,15 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     padded to the query tile), optionally merging `earlier` partials of the same rows.
 
     Queries are read in place from [B, T, H, D] when the tiles are whole tokens
-    (`token_tiles`), else folded into the rows by a transpose first.
+    (`token_tiles`), else folded into the rows by a transpose (and a pad) first.
 
     Args:
       earlier: None, or partials (out [1, K, N', M', D] in float32 or q's dtype, lse
         [1, K, N', M'] float32) of the
         queries of ALL B rows folded into one row (as `cascade_attention`'s shared call
-        folds them): row b's m is their row b * T * G + m. Requires T * G to be a multiple
-        of block_q (no padded rows) and num_splits == 1; the result is then the exact
-        log-sum-exp merge of this call's keys and the earlier ones.
+        folds them): row b's m is their row b * T * G + m. Requires num_splits == 1 and
+        `merges_earlier`; the result is then the exact log-sum-exp merge of this call's
+        keys and the earlier ones.
       tokens_out: write out as [B, T, H, D] (the queries' layout: no transpose after the
         call); requires `token_tiles` and num_splits == 1.
 
@@ -388,13 +424,16 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
                                  ((0, 0), (0, need_pages - page_table_BxP.shape[1])))
     table_width = page_table_BxP.shape[1]
     merge_splits = 0 if earlier is None else earlier[0].shape[2]
-    if earlier is not None and (rows % bs.block_q or bs.num_splits != 1):
-        raise InputError(f"merging earlier partials needs T * G ({rows}) a multiple of "
-                         f"block_q ({bs.block_q}) and num_splits 1 (got {bs.num_splits})")
+    if earlier is not None and not (
+            bs.num_splits == 1
+            and merges_earlier(b, t, g, bs.block_q, earlier_rows=earlier[0].shape[3])):
+        raise InputError(f"merging earlier partials needs num_splits 1 (got "
+                         f"{bs.num_splits}) and `merges_earlier` (B={b}, T={t}, G={g}, "
+                         f"block_q={bs.block_q}, {earlier[0].shape[3]} earlier rows)")
 
-    in_place = token_tiles(t, g, bs.block_q)
+    in_place = token_tiles(g, bs.block_q)
     if tokens_out and not (in_place and bs.num_splits == 1):
-        raise InputError(f"tokens_out needs query tiles of whole tokens (T={t}, G={g}, "
+        raise InputError(f"tokens_out needs query tiles of whole tokens (G={g}, "
                          f"block_q={bs.block_q}: `token_tiles`) and num_splits 1 (got "
                          f"{bs.num_splits})")
     # A tile of whole tokens: block_q / G tokens x the G query heads of kv-head h, which in
@@ -411,7 +450,8 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         _flash_kernel, group=g, num_tokens=t, causal=causal, window=window,
         page_size=page_size, pages_per_block=pages_per_block,
         blocks_per_split=blocks_per_split, num_pages=num_pages, merge_splits=merge_splits,
-        block_q=bs.block_q)
+        block_q=bs.block_q, overhang=in_place and rows % bs.block_q != 0,
+        tokens_out=tokens_out)
     pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i, s: (0, 0, h, 0))
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),

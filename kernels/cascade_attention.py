@@ -257,12 +257,11 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
             out_dtype=q_RxTxHxD.dtype, page_offset=shared_page_offset, **common)
     private = dict(window=branch_window, causal=True, block_sizes=bs.private,
                    page_offset=branch_page_offset, **common)
-    rows = t * (h // k_heads)
-    if rows % bs.private.block_q == 0:
+    if aa.merges_earlier(r, t, h // k_heads, bs.private.block_q, earlier_rows=out_s.shape[3]):
         # The private kernel merges the shared splits into its own result (one launch, no
         # merge kernels after it) and writes q's dtype, in q's layout where its tiles are
         # whole tokens (no transpose after it).
-        tokens_out = aa.token_tiles(t, h // k_heads, bs.private.block_q)
+        tokens_out = aa.token_tiles(h // k_heads, bs.private.block_q)
         out, lse = aa.paged_flash_folded(
             q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
             out_dtype=q_RxTxHxD.dtype, earlier=(out_s, lse_s), tokens_out=tokens_out,

@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from statejax.errors import InputError
 from statejax.model import rope
@@ -280,29 +279,10 @@ def _check_aligned(weights, rows: int):
                              "strip reads")
 
 
-def _read(ref, valid, *idx):
-    """ref[:, *idx] of a block of rows; with `valid` ([bm, 1] bool: rows below M) the rows
-    past M (a last row tile overhanging the array) read as zeros, not past the buffer."""
-    idx = (slice(None), *idx) if idx else (...,)
-    if valid is None:
-        return ref[idx]
-    view = ref.at[idx]
-    return plgpu.load(view, mask=jnp.broadcast_to(valid, view.shape), other=0)
-
-
-def _write(ref, value, valid, *idx):
-    """ref[:, *idx] = value, rows past M (`valid` False) left unwritten."""
-    idx = (slice(None), *idx) if idx else (...,)
-    if valid is None:
-        ref[idx] = value
-        return
-    plgpu.store(ref.at[idx], value, mask=jnp.broadcast_to(valid, value.shape))
-
-
 def _rms(x_ref, k: int, block_k: int, eps: float, valid):
     """Per-row 1 / RMS of x_ref [bm, K] in float32, read in K steps: [bm, 1]."""
     def body(step, total):
-        xk = _read(x_ref, valid, pl.ds(pl.multiple_of(step * block_k, block_k), block_k))
+        xk = aa.read_rows(x_ref, valid, pl.ds(pl.multiple_of(step * block_k, block_k), block_k))
         xk = xk.astype(jnp.float32)
         return total + jnp.sum(xk * xk, axis=1, keepdims=True)
 
@@ -338,7 +318,7 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
     def accumulate(weights):
         def body(step, accs):
             ks = pl.ds(pl.multiple_of(step * block_k, block_k), block_k)
-            xk = _read(x_ref, valid, ks)
+            xk = aa.read_rows(x_ref, valid, ks)
             if has_norm:  # llama.RMSNorm: normalise in f32, round, then scale
                 scale = scale_ref[:, ks] if scale_ref.ndim == 2 else scale_ref[ks][None, :]
                 xk = (xk.astype(jnp.float32) * rms).astype(dtype) * scale
@@ -352,8 +332,8 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
 
     def finish(o_ref, y):
         if has_residual:
-            y = _read(r_ref, valid) + y
-        _write(o_ref, y.astype(o_ref.dtype), valid)
+            y = aa.read_rows(r_ref, valid) + y
+        aa.write_rows(o_ref, y.astype(o_ref.dtype), valid)
 
     if activation == "silu_mul":
         gate, up = accumulate([w_refs[0][0], w_refs[1][0]])
@@ -374,13 +354,13 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
         lo, hi = ys
         if rotate[w]:  # model.rope.rotate: in float32 from the rounded outputs, rounded
             lo32, hi32, cos, sin = (lo.astype(jnp.float32), hi.astype(jnp.float32),
-                                    _read(cos_ref, valid), _read(sin_ref, valid))
+                                    aa.read_rows(cos_ref, valid), aa.read_rows(sin_ref, valid))
             lo, hi = (lo32 * cos - hi32 * sin).astype(dtype), (hi32 * cos + lo32 * sin).astype(
                 dtype)
         # The block [bm, 2, bn / 2]: the two halves of a head's columns.
-        _write(o_ref, lo[:, None, :], valid[:, :, None] if valid is not None else None,
+        aa.write_rows(o_ref, lo[:, None, :], valid[:, :, None] if valid is not None else None,
                pl.ds(0, 1), slice(None))
-        _write(o_ref, hi[:, None, :], valid[:, :, None] if valid is not None else None,
+        aa.write_rows(o_ref, hi[:, None, :], valid[:, :, None] if valid is not None else None,
                pl.ds(1, 1), slice(None))
 
     if len(firsts) == 1:

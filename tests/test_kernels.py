@@ -253,11 +253,12 @@ def _all_eqns(jaxpr):
 
 
 # Query tiles of whole tokens (`token_tiles`): q read, and an unsplit output written, in the
-# model's [B, T, H, D] layout; tiles of 16, 2 and 8 tokens, GQA 1 / 8 / 2.
+# model's [B, T, H, D] layout; tiles of 16, 2 and 8 tokens, GQA 1 / 8 / 2; in the last two
+# the last tile reaches past T (5 tokens in tiles of 2; 3 in one tile of 8: masked rows).
 TOKEN_TILE_CASES = [
     Case(lengths=(0, 33, 70), t=32, h=2, k=2, pages=8, block=(16, 32, 1)),
-    Case(lengths=(9, 64), t=6, h=8, k=1, pages=6, dtype="bfloat16", block=(16, 16, 1)),
-    Case(lengths=(40,), t=16, h=4, k=2, pages=5, d=32, block=(16, 16, 1)),
+    Case(lengths=(9, 64), t=5, h=8, k=1, pages=6, dtype="bfloat16", block=(16, 16, 1)),
+    Case(lengths=(40,), t=3, h=4, k=2, pages=5, d=32, block=(16, 16, 1)),
 ]
 
 
@@ -270,33 +271,39 @@ def _kernel_layouts(fn, *args) -> list[tuple[tuple, tuple]]:
 
 @pytest.mark.parametrize("case", TOKEN_TILE_CASES, ids=str)
 def test_token_tiles_read_and_write_the_queries_layout(case):
-    """Tiles of whole tokens: the same answers as the reference (outputs poisoned), and the
-    kernel reads q and writes its output as [B, T, K, G x D] (free reshapes of [B, T, H, D]:
-    no transpose before or after it)."""
+    """Tiles of whole tokens: the same answers as the reference (outputs poisoned: a row
+    the masked last tile fails to write is NaN), and the kernel reads q and writes its
+    output as [B, T, K, G x D] (free reshapes of [B, T, H, D]: no transpose or pad before
+    or after it), the last tile overhanging T or not."""
     g = case.h // case.k
-    assert aa.token_tiles(case.t, g, case.block[0])
+    assert aa.token_tiles(g, case.block[0])
     check_paged(case, aa.append_attention, aa.append_attention_reference, interpret=True)
-    q, pool, _, table, lengths = _valid_args()
-    q = jnp.ones((len(case.lengths), case.t, case.h, case.d))
-    pool = jnp.ones((len(case.lengths) * case.pages, case.page_size, case.k, case.d))
-    table = jnp.zeros((len(case.lengths), case.pages), jnp.int32)
-    lengths = jnp.zeros((len(case.lengths),), jnp.int32)
-    call = lambda *a: aa.append_attention(*a, block_sizes=case.block_sizes,
-                                          interpret=True)[0]
-    b, tokens = (len(case.lengths), case.t)
-    as_tokens = (b, tokens, case.k, g * case.d)
-    assert _kernel_layouts(call, q, pool, pool, table, lengths) == [(as_tokens, as_tokens)]
-    # Padded tiles still fold (one token less): [B, K, M_pad, D] in, [B, K, N, M_pad, D] out.
-    rows = -(-(tokens - 1) * g // case.block[0]) * case.block[0]
-    assert _kernel_layouts(call, q[:, 1:], pool, pool, table, lengths) == [
-        ((b, case.k, rows, case.d), (b, case.k, 1, rows, case.d))]
+    b = len(case.lengths)
+    q = jnp.ones((b, case.t, case.h, case.d))
+    pool = jnp.ones((b * case.pages, case.page_size, case.k, case.d))
+    table = jnp.zeros((b, case.pages), jnp.int32)
+    lengths = jnp.zeros((b,), jnp.int32)
+    call = lambda q, k_pool: aa.append_attention(q, k_pool, k_pool, table, lengths,
+                                                 block_sizes=case.block_sizes,
+                                                 interpret=True)[0]
+    as_tokens = (b, case.t, case.k, g * case.d)
+    assert _kernel_layouts(call, q, pool) == [(as_tokens, as_tokens)]
+    # Three query heads a kv-head are no power of two: folded (rows padded to the tile).
+    rows = -(-case.t * 3 // case.block[0]) * case.block[0]
+    q3, pool3 = jnp.ones((b, case.t, 6, case.d)), jnp.ones((b * case.pages, case.page_size, 2,
+                                                           case.d))
+    assert _kernel_layouts(call, q3, pool3) == [((b, 2, rows, case.d), (b, 2, 1, rows, case.d))]
 
 
 def test_token_tiles_rule():
-    assert aa.token_tiles(32, 4, 128) and aa.token_tiles(4, 8, 16) and aa.token_tiles(16, 1, 16)
-    assert not aa.token_tiles(5, 4, 32)  # padded rows
-    assert not aa.token_tiles(32, 7, 32)  # 224 rows fill 7 tiles, but a tile splits a token
-    assert not aa.token_tiles(1, 32, 16)  # a token's heads span two tiles
+    assert aa.token_tiles(4, 128) and aa.token_tiles(8, 16) and aa.token_tiles(1, 16)
+    assert not aa.token_tiles(3, 48)  # a power-of-two G only (Triton's tensors)
+    assert not aa.token_tiles(32, 16)  # a token's heads span two tiles
+    # Merging earlier partials: whole tiles a row, or one row within the earlier rows.
+    assert aa.merges_earlier(3, 8, 4, 32, earlier_rows=96)
+    assert aa.merges_earlier(1, 1, 4, 16, earlier_rows=16)
+    assert not aa.merges_earlier(2, 1, 4, 16, earlier_rows=16)
+    assert not aa.merges_earlier(1, 1, 4, 32, earlier_rows=16)
 
 
 def test_token_tiles_cascade_merges_into_the_queries_layout():
@@ -320,11 +327,41 @@ def test_token_tiles_cascade_merges_into_the_queries_layout():
     check_cascade(case, interpret=True, seed=3)
 
 
+# One branch generating (T = 1, G = 4: 4 of a 16-row tile): the private kernel merges the
+# shared splits in its epilogue all the same, q and out in the branch's layout.
+DECODE_BRANCH = CascadeCase(shared_lengths=(0, 37, 100), branch_lengths=(5,), t=1, h=8, k=2,
+                            shared_pages=8, branch_pages=2, dtype="bfloat16",
+                            block_sizes=_SPLIT_TILES)
+
+
+def test_one_generating_branch_merges_in_the_private_kernel():
+    case = DECODE_BRANCH
+    rng = np.random.default_rng(0)
+    q = _queries(rng, (1, 1, case.h, case.d), case.dtype)
+    pool = _queries(rng, (8, case.shared_page_size, case.k, case.d), case.dtype)
+    table = jnp.arange(8, dtype=jnp.int32)
+    call = lambda *a: ca.cascade_attention(*a, block_sizes=case.block_sizes,
+                                           interpret=True)[0]
+    args = (q, pool, pool, table, jnp.int32(100), pool, pool, table[None, :2],
+            jnp.zeros((1,), jnp.int32))
+    k, g, d = case.k, case.h // case.k, case.d
+    assert _kernel_layouts(call, *args) == [((1, 1, k, g * d), (1, k, 3, 16, d)),
+                                            ((1, 1, k, g * d), (1, 1, k, g * d))]
+    check_cascade(case, interpret=True, seed=4)
+    # Two such branches: their rows 4 apart in the shared partials, no tile each: combined
+    # after the kernels (the private part a float32 partial).
+    two = dataclasses.replace(case, branch_lengths=(5, 0))
+    q2 = jnp.concatenate([q, q])
+    args2 = (q2, *args[1:5], pool, pool, table[:4].reshape(2, 2), jnp.zeros((2,), jnp.int32))
+    assert _kernel_layouts(call, *args2)[1][1] == (2, k, 1, 16, d)
+    check_cascade(two, interpret=True, seed=5)
+
+
 def test_tokens_out_needs_token_tiles():
-    q, pool, _, table, lengths = _valid_args()  # T x G = 6 rows: padded tiles
+    q, pool, _, table, lengths = _valid_args()
     with pytest.raises(InputError, match="tokens_out needs query tiles of whole tokens"):
         aa.paged_flash_folded(q, pool, pool, table, lengths, window=32, causal=True,
-                              block_sizes=aa.BlockSizes(block_q=16, block_k=16),
+                              block_sizes=aa.BlockSizes(block_q=16, block_k=16, num_splits=2),
                               out_dtype=q.dtype, interpret=True, tokens_out=True)
 
 
