@@ -466,7 +466,7 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     offset = jnp.full((1, 1), page_offset, jnp.int32)
     args = [lengths_B.reshape(b, 1), page_table_BxP, offset, q, k_pool, v_pool]
     if earlier is not None:
-        row_blocks = rows // bs.block_q  # query tiles per row; row b's follow row b - 1's
+        row_blocks = pl.cdiv(rows, bs.block_q)  # query tiles a row; row b's follow b - 1's
         in_specs += [
             pl.BlockSpec((None, None, merge_splits, bs.block_q, d),
                          lambda b, h, i, s: (0, h, 0, b * row_blocks + i, 0)),
