@@ -184,11 +184,14 @@ class Attention(nn.Module):
                 cos, sin = (a.reshape(-1, cfg.head_dim // 2)
                             for a in rope_tables(positions_BxT, inv_freq))
                 rotary = Rotary(cos, sin, rotate=(True, True, False))
-            q, k, v = (y.reshape(*y.shape[:2], h, cfg.head_dim) for y, h in zip(_fused_linear(
+            # q, k and v as three buffers: the attention call and the cell writes read them
+            # whole (a slice of one output handed to a Pallas call is copied out first).
+            outputs = _fused_linear(
                 x_BxTxE, [_matrix(w, e) for w in weights], norm_scale_K=_vector(norm(x_BxTxE)),
                 norm_eps=cfg.rms_eps, rotary=rotary, split_outputs=True,
-                bias=tuple(_vector(b) for b in biases) if cfg.qkv_bias else None), heads,
-                strict=True))
+                bias=tuple(_vector(b) for b in biases) if cfg.qkv_bias else None)
+            q, k, v = (y.reshape(*y.shape[:2], h, cfg.head_dim)
+                       for y, h in zip(outputs, heads, strict=True))
         else:
             h = norm(x_BxTxE)
             q, k, v = (p(h) for p in projections)
