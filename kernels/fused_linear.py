@@ -422,7 +422,7 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
     strip_rows = bs.block_n // 2 if rotary is not None else bs.block_n
     _check_aligned(weights, strip_rows)
     # A last row tile overhanging M is masked in the kernel, not padded by XLA (a launch
-    # per operand: at a generated token's one row, most of the step's launches).
+    # per operand: at a generated token's one row, four a layer).
     ragged = m % bs.block_m != 0
     # Programs j in [firsts[w], firsts[w + 1]) compute weight w's columns; with "silu_mul"
     # every program reads both weights' strip j.
