@@ -379,9 +379,9 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=causal,
         block_sizes=block_sizes, out_dtype=out_dtype, interpret=interpret,
         page_offset=page_offset, poison_outputs=poison_outputs, tokens_out=tokens_out)
-    lse = unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)
-    return (out.reshape(b, t, h, 1, d) if tokens_out
-            else unfold_rows(jnp.moveaxis(out, 2, 3), t, h)), lse
+    if not tokens_out:
+        return unfold_partials(out, lse, t, h)
+    return out.reshape(b, t, h, 1, d), unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)
 
 
 def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window: int,

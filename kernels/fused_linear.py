@@ -358,10 +358,9 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
             lo, hi = (lo32 * cos - hi32 * sin).astype(dtype), (hi32 * cos + lo32 * sin).astype(
                 dtype)
         # The block [bm, 2, bn / 2]: the two halves of a head's columns.
-        aa.write_rows(o_ref, lo[:, None, :], valid[:, :, None] if valid is not None else None,
-               pl.ds(0, 1), slice(None))
-        aa.write_rows(o_ref, hi[:, None, :], valid[:, :, None] if valid is not None else None,
-               pl.ds(1, 1), slice(None))
+        half_valid = None if valid is None else valid[:, :, None]
+        aa.write_rows(o_ref, lo[:, None, :], half_valid, pl.ds(0, 1), slice(None))
+        aa.write_rows(o_ref, hi[:, None, :], half_valid, pl.ds(1, 1), slice(None))
 
     if len(firsts) == 1:
         one_weight(0)
