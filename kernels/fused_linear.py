@@ -530,8 +530,10 @@ def fused_linear_reference(x_MxK, weights, *, norm_scale_K=None, norm_eps: float
         x32 = x.astype(jnp.float32)
         rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + norm_eps)
         x = (x32 * rms).astype(dtype) * norm_scale_K.astype(dtype)[None, :]
-    outs = [jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(dtype)
-            for w in weights]
+    # HIGHEST: the kernel multiplies float32 in IEEE f32; XLA's default on a GPU is TF32,
+    # ~1e-3 off (H200, 2026-12-04: every float32 case of the compiled tests).
+    outs = [jnp.dot(x, w.T, preferred_element_type=jnp.float32,
+                    precision=jax.lax.Precision.HIGHEST).astype(dtype) for w in weights]
     if bias is not None:
         outs = [y + b.astype(dtype)[None, :] for y, b in zip(outs, bias, strict=True)]
     if rotary is not None:

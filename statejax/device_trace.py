@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import glob
 import os
+import re
 import tempfile
 
 import jax
@@ -98,26 +99,35 @@ def breakdown(events: list[KernelEvent], calls: int, top: int = 12) -> dict:
        with at least one kernel running per call (kernels on several streams, or a CPU's ops
        on several threads, overlap: the sum can exceed the step), "span_ms": first start to
        last end over the calls / calls, "by_kind": {kind: {"kernels", "ms"}},
-       "top": the `top` HLO ops by time, [{"op", "kind", "kernels", "ms", "us_each"}]}.
+       "top": the `top` HLO ops by time, [{"op", "kind", "kernels", "ms", "us_each"}],
+       "top_kernels": the same by kernel name, numeric suffixes dropped (`kernel_family`),
+       [{"kernel", "kind", "kernels", "ms", "us_each"}]: inside a CUDA graph every kernel's
+       HLO op is the graph's (`command_buffer_1`), so only the names tell kernels apart}.
     """
     if calls < 1:
         raise ValueError(f"calls={calls}; allowed: >= 1")
     if not events:
         return {"kernels": 0, "kernel_ms": 0.0, "busy_ms": 0.0, "span_ms": 0.0, "by_kind": {},
-                "top": []}
+                "top": [], "top_kernels": []}
     by_kind = {k: {"kernels": 0, "ms": 0.0} for k in KINDS}
     by_op = collections.defaultdict(lambda: [0, 0.0])
+    by_name = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
         k = kind(e)
         by_kind[k]["kernels"] += 1
         by_kind[k]["ms"] += e.duration_ns / 1e6
-        op = by_op[(e.hlo_op or e.name, k)]
-        op[0] += 1
-        op[1] += e.duration_ns / 1e6
+        for totals in (by_op[(e.hlo_op or e.name, k)], by_name[(kernel_family(e.name), k)]):
+            totals[0] += 1
+            totals[1] += e.duration_ns / 1e6
     for totals in by_kind.values():
         totals["kernels"] /= calls
         totals["ms"] /= calls
-    ranked = sorted(by_op.items(), key=lambda item: -item[1][1])[:top]
+
+    def ranked(groups, key):
+        return [{key: name, "kind": k, "kernels": n / calls, "ms": ms / calls,
+                 "us_each": 1e3 * ms / n}
+                for (name, k), (n, ms) in sorted(groups.items(), key=lambda g: -g[1][1])[:top]]
+
     start = min(e.start_ns for e in events)
     end = max(e.start_ns + e.duration_ns for e in events)
     return {
@@ -126,9 +136,16 @@ def breakdown(events: list[KernelEvent], calls: int, top: int = 12) -> dict:
         "busy_ms": _busy_ns(events) / 1e6 / calls,
         "span_ms": (end - start) / 1e6 / calls,
         "by_kind": by_kind,
-        "top": [{"op": op, "kind": k, "kernels": n / calls, "ms": ms / calls,
-                 "us_each": 1e3 * ms / n} for (op, k), (n, ms) in ranked],
+        "top": ranked(by_op, "op"),
+        "top_kernels": ranked(by_name, "kernel"),
     }
+
+
+def kernel_family(name: str) -> str:
+    """A kernel's name without XLA's numeric suffixes (`loop_add_fusion_12` ->
+    `loop_add_fusion`, `gemm_fusion_dot.4` -> `gemm_fusion_dot`): one entry per kind of
+    kernel, not one per layer."""
+    return re.sub(r"([._]\d+)+$", "", name) or name
 
 
 def _busy_ns(events: list[KernelEvent]) -> float:

@@ -79,12 +79,6 @@ def generation_width(limits, budget: Budget) -> int:
     return 1 if max(limits) == 1 else budget.max_new_tokens
 
 
-def fetch_generation(gen: steps.Generation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The arrays an answer is made of, on the host: tokens [R, G] int32, num_tokens [R]
-    int32, gaps [R, G] float32 (waits for the step)."""
-    return jax.device_get((gen.tokens, gen.num_tokens, gen.gaps))
-
-
 class Session:
     """One session row: frozen prefix, then appended data; queries never change it.
 
@@ -301,18 +295,19 @@ class Session:
         max_new = np.zeros((r,), np.int32)
         for i, (q, m) in enumerate(zip(ids, limits, strict=True)):
             question[i, :q.size], question_len[i], max_new[i] = q, q.size, m
-        # Only the question's three arrays change per call: they go in as numpy (each
-        # jnp.asarray(...) would be its own dispatch, ~0.6 ms of the query's host time on CPU
-        # once); the scalars are device arrays made once per value.
-        gen = steps.query(
-            self.params, self._state, _device_scalar(0, "int32"), question, question_len,
-            max_new, _device_scalar(self.stop_token, "int32"),
-            _device_scalar(temperature, "float32"), key,
-            _device_scalar(self.tokenizer.vocab_size, "int32"), cfg=self.cfg,
+        # The question goes in as one numpy array and the answer comes back as one: each
+        # host transfer has its own fixed cost on a GPU (`steps.query_packed`), and each
+        # jnp.asarray(...) would be its own dispatch (~0.6 ms of the query's host time on CPU
+        # once). The scalars are device arrays made once per value.
+        answer = steps.query_packed(
+            self.params, self._state, _device_scalar(0, "int32"),
+            steps.pack_question(question, question_len, max_new),
+            _device_scalar(self.stop_token, "int32"), _device_scalar(temperature, "float32"),
+            key, _device_scalar(self.tokenizer.vocab_size, "int32"), cfg=self.cfg,
             window=self.budget.window_for(self.length), branch_cells=self.budget.branch_cells,
             max_new_cap=generation_width(limits, self.budget), impl=self.impl,
             linear_impl=self.linear_impl)
-        tokens, num, gaps = fetch_generation(gen)
+        tokens, num, gaps = steps.unpack_answer(answer)
         answers = []
         for i in range(len(ids)):
             # Gaps cover every emitted token, the stop token included.

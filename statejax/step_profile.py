@@ -20,13 +20,15 @@ chained, so per-call launch cost is amortised as in the real step):
   on its argument buffers (`query_args` of them) and launches,
 - `query_step_sync`: the same compiled call one at a time on the same inputs, each waited for
   (a query's latency, where `query_step` is the pipelined rate),
-- `query_step_host_io`: one call at a time as `Session.query` makes it: the question's
-  arrays in from the host (numpy), the answer's arrays fetched (`session.fetch_generation`);
-  `query_step_host_io_call`, from the same calls, the host time until the call returns
-  (what the session spends before its work is queued on the device; the rest is the wait
-  for the device and the transfers out),
+- `query_step_host_io`: one call at a time as `Session.query` makes it
+  (`steps.query_packed`): the question in from the host as one numpy array, the answer
+  fetched as one (`steps.unpack_answer`); `query_step_host_io_call`, from the same calls,
+  the host time until the call returns (what the session spends before its work is queued
+  on the device; the rest is the wait for the device and the transfer out);
+  `query_step_host_io_unpacked`: the same with `steps.query`'s three question arrays in and
+  the answer's three out (what the packing saves),
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
-  these six rows split a query's time into device rate, dispatch, latency, transfers and
+  these seven rows split a query's time into device rate, dispatch, latency, transfers and
   Python; they come again for each of `config.extra_contexts` (named `query_step@32768`
   ...: what grows with the session), and last for each weights layout of
   `config.layout_rows` (`statejax.model.layouts`: packed, 45 argument buffers instead of
@@ -71,7 +73,7 @@ from statejax.model import rope
 from statejax.model.config import preset
 from statejax.model.layouts import LAYOUTS, lay_out
 from statejax.model.llama import LINEAR_IMPLS, Attention, Mlp, Transformer, init_params
-from statejax.session import Session, fetch_generation, generation_width
+from statejax.session import Session, generation_width
 from statejax.tokenizer import ByteTokenizer
 
 
@@ -264,6 +266,20 @@ def host_inputs(args) -> tuple:
                  for i, a in enumerate(args))
 
 
+def packed_host_inputs(args) -> tuple:
+    """`query_path`'s args as `Session.query` passes them to `steps.query_packed`: the
+    question's three arrays as one numpy array (`steps.pack_question`), the rest as
+    `host_inputs`."""
+    request = steps.pack_question(*jax.device_get(args[3:6]))
+    return (*args[:3], request, *args[6:])
+
+
+def fetch_generation(gen: steps.Generation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`query`'s answer on the host as three transfers: tokens [R, G] int32, num_tokens [R]
+    int32, gaps [R, G] float32 (waits for the step)."""
+    return jax.device_get((gen.tokens, gen.num_tokens, gen.gaps))
+
+
 def _time_per_generated_token(args, static, width: int, timing) -> tuple[float, int]:
     """(median seconds per generated token, kernels per token) of the query at `args`
     generating `width` tokens: (t(width) - t(1)) / (width - 1) of one compiled program, the
@@ -352,7 +368,7 @@ def run(config, on_row=None) -> dict:
         # profiler that fails is recorded, not raised: the rows after this one still count.
         try:
             results["query_kernels"] = device_trace.kernel_breakdown(
-                compiled, args, calls=config.trace_calls)
+                compiled, args, calls=config.trace_calls, top=24)
         except Exception as e:  # noqa: BLE001 - any profiler failure
             results["query_kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if on_row is not None:
@@ -427,7 +443,8 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
                after_step=None, linear_impl: str = "xla") -> tuple[tuple, dict]:
     """Adds the query path's rows at a session of `context` cells, each name + `suffix`:
     `query_step` (pipelined calls), `query_step_dispatch`, `query_step_sync`,
-    `query_step_host_io_call`, `query_step_host_io`, `session_query` (module docstring).
+    `query_step_host_io_call`, `query_step_host_io`, `query_step_host_io_unpacked`,
+    `session_query` (module docstring).
     `after_step(compiled, args)`, if given, runs right after `query_step` (the kernel trace,
     before the slower rows). `linear_impl`: as `query_path`.
 
@@ -444,11 +461,19 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
         lambda: compiled(*args), after=jax.block_until_ready, **timing), launches, nbytes)
     add("query_step_sync" + suffix, _median_wall_seconds(
         lambda: jax.block_until_ready(compiled(*args)), **timing), launches, nbytes)
-    host_args = host_inputs(args)
+    # As the session calls it: the question in as one numpy array, the answer out as one.
+    packed_args = packed_host_inputs(args)
+    packed = steps.query_packed.lower(*packed_args, **static).compile()
+    packed_launches = step_census.kernel_kinds(packed.as_text())["total"]
     call_s, total_s = _median_call_and_total_seconds(
-        lambda: compiled(*host_args), fetch_generation, **timing)
-    add("query_step_host_io_call" + suffix, call_s, launches, nbytes)
-    add("query_step_host_io" + suffix, total_s, launches, nbytes)
+        lambda: packed(*packed_args), steps.unpack_answer, **timing)
+    add("query_step_host_io_call" + suffix, call_s, packed_launches, nbytes)
+    add("query_step_host_io" + suffix, total_s, packed_launches, nbytes)
+    # The same with the question's three arrays in and the answer's three out (the session
+    # before 2026-12-04): what packing the transfers saves.
+    host_args = host_inputs(args)
+    add("query_step_host_io_unpacked" + suffix, _median_call_and_total_seconds(
+        lambda: compiled(*host_args), fetch_generation, **timing)[1], launches, nbytes)
     add("session_query" + suffix, _median_wall_seconds(
         lambda: session.query(question, 1), **timing), None, nbytes)
     return args, static
@@ -528,4 +553,9 @@ def _kernels_markdown(k: dict, step_ms: float) -> list[str]:
     ]
     lines += [f"| {t['op']} | {t['kind']} | {t['kernels']:.0f} | {t['ms']:.3f} | "
               f"{t['us_each']:.1f} |" for t in k["top"]]
+    if k.get("top_kernels"):  # results written before 2026-12-04 have none
+        lines += ["", "| kernel (most time; numeric suffixes dropped) | kind | kernels | ms | "
+                  "µs each |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {t['kernel']} | {t['kind']} | {t['kernels']:.0f} | {t['ms']:.3f} | "
+                  f"{t['us_each']:.1f} |" for t in k["top_kernels"]]
     return lines

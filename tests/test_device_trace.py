@@ -79,6 +79,29 @@ def test_gpu_kernels_are_summed_per_call_by_kind_and_op():
         ("pallas_call.4", "pallas", 1)]
     assert b["top"][0]["ms"] == pytest.approx(0.060)
     assert b["top"][0]["us_each"] == pytest.approx(30)
+    # By kernel name: the two Pallas launches (two HLO ops) are one kernel.
+    assert [(t["kernel"], t["kind"], t["kernels"]) for t in b["top_kernels"]] == [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", "gemm", 2), ("statejax_paged_flash", "pallas", 2),
+        ("MemcpyD2D", "copy", 1)]
+    assert b["top_kernels"][1]["ms"] == pytest.approx(0.020)
+    assert b["top_kernels"][1]["us_each"] == pytest.approx(10)
+
+
+def test_kernels_inside_a_cuda_graph_are_told_apart_by_name():
+    """Inside a CUDA graph every kernel's HLO op is the graph's; names, without XLA's
+    numeric suffixes, group them by kind of kernel across layers."""
+    ev = lambda name, start, dur: device_trace.KernelEvent(  # noqa: E731
+        name, "command_buffer_1", start, dur)
+    events = [ev("loop_add_fusion_3", 0, 2000), ev("gemm_fusion_dot.4", 2000, 9000),
+              ev("loop_add_fusion_12", 11000, 4000), ev("input_reduce_fusion", 15000, 1000)]
+    b = device_trace.breakdown(events, calls=1)
+    assert [(t["op"], t["kernels"]) for t in b["top"]] == [("command_buffer_1", 1),
+                                                           ("command_buffer_1", 3)]
+    assert [(t["kernel"], t["kernels"], t["us_each"]) for t in b["top_kernels"]] == [
+        ("gemm_fusion_dot", 1, pytest.approx(9)), ("loop_add_fusion", 2, pytest.approx(3)),
+        ("input_reduce_fusion", 1, pytest.approx(1))]
+    assert device_trace.kernel_family("gemm_fusion_dot_2.1") == "gemm_fusion_dot"
+    assert device_trace.kernel_family("sm90_xmma_gemm") == "sm90_xmma_gemm"
 
 
 def test_enclosing_events_do_not_count_twice():

@@ -132,6 +132,37 @@ def test_first_token_query_compiles_no_loop_and_answers_as_generation_does(tiny)
     assert session.query(question, 1).tokens[0] == session.query(question, 5).tokens[0]
 
 
+def test_packed_query_answers_bit_for_bit_as_the_query(tiny):
+    """`query_packed` (one array in, one out) is `query` on the unpacked request: tokens,
+    counts and gaps (float32 bits through int32) equal, on rows that stop early, run to their
+    limit and pad."""
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer())
+    session.append(_random_ids(5, 90))
+    question = np.zeros((3, 16), np.int32)
+    question[0, :9], question[1, :16] = _random_ids(6, 9), _random_ids(7, 16)
+    lengths, max_new = np.array([9, 16, 1], np.int32), np.array([3, 6, 0], np.int32)
+    scalars = (np.int32(session.stop_token), np.float32(0.7), jax.random.key(2),
+               np.int32(256))
+    static = dict(cfg=cfg, window=session.budget.window_for(session.length),
+                  branch_cells=session.budget.branch_cells,
+                  max_new_cap=session.budget.max_new_tokens)
+    gen = steps.query(params, session.state, np.int32(0), question, lengths, max_new,
+                      *scalars, **static)
+    request = steps.pack_question(question, lengths, max_new)
+    assert request.shape == (3, 18) and request.dtype == np.int32
+    answer = steps.query_packed(params, session.state, np.int32(0), request, *scalars,
+                                **static)
+    g = session.budget.max_new_tokens
+    assert answer.shape == (3, 2 * g + 1) and answer.dtype == jnp.int32
+    tokens, num, gaps = steps.unpack_answer(answer)
+    assert gaps.dtype == np.float32 and tokens.shape == gaps.shape == (3, g)
+    np.testing.assert_array_equal(tokens, np.asarray(gen.tokens))
+    np.testing.assert_array_equal(num, np.asarray(gen.num_tokens))
+    np.testing.assert_array_equal(gaps, np.asarray(gen.gaps))
+    assert num[2] == 0 and 1 <= num[0] <= 3 and (gaps[:2, 0] > 0).all()
+
+
 def test_pick_is_argmax_top2_gap_and_categorical_in_one_reduction():
     """`steps._pick`'s one reduction gives what argmax, top_k and categorical give: ties to
     the lower id, masked (-inf) ids never chosen, the same sample for the same key."""
@@ -489,31 +520,37 @@ def test_default_limit_is_capped_by_the_budget(tiny):
 
 def test_only_the_question_crosses_from_the_host_per_query(tiny, monkeypatch):
     """A query's scalars (row, stop token, temperature, vocabulary) are device arrays made
-    once per value and reused; only the question's three arrays come from the host."""
+    once per value and reused; only the question crosses from the host, as one array
+    (`steps.query_packed`)."""
     cfg, params = tiny
     session = Session(params, cfg, _budget(), ByteTokenizer(), prefix="p\n")
     session.append("1 2 3\n")
     calls = []
-    query = steps.query
+    query = steps.query_packed
 
     def recording(*args, **static):
         calls.append(args)
         return query(*args, **static)
 
-    monkeypatch.setattr(steps, "query", recording)
+    monkeypatch.setattr(steps, "query_packed", recording)
     first = session.query("q?", 4, temperature=0.5, seed=3)
     again = session.query("r?", 4, temperature=0.5, seed=3)
     greedy = session.query("q?", 4)
     monkeypatch.undo()
-    scalars = (2, 6, 7, 9)  # row, stop_token, temperature, valid_vocab
+    scalars = steps.QUERY_PACKED_SCALAR_ARGS  # row, stop_token, temperature, valid_vocab
+    assert scalars == (2, 4, 5, 7) and steps.QUERY_PACKED_PER_CALL_ARGS == (3,)
     for args in calls:
-        assert all(isinstance(args[i], np.ndarray) for i in (3, 4, 5))
+        assert isinstance(args[3], np.ndarray) and args[3].dtype == np.int32
         assert all(isinstance(args[i], jax.Array) for i in scalars)
+    # The request: the question's tokens, then its length, then the tokens to generate.
+    ids = session.tokenizer.encode("q?")
+    assert calls[0][3][0, :ids.size].tolist() == ids.tolist()
+    assert calls[0][3][0, -2:].tolist() == [ids.size, 4]
     assert all(calls[0][i] is calls[1][i] for i in scalars)  # made once, reused
-    assert calls[2][7] is not calls[0][7] and float(calls[2][7]) == 0.0
-    assert [int(calls[0][i]) for i in (2, 6, 9)] == [0, session.stop_token,
+    assert calls[2][5] is not calls[0][5] and float(calls[2][5]) == 0.0
+    assert [int(calls[0][i]) for i in (2, 4, 7)] == [0, session.stop_token,
                                                     session.tokenizer.vocab_size]
-    assert float(calls[0][7]) == 0.5
+    assert float(calls[0][5]) == 0.5
     # The answers are those of the steps' numpy inputs.
     for answer, question, temperature in ((first, "q?", 0.5), (again, "r?", 0.5),
                                           (greedy, "q?", 0.0)):

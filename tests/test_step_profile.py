@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from configs import step_profile as sp_config
-from statejax import session as session_lib
 from statejax import step_profile, steps
 from statejax.model.config import preset
 from statejax.model.layouts import lay_out
@@ -104,7 +103,7 @@ def test_tiny_run_reports_each_component_against_the_floor():
     names = [r["component"] for r in results["rows"]]
     # The query path first: a run cut short by its time limit keeps the rows that matter most.
     query = ["query_step", "query_step_dispatch", "query_step_sync", "query_step_host_io_call",
-             "query_step_host_io", "session_query"]
+             "query_step_host_io", "query_step_host_io_unpacked", "session_query"]
     assert names == [*query, "decode_token", "attn_projections", "mlp", "embed_logits",
                      "step_without_attention", "step_with_attention",
                      *[n + "@128" for n in query],  # the larger session's rows,
@@ -128,8 +127,12 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert rows["session_query"]["kernels"] is None is rows["session_query@128"]["kernels"]
     # The one-call-at-a-time rows run the query step's own program.
     assert (rows["query_step_dispatch"]["kernels"] == rows["query_step_sync"]["kernels"]
-            == rows["query_step_host_io_call"]["kernels"]
-            == rows["query_step_host_io"]["kernels"] == rows["query_step"]["kernels"])
+            == rows["query_step_host_io_unpacked"]["kernels"] == rows["query_step"]["kernels"])
+    # The session's packed call: the same step returning one array, not the logits (on CPU
+    # 3 launches fewer: XLA fuses what it no longer returns).
+    packed = rows["query_step_host_io"]["kernels"]
+    assert rows["query_step_host_io_call"]["kernels"] == packed
+    assert abs(packed - rows["query_step"]["kernels"]) <= 4
     # The lone call returns before its answer is on the host (medians of the same calls).
     for suffix in ("", "@128", "[linear=pallas]", "[packed]", "[stacked]",
                    "[packed,linear=pallas]", "[stacked,linear=pallas]"):
@@ -211,10 +214,21 @@ def test_query_step_is_the_sessions_own_device_call(impl):
     host_args = step_profile.host_inputs(args)
     assert all(isinstance(a, np.ndarray) for a in host_args[3:6])
     assert all(host_args[i] is args[i] for i in (0, 1, 2, *range(6, len(args))))
-    tokens, num, gaps = session_lib.fetch_generation(steps.query(*host_args, **static))
+    tokens, num, gaps = step_profile.fetch_generation(steps.query(*host_args, **static))
     np.testing.assert_array_equal(tokens, np.asarray(gen.tokens))
     np.testing.assert_array_equal(gaps, np.asarray(gen.gaps))
     assert isinstance(num, np.ndarray) and num.tolist() == np.asarray(gen.num_tokens).tolist()
+    # The session's own call: the question's arrays packed into one from the host, the
+    # answer out as one; the same values, bit for bit.
+    packed_args = step_profile.packed_host_inputs(args)
+    assert isinstance(packed_args[3], np.ndarray)
+    assert packed_args[3].shape == (1, config.tokens + 2)
+    assert all(packed_args[i] is args[i] for i in range(3))
+    assert all(packed_args[i] is args[i + 2] for i in range(4, len(packed_args)))
+    tokens, num, gaps = steps.unpack_answer(steps.query_packed(*packed_args, **static))
+    np.testing.assert_array_equal(tokens, np.asarray(gen.tokens))
+    np.testing.assert_array_equal(gaps, np.asarray(gen.gaps))
+    assert num.tolist() == np.asarray(gen.num_tokens).tolist()
     # ... and it depends on the session's cells: an empty session answers differently.
     empty = args[1].replace(lengths=args[1].lengths * 0)
     other = steps.query(args[0], empty, *args[2:], **static)
