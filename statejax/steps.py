@@ -290,7 +290,8 @@ def query_packed(params, state: SessionState, row, request_RxT2, stop_token, tem
 
     On a GPU each host transfer is its own copy with a completion handed to a host thread,
     and a lone query waits for all of them (the H200 profile of 2026-12-04: the question's
-    three arrays in and the answer's three out took 0.35-1.0 ms more than the call itself);
+    three arrays in and the answer's three out took 0.35-1.0 ms more than the same call
+    waited for on device-resident inputs);
     packed, the question is one copy in and the answer one copy out.
 
     Args:
