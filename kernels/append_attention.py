@@ -134,16 +134,31 @@ def check_backend(backend: str, interpret: bool):
                          "interpret mode")
 
 
+def kv_heads(k_pool, joint: bool) -> int:
+    """K of a pool [num_pages, page_size, K, D], or of one holding K and V in one buffer
+    (`joint`: [num_pages, page_size, 2K, D], each cell's K heads then its V heads)."""
+    return k_pool.shape[2] // 2 if joint else k_pool.shape[2]
+
+
 def validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window, *,
                    compiled: bool):
-    """Checks ranks, dtypes and sizes of a paged attention call; returns the window S."""
+    """Checks ranks, dtypes and sizes of a paged attention call; returns the window S.
+
+    `v_pool` None: `k_pool` holds both (`kv_heads`)."""
     if q_BxTxHxD.ndim != 4:
         raise InputError(f"q must be [B, T, H, D], got shape {q_BxTxHxD.shape}")
     b, t, h, d = q_BxTxHxD.shape
+    joint = v_pool is None
+    if joint:
+        if k_pool.ndim != 4 or k_pool.shape[2] % 2:
+            raise InputError(f"a K/V pool in one buffer must be [num_pages, page_size, 2K, D] "
+                             f"(K heads, then V heads), got {k_pool.shape}")
+        v_pool = k_pool
     if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
         raise InputError(f"k_pool and v_pool must both be [num_pages, page_size, K, D], got "
                          f"{k_pool.shape} and {v_pool.shape}")
-    num_pages, page_size, k_heads, d_kv = k_pool.shape
+    num_pages, page_size, _, d_kv = k_pool.shape
+    k_heads = kv_heads(k_pool, joint)
     if d_kv != d:
         raise InputError(f"head dim of q ({d}) and of the K/V pool ({d_kv}) differ")
     if k_heads < 1 or h % k_heads:
@@ -395,6 +410,9 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     (`token_tiles`), else folded into the rows by a transpose (and a pad) first.
 
     Args:
+      v_pool: None when `k_pool` holds each cell's K heads then its V heads
+        ([num_pages, page_size, 2K, D], `kv_heads`): the kernel reads both from the one
+        buffer (the model's branch cells, written by one scatter a layer).
       earlier: None, or partials (out [1, K, N', M', D] in float32 or q's dtype, lse
         [1, K, N', M'] float32) of the
         queries of ALL B rows folded into one row (as `cascade_attention`'s shared call
@@ -409,7 +427,9 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
       [B, K, N, M_pad] float32.
     """
     b, t, h, d = q_BxTxHxD.shape
-    num_pages, page_size, k_heads, _ = k_pool.shape
+    num_pages, page_size = k_pool.shape[:2]
+    joint = v_pool is None
+    k_heads = kv_heads(k_pool, joint)
     bs = block_sizes
     g = h // k_heads
     rows = t * g
@@ -452,19 +472,22 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         blocks_per_split=blocks_per_split, num_pages=num_pages, merge_splits=merge_splits,
         block_q=bs.block_q, overhang=in_place and rows % bs.block_q != 0,
         tokens_out=tokens_out)
-    pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i, s: (0, 0, h, 0))
+    # kv-head h's cells: head h of each pool (one buffer: head h, and head K + h for V).
+    v_head = k_heads if joint else 0
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
         pl.BlockSpec((None, table_width), lambda b, h, i, s: (b, 0)),
         pl.BlockSpec((None, 1), lambda b, h, i, s: (0, 0)),
         q_spec,
-        pool_spec,
-        pool_spec,
+        pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i, s: (0, 0, h, 0)),
+        pl.BlockSpec((num_pages, page_size, None, d),
+                     lambda b, h, i, s: (0, 0, h + v_head, 0)),
     ]
     # The layer's page offset travels as data: as a static constant it made each layer's
     # kernel distinct, and XLA compiled 16 copies per step (one when identical).
     offset = jnp.full((1, 1), page_offset, jnp.int32)
-    args = [lengths_B.reshape(b, 1), page_table_BxP, offset, q, k_pool, v_pool]
+    args = [lengths_B.reshape(b, 1), page_table_BxP, offset, q, k_pool,
+            k_pool if joint else v_pool]
     if earlier is not None:
         row_blocks = pl.cdiv(rows, bs.block_q)  # query tiles a row; row b's follow b - 1's
         in_specs += [

@@ -171,7 +171,9 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
       shared_page_table_P: int32 [P] the session's pages.
       shared_len: int32 scalar n: shared cells [0, n) are attended (0 is allowed).
       branch_k_pool, branch_v_pool: [num_pages_b, page_size_b, K, D] pool of branch cells,
-        already holding this step's tokens.
+        already holding this step's tokens; or `branch_v_pool` None and `branch_k_pool`
+        [num_pages_b, page_size_b, 2K, D], each cell's K heads then its V heads in one
+        buffer (as `statejax.cache.BranchView` keeps them).
       branch_page_table_RxPb: int32 pages of each branch.
       branch_lengths_R: int32 m_r, private cells of branch r in use before this step.
       shared_window: static S <= P * page_size (default P * page_size).
@@ -204,9 +206,10 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     branch_window = aa.validate_paged(
         q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
         branch_window, compiled=not interpret)
-    if branch_k_pool.shape[2:] != shared_k_pool.shape[2:]:
+    branch_heads = aa.kv_heads(branch_k_pool, joint=branch_v_pool is None)
+    if (branch_heads, branch_k_pool.shape[3]) != shared_k_pool.shape[2:]:
         raise InputError(f"shared and branch pools differ in [K, D]: "
-                         f"{shared_k_pool.shape[2:]} vs {branch_k_pool.shape[2:]}")
+                         f"{shared_k_pool.shape[2:]} vs {(branch_heads, branch_k_pool.shape[3])}")
     k_heads = shared_k_pool.shape[2]
     shape = dict(branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
                  shared_page_size=shared_k_pool.shape[1], shared_window=shared_window,
@@ -292,7 +295,9 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
       shared_k, shared_v: session cells [L, B, C, K, D] (with `layer`) or [B, C, K, D].
       row: int32 scalar, the session row the branches extend.
       shared_len: int32 scalar n.
-      branch_k, branch_v: branch cells [L, R, Tb, K, D] (with `layer`) or [R, Tb, K, D].
+      branch_k, branch_v: branch cells [L, R, Tb, K, D] (with `layer`) or [R, Tb, K, D];
+        or `branch_v` None and `branch_k` [L, R, Tb, 2K, D] (or [R, Tb, 2K, D]): each cell's
+        K heads then its V heads, as `statejax.cache.BranchView` keeps them.
       branch_lengths_R: int32 private cells in use before this step.
       layer: static layer index for 5-D cells.
       shared_window: static S <= C, n <= S.
@@ -330,8 +335,8 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
                                      page_size=shared_ps)
     bk_pool, b_table, b_offset = aa.cells_as_pool(branch_k, layer=layer, rows=None, window=tb,
                                                   page_size=branch_ps)
-    bv_pool, _, _ = aa.cells_as_pool(branch_v, layer=layer, rows=None, window=tb,
-                                     page_size=branch_ps)
+    bv_pool = None if branch_v is None else aa.cells_as_pool(
+        branch_v, layer=layer, rows=None, window=tb, page_size=branch_ps)[0]
     return cascade_attention(q_RxTxHxD, sk_pool, sv_pool, s_table[0], shared_len, bk_pool,
                              bv_pool, b_table, branch_lengths_R, shared_window=shared_window,
                              branch_window=tb, block_sizes=block_sizes, interpret=interpret,

@@ -83,13 +83,14 @@ def _pallas_append(layer, q_BxTxHxD, k_LxBxCxKxD, v_LxBxCxKxD, lengths_B, window
     return out
 
 
-def _pallas_branch(layer, q_RxTxHxD, view, branch_k, branch_v):
-    """BranchView attention by `cascade_attention`: shared cells read once for all branches."""
+def _pallas_branch(layer, q_RxTxHxD, view, branch_kv):
+    """BranchView attention by `cascade_attention`: shared cells read once for all branches,
+    the private K and V heads from their one buffer."""
     from statejax.kernels import cascade_attention
 
     out, _ = cascade_attention.cascade_attention_cells(
-        q_RxTxHxD, view.shared_k, view.shared_v, view.row, view.shared_len, branch_k,
-        branch_v, view.branch_lengths, layer=layer, shared_window=view.window,
+        q_RxTxHxD, view.shared_k, view.shared_v, view.row, view.shared_len, branch_kv,
+        None, view.branch_lengths, layer=layer, shared_window=view.window,
         interpret=pallas_interpret(), backend=None)
     return out
 
@@ -157,7 +158,9 @@ class BranchView:
       shared_k, shared_v: [L, B, C, K, D] session cells, read only.
       row: int32 scalar, the session row the branches extend.
       shared_len: int32 scalar, n = that row's length (cells [0, n) are attended).
-      branch_k, branch_v: [L, R, Tb, K, D] private cells of the branches.
+      branch_kv: [L, R, Tb, 2K, D] private cells of the branches, each cell's K heads then
+        its V heads: a layer's new K and V go in by one scatter (two buffers took two
+        kernels a layer, compiled for an H100).
       branch_lengths: [R] int32 private cells in use before this step.
       num_new: [R] int32 valid tokens this step per branch.
       window: static S <= C with n <= S.
@@ -168,8 +171,7 @@ class BranchView:
     shared_v: jax.Array
     row: jax.Array
     shared_len: jax.Array
-    branch_k: jax.Array
-    branch_v: jax.Array
+    branch_kv: jax.Array
     branch_lengths: jax.Array
     num_new: jax.Array
     window: int = struct.field(pytree_node=False)
@@ -183,13 +185,12 @@ class BranchView:
     def update_and_attend(self, layer, q_RxTxHxD, k_RxTxKxD, v_RxTxKxD):
         _check_impl(self.impl, IMPLS)
         r, t = q_RxTxHxD.shape[:2]
-        branch_k = _scatter_rows(self.branch_k, layer, self.branch_lengths, self.num_new,
-                                 k_RxTxKxD)
-        branch_v = _scatter_rows(self.branch_v, layer, self.branch_lengths, self.num_new,
-                                 v_RxTxKxD)
+        k_heads = k_RxTxKxD.shape[2]
+        branch_kv = _scatter_rows(self.branch_kv, layer, self.branch_lengths, self.num_new,
+                                  jnp.concatenate([k_RxTxKxD, v_RxTxKxD], axis=2))
         if self.impl in _KERNEL_IMPLS:
-            out = _pallas_branch(layer, q_RxTxHxD, self, branch_k, branch_v)
-            return out, self.replace(branch_k=branch_k, branch_v=branch_v)
+            out = _pallas_branch(layer, q_RxTxHxD, self, branch_kv)
+            return out, self.replace(branch_kv=branch_kv)
 
         # Shared part: every branch sees the same cells [0, n) of the session row.
         shared_k_SxKxD = self.shared_k[layer, self.row, : self.window]
@@ -204,10 +205,10 @@ class BranchView:
         lse_s = lse_s.reshape(r, t, -1)
 
         # Private part: causal over the branch's own cells.
-        tb = branch_k.shape[2]
+        tb = branch_kv.shape[2]
         q_idx_RxT = self.branch_lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         private_mask = jnp.arange(tb, dtype=jnp.int32)[None, None, :] <= q_idx_RxT[:, :, None]
-        out_p, lse_p = attention.attend(q_RxTxHxD, branch_k[layer], branch_v[layer],
-                                        private_mask)
+        out_p, lse_p = attention.attend(q_RxTxHxD, branch_kv[layer, :, :, :k_heads],
+                                        branch_kv[layer, :, :, k_heads:], private_mask)
         out, _ = attention.merge_partials(out_s, lse_s, out_p, lse_p)
-        return out, self.replace(branch_k=branch_k, branch_v=branch_v)
+        return out, self.replace(branch_kv=branch_kv)

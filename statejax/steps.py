@@ -230,10 +230,11 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     params = model_params(params, linear_impl)
     model = Transformer(cfg, linear_impl)
     r, t = question_RxT.shape
-    cells_shape = (cfg.num_layers, r, branch_cells, cfg.num_kv_heads, cfg.head_dim)
+    # Each branch cell holds its K heads, then its V heads (`BranchView`).
+    cells_shape = (cfg.num_layers, r, branch_cells, 2 * cfg.num_kv_heads, cfg.head_dim)
     view = BranchView(state.k, state.v, jnp.asarray(row, jnp.int32), state.lengths[row],
-                      jnp.zeros(cells_shape, cfg.jnp_dtype), jnp.zeros(cells_shape, cfg.jnp_dtype),
-                      jnp.zeros((r,), jnp.int32), question_len_R, window=window, impl=impl)
+                      jnp.zeros(cells_shape, cfg.jnp_dtype), jnp.zeros((r,), jnp.int32),
+                      question_len_R, window=window, impl=impl)
     first_logits, view = model.apply({"params": params}, question_RxT, view.positions(t), view,
                                      question_len_R - 1)
     first_logits = _mask_vocab(first_logits, valid_vocab)

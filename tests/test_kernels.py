@@ -170,12 +170,15 @@ class CascadeCase:
 
 
 def check_cascade(case: CascadeCase, *, interpret: bool, seed: int = 0,
-                  backend: str = "triton", tolerance=None, garbage: float | None = None):
+                  backend: str = "triton", tolerance=None, garbage: float | None = None,
+                  joint_branch: bool = False):
     """`cascade_attention` vs its reference at every shared length of `case`.
 
     Cells no query may see hold NaN and the outputs are poisoned (an unwritten or unmasked
     element fails), unless `garbage` is given: the Mosaic shared part's contract is finite
     values there (it skips masking whole invisible tiles), so they hold `garbage` instead.
+    `joint_branch`: the kernel reads the branch cells' K and V heads from one buffer
+    ([.., 2K, D], as `BranchView` keeps them); the reference from two.
     """
     r = len(case.branch_lengths)
     rng = np.random.default_rng(seed)
@@ -186,6 +189,8 @@ def check_cascade(case: CascadeCase, *, interpret: bool, seed: int = 0,
     b_clean, b_poisoned, b_table = _pools(rng, branch_case,
                                           [m + case.t for m in case.branch_lengths])
     b_lengths = jnp.asarray(case.branch_lengths, jnp.int32)
+    if joint_branch:
+        b_poisoned = [jnp.concatenate(b_poisoned, axis=2), None]
     for n in case.shared_lengths:
         shared_case = Case(lengths=(n,), t=case.t, h=case.h, k=case.k, pages=case.shared_pages,
                            d=case.d, page_size=case.shared_page_size, dtype=case.dtype)
@@ -221,6 +226,24 @@ CASCADE_CASES = [
 @pytest.mark.parametrize("case", CASCADE_CASES, ids=str)
 def test_cascade_attention_interpret(case):
     check_cascade(case, interpret=True)
+
+
+@pytest.mark.parametrize("case", CASCADE_CASES, ids=str)
+def test_cascade_reads_branch_k_and_v_from_one_buffer(case):
+    check_cascade(case, interpret=True, seed=1, joint_branch=True)
+
+
+def test_joint_pool_must_hold_two_halves():
+    q, pool, _, table, lengths = _valid_args()
+    odd = jnp.ones((5, 16, 3, 16))
+    with pytest.raises(InputError, match=r"one buffer must be \[num_pages, page_size, 2K, D\]"):
+        aa.validate_paged(q, odd, None, table, lengths, None, compiled=False)
+    # [.., 2K, D] with K = 2: the 4 query heads are a multiple of 2, not of the 4 pool heads.
+    assert aa.validate_paged(q, jnp.ones((5, 16, 4, 16)), None, table, lengths, None,
+                             compiled=False) == 32
+    with pytest.raises(InputError, match="shared and branch pools differ"):
+        ca.cascade_attention(q[:1], pool, pool, table[0], jnp.int32(3), pool, None,
+                             table[:1], lengths[:1], interpret=True)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -686,6 +709,9 @@ class TestCompiledGpu:
     @pytest.mark.parametrize("case", GPU_CASCADE, ids=str)
     def test_cascade(self, case):
         check_cascade(case, interpret=False)
+
+    def test_cascade_joint_branch_cells(self):
+        check_cascade(GPU_CASCADE[0], interpret=False, seed=1, joint_branch=True)
 
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
     def test_contiguous_cells(self, dtype):
