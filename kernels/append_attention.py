@@ -134,35 +134,73 @@ def check_backend(backend: str, interpret: bool):
                          "interpret mode")
 
 
-def kv_heads(k_pool, joint: bool) -> int:
-    """K of a pool [num_pages, page_size, K, D], or of one holding K and V in one buffer
-    (`joint`: [num_pages, page_size, 2K, D], each cell's K heads then its V heads)."""
-    return k_pool.shape[2] // 2 if joint else k_pool.shape[2]
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+    """Where a call's heads sit in its buffers.
+
+    By default q holds the H query heads and each pool [num_pages, page_size, K, D] the K
+    kv-heads of its role. Two layouts put more in one buffer, so that one kernel of the
+    model writes it: K and V in one pool (`v_pool` None: [.., 2K, D], each cell's K heads
+    then its V heads, as `statejax.cache.BranchView` keeps a branch's cells), and the step's
+    own q, k and v in one [B, T, H + 2K, D] buffer that is both the queries and the pool (a
+    first-token branch's private cells, `cascade_attention.cascade_attention_cells`).
+
+    Attributes:
+      q_heads: H, the queries: the first H heads of q (it may hold more: a q/k/v buffer).
+      kv_heads: K; H % K == 0.
+      k_head, v_head: the pool heads of K's and V's kv-head 0 (kv-head h at + h).
+    """
+
+    q_heads: int
+    kv_heads: int
+    k_head: int = 0
+    v_head: int = 0
+
+    @classmethod
+    def of(cls, q_BxTxHxD, k_pool, v_pool) -> "HeadLayout":
+        """The layout of separate pools, or of K and V in one (`v_pool` None)."""
+        if v_pool is None:
+            k_heads = k_pool.shape[2] // 2
+            return cls(q_BxTxHxD.shape[2], k_heads, 0, k_heads)
+        return cls(q_BxTxHxD.shape[2], k_pool.shape[2])
+
+
+def _check_heads(heads: HeadLayout, q_BxTxHxD, k_pool, v_pool):
+    h, k_heads, pool_heads = heads.q_heads, heads.kv_heads, k_pool.shape[2]
+    if k_heads < 1 or h % k_heads:
+        raise InputError(f"query heads H={h} must be a multiple of kv-heads K={k_heads}")
+    if h > q_BxTxHxD.shape[2]:
+        raise InputError(f"{h} query heads; q holds {q_BxTxHxD.shape[2]}")
+    for role, first in (("K", heads.k_head), ("V", heads.v_head)):
+        if not 0 <= first <= pool_heads - k_heads:
+            raise InputError(f"{role}'s {k_heads} kv-heads from pool head {first} do not fit "
+                             f"the pool's {pool_heads} heads")
+    if v_pool is None and heads.k_head == heads.v_head:
+        raise InputError("K and V in one pool need distinct heads (HeadLayout.v_head)")
 
 
 def validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window, *,
-                   compiled: bool):
+                   compiled: bool, heads: HeadLayout | None = None):
     """Checks ranks, dtypes and sizes of a paged attention call; returns the window S.
 
-    `v_pool` None: `k_pool` holds both (`kv_heads`)."""
+    `v_pool` None: `k_pool` holds V's heads too; `heads`: where the heads sit (default
+    `HeadLayout.of` the buffers)."""
     if q_BxTxHxD.ndim != 4:
         raise InputError(f"q must be [B, T, H, D], got shape {q_BxTxHxD.shape}")
-    b, t, h, d = q_BxTxHxD.shape
-    joint = v_pool is None
-    if joint:
-        if k_pool.ndim != 4 or k_pool.shape[2] % 2:
-            raise InputError(f"a K/V pool in one buffer must be [num_pages, page_size, 2K, D] "
-                             f"(K heads, then V heads), got {k_pool.shape}")
-        v_pool = k_pool
-    if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
+    b, t, _, d = q_BxTxHxD.shape
+    if v_pool is None and heads is None and (k_pool.ndim != 4 or k_pool.shape[2] % 2):
+        raise InputError(f"a K/V pool in one buffer must be [num_pages, page_size, 2K, D] "
+                         f"(K heads, then V heads), got {k_pool.shape}")
+    if k_pool.ndim != 4 or (v_pool is not None and k_pool.shape != v_pool.shape):
         raise InputError(f"k_pool and v_pool must both be [num_pages, page_size, K, D], got "
-                         f"{k_pool.shape} and {v_pool.shape}")
+                         f"{k_pool.shape} and {None if v_pool is None else v_pool.shape}")
+    heads = heads or HeadLayout.of(q_BxTxHxD, k_pool, v_pool)
+    _check_heads(heads, q_BxTxHxD, k_pool, v_pool)
+    v_pool = k_pool if v_pool is None else v_pool
     num_pages, page_size, _, d_kv = k_pool.shape
-    k_heads = kv_heads(k_pool, joint)
     if d_kv != d:
         raise InputError(f"head dim of q ({d}) and of the K/V pool ({d_kv}) differ")
-    if k_heads < 1 or h % k_heads:
-        raise InputError(f"query heads H={h} must be a multiple of kv-heads K={k_heads}")
+    h = heads.q_heads
     if q_BxTxHxD.dtype not in _DTYPES or k_pool.dtype != q_BxTxHxD.dtype or (
             v_pool.dtype != q_BxTxHxD.dtype):
         raise InputError(f"q, k_pool, v_pool must share one dtype of float32/bfloat16/float16, "
@@ -402,7 +440,7 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
 def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window: int,
                        causal: bool, block_sizes: BlockSizes, out_dtype, interpret: bool,
                        page_offset: int = 0, poison_outputs: bool = False, earlier=None,
-                       tokens_out: bool = False):
+                       tokens_out: bool = False, heads: HeadLayout | None = None):
     """`paged_attention_partials` in the kernel's folded layout (query rows m = t * G + g,
     padded to the query tile), optionally merging `earlier` partials of the same rows.
 
@@ -410,9 +448,8 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     (`token_tiles`), else folded into the rows by a transpose (and a pad) first.
 
     Args:
-      v_pool: None when `k_pool` holds each cell's K heads then its V heads
-        ([num_pages, page_size, 2K, D], `kv_heads`): the kernel reads both from the one
-        buffer (the model's branch cells, written by one scatter a layer).
+      v_pool: None when `k_pool` holds V's heads too (`HeadLayout`).
+      heads: where q's and the pools' heads sit; default `HeadLayout.of` the buffers.
       earlier: None, or partials (out [1, K, N', M', D] in float32 or q's dtype, lse
         [1, K, N', M'] float32) of the
         queries of ALL B rows folded into one row (as `cascade_attention`'s shared call
@@ -426,10 +463,10 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
       out [B, K, N, M_pad, D] (or [B, T, H, D] with `tokens_out`) in `out_dtype`, lse
       [B, K, N, M_pad] float32.
     """
-    b, t, h, d = q_BxTxHxD.shape
+    b, t, q_buffer_heads, d = q_BxTxHxD.shape
     num_pages, page_size = k_pool.shape[:2]
-    joint = v_pool is None
-    k_heads = kv_heads(k_pool, joint)
+    heads = heads or HeadLayout.of(q_BxTxHxD, k_pool, v_pool)
+    h, k_heads = heads.q_heads, heads.kv_heads
     bs = block_sizes
     g = h // k_heads
     rows = t * g
@@ -451,7 +488,8 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
                          f"{bs.num_splits}) and `merges_earlier` (B={b}, T={t}, G={g}, "
                          f"block_q={bs.block_q}, {earlier[0].shape[3]} earlier rows)")
 
-    in_place = token_tiles(g, bs.block_q)
+    # In place, a tile is one block of q seen as [B, T, heads / G, G x D].
+    in_place = token_tiles(g, bs.block_q) and q_buffer_heads % g == 0
     if tokens_out and not (in_place and bs.num_splits == 1):
         raise InputError(f"tokens_out needs query tiles of whole tokens (G={g}, "
                          f"block_q={bs.block_q}: `token_tiles`) and num_splits 1 (got "
@@ -461,9 +499,9 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     token_spec = pl.BlockSpec((None, bs.block_q // g, None, g * d),
                               lambda b, h, i, s: (b, i, h, 0))
     if in_place:
-        q, q_spec = q_BxTxHxD.reshape(b, t, k_heads, g * d), token_spec
+        q, q_spec = q_BxTxHxD.reshape(b, t, q_buffer_heads // g, g * d), token_spec
     else:
-        q = _fold_queries(q_BxTxHxD, k_heads, rows_padded)
+        q = _fold_queries(q_BxTxHxD[:, :, :h], k_heads, rows_padded)
         q_spec = pl.BlockSpec((None, None, bs.block_q, d), lambda b, h, i, s: (b, h, i, 0))
     grid = (b, k_heads, rows_padded // bs.block_q, bs.num_splits)
     kernel = functools.partial(
@@ -472,22 +510,22 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         blocks_per_split=blocks_per_split, num_pages=num_pages, merge_splits=merge_splits,
         block_q=bs.block_q, overhang=in_place and rows % bs.block_q != 0,
         tokens_out=tokens_out)
-    # kv-head h's cells: head h of each pool (one buffer: head h, and head K + h for V).
-    v_head = k_heads if joint else 0
+    # kv-head h's cells: pool heads k_head + h and v_head + h (`HeadLayout`).
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
         pl.BlockSpec((None, table_width), lambda b, h, i, s: (b, 0)),
         pl.BlockSpec((None, 1), lambda b, h, i, s: (0, 0)),
         q_spec,
-        pl.BlockSpec((num_pages, page_size, None, d), lambda b, h, i, s: (0, 0, h, 0)),
         pl.BlockSpec((num_pages, page_size, None, d),
-                     lambda b, h, i, s: (0, 0, h + v_head, 0)),
+                     lambda b, h, i, s: (0, 0, h + heads.k_head, 0)),
+        pl.BlockSpec((num_pages, page_size, None, d),
+                     lambda b, h, i, s: (0, 0, h + heads.v_head, 0)),
     ]
     # The layer's page offset travels as data: as a static constant it made each layer's
     # kernel distinct, and XLA compiled 16 copies per step (one when identical).
     offset = jnp.full((1, 1), page_offset, jnp.int32)
     args = [lengths_B.reshape(b, 1), page_table_BxP, offset, q, k_pool,
-            k_pool if joint else v_pool]
+            k_pool if v_pool is None else v_pool]
     if earlier is not None:
         row_blocks = pl.cdiv(rows, bs.block_q)  # query tiles a row; row b's follow b - 1's
         in_specs += [

@@ -156,13 +156,14 @@ def measured_backends(*, interpret: bool, rows: int, head_dim: int, itemsize: in
 
 @functools.partial(jax.jit, static_argnames=("shared_window", "branch_window", "block_sizes",
                                              "interpret", "backend", "shared_page_offset",
-                                             "branch_page_offset", "poison_outputs"))
+                                             "branch_page_offset", "poison_outputs", "heads"))
 def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P, shared_len,
                       branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R, *,
                       shared_window: int | None = None, branch_window: int | None = None,
                       block_sizes: BlockSizes | None = None, interpret: bool,
                       backend: str | None = "triton", shared_page_offset: int = 0,
-                      branch_page_offset: int = 0, poison_outputs: bool = False):
+                      branch_page_offset: int = 0, poison_outputs: bool = False,
+                      heads: aa.HeadLayout | None = None):
     """R branches of one session: shared cells read once for all, private cells per branch.
 
     Args:
@@ -189,9 +190,14 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
         (`BlockSizes.measured` over `measured_backends`; Triton where none is recorded).
       shared_page_offset, branch_page_offset: static offsets added to the entries of the
         two tables (`append_attention.append_attention`'s `page_offset`).
+      heads: where q's and the branch pool's heads sit (`append_attention.HeadLayout`;
+        default `HeadLayout.of(q, branch_k_pool, branch_v_pool)`): q may hold more heads
+        than its H queries, as a first-token branch's q/k/v buffer, which is then its
+        branch pool too (`cascade_attention_cells` with `branch_k` None). The shared pools
+        hold K heads each.
 
     Returns:
-      out_RxTxHxD in q's dtype, lse_RxTxH float32 over shared + private keys.
+      out_RxTxHxD (H heads) in q's dtype, lse_RxTxH float32 over shared + private keys.
     """
     aa.check_page_offset(shared_page_offset)
     aa.check_page_offset(branch_page_offset)
@@ -199,17 +205,23 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
         raise InputError(f"shared_page_table must be [P], got {shared_page_table_P.shape}")
     if jnp.shape(shared_len) != () or jnp.asarray(shared_len).dtype != jnp.int32:
         raise InputError("shared_len must be an int32 scalar")
-    r, t, h, d = q_RxTxHxD.shape
+    if q_RxTxHxD.ndim != 4 or branch_k_pool.ndim != 4 or shared_k_pool.ndim != 4:
+        raise InputError(f"q must be [R, T, H, D] and the pools [num_pages, page_size, K, D], "
+                         f"got {q_RxTxHxD.shape}, {shared_k_pool.shape}, {branch_k_pool.shape}")
+    heads = heads or aa.HeadLayout.of(q_RxTxHxD, branch_k_pool, branch_v_pool)
+    r, t, _, d = q_RxTxHxD.shape
+    h = heads.q_heads
+    shared_heads = aa.HeadLayout(h, shared_k_pool.shape[2])
     shared_window = aa.validate_paged(
         q_RxTxHxD[:1], shared_k_pool, shared_v_pool, shared_page_table_P[None],
-        jnp.reshape(shared_len, (1,)), shared_window, compiled=not interpret)
+        jnp.reshape(shared_len, (1,)), shared_window, compiled=not interpret,
+        heads=shared_heads)
     branch_window = aa.validate_paged(
         q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
-        branch_window, compiled=not interpret)
-    branch_heads = aa.kv_heads(branch_k_pool, joint=branch_v_pool is None)
-    if (branch_heads, branch_k_pool.shape[3]) != shared_k_pool.shape[2:]:
-        raise InputError(f"shared and branch pools differ in [K, D]: "
-                         f"{shared_k_pool.shape[2:]} vs {(branch_heads, branch_k_pool.shape[3])}")
+        branch_window, compiled=not interpret, heads=heads)
+    if (heads.kv_heads, branch_k_pool.shape[3]) != shared_k_pool.shape[2:]:
+        raise InputError(f"shared and branch pools differ in [K, D]: {shared_k_pool.shape[2:]} "
+                         f"vs {(heads.kv_heads, branch_k_pool.shape[3])}")
     k_heads = shared_k_pool.shape[2]
     shape = dict(branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
                  shared_page_size=shared_k_pool.shape[1], shared_window=shared_window,
@@ -248,23 +260,25 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     common = dict(interpret=interpret, poison_outputs=poison_outputs)
     # Shared part: all R x T queries folded into the rows of one batch row (row r's query
     # rows follow row r - 1's), partials per split in q's dtype (Mosaic GPU: float32).
-    shared_args = (q_RxTxHxD.reshape(1, r * t, h, d), shared_k_pool, shared_v_pool,
+    shared_args = (q_RxTxHxD.reshape(1, r * t, -1, d), shared_k_pool, shared_v_pool,
                    shared_page_table_P[None], jnp.reshape(shared_len, (1,)))
     if mosaic:
-        out_s, lse_s = dm.decode_partials_mgpu(*shared_args, window=shared_window,
-                                               block_sizes=bs.shared, causal=False,
-                                               page_offset=shared_page_offset)
+        out_s, lse_s = dm.decode_partials_mgpu(shared_args[0][:, :, :h], *shared_args[1:],
+                                               window=shared_window, block_sizes=bs.shared,
+                                               causal=False, page_offset=shared_page_offset)
     else:
         out_s, lse_s = aa.paged_flash_folded(
             *shared_args, window=shared_window, causal=False, block_sizes=bs.shared,
-            out_dtype=q_RxTxHxD.dtype, page_offset=shared_page_offset, **common)
+            out_dtype=q_RxTxHxD.dtype, page_offset=shared_page_offset, heads=shared_heads,
+            **common)
     private = dict(window=branch_window, causal=True, block_sizes=bs.private,
-                   page_offset=branch_page_offset, **common)
+                   page_offset=branch_page_offset, heads=heads, **common)
     if aa.merges_earlier(r, t, h // k_heads, bs.private.block_q, earlier_rows=out_s.shape[3]):
         # The private kernel merges the shared splits into its own result (one launch, no
         # merge kernels after it) and writes q's dtype, in q's layout where its tiles are
         # whole tokens (no transpose after it).
-        tokens_out = aa.token_tiles(h // k_heads, bs.private.block_q)
+        tokens_out = (aa.token_tiles(h // k_heads, bs.private.block_q)
+                      and q_RxTxHxD.shape[2] % (h // k_heads) == 0)
         out, lse = aa.paged_flash_folded(
             q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
             out_dtype=q_RxTxHxD.dtype, earlier=(out_s, lse_s), tokens_out=tokens_out,
@@ -283,36 +297,51 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "shared_window", "block_sizes",
-                                             "interpret", "backend"))
+                                             "interpret", "backend", "q_heads"))
 def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, branch_k,
                             branch_v, branch_lengths_R, *, layer: int | None,
                             shared_window: int, block_sizes: BlockSizes | None = None,
-                            interpret: bool, backend: str | None = "triton"):
+                            interpret: bool, backend: str | None = "triton",
+                            q_heads: int | None = None):
     """`cascade_attention` over contiguous cells, as `statejax.cache.BranchView` holds them.
 
     Args:
-      q_RxTxHxD: branch queries.
+      q_RxTxHxD: branch queries; with `q_heads`, a first-token step's q/k/v buffer
+        [R, T, q_heads + 2K, D] (query heads, then K's, then V's).
       shared_k, shared_v: session cells [L, B, C, K, D] (with `layer`) or [B, C, K, D].
       row: int32 scalar, the session row the branches extend.
       shared_len: int32 scalar n.
       branch_k, branch_v: branch cells [L, R, Tb, K, D] (with `layer`) or [R, Tb, K, D];
         or `branch_v` None and `branch_k` [L, R, Tb, 2K, D] (or [R, Tb, 2K, D]): each cell's
-        K heads then its V heads, as `statejax.cache.BranchView` keeps them.
-      branch_lengths_R: int32 private cells in use before this step.
+        K heads then its V heads, as `statejax.cache.BranchView` keeps them; or both None
+        with `q_heads`: branches with no private cells before this step, whose private
+        keys are the step's own K and V, read from q's buffer (no cells written).
+      branch_lengths_R: int32 private cells in use before this step (None with `q_heads`:
+        zero).
       layer: static layer index for 5-D cells.
       shared_window: static S <= C, n <= S.
       block_sizes, interpret, backend: as `cascade_attention` (backend None: the measured
         choice).
+      q_heads: H where q is a q/k/v buffer (above); None: q holds the H queries only.
 
     Returns:
-      out_RxTxHxD, lse_RxTxH.
+      out_RxTxHxD (H heads), lse_RxTxH.
     """
-    c, tb = shared_k.shape[-3], branch_k.shape[-3]
+    r, t, _, d = q_RxTxHxD.shape
+    k_heads = shared_k.shape[-2]
+    h = q_RxTxHxD.shape[2] if q_heads is None else q_heads
+    fresh = branch_k is None
+    if fresh != (q_heads is not None) or (fresh and (branch_v is not None
+                                                     or branch_lengths_R is not None)):
+        raise InputError("branch cells (branch_k) or q's own K and V (q_heads, with branch_v "
+                         "and branch_lengths None): one of the two")
+    if fresh and q_RxTxHxD.shape[2] != h + 2 * k_heads:
+        raise InputError(f"a q/k/v buffer holds {h} + 2 x {k_heads} heads, got "
+                         f"{q_RxTxHxD.shape}")
+    c, tb = shared_k.shape[-3], t if fresh else branch_k.shape[-3]
     if block_sizes is None:
         # Tiles first (measured ones included, whatever their KV block), at the finest
         # page size that any tile fits; then the cells are viewed as pages of one KV block.
-        r, t, h, d = q_RxTxHxD.shape
-        k_heads = shared_k.shape[-2]
         shape = dict(branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
                      shared_page_size=aa.cells_page_size(c, 16), shared_window=shared_window,
                      private_page_size=aa.cells_page_size(tb, 16),
@@ -333,15 +362,22 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
                                                   window=shared_window, page_size=shared_ps)
     sv_pool, _, _ = aa.cells_as_pool(shared_v, layer=layer, rows=rows, window=shared_window,
                                      page_size=shared_ps)
-    bk_pool, b_table, b_offset = aa.cells_as_pool(branch_k, layer=layer, rows=None, window=tb,
-                                                  page_size=branch_ps)
+    heads = None
+    if fresh:  # q's buffer is the branch pool: K at head H + k, V at H + K + k
+        heads = aa.HeadLayout(h, k_heads, h, h + k_heads)
+        branch_k, layer_b = q_RxTxHxD, None
+        branch_lengths_R = jnp.zeros((r,), jnp.int32)
+    else:
+        layer_b = layer
+    bk_pool, b_table, b_offset = aa.cells_as_pool(branch_k, layer=layer_b, rows=None,
+                                                  window=tb, page_size=branch_ps)
     bv_pool = None if branch_v is None else aa.cells_as_pool(
         branch_v, layer=layer, rows=None, window=tb, page_size=branch_ps)[0]
     return cascade_attention(q_RxTxHxD, sk_pool, sv_pool, s_table[0], shared_len, bk_pool,
                              bv_pool, b_table, branch_lengths_R, shared_window=shared_window,
                              branch_window=tb, block_sizes=block_sizes, interpret=interpret,
                              backend=backend, shared_page_offset=s_offset,
-                             branch_page_offset=b_offset)
+                             branch_page_offset=b_offset, heads=heads)
 
 
 def cascade_attention_reference(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P,

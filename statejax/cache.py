@@ -29,6 +29,8 @@ Triton unless that table says the Mosaic GPU shared part won.
 A failing kernel raises (on CPU, "pallas-mosaic" raises); nothing falls back.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -83,15 +85,23 @@ def _pallas_append(layer, q_BxTxHxD, k_LxBxCxKxD, v_LxBxCxKxD, lengths_B, window
     return out
 
 
-def _pallas_branch(layer, q_RxTxHxD, view, branch_kv):
+def _pallas_branch(layer, q_RxTxHxD, view, branch_kv, new_kv):
     """BranchView attention by `cascade_attention`: shared cells read once for all branches,
-    the private K and V heads from their one buffer."""
+    the private K and V heads from the branch cells, or (no cells: a first-token step) from
+    one q/k/v buffer that one fusion writes."""
     from statejax.kernels import cascade_attention
 
-    out, _ = cascade_attention.cascade_attention_cells(
-        q_RxTxHxD, view.shared_k, view.shared_v, view.row, view.shared_len, branch_kv,
-        None, view.branch_lengths, layer=layer, shared_window=view.window,
-        interpret=pallas_interpret(), backend=None)
+    attend = functools.partial(
+        cascade_attention.cascade_attention_cells, shared_k=view.shared_k,
+        shared_v=view.shared_v, row=view.row, shared_len=view.shared_len, layer=layer,
+        shared_window=view.window, interpret=pallas_interpret(), backend=None)
+    if branch_kv is None:
+        qkv = jnp.concatenate([q_RxTxHxD, new_kv.astype(q_RxTxHxD.dtype)], axis=2)
+        out, _ = attend(qkv, branch_k=None, branch_v=None, branch_lengths_R=None,
+                        q_heads=q_RxTxHxD.shape[2])
+    else:
+        out, _ = attend(q_RxTxHxD, branch_k=branch_kv, branch_v=None,
+                        branch_lengths_R=view.branch_lengths)
     return out
 
 
@@ -160,7 +170,9 @@ class BranchView:
       shared_len: int32 scalar, n = that row's length (cells [0, n) are attended).
       branch_kv: [L, R, Tb, 2K, D] private cells of the branches, each cell's K heads then
         its V heads: a layer's new K and V go in by one scatter (two buffers took two
-        kernels a layer, compiled for an H100).
+        kernels a layer, compiled for an H100). None: no private cells (a first-token
+        step, branch_lengths zero): each branch attends causally to its own new K and V,
+        which are written nowhere; with the kernels they travel in one buffer with q.
       branch_lengths: [R] int32 private cells in use before this step.
       num_new: [R] int32 valid tokens this step per branch.
       window: static S <= C with n <= S.
@@ -171,7 +183,7 @@ class BranchView:
     shared_v: jax.Array
     row: jax.Array
     shared_len: jax.Array
-    branch_kv: jax.Array
+    branch_kv: jax.Array | None
     branch_lengths: jax.Array
     num_new: jax.Array
     window: int = struct.field(pytree_node=False)
@@ -186,11 +198,15 @@ class BranchView:
         _check_impl(self.impl, IMPLS)
         r, t = q_RxTxHxD.shape[:2]
         k_heads = k_RxTxKxD.shape[2]
-        branch_kv = _scatter_rows(self.branch_kv, layer, self.branch_lengths, self.num_new,
-                                  jnp.concatenate([k_RxTxKxD, v_RxTxKxD], axis=2))
+        new_kv = jnp.concatenate([k_RxTxKxD, v_RxTxKxD], axis=2)
+        if self.branch_kv is None:
+            branch_kv, view = None, self
+        else:
+            branch_kv = _scatter_rows(self.branch_kv, layer, self.branch_lengths, self.num_new,
+                                      new_kv)
+            view = self.replace(branch_kv=branch_kv)
         if self.impl in _KERNEL_IMPLS:
-            out = _pallas_branch(layer, q_RxTxHxD, self, branch_kv)
-            return out, self.replace(branch_kv=branch_kv)
+            return _pallas_branch(layer, q_RxTxHxD, self, branch_kv, new_kv), view
 
         # Shared part: every branch sees the same cells [0, n) of the session row.
         shared_k_SxKxD = self.shared_k[layer, self.row, : self.window]
@@ -205,10 +221,11 @@ class BranchView:
         lse_s = lse_s.reshape(r, t, -1)
 
         # Private part: causal over the branch's own cells.
-        tb = branch_kv.shape[2]
+        private_kv = new_kv if branch_kv is None else branch_kv[layer]
+        tb = private_kv.shape[1]
         q_idx_RxT = self.branch_lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         private_mask = jnp.arange(tb, dtype=jnp.int32)[None, None, :] <= q_idx_RxT[:, :, None]
-        out_p, lse_p = attention.attend(q_RxTxHxD, branch_kv[layer, :, :, :k_heads],
-                                        branch_kv[layer, :, :, k_heads:], private_mask)
+        out_p, lse_p = attention.attend(q_RxTxHxD, private_kv[:, :, :k_heads],
+                                        private_kv[:, :, k_heads:], private_mask)
         out, _ = attention.merge_partials(out_s, lse_s, out_p, lse_p)
-        return out, self.replace(branch_kv=branch_kv)
+        return out, view

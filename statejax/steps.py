@@ -230,11 +230,13 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     params = model_params(params, linear_impl)
     model = Transformer(cfg, linear_impl)
     r, t = question_RxT.shape
-    # Each branch cell holds its K heads, then its V heads (`BranchView`).
+    # Each branch cell holds its K heads, then its V heads (`BranchView`). A first-token
+    # step keeps no cells: nothing reads them after it.
     cells_shape = (cfg.num_layers, r, branch_cells, 2 * cfg.num_kv_heads, cfg.head_dim)
+    cells = None if max_new_cap == 1 else jnp.zeros(cells_shape, cfg.jnp_dtype)
     view = BranchView(state.k, state.v, jnp.asarray(row, jnp.int32), state.lengths[row],
-                      jnp.zeros(cells_shape, cfg.jnp_dtype), jnp.zeros((r,), jnp.int32),
-                      question_len_R, window=window, impl=impl)
+                      cells, jnp.zeros((r,), jnp.int32), question_len_R, window=window,
+                      impl=impl)
     first_logits, view = model.apply({"params": params}, question_RxT, view.positions(t), view,
                                      question_len_R - 1)
     first_logits = _mask_vocab(first_logits, valid_vocab)

@@ -409,6 +409,49 @@ def test_contiguous_cells_interpret():
     check_cells(dtype="float32", interpret=True)
 
 
+def check_first_token_branches(*, dtype: str, interpret: bool, t: int = 4, h: int = 8,
+                               k: int = 2, d: int = 16, window: int = 48):
+    """First-token branches (no private cells) read their own K and V from the q/k/v buffer
+    one fusion writes: against `attend` over the session's cells [0, n) and, causally, the
+    branch's own tokens. Session cells past n are NaN in the kernel's input."""
+    layers, rows, cells, row = 2, 3, 2 * window, 1
+    rng = np.random.default_rng(2)
+    shared = [_queries(rng, (layers, rows, cells, k, d), dtype) for _ in range(2)]
+    qkv = _queries(rng, (2, t, h + 2 * k, d), dtype)
+    q, k_new, v_new = qkv[:, :, :h], qkv[:, :, h:h + k], qkv[:, :, h + k:]
+    for n in (0, 17, window):
+        unseen = (jnp.arange(cells) >= n)[None, None, :, None, None]
+        poisoned = [jnp.where(unseen, jnp.nan, c).astype(c.dtype) for c in shared]
+        got = ca.cascade_attention_cells(
+            qkv, *poisoned, jnp.int32(row), jnp.int32(n), None, None, None, layer=1,
+            shared_window=window, interpret=interpret, q_heads=h)
+        keys, values = ([jnp.concatenate([jnp.broadcast_to(c[1, row, :window], (2, window, k, d)),
+                                          new], axis=1)] for c, new in zip(
+                            shared, (k_new, v_new), strict=True))
+        mask = jnp.concatenate([jnp.broadcast_to(jnp.arange(window) < n, (2, t, window)),
+                                jnp.broadcast_to(jnp.tri(t, dtype=bool), (2, t, t))], axis=-1)
+        want = _reference(attention.attend, q, keys[0], values[0], mask)
+        assert got[0].shape == q.shape
+        _assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_token_branches_read_their_k_and_v_from_the_qkv_buffer(dtype):
+    check_first_token_branches(dtype=dtype, interpret=True)
+
+
+def test_first_token_branches_take_qkv_or_cells():
+    qkv = jnp.ones((1, 4, 12, 16))
+    cells = jnp.ones((2, 1, 64, 2, 16))
+    call = functools.partial(ca.cascade_attention_cells, shared_k=cells, shared_v=cells,
+                             row=jnp.int32(0), shared_len=jnp.int32(3), layer=0,
+                             shared_window=32, interpret=True)
+    with pytest.raises(InputError, match="one of the two"):
+        call(qkv, branch_k=None, branch_v=None, branch_lengths_R=None)
+    with pytest.raises(InputError, match=r"holds 6 \+ 2 x 2 heads"):
+        call(qkv, branch_k=None, branch_v=None, branch_lengths_R=None, q_heads=6)
+
+
 def test_cells_as_pool_addresses_layer_and_row():
     cells = jnp.arange(2 * 3 * 32).reshape(2, 3, 32, 1, 1)
     pool, table, offset = aa.cells_as_pool(cells, layer=1, rows=jnp.asarray([2]), window=20,
@@ -712,6 +755,10 @@ class TestCompiledGpu:
 
     def test_cascade_joint_branch_cells(self):
         check_cascade(GPU_CASCADE[0], interpret=False, seed=1, joint_branch=True)
+
+    def test_first_token_branches(self):
+        check_first_token_branches(dtype="bfloat16", interpret=False, t=32, h=32, k=8, d=64,
+                                   window=1024)
 
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
     def test_contiguous_cells(self, dtype):
