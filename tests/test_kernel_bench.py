@@ -172,9 +172,10 @@ def test_gpu_query_times_the_query_attention_and_its_grid():
     assert kernel_bench.all_work(without) == [
         w for w in kernel_bench.all_work(cfg) if w[1] not in cfg.cascade_targets]
     work = kernel_bench.tuning_work(cfg)
-    assert (len(cfg.tune_cascade), len(cfg.tune_cascade_second)) == (48, 16)
+    assert (len(cfg.tune_cascade), len(cfg.tune_cascade_second)) == (48, 32)
+    # The shorter grid (1k cells) first: a budget too short for both finishes one.
     assert [(w[0], w[1]) for w in work] == (
-        [("cascade", cfg.cascade[0])] * 48 + [("cascade", cfg.cascade[1])] * 16)
+        [("cascade", cfg.cascade[1])] * 32 + [("cascade", cfg.cascade[0])] * 48)
     for _, (_, cells, _, _, _, _), bs, _ in work:
         assert bs.shared.num_splits <= -(-cells // bs.shared.block_k)  # no empty splits
         # Every entry keeps the private kernel merging the shared splits (whole row tiles).
