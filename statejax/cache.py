@@ -110,6 +110,7 @@ class FullView:
     """No cache: causal self-attention over the step's own tokens."""
 
     impl: str = struct.field(pytree_node=False, default="reference")
+    one_qkv_buffer = False  # see BranchView
 
     def update_and_attend(self, layer, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
         del layer
@@ -139,6 +140,7 @@ class AppendView:
     num_new: jax.Array
     window: int = struct.field(pytree_node=False)
     impl: str = struct.field(pytree_node=False, default="reference")
+    one_qkv_buffer = False  # see BranchView
 
     def positions(self, t: int):
         """[B, T] positions of the chunk's tokens."""
@@ -188,6 +190,14 @@ class BranchView:
     num_new: jax.Array
     window: int = struct.field(pytree_node=False)
     impl: str = struct.field(pytree_node=False, default="reference")
+
+    @property
+    def one_qkv_buffer(self) -> bool:
+        """Whether the attention reads q, k and v from one [R, T, H + 2K, D] buffer (kernels,
+        no branch cells): a layer that computes them in one kernel should write them so,
+        side by side, and hand over slices of it (XLA folds their concatenation back into
+        the buffer); three buffers would be one more kernel concatenating them."""
+        return self.branch_kv is None and self.impl in _KERNEL_IMPLS
 
     def positions(self, t: int):
         """[R, T] positions: branch tokens continue the session at n + branch length."""

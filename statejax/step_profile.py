@@ -35,16 +35,17 @@ chained, so per-call launch cost is amortised as in the real step):
   157 at the 1B shape; stacked, 22; named `query_step[packed]` ...); before those, for each
   of `config.linear_rows`, with the blocks' linear layers by that `linear_impl`
   (`query_step[linear=pallas]` ...: `kernels/fused_linear.py`, 143 launches instead of 223
-  in the H100 compile of the 1B step), each followed by `attn_projections` and `mlp` rows
-  with those linear layers and by the query rows with those linear layers on each layout of
-  `config.layout_rows` (`query_step[packed,linear=pallas]` ...: the kernels read the laid-out
-  weights in place); then `fused_linear[call,bn=N]`: each of a block's four fused
-  calls alone for each strip width N of `config.linear_tile_rows` (`linear_tiles`),
+  in the H100 compile of the 1B step of 2026-11-28), each followed by `attn_projections`
+  and `mlp` rows with those linear layers and by the query rows with those linear layers
+  on each layout of `config.layout_rows` (`query_step[packed,linear=pallas]` ...: the
+  kernels read the laid-out weights in place); then `fused_linear[call,bn=N]`: each of a
+  block's four fused calls alone for each strip width N of `config.linear_tile_rows`
+  (`linear_tiles`),
 - `weights_in_N_gemms` (for each N of `config.chain_gemms`, before the layout rows): the same
   `config.chain_mib` of weights read by N dependent GEMMs at the query's shape ([T, E·m] x
   [E, E·m]^T, m = what makes the bytes equal), so the rows differ only in how many kernels
-  read them: the time a kernel boundary costs inside a step (the query step launches 223 at
-  the 1B shape),
+  read them: the time a kernel boundary costs inside a step (the first-token query step
+  launches 191 at the 1B shape: `statejax.step_census`),
 - `decode_token`: one generated token of a query that generates (`steps.query` at width
   `decode_tokens`, no stop token): the time of all tokens minus that of the first, over the
   rest, in one compiled program; its kernels are one turn of the generation loop,

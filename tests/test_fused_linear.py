@@ -5,6 +5,7 @@ program writes fails the comparison.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from statejax.model.config import preset
 from statejax.model.layouts import lay_out
 from statejax.model.llama import Transformer, init_params
 from statejax.session import Session
+from statejax.state import init_state
 from statejax.tokenizer import ByteTokenizer
 
 GPU = jax.default_backend() == "gpu"
@@ -307,6 +309,41 @@ def test_model_rotates_in_the_qkv_kernel():
     assert outputs == [3, 1, 1, 1] * 2 and cosines == 2
     outputs, cosines = calls(_tiny(qk_norm=True)[0])
     assert outputs == [3, 1, 1, 1] * 2 and cosines == 2 * 2  # q and k, per layer
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(qk_norm=True)], ids=["llama", "qwen3"])
+def test_first_token_query_writes_q_k_v_as_one_buffer(overrides):
+    """With the attention kernels, a first-token query's branches read q, k and v from one
+    buffer (`BranchView.one_qkv_buffer`): the fused q/k/v call writes them as ONE output
+    there (three in a generating query), and the answer is XLA's linear layers' answer."""
+    from test_kernels import _all_eqns  # noqa: PLC0415 - a test module's helper
+
+    cfg, params = _tiny(**overrides)
+    state = init_state(cfg, rows=1, cells=64)
+    chunk = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 32)), jnp.int32)
+    state, _ = steps.append(params, state, chunk, jnp.asarray([29], jnp.int32), cfg=cfg,
+                            window=64, impl="pallas")
+    question = jnp.asarray(np.random.default_rng(3).integers(0, 256, (1, 16)), jnp.int32)
+
+    def query(linear_impl, cap):
+        call = functools.partial(
+            steps.query, cfg=cfg, window=64, branch_cells=24, max_new_cap=cap, impl="pallas",
+            linear_impl=linear_impl)
+        args = (params, state, jnp.int32(0), question, jnp.asarray([11], jnp.int32),
+                jnp.asarray([cap], jnp.int32), jnp.int32(-1), jnp.float32(0.0),
+                jax.random.key(0), jnp.int32(cfg.vocab_size))
+        eqns = _all_eqns(jax.make_jaxpr(call)(*args).jaxpr)
+        fused = [e for e in eqns if e.primitive.name == "pallas_call" and "fused_linear" in
+                 str(e.params.get("name_and_src_info") or e.params.get("name"))]
+        qkv_outputs = [len(e.outvars) for e in fused[::4]]  # a layer: qkv, o, gate/up, down
+        return call(*args), qkv_outputs
+
+    (want, _), (got, outputs) = query("xla", 1), query("pallas", 1)
+    assert outputs == [1] * cfg.num_layers
+    np.testing.assert_allclose(np.asarray(got.first_logits), np.asarray(want.first_logits),
+                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    assert query("pallas", 4)[1][:cfg.num_layers] == [3] * cfg.num_layers  # branch cells
 
 
 # ------------------------------------------------- weights read in place (model.layouts)

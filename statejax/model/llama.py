@@ -185,11 +185,18 @@ class Attention(nn.Module):
                             for a in rope_tables(positions_BxT, inv_freq))
                 rotary = Rotary(cos, sin, rotate=(True, True, False))
             # q, k and v as three buffers: the attention call and the cell writes read them
-            # whole (a slice of one output handed to a Pallas call is copied out first).
+            # whole (a slice of one output handed to a Pallas call is copied out first);
+            # side by side in one where the attention takes them so (`one_qkv_buffer`).
+            one_buffer = view.one_qkv_buffer
             outputs = _fused_linear(
                 x_BxTxE, [_matrix(w, e) for w in weights], norm_scale_K=_vector(norm(x_BxTxE)),
-                norm_eps=cfg.rms_eps, rotary=rotary, split_outputs=True,
+                norm_eps=cfg.rms_eps, rotary=rotary, split_outputs=not one_buffer,
                 bias=tuple(_vector(b) for b in biases) if cfg.qkv_bias else None)
+            if one_buffer:
+                qkv = outputs.reshape(*outputs.shape[:2], sum(heads), cfg.head_dim)
+                bounds = np.cumsum((0, *heads))
+                outputs = [qkv[:, :, lo:hi]
+                           for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
             q, k, v = (y.reshape(*y.shape[:2], h, cfg.head_dim)
                        for y, h in zip(outputs, heads, strict=True))
         else:
