@@ -1,7 +1,9 @@
 """Cache views: how one forward pass reads and writes KV cells.
 
 The model calls `view.update_and_attend(layer, q, k, v)` in every layer and knows nothing else
-about caching. Three views:
+about caching, but for one optional hint: a view whose attention reads q, k and v side by side
+from one buffer says so by a true `one_qkv_buffer` (`BranchView` without cells), and a layer
+that computes them in one kernel then writes them so. Three views:
 
 - `FullView`: no cache; plain causal attention over the T tokens (training, references).
 - `AppendView`: writes the chunk into session cells [n, n+T) and attends to cells [0, n+t].
@@ -110,7 +112,6 @@ class FullView:
     """No cache: causal self-attention over the step's own tokens."""
 
     impl: str = struct.field(pytree_node=False, default="reference")
-    one_qkv_buffer = False  # see BranchView
 
     def update_and_attend(self, layer, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
         del layer
@@ -140,7 +141,6 @@ class AppendView:
     num_new: jax.Array
     window: int = struct.field(pytree_node=False)
     impl: str = struct.field(pytree_node=False, default="reference")
-    one_qkv_buffer = False  # see BranchView
 
     def positions(self, t: int):
         """[B, T] positions of the chunk's tokens."""

@@ -187,7 +187,7 @@ class Attention(nn.Module):
             # q, k and v as three buffers: the attention call and the cell writes read them
             # whole (a slice of one output handed to a Pallas call is copied out first);
             # side by side in one where the attention takes them so (`one_qkv_buffer`).
-            one_buffer = view.one_qkv_buffer
+            one_buffer = getattr(view, "one_qkv_buffer", False)  # a view's optional hint
             outputs = _fused_linear(
                 x_BxTxE, [_matrix(w, e) for w in weights], norm_scale_K=_vector(norm(x_BxTxE)),
                 norm_eps=cfg.rms_eps, rotary=rotary, split_outputs=not one_buffer,
