@@ -365,12 +365,9 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
     heads = None
     if fresh:  # q's buffer is the branch pool: K at head H + k, V at H + K + k
         heads = aa.HeadLayout(h, k_heads, h, h + k_heads)
-        branch_k, layer_b = q_RxTxHxD, None
-        branch_lengths_R = jnp.zeros((r,), jnp.int32)
-    else:
-        layer_b = layer
-    bk_pool, b_table, b_offset = aa.cells_as_pool(branch_k, layer=layer_b, rows=None,
-                                                  window=tb, page_size=branch_ps)
+        branch_k, branch_lengths_R = q_RxTxHxD, jnp.zeros((r,), jnp.int32)
+    bk_pool, b_table, b_offset = aa.cells_as_pool(branch_k, layer=None if fresh else layer,
+                                                  rows=None, window=tb, page_size=branch_ps)
     bv_pool = None if branch_v is None else aa.cells_as_pool(
         branch_v, layer=layer, rows=None, window=tb, page_size=branch_ps)[0]
     return cascade_attention(q_RxTxHxD, sk_pool, sv_pool, s_table[0], shared_len, bk_pool,

@@ -8,8 +8,9 @@ that computes them in one kernel then writes them so. Three views:
 - `FullView`: no cache; plain causal attention over the T tokens (training, references).
 - `AppendView`: writes the chunk into session cells [n, n+T) and attends to cells [0, n+t].
 - `BranchView`: a query branch. Reads the session's cells [0, n) without writing them, and
-  writes its own tokens to private branch cells. The two parts are merged by log-sum-exp, so
-  the shared cells could be read once for many branches (cascade attention).
+  writes its own tokens to private branch cells (a first-token step: none; it attends to its
+  tokens' new K and V where they are). The two parts are merged by log-sum-exp, so the shared
+  cells could be read once for many branches (cascade attention).
 
 Padded tokens (beyond `num_new`) are written with `mode="drop"` at an out-of-range index, so
 a padded chunk never touches a cell it does not own.
