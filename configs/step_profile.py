@@ -33,7 +33,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.linear_tile_rows = ()
     c.impl = "reference"  # their attention: "reference", "pallas" or "pallas-mosaic"
     c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
-    c.trace_calls = 5  # query_step calls traced by the profiler for its kernel breakdown
+    c.trace_calls = 5  # calls traced by the profiler for a kernel breakdown
+    # Query steps whose kernels are traced, by their rows' suffix ("": query_step,
+    # "@32768", "[linear=pallas]", "[packed]" ...): a table of kernels each.
+    c.trace_steps = ("",)
+    # The pieces' rows (projections, MLP, fused calls, GEMM chains) also get their kernels'
+    # device time per call from a trace: a piece of one small kernel is timed by its host
+    # dispatch otherwise (fused_linear[o,bn=16]: 38 us a call on the H200, 2026-12-04).
+    c.trace_pieces = False
     # weights_in_N_gemms rows: chain_mib MiB of weights read by N dependent GEMMs each (what a
     # kernel boundary costs); chain_mib must split into 64 [E, E x m] weights (cpu-small f32:
     # 4 MiB each, the 1B shape in bf16: 8 MiB, tiny f32: 16 KiB).
@@ -48,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.chain_mib = 512
         c.linear_rows = ("pallas",)
         c.linear_tile_rows = (16, 32, 64)
+        c.trace_steps = ("", "[linear=pallas]", "@32768")
+        c.trace_pieces = True
     elif variant == "tiny":
         c.model = "tiny"
         c.context = 64
@@ -56,6 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.chain_mib = 1
         c.linear_rows = ("pallas",)
         c.linear_tile_rows = (16, 32)
+        c.trace_steps = ("", "[linear=pallas]")
+        c.trace_pieces = True
         c.warmup = 1
         c.repeats = 2
     elif variant != "cpu":

@@ -406,7 +406,8 @@ def unfold_partials(out_BxKxNxMxD, lse_BxKxNxM, t: int, h: int):
 def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                              window: int, causal: bool, block_sizes: BlockSizes,
                              out_dtype, interpret: bool, backend: str = "triton",
-                             page_offset: int = 0, poison_outputs: bool = False):
+                             page_offset: int = 0, poison_outputs: bool = False,
+                             name: str = "statejax_paged_flash"):
     """Runs the kernel; returns per-split partials (no validation: callers validate).
 
     Args:
@@ -420,6 +421,7 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
       out_dtype: dtype of the partial outputs.
       poison_outputs: start the outputs NaN-filled (aliased inputs), so any element the
         kernel fails to write shows up; a test hook, also valid compiled.
+      name: the kernel's name (`paged_flash_folded`).
 
     Returns:
       out_BxTxHxNxD partial outputs (N = num_splits) in `out_dtype`, lse_BxTxHxN float32.
@@ -431,7 +433,8 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
     out, lse = paged_flash_folded(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=causal,
         block_sizes=block_sizes, out_dtype=out_dtype, interpret=interpret,
-        page_offset=page_offset, poison_outputs=poison_outputs, tokens_out=tokens_out)
+        page_offset=page_offset, poison_outputs=poison_outputs, tokens_out=tokens_out,
+        name=name)
     if not tokens_out:
         return unfold_partials(out, lse, t, h)
     return out.reshape(b, t, h, 1, d), unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)
@@ -440,7 +443,8 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
 def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window: int,
                        causal: bool, block_sizes: BlockSizes, out_dtype, interpret: bool,
                        page_offset: int = 0, poison_outputs: bool = False, earlier=None,
-                       tokens_out: bool = False, heads: HeadLayout | None = None):
+                       tokens_out: bool = False, heads: HeadLayout | None = None,
+                       name: str = "statejax_paged_flash"):
     """`paged_attention_partials` in the kernel's folded layout (query rows m = t * G + g,
     padded to the query tile), optionally merging `earlier` partials of the same rows.
 
@@ -458,6 +462,9 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         keys and the earlier ones.
       tokens_out: write out as [B, T, H, D] (the queries' layout: no transpose after the
         call); requires `token_tiles` and num_splits == 1.
+      name: the kernel's name, as a GPU profiler trace shows it (`statejax.device_trace`):
+        one per call site (append, decode, the cascade's shared and private parts), so a
+        trace tells them apart.
 
     Returns:
       out [B, K, N, M_pad, D] (or [B, T, H, D] with `tokens_out`) in `out_dtype`, lse
@@ -559,7 +566,7 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         input_output_aliases=aliases,
         compiler_params=triton_compiler_params(bs.num_warps, bs.num_stages),
         interpret=interpret,
-        name="statejax_paged_flash",
+        name=name,
     )(*args)
     return (out.reshape(b, t, h, d) if tokens_out else out), lse
 
@@ -621,7 +628,7 @@ def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
     out, lse = paged_attention_partials(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=True,
         block_sizes=bs, out_dtype=q_BxTxHxD.dtype, interpret=interpret, backend=backend,
-        page_offset=page_offset, poison_outputs=poison_outputs)
+        page_offset=page_offset, poison_outputs=poison_outputs, name="statejax_append")
     return out[..., 0, :], lse[..., 0]
 
 

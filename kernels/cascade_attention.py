@@ -270,9 +270,10 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
         out_s, lse_s = aa.paged_flash_folded(
             *shared_args, window=shared_window, causal=False, block_sizes=bs.shared,
             out_dtype=q_RxTxHxD.dtype, page_offset=shared_page_offset, heads=shared_heads,
-            **common)
+            name="statejax_cascade_shared", **common)
     private = dict(window=branch_window, causal=True, block_sizes=bs.private,
-                   page_offset=branch_page_offset, heads=heads, **common)
+                   page_offset=branch_page_offset, heads=heads,
+                   name="statejax_cascade_private", **common)
     if aa.merges_earlier(r, t, h // k_heads, bs.private.block_q, earlier_rows=out_s.shape[3]):
         # The private kernel merges the shared splits into its own result (one launch, no
         # merge kernels after it) and writes q's dtype, in q's layout where its tiles are

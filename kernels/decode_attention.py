@@ -170,7 +170,7 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
     out, lse = aa.paged_attention_partials(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=True,
         block_sizes=bs, out_dtype=jnp.float32, interpret=interpret, backend=backend,
-        page_offset=page_offset, poison_outputs=poison_outputs)
+        page_offset=page_offset, poison_outputs=poison_outputs, name="statejax_decode")
     return combine_splits(out, lse, q_BxTxHxD.dtype)
 
 

@@ -375,11 +375,12 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "norm_eps", "blocks", "interpret",
-                                             "poison_outputs", "split_outputs"))
+                                             "poison_outputs", "split_outputs", "name"))
 def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, bias=None,
                  residual_MxN=None, activation: str | None = None, rotary: Rotary | None = None,
                  split_outputs: bool = False, blocks: LinearBlocks | None = None,
-                 interpret: bool, poison_outputs: bool = False):
+                 interpret: bool, poison_outputs: bool = False,
+                 name: str = "statejax_fused_linear"):
     """`epilogue(norm(x) . W^T)` in one Pallas kernel (module docstring).
 
     Args:
@@ -402,6 +403,8 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
       interpret: run in Pallas interpret mode (CPU); compiled needs a GPU.
       poison_outputs: test hook: the outputs start NaN-filled (aliased), so an element the
         kernel does not write stays NaN.
+      name: the kernel's name, as a GPU profiler trace shows it (`statejax.device_trace`);
+        the model names each of a block's four calls (`statejax_fused_linear_qkv` ...).
 
     Returns:
       y [M, N] in x's dtype: N = N_1 (silu_mul) or N_1 + N_2 + ...; with `split_outputs` a
@@ -498,7 +501,7 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=aa.triton_compiler_params(bs.num_warps, bs.num_stages),
-        interpret=interpret, name="statejax_fused_linear",
+        interpret=interpret, name=name,
     )(*args)
     ys = [y.reshape(m, -1) for y in ys]
     return tuple(ys) if split_outputs else ys[0]

@@ -91,6 +91,18 @@ def _kinds(computation: str) -> dict[str, int]:
     return {kind: counts[kind] for kind in KINDS} | {"total": sum(counts.values())}
 
 
+def pallas_names(hlo_text: str) -> dict[str, int]:
+    """{kernel name: launches} of the entry computation's Pallas calls, by the name each call
+    site gives its kernel (`pallas_call(name=...)`, e.g. `statejax_cascade_shared`): what a
+    GPU profiler trace shows them as (`statejax.device_trace`)."""
+    names = collections.Counter()
+    for *_, line in _launches(_entry(hlo_text)):
+        if _kind(line) == "pallas":
+            found = re.search(r'op_name="[^"]*?([\w.-]+)/pallas_call"', line)
+            names[found.group(1) if found else "?"] += 1
+    return dict(sorted(names.items()))
+
+
 def distinct_pallas(hlo_text: str) -> int:
     """Distinct Pallas kernels in the whole program, loop bodies included (same kernel config =
     one compile: XLA compiles identical Triton calls once, so this is what the step's compile
@@ -299,7 +311,7 @@ def _row(step, context, impl, text, cfg, **extra) -> dict:
     kinds = kernel_kinds(text)
     written_mb = {kind: n / 2**20 for kind, n in written_bytes(text).items()}
     return dict(step=step, context=context, impl=impl, **extra, written_mb=written_mb,
-                distinct_pallas=distinct_pallas(text),
+                distinct_pallas=distinct_pallas(text), pallas_names=pallas_names(text),
                 per_layer=kinds["total"] / cfg.num_layers, large_copies=large_copies(text, cfg),
                 donated=donated_buffers(text), per_token=per_token_kernels(text),
                 token_writes=token_writes(text, cfg), **kinds)
@@ -315,17 +327,17 @@ def run(config) -> dict:
     Returns:
       {"rows": [{step, context, impl, linear_impl, layout, args (argument buffers),
        max_new_cap | chunk,
-       compile_s, distinct_pallas, total, per_layer, gemm, pallas, fusion, other,
+       compile_s, distinct_pallas, pallas_names, total, per_layer, gemm, pallas, fusion, other,
        large_copies, donated, per_token, token_writes, written_mb, per_call_readers
        (launches reading the inputs a session passes anew per call: `input_readers`),
        scalar_readers (query: those reading the scalars the session keeps on the
        device)}], "target", "model", "dtype", "tokens", "layers",
       "floor_mb", "jax_version", "date"}. `compile_s`: seconds to trace, lower and compile on
       this host (steps compile in the order of the rows: a later one may reuse caches).
-      `distinct_pallas`, `large_copies`, `donated` (buffers updated in place), `per_token`
-      (kernels) and `token_writes`: see the functions of those names; `written_mb`:
-      `written_bytes` in MiB by kind. `floor_mb`: {context: MiB a query step must read}
-      (`roofline.query_floor_bytes`).
+      `distinct_pallas`, `pallas_names`, `large_copies`, `donated` (buffers updated in
+      place), `per_token` (kernels) and `token_writes`: see the functions of those names;
+      `written_mb`: `written_bytes` in MiB by kind. `floor_mb`: {context: MiB a query step
+      must read} (`roofline.query_floor_bytes`).
     """
     cfg = preset(config.model, dtype=config.dtype)
     device = gpu_target.target_device(config.target)

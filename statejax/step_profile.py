@@ -13,8 +13,10 @@ chained, so per-call launch cost is amortised as in the real step):
 - `step_with_attention`: the same forward with causal attention over the 32 tokens only,
 - `query_step`: `steps.query` (what `Session.query` runs on the device: the question as a
   branch over a session of `context` cells, then the first token) on device-resident inputs;
-  then its kernels from a profiler trace (`device_trace`: kernel time by kind and by HLO op,
-  against the untraced step time),
+  then its kernels from a profiler trace (`device_trace`: kernel time by kind, by HLO op and
+  by kernel name, against the untraced step time; the Pallas kernels are named per call
+  site: `statejax_cascade_shared`, `statejax_fused_linear_qkv` ...), and likewise for the
+  other query steps of `config.trace_steps` (by row suffix: `@32768`, `[linear=pallas]`),
 - `query_step_dispatch`: the host time of that call alone, until it returns (each call starts
   on an idle device and is waited for after the clock stops): what the host spends per call
   on its argument buffers (`query_args` of them) and launches,
@@ -54,6 +56,10 @@ and reports for each: ms, bytes that must be read (weights; plus the session's K
 query rows), GB/s and the fraction of the copy bandwidth measured in the same run, and for the
 jitted pieces the number of kernels their optimised HLO launches (top-level instructions of the
 entry computation): at a few microseconds each, hundreds of launches alone exceed the floor.
+With `config.trace_pieces` the pieces' rows (not the query rows) also carry `kernel_ms`, their
+kernels' device time per call from a profiler trace: calls of one small kernel are paced by the
+host's dispatch (a fused call alone took 36-85 µs a call on the H200 on 2026-12-04, whatever
+its tiles), which the trace leaves out.
 The launcher is `experiments/step_profile.py`.
 """
 
@@ -209,7 +215,8 @@ def linear_tiles(cfg, tokens: int, block_ns) -> dict:
             blocks = fused_linear.blocks_for(x, weights, activation, block_n)
             call = functools.partial(fused_linear.fused_linear, activation=activation,
                                      blocks=blocks, interpret=interpret,
-                                     split_outputs=rotary)
+                                     split_outputs=rotary,
+                                     name=f"statejax_fused_linear_{name}")
             fn = jax.jit(lambda x, weights, keywords, call=call: call(x, weights, **keywords))
             pieces[f"fused_linear[{name},bn={block_n}]"] = (fn, (x, weights, keywords),
                                                             _nbytes(weights))
@@ -356,73 +363,101 @@ def run(config, on_row=None) -> dict:
                    params=cfg.num_params, weight_bytes=cfg.weight_bytes,
                    copy_bytes_per_s=bandwidth, copy_mib=config.copy_mib, rows=[])
 
-    def add(name, seconds, launches, nbytes):
-        results["rows"].append(dict(component=name, ms=1e3 * seconds, weight_bytes=nbytes,
-                                    floor_ms=1e3 * nbytes / bandwidth,
-                                    gbytes_per_s=nbytes / seconds / 1e9,
-                                    frac_copy=nbytes / seconds / bandwidth, kernels=launches))
+    def add(name, seconds, launches, nbytes, kernel_ms=None):
+        row = dict(component=name, ms=1e3 * seconds, weight_bytes=nbytes,
+                   floor_ms=1e3 * nbytes / bandwidth, gbytes_per_s=nbytes / seconds / 1e9,
+                   frac_copy=nbytes / seconds / bandwidth, kernels=launches)
+        if kernel_ms is not None:  # its kernels' device time per call, from a trace
+            row["kernel_ms"] = kernel_ms
+        results["rows"].append(row)
         if on_row is not None:
             on_row(results)
 
-    def trace(compiled, args):
-        # Its kernels' device time (a profiler trace): what is kernels, what is idle. A
-        # profiler that fails is recorded, not raised: the rows after this one still count.
+    traced_steps = tuple(config.get("trace_steps", ("",)))
+    trace_pieces = config.get("trace_pieces", False)
+
+    def breakdown(compiled, args, key):
+        # Kernels' device time (a profiler trace): what is kernels, what is idle. A profiler
+        # that fails is recorded, not raised: the rows after this one still count.
         try:
-            results["query_kernels"] = device_trace.kernel_breakdown(
-                compiled, args, calls=config.trace_calls, top=24)
+            return device_trace.kernel_breakdown(compiled, args, calls=config.trace_calls,
+                                                 top=24)
         except Exception as e:  # noqa: BLE001 - any profiler failure
-            results["query_kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        if on_row is not None:
-            on_row(results)
+            results["trace_errors"] = {**results.get("trace_errors", {}),
+                                       key: f"{type(e).__name__}: {str(e)[:300]}"}
+            return None
+
+    def trace_step(suffix):
+        """`query_rows`' after_step: the query step's kernels, for the steps of
+        `config.trace_steps` (by row suffix)."""
+        if suffix not in traced_steps:
+            return None
+
+        def after_step(compiled, args):
+            found = breakdown(compiled, args, "query_step" + suffix)
+            if found is not None:
+                results["query_kernels" + suffix] = found
+            if on_row is not None:
+                on_row(results)
+        return after_step
+
+    def add_piece(name, fn, args, nbytes):
+        """A jitted piece's row; with `config.trace_pieces` also its kernels' device time
+        per call: a piece of one small kernel is timed by its host dispatch otherwise."""
+        seconds, launches, compiled = _time_compiled(fn, args, timing)
+        found = breakdown(compiled, args, name) if trace_pieces else None
+        add(name, seconds, launches, nbytes, None if found is None else found["kernel_ms"])
 
     args, static = query_rows(cfg, params, config, config.context, timing, add,
-                              after_step=trace)
+                              after_step=trace_step(""))
     results["query_args"] = len(jax.tree.leaves(args))  # argument buffers per call
     first_query = functools.partial(steps.query, *args, **static)
     add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
         _query_bytes(cfg, config, config.context))
     for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
-        add(name, *_time_compiled(fn, args, timing)[:2], nbytes)
+        add_piece(name, fn, args, nbytes)
     # The query rows again at larger sessions (names end in @cells): what grows with context.
     for context in config.get("extra_contexts", ()):
-        query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}")
+        query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}",
+                   after_step=trace_step(f"@{context}"))
     # The blocks' linear layers as fused Pallas kernels (kernels/fused_linear.py): the same
     # step in fewer kernels, writing no split-K partials.
     for linear_impl in linear_rows:
         suffix = f"[linear={linear_impl}]"
         other_args, other_static = query_rows(cfg, params, config, config.context, timing, add,
-                                              suffix=suffix, linear_impl=linear_impl)
+                                              suffix=suffix, linear_impl=linear_impl,
+                                              after_step=trace_step(suffix))
         # Same session tokens and question: how far its next-token logits are from XLA's
         # (a kernel that is fast but wrong shows here).
         results[f"logits_diff{suffix}"] = logits_difference(
             first_query(), steps.query(*other_args, **other_static))
         pieces = components(cfg, params, config.tokens, linear_impl)
         for name in ("attn_projections", "mlp"):
-            fn, args, nbytes = pieces[name]
-            add(name + suffix, *_time_compiled(fn, args, timing)[:2], nbytes)
+            add_piece(name + suffix, *pieces[name])
         # With the weights laid out (the kernels read them in place): fewer argument buffers,
         # the same kernels (H100 compile: tests/test_step_census.py).
         for layout in layouts:
             laid_suffix = f"[{layout},linear={linear_impl}]"
             laid_args, laid_static = query_rows(cfg, lay_out(params, layout), config,
                                                 config.context, timing, add,
-                                                suffix=laid_suffix, linear_impl=linear_impl)
+                                                suffix=laid_suffix, linear_impl=linear_impl,
+                                                after_step=trace_step(laid_suffix))
             results[f"logits_diff{laid_suffix}"] = logits_difference(
                 first_query(), steps.query(*laid_args, **laid_static))
-    for name, (fn, args, nbytes) in linear_tiles(
-            cfg, config.tokens, config.get("linear_tile_rows", ())).items():
-        add(name, *_time_compiled(fn, args, timing)[:2], nbytes)
+    for name, piece in linear_tiles(cfg, config.tokens,
+                                    config.get("linear_tile_rows", ())).items():
+        add_piece(name, *piece)
     # Kernel boundaries alone: the same bytes read by more, smaller GEMMs.
     for gemms in config.get("chain_gemms", ()):
         fn, args = gemm_chain(cfg.embed_dim, config.tokens, config.chain_mib * 2**20, gemms,
                               cfg.jnp_dtype)
-        add(f"weights_in_{gemms}_gemms", *_time_compiled(fn, args, timing)[:2],
-            config.chain_mib * 2**20)
+        add_piece(f"weights_in_{gemms}_gemms", fn, args, config.chain_mib * 2**20)
     # Last, as stacked weights compile the slowest (`model.layouts`): the same program with
     # fewer argument buffers, so what differs is dispatch.
     for layout in layouts:
         laid_out_args, _ = query_rows(cfg, lay_out(params, layout), config, config.context,
-                                      timing, add, suffix=f"[{layout}]")
+                                      timing, add, suffix=f"[{layout}]",
+                                      after_step=trace_step(f"[{layout}]"))
         results[f"query_args_{layout}"] = len(jax.tree.leaves(laid_out_args))
     return results
 
@@ -481,7 +516,9 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
 
 
 def results_markdown(results: dict) -> str:
-    """A markdown report: setup, then one row per component."""
+    """A markdown report: setup, then one row per component, then the kernels of each traced
+    query step."""
+    traced = any("kernel_ms" in r for r in results["rows"])
     lines = [
         f"# Query step profile: {results['model']} ({results['dtype']}), "
         f"{results['tokens']} tokens, batch 1", "",
@@ -506,20 +543,34 @@ def results_markdown(results: dict) -> str:
                      for layout in LAYOUTS[1:]
                      if f"logits_diff[{layout},linear=pallas]" in results) + ")"
            if "logits_diff[linear=pallas]" in results else ""), "",
-        "| component | ms | MB read | floor ms | GB/s | % of copy bandwidth | kernels |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| component | ms | MB read | floor ms | GB/s | % of copy bandwidth | kernels |"
+        + (" kernel ms (trace) | % at kernel time |" if traced else ""),
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if traced else ""),
     ]
     for r in results["rows"]:
         kernels = "" if r.get("kernels") is None else r["kernels"]
-        lines.append(f"| {r['component']} | {r['ms']:.3f} | {r['weight_bytes'] / 1e6:.1f} | "
-                     f"{r['floor_ms']:.3f} | {r['gbytes_per_s']:.1f} | "
-                     f"{100 * r['frac_copy']:.0f}% | {kernels} |")
+        line = (f"| {r['component']} | {r['ms']:.3f} | {r['weight_bytes'] / 1e6:.1f} | "
+                f"{r['floor_ms']:.3f} | {r['gbytes_per_s']:.1f} | "
+                f"{100 * r['frac_copy']:.0f}% | {kernels} |")
+        if traced:
+            line += (f" {r['kernel_ms']:.3f} | {100 * r['floor_ms'] / r['kernel_ms']:.0f}% |"
+                     if r.get("kernel_ms") else "  |  |")
+        lines.append(line)
+    if traced:
+        lines += ["", "- kernel ms (trace): the piece's kernels' device time per call from a "
+                  "profiler trace, without the host's dispatch, which paces a piece of one "
+                  "small kernel timed by calls"]
     lines += _boundary_note(results["rows"])
-    if "query_kernels" in results:
-        step_ms = next(r["ms"] for r in results["rows"] if r["component"] == "query_step")
-        lines += ["", *_kernels_markdown(results["query_kernels"], step_ms)]
-    if "query_kernels_error" in results:
-        lines += ["", f"query_step kernel trace failed: {results['query_kernels_error']}"]
+    ms = {r["component"]: r["ms"] for r in results["rows"]}
+    for key in results:  # one kernel table per traced query step, in the rows' order
+        if key.startswith("query_kernels") and not key.endswith("_error"):
+            row = "query_step" + key[len("query_kernels"):]
+            lines += ["", *_kernels_markdown(results[key], ms[row], row)]
+    errors = dict(results.get("trace_errors", {}))
+    if "query_kernels_error" in results:  # results written before 2026-12-04 (later)
+        errors["query_step"] = results["query_kernels_error"]
+    for name, error in errors.items():
+        lines += ["", f"{name} kernel trace failed: {error}"]
     return "\n".join(lines) + "\n"
 
 
@@ -539,10 +590,10 @@ def _boundary_note(rows: list[dict]) -> list[str]:
             f"{per_kernel_us:.2f} µs per extra kernel"]
 
 
-def _kernels_markdown(k: dict, step_ms: float) -> list[str]:
+def _kernels_markdown(k: dict, step_ms: float, row: str = "query_step") -> list[str]:
     busy = k.get("busy_ms", k["kernel_ms"])  # results written before busy_ms: one stream
     lines = [
-        "## query_step by kernel (profiler trace)", "",
+        f"## {row} by kernel (profiler trace)", "",
         f"- per call ({k['source']} events): {k['kernels']:.0f} kernels, {k['kernel_ms']:.3f} "
         f"ms of kernel time, {busy:.3f} ms with one or more running, against "
         f"{step_ms:.3f} ms untraced: {step_ms - busy:.3f} ms not in kernels (launch "

@@ -250,9 +250,17 @@ def test_census_compiles_the_query_step_for_an_h100(tmp_path):
         assert row["distinct_pallas"] == (1 if impl == "pallas" else 0)
         assert row["compile_s"] > 0
     for cap in (1, 32):
-        # Two attention kernels per layer (shared cells, private cells), compiled (Triton).
+        # Two attention kernels per layer (shared cells, private cells), compiled (Triton),
+        # each named for its part, as a profiler trace will show them.
         assert rows["pallas", cap]["pallas"] == 2 * layers
-        assert rows["reference", cap]["pallas"] == 0
+        assert rows["pallas", cap]["pallas_names"] == {"statejax_cascade_private": layers,
+                                                       "statejax_cascade_shared": layers}
+        assert rows["reference", cap]["pallas"] == 0 == len(rows["reference", cap][
+            "pallas_names"])
+    # The block's four fused calls, named for what they compute.
+    assert fused["query", "pallas", 1]["pallas_names"] == rows["pallas", 1]["pallas_names"] | {
+        f"statejax_fused_linear_{call}": layers for call in ("qkv", "o", "gate_up", "down")}
+    assert appends["pallas"]["pallas_names"] == {"statejax_append": layers}
     assert rows["pallas", 1]["distinct_pallas"] == 2  # one shared, one private kernel
     for impl in ("reference", "pallas"):
         # A first-token query has no generation loop, so nothing per generated token.

@@ -116,8 +116,9 @@ def test_tiny_run_reports_each_component_against_the_floor():
                      *[f"weights_in_{n}_gemms" for n in (1, 4, 16, 64)],  # boundaries,
                      *[n + "[packed]" for n in query],  # then packed and stacked weights
                      *[n + "[stacked]" for n in query]]
-    # Rewritten after every row, and once more after query_step's kernel trace.
-    assert seen == [1, *range(1, len(names) + 1)]
+    # Rewritten after every row, and once more after each traced query step's kernel trace.
+    fused = names.index("query_step[linear=pallas]") + 1
+    assert seen == [1, *range(1, fused + 1), *range(fused, len(names) + 1)]
     for r in results["rows"]:
         assert r["ms"] > 0
         assert np.isclose(r["floor_ms"], 1e3 * r["weight_bytes"] / results["copy_bytes_per_s"])
@@ -189,11 +190,24 @@ def test_tiny_run_reports_each_component_against_the_floor():
             f"{per_kernel_us:.2f} µs per extra kernel") in md
     assert (f"({results['query_args_stacked']} with the layers stacked: rows [stacked]) "
             f"({results['query_args_packed']} with the layers packed") in md
-    # The query step's kernels from a profiler trace: on CPU, its XLA ops, each call the same.
-    k = results["query_kernels"]
-    assert k["source"] == "host" and k["kernels"] >= 1 and k["kernels"] == int(k["kernels"])
-    assert k["kernel_ms"] > 0
-    assert "## query_step by kernel (profiler trace)" in md and f"{k['kernels']:.0f} kernels" in md
+    # The traced query steps' kernels (`trace_steps`): on CPU, their XLA ops, each call the
+    # same; a table each.
+    assert not any(key.startswith("query_kernels@") for key in results)
+    for row in ("query_step", "query_step[linear=pallas]"):
+        k = results["query_kernels" + row[len("query_step"):]]
+        assert k["source"] == "host" and k["kernels"] >= 1 and k["kernels"] == int(k["kernels"])
+        assert k["kernel_ms"] > 0
+        assert f"## {row} by kernel (profiler trace)" in md
+        assert f"{k['kernels']:.0f} kernels, {k['kernel_ms']:.3f} ms of kernel time" in md
+    # Pieces (`trace_pieces`) carry their kernels' device time per call; query rows do not.
+    pieces = names[names.index("attn_projections"):names.index("query_step@128")] + [
+        n for n in names if n.startswith(("fused_linear", "weights_in", "mlp[", "attn_"))]
+    assert all(rows[n]["kernel_ms"] > 0 for n in pieces)
+    assert not any("kernel_ms" in rows[n] for n in names if n.startswith("query_step"))
+    assert "| kernel ms (trace) | % at kernel time |" in md
+    r = rows["fused_linear[o,bn=16]"]
+    assert (f"| fused_linear[o,bn=16] | {r['ms']:.3f} |" in md
+            and f"| {r['kernel_ms']:.3f} | {100 * r['floor_ms'] / r['kernel_ms']:.0f}% |" in md)
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas"])  # :gpu profiles the Pallas path

@@ -132,16 +132,18 @@ def _vector(v):
     return v.rows(int(np.prod(v.shape))) if isinstance(v, LaidOutLeaf) else v.reshape(-1)
 
 
-def _fused_linear(x_BxTxK, weights, **epilogue):
+def _fused_linear(x_BxTxK, weights, call: str, **epilogue):
     """`kernels.fused_linear` over the rows of x [B, T, K]; weights [N_i, K]; `residual`
-    [B, T, N] added last; the other keywords are `fused_linear`'s. -> [B, T, N] (with
-    `split_outputs`, a tuple of [B, T, N_i])."""
+    [B, T, N] added last; the kernel named `statejax_fused_linear_<call>` (a profiler
+    trace tells the block's four calls apart); the other keywords are `fused_linear`'s.
+    -> [B, T, N] (with `split_outputs`, a tuple of [B, T, N_i])."""
     b, t, k = x_BxTxK.shape
     residual = epilogue.pop("residual", None)
     if residual is not None:
         epilogue["residual_MxN"] = residual.reshape(b * t, -1)
     y = fused_linear(x_BxTxK.reshape(b * t, k), tuple(weights),
-                     interpret=not gpu_target.compiling_for_gpu(), **epilogue)
+                     interpret=not gpu_target.compiling_for_gpu(),
+                     name=f"statejax_fused_linear_{call}", **epilogue)
     if isinstance(y, tuple):
         return tuple(part.reshape(b, t, -1) for part in y)
     return y.reshape(b, t, -1)
@@ -189,8 +191,9 @@ class Attention(nn.Module):
             # side by side in one where the attention takes them so (`one_qkv_buffer`).
             one_buffer = getattr(view, "one_qkv_buffer", False)  # a view's optional hint
             outputs = _fused_linear(
-                x_BxTxE, [_matrix(w, e) for w in weights], norm_scale_K=_vector(norm(x_BxTxE)),
-                norm_eps=cfg.rms_eps, rotary=rotary, split_outputs=not one_buffer,
+                x_BxTxE, [_matrix(w, e) for w in weights], "qkv",
+                norm_scale_K=_vector(norm(x_BxTxE)), norm_eps=cfg.rms_eps, rotary=rotary,
+                split_outputs=not one_buffer,
                 bias=tuple(_vector(b) for b in biases) if cfg.qkv_bias else None)
             if one_buffer:
                 qkv = outputs.reshape(*outputs.shape[:2], sum(heads), cfg.head_dim)
@@ -214,7 +217,7 @@ class Attention(nn.Module):
         if fused:
             weight, _ = o_proj(out_BxTxHxD)
             out = out_BxTxHxD.reshape(*out_BxTxHxD.shape[:2], -1)
-            return _fused_linear(out, [_matrix(weight, out.shape[-1])],
+            return _fused_linear(out, [_matrix(weight, out.shape[-1])], "o",
                                  residual=x_BxTxE), view
         return x_BxTxE + o_proj(out_BxTxHxD), view
 
@@ -241,10 +244,11 @@ class Mlp(nn.Module):
         if fused:
             e, f = cfg.embed_dim, cfg.mlp_dim
             hidden = _fused_linear(x_BxTxE, [_matrix(gate(x_BxTxE)[0], e),
-                                             _matrix(up(x_BxTxE)[0], e)],
+                                             _matrix(up(x_BxTxE)[0], e)], "gate_up",
                                    norm_scale_K=_vector(norm(x_BxTxE)), norm_eps=cfg.rms_eps,
                                    activation="silu_mul")
-            return _fused_linear(hidden, [_matrix(down(hidden)[0], f)], residual=x_BxTxE)
+            return _fused_linear(hidden, [_matrix(down(hidden)[0], f)], "down",
+                                 residual=x_BxTxE)
         h = norm(x_BxTxE)
         return x_BxTxE + down(nn.silu(gate(h)) * up(h))
 
