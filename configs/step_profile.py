@@ -10,7 +10,8 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """arg: None (CPU), "gpu" (Llama-3.2-1B shape, bf16) or "tiny" (tests)."""
+    """arg: None (CPU), "gpu" (Llama-3.2-1B shape, bf16), "gpu-linear" (the 1B block's fused
+    linear calls over a grid of tiles, nothing else) or "tiny" (tests)."""
     variant = arg or "cpu"
     c = ml_collections.ConfigDict()
     c.variant = variant
@@ -28,9 +29,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (statejax.model.llama.LINEAR_IMPLS; "pallas": kernels/fused_linear.py, whose interpret
     # mode on a CPU times nothing of use: GPU and tests only).
     c.linear_rows = ()
-    # fused_linear[call,bn=N] rows: each fused call of one block alone, per output strip
-    # width N (the other tiles follow from it): which strips stream the weights fastest.
+    # fused_linear[call,...] rows: each fused call of a block, once per layer's weights in
+    # one program, per entry: an output strip width N (the other tiles follow from it), or
+    # (block_n, block_k, num_warps, num_stages) with None for the default's
+    # (`step_profile.linear_tiles`): which tiles stream the weights fastest.
     c.linear_tile_rows = ()
+    c.query_rows = True  # False: no query rows, no pieces but the tiles and GEMM chains
     c.impl = "reference"  # their attention: "reference", "pallas" or "pallas-mosaic"
     c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
     c.trace_calls = 5  # calls traced by the profiler for a kernel breakdown
@@ -46,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 4 MiB each, the 1B shape in bf16: 8 MiB, tiny f32: 16 KiB).
     c.chain_gemms = (1, 4, 16, 64)
     c.chain_mib = 256
-    if variant == "gpu":
+    if variant in ("gpu", "gpu-linear"):
         c.model = "llama-3.2-1b"
         c.dtype = "bfloat16"
         c.copy_mib = 2048
@@ -54,9 +58,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.extra_contexts = (32768,)
         c.chain_mib = 512
         c.linear_rows = ("pallas",)
-        c.linear_tile_rows = (16, 32, 64)
         c.trace_steps = ("", "[linear=pallas]", "@32768")
         c.trace_pieces = True
+        if variant == "gpu-linear":
+            # Around each call's default tiles: more stages and warps, longer K steps (two
+            # stages, to stay in shared memory), then the strip widths.
+            c.query_rows = False
+            c.linear_rows = c.layout_rows = c.chain_gemms = ()
+            c.linear_tile_rows = ((None, None, None, None), (None, None, None, 4),
+                                  (None, None, None, 5), (None, None, 8, None),
+                                  (None, None, 8, 4), (None, 512, None, 2),
+                                  (None, 1024, 8, 2), 16, 32, 64)
     elif variant == "tiny":
         c.model = "tiny"
         c.context = 64
@@ -70,5 +82,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.warmup = 1
         c.repeats = 2
     elif variant != "cpu":
-        raise ValueError(f"unknown variant {arg!r}; allowed: None (cpu), 'gpu', 'tiny'")
+        raise ValueError(f"unknown variant {arg!r}; allowed: None (cpu), 'gpu', 'gpu-linear', "
+                         "'tiny'")
     return c

@@ -18,6 +18,9 @@
 #            come: a slot cut short keeps those it reached
 #            (again with PROFILE_XLA_FLAGS added to XLA_FLAGS, when set: an A/B in one call);
 #            PROFILE_VLOG=1 (default): XLA's CUDA-graph replays / updates per row
+#   linear   the fused linear calls of a 1B block over a grid of tiles (warps, stages, K
+#            steps, strip widths), each call once per layer's weights, their kernels'
+#            device time from a profiler trace (configs/step_profile.py:gpu-linear) LINEAR_S=150
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
 # Measured on an H100 (2026-11-27): stream with the peer and 3 contexts 260 s (compiles
 # dominate), profile at 1k alone 118 s, query 138 s, tests > 110 s, tune ~95 s, mosaic tests
@@ -35,8 +38,9 @@ WORK=${WORK:-/tmp/statejax_gpu_session_work}
 PARTS=${PARTS:-profile stream}
 for part in $PARTS; do  # refused before any setup: the reply's tail might not show it later
   case "$part" in
-    stream|tests|fused|tune|bench|query|profile|mosaic) ;;
-    *) echo "unknown part $part; allowed: stream tests fused tune bench query profile mosaic"
+    stream|tests|fused|tune|bench|query|profile|linear|mosaic) ;;
+    *) echo "unknown part $part; allowed: stream tests fused tune bench query profile linear" \
+         "mosaic"
        exit 2 ;;
   esac
 done
@@ -198,16 +202,18 @@ run_query() {
   [ -d "$tuned" ] && rm -rf "$WORK/tuned" && cp -r "$tuned" "$WORK/tuned"
 }
 
-# step_profile NAME: the profile into $WORK/NAME (XLA_FLAGS as the caller sets them). With
-# PROFILE_VLOG=1 (default) XLA logs its CUDA-graph replays and updates into the profile's log,
-# split by row into NAME/command_buffers.md (statejax/command_buffer_log.py).
+# step_profile NAME [CAP CONFIG]: the profile into $WORK/NAME (XLA_FLAGS as the caller sets
+# them; CAP and CONFIG default to PROFILE_S and PROFILE_CONFIG). With PROFILE_VLOG=1 (default)
+# XLA logs its CUDA-graph replays and updates into the profile's log, split by row into
+# NAME/command_buffers.md (statejax/command_buffer_log.py).
 step_profile() {
-  capped "$1" "${PROFILE_S:-200}" || return 0
+  local cap=${2:-${PROFILE_S:-200}}
+  capped "$1" "$cap" || return 0
   local vlog=()
   [ "${PROFILE_VLOG:-1}" = 1 ] && vlog=(TF_CPP_VMODULE=command_buffer_thunk=3
                                         TF_CPP_MIN_LOG_LEVEL=0)
-  env "${vlog[@]}" timeout "${PROFILE_S:-200}" python3 -m experiments.step_profile \
-    --config="${PROFILE_CONFIG:-configs/step_profile.py:gpu}" --workdir="$WORK/$1" \
+  env "${vlog[@]}" timeout "$cap" python3 -m experiments.step_profile \
+    --config="${3:-${PROFILE_CONFIG:-configs/step_profile.py:gpu}}" --workdir="$WORK/$1" \
     > "$WORK/$1.log" 2>&1
   echo "$1 exit: $?" | tee -a "$WORK/$1.log"
   [ "${PROFILE_VLOG:-1}" = 1 ] && python3 -m experiments.command_buffer_log \
@@ -221,6 +227,13 @@ run_profile() {
   # PROFILE_XLA_FLAGS="--xla_gpu_enable_command_buffer=".
   [ -n "${PROFILE_XLA_FLAGS:-}" ] || return 0
   XLA_FLAGS="${XLA_FLAGS:-} $PROFILE_XLA_FLAGS" step_profile step_profile_xla_flags
+}
+
+# The fused linear calls' tiles grid alone (no query rows): which tiles stream the weights
+# fastest, by their kernels' device time (a profiler trace per row).
+run_linear() {
+  PROFILE_VLOG=0 step_profile linear_tiles "${LINEAR_S:-150}" \
+    "${LINEAR_CONFIG:-configs/step_profile.py:gpu-linear}"
 }
 
 run_mosaic() {
@@ -245,7 +258,7 @@ pack "done"
 # The reply carries the tail of stdout: the short results last.
 for f in stream_latency/results.md bench/results.md bench_triton/results.md \
     bench_query/results.md bench_query_mosaic/results.md bench_mosaic/results.md \
-    step_profile/results.md step_profile/command_buffers.md \
+    step_profile/results.md step_profile/command_buffers.md linear_tiles/results.md \
     step_profile_xla_flags/command_buffers.md; do
   [ -f "$WORK/$f" ] && { echo "### $f"; grep -v '^$' "$WORK/$f" | tail -25; }
 done

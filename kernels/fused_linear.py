@@ -54,7 +54,8 @@ _TARGET_PROGRAMS = 128
 # Bytes of one weight tile per K step (per weight), as the decode kernel's K/V steps.
 _W_TILE_BYTES = 16 * 1024
 # Shared memory the pipelined tiles may take (x and weight tiles x stages): an H100 has
-# 227 KiB a block; 240 KiB (x [128, 256] with 3 stages) failed to compile.
+# 227 KiB a block (SMEM_LIMIT); 240 KiB (x [128, 256] with 3 stages) failed to compile.
+SMEM_LIMIT = 227 * 1024
 _SMEM_BUDGET = 160 * 1024
 
 
@@ -144,6 +145,12 @@ class LinearBlocks:
     num_warps: int = 4
     num_stages: int = 3
 
+    def staged_bytes(self, weights_per_program: int = 1, itemsize: int = 2) -> int:
+        """Shared memory of the K loop's pipelined tiles: an x tile [block_m, block_k] and
+        `weights_per_program` weight tiles [block_n, block_k] per stage."""
+        return ((self.block_m + weights_per_program * self.block_n) * self.block_k * itemsize
+                * self.num_stages)
+
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
@@ -171,11 +178,11 @@ def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: i
                and m_blocks * columns // (2 * block_n) >= _TARGET_PROGRAMS):
             block_n *= 2
     block_k = min(512, max(64, _W_TILE_BYTES // (block_n * itemsize)))
-    stages = LinearBlocks.num_stages
-    staged = lambda bk: (block_m + weights_per_program * block_n) * bk * itemsize * stages
-    while block_k > 16 and (k % block_k or staged(block_k) > _SMEM_BUDGET):
-        block_k //= 2
-    return LinearBlocks(block_m=block_m, block_n=block_n, block_k=block_k)
+    blocks = LinearBlocks(block_m=block_m, block_n=block_n, block_k=block_k)
+    while blocks.block_k > 16 and (k % blocks.block_k or blocks.staged_bytes(
+            weights_per_program, itemsize) > _SMEM_BUDGET):
+        blocks = dataclasses.replace(blocks, block_k=blocks.block_k // 2)
+    return blocks
 
 
 def blocks_for(x_MxK, weights, activation: str | None = None,

@@ -63,6 +63,7 @@ its tiles), which the trace leaves out.
 The launcher is `experiments/step_profile.py`.
 """
 
+import dataclasses
 import datetime
 import functools
 import time
@@ -177,18 +178,29 @@ def gemm_chain(e: int, tokens: int, total_bytes: int, gemms: int, dtype):
     return jax.jit(chain), (weights, x)
 
 
-def linear_tiles(cfg, tokens: int, block_ns) -> dict:
+def linear_tiles(cfg, tokens: int, tiles, copies: int | None = None) -> dict:
     """{name: (jitted fn, args, weight bytes)}: each fused linear call of one block
     (`kernels/fused_linear.py`: norm + q/k/v (+ RoPE, three outputs, as the model calls it),
     o + residual, norm + gate/up + silu-mul, down + residual) on `tokens` rows of random
-    inputs, once per output strip width of `block_ns` that the call takes (dividing its
-    weights; with RoPE, 32 to head_dim), the other tiles `default_linear_blocks` of that
-    width; named `fused_linear[down,bn=16]` ..."""
+    inputs, made once on each of `copies` (default: the model's layers) distinct weight sets
+    in one program, as a step makes it once per layer: the weights stream from memory, not
+    from a cache that one set would fit in, and one dispatch serves all (fn(x, weight_sets,
+    keywords) -> [the call's output per set]; the bytes: all the sets').
+
+    `tiles`: one row per call per entry, each a strip width N (block_n; the other tiles
+    `default_linear_blocks` of it: `fused_linear[down,bn=16]` ...) or a tuple (block_n,
+    block_k, num_warps, num_stages) with None where the default's is kept
+    (`fused_linear[down,bn=16,bk=512,w=8,s=4]`, its tiles in full). Entries that do not fit a
+    call are left out (a strip width or block_k not dividing its weights; with RoPE a strip
+    outside 32 to head_dim; tiles whose pipelined stages exceed a Hopper block's shared
+    memory, `fused_linear.SMEM_LIMIT`), as are entries that come to tiles a row already has."""
     dtype = cfg.jnp_dtype
+    copies = copies or cfg.num_layers
     e, f = cfg.embed_dim, cfg.mlp_dim
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    keys = iter(jax.random.split(jax.random.key(3), 16))
+    keys = iter(jax.random.split(jax.random.key(3), 8 + 8 * copies))
     arr = lambda *shape: (0.02 * jax.random.normal(next(keys), shape)).astype(dtype)
+    sets = lambda *shapes: [tuple(arr(*shape) for shape in shapes) for _ in range(copies)]
     x_e, x_q, x_f, scale = arr(tokens, e), arr(tokens, q), arr(tokens, f), jnp.ones((e,), dtype)
     qkv = dict(norm_scale_K=scale)
     # q/k/v as the model calls it: with RoPE in the epilogue (half-head strips of 32 to
@@ -198,28 +210,46 @@ def linear_tiles(cfg, tokens: int, block_ns) -> dict:
         cos, sin = rope.rope_tables(jnp.arange(tokens), jnp.asarray(
             rope.inverse_frequencies(cfg)))
         qkv["rotary"] = fused_linear.Rotary(cos, sin, rotate=(True, True, False))
-    calls = {  # name: (x, weights, activation, keywords)
-        "qkv": (x_e, (arr(q, e), arr(kv, e), arr(kv, e)), None, qkv),
-        "o": (x_q, (arr(e, q),), None, dict(residual_MxN=x_e)),
-        "gate_up": (x_e, (arr(f, e), arr(f, e)), "silu_mul", dict(norm_scale_K=scale)),
-        "down": (x_f, (arr(e, f),), None, dict(residual_MxN=x_e)),
+    calls = {  # name: (x, weight sets, activation, keywords)
+        "qkv": (x_e, sets((q, e), (kv, e), (kv, e)), None, qkv),
+        "o": (x_q, sets((e, q)), None, dict(residual_MxN=x_e)),
+        "gate_up": (x_e, sets((f, e), (f, e)), "silu_mul", dict(norm_scale_K=scale)),
+        "down": (x_f, sets((e, f)), None, dict(residual_MxN=x_e)),
     }
     interpret = not gpu_target.compiling_for_gpu()
     pieces = {}
-    for name, (x, weights, activation, keywords) in calls.items():
+    for name, (x, weight_sets, activation, keywords) in calls.items():
         rotary = "rotary" in keywords
-        for block_n in block_ns:
-            if any(w.shape[0] % block_n for w in weights) or (
-                    rotary and not 32 <= block_n <= cfg.head_dim):
+        weights = weight_sets[0]
+        seen = set()
+        for tile in tiles:
+            block_n, block_k, warps, stages = (
+                (tile, None, None, None) if isinstance(tile, int) else tuple(tile))
+            if block_n is not None and (any(w.shape[0] % block_n for w in weights) or (
+                    rotary and not 32 <= block_n <= cfg.head_dim)):
                 continue
-            blocks = fused_linear.blocks_for(x, weights, activation, block_n)
+            blocks = fused_linear.blocks_for(x, weights, activation, block_n,
+                                             head_dim=cfg.head_dim if rotary else None)
+            if block_k is not None and x.shape[1] % block_k:
+                continue
+            changes = dict(block_k=block_k, num_warps=warps, num_stages=stages)
+            blocks = dataclasses.replace(blocks, **{k: v for k, v in changes.items()
+                                                    if v is not None})
+            staged = blocks.staged_bytes(2 if activation else 1, x.dtype.itemsize)
+            if blocks in seen or staged > fused_linear.SMEM_LIMIT:
+                continue
+            seen.add(blocks)
+            label = f"bn={blocks.block_n}" if isinstance(tile, int) else (
+                f"bn={blocks.block_n},bk={blocks.block_k},w={blocks.num_warps},"
+                f"s={blocks.num_stages}")
             call = functools.partial(fused_linear.fused_linear, activation=activation,
                                      blocks=blocks, interpret=interpret,
                                      split_outputs=rotary,
                                      name=f"statejax_fused_linear_{name}")
-            fn = jax.jit(lambda x, weights, keywords, call=call: call(x, weights, **keywords))
-            pieces[f"fused_linear[{name},bn={block_n}]"] = (fn, (x, weights, keywords),
-                                                            _nbytes(weights))
+            fn = jax.jit(lambda x, weight_sets, keywords, call=call: [
+                call(x, weights, **keywords) for weights in weight_sets])
+            pieces[f"fused_linear[{name},{label}]"] = (fn, (x, weight_sets, keywords),
+                                                       _nbytes(weight_sets))
     return pieces
 
 
@@ -408,45 +438,54 @@ def run(config, on_row=None) -> dict:
         found = breakdown(compiled, args, name) if trace_pieces else None
         add(name, seconds, launches, nbytes, None if found is None else found["kernel_ms"])
 
-    args, static = query_rows(cfg, params, config, config.context, timing, add,
-                              after_step=trace_step(""))
-    results["query_args"] = len(jax.tree.leaves(args))  # argument buffers per call
-    first_query = functools.partial(steps.query, *args, **static)
-    add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
-        _query_bytes(cfg, config, config.context))
-    for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
-        add_piece(name, fn, args, nbytes)
-    # The query rows again at larger sessions (names end in @cells): what grows with context.
-    for context in config.get("extra_contexts", ()):
-        query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}",
-                   after_step=trace_step(f"@{context}"))
-    # The blocks' linear layers as fused Pallas kernels (kernels/fused_linear.py): the same
-    # step in fewer kernels, writing no split-K partials.
-    for linear_impl in linear_rows:
-        suffix = f"[linear={linear_impl}]"
-        other_args, other_static = query_rows(cfg, params, config, config.context, timing, add,
-                                              suffix=suffix, linear_impl=linear_impl,
-                                              after_step=trace_step(suffix))
-        # Same session tokens and question: how far its next-token logits are from XLA's
-        # (a kernel that is fast but wrong shows here).
-        results[f"logits_diff{suffix}"] = logits_difference(
-            first_query(), steps.query(*other_args, **other_static))
-        pieces = components(cfg, params, config.tokens, linear_impl)
-        for name in ("attn_projections", "mlp"):
-            add_piece(name + suffix, *pieces[name])
-        # With the weights laid out (the kernels read them in place): fewer argument buffers,
-        # the same kernels (H100 compile: tests/test_step_census.py).
-        for layout in layouts:
-            laid_suffix = f"[{layout},linear={linear_impl}]"
-            laid_args, laid_static = query_rows(cfg, lay_out(params, layout), config,
-                                                config.context, timing, add,
-                                                suffix=laid_suffix, linear_impl=linear_impl,
-                                                after_step=trace_step(laid_suffix))
-            results[f"logits_diff{laid_suffix}"] = logits_difference(
-                first_query(), steps.query(*laid_args, **laid_static))
+    # `config.query_rows` False: only the pieces after (the fused calls' tiles, GEMM chains).
+    with_query = config.get("query_rows", True)
+    if with_query:
+        args, static = query_rows(cfg, params, config, config.context, timing, add,
+                                  after_step=trace_step(""))
+        results["query_args"] = len(jax.tree.leaves(args))  # argument buffers per call
+        first_query = functools.partial(steps.query, *args, **static)
+        add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
+            _query_bytes(cfg, config, config.context))
+        for name, (fn, args, nbytes) in components(cfg, params, config.tokens).items():
+            add_piece(name, fn, args, nbytes)
+        # The query rows again at larger sessions (names end in @cells): what grows with context.
+        for context in config.get("extra_contexts", ()):
+            query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}",
+                       after_step=trace_step(f"@{context}"))
+        # The blocks' linear layers as fused Pallas kernels (kernels/fused_linear.py): the same
+        # step in fewer kernels, writing no split-K partials.
+        for linear_impl in linear_rows:
+            suffix = f"[linear={linear_impl}]"
+            other_args, other_static = query_rows(cfg, params, config, config.context, timing, add,
+                                                  suffix=suffix, linear_impl=linear_impl,
+                                                  after_step=trace_step(suffix))
+            # Same session tokens and question: how far its next-token logits are from XLA's
+            # (a kernel that is fast but wrong shows here).
+            results[f"logits_diff{suffix}"] = logits_difference(
+                first_query(), steps.query(*other_args, **other_static))
+            pieces = components(cfg, params, config.tokens, linear_impl)
+            for name in ("attn_projections", "mlp"):
+                add_piece(name + suffix, *pieces[name])
+            # With the weights laid out (the kernels read them in place): fewer argument buffers,
+            # the same kernels (H100 compile: tests/test_step_census.py).
+            for layout in layouts:
+                laid_suffix = f"[{layout},linear={linear_impl}]"
+                laid_args, laid_static = query_rows(cfg, lay_out(params, layout), config,
+                                                    config.context, timing, add,
+                                                    suffix=laid_suffix, linear_impl=linear_impl,
+                                                    after_step=trace_step(laid_suffix))
+                results[f"logits_diff{laid_suffix}"] = logits_difference(
+                    first_query(), steps.query(*laid_args, **laid_static))
     for name, piece in linear_tiles(cfg, config.tokens,
                                     config.get("linear_tile_rows", ())).items():
-        add_piece(name, *piece)
+        try:  # a grid's tiles may not compile (shared memory): the rows after still count
+            add_piece(name, *piece)
+        except Exception as e:  # noqa: BLE001 - any compile or run failure of one tile
+            results["tile_errors"] = {**results.get("tile_errors", {}),
+                                      name: f"{type(e).__name__}: {str(e)[:300]}"}
+            if on_row is not None:
+                on_row(results)
     # Kernel boundaries alone: the same bytes read by more, smaller GEMMs.
     for gemms in config.get("chain_gemms", ()):
         fn, args = gemm_chain(cfg.embed_dim, config.tokens, config.chain_mib * 2**20, gemms,
@@ -454,7 +493,7 @@ def run(config, on_row=None) -> dict:
         add_piece(f"weights_in_{gemms}_gemms", fn, args, config.chain_mib * 2**20)
     # Last, as stacked weights compile the slowest (`model.layouts`): the same program with
     # fewer argument buffers, so what differs is dispatch.
-    for layout in layouts:
+    for layout in layouts if with_query else ():
         laid_out_args, _ = query_rows(cfg, lay_out(params, layout), config, config.context,
                                       timing, add, suffix=f"[{layout}]",
                                       after_step=trace_step(f"[{layout}]"))
@@ -562,6 +601,8 @@ def results_markdown(results: dict) -> str:
                   "small kernel timed by calls"]
     lines += _boundary_note(results["rows"])
     ms = {r["component"]: r["ms"] for r in results["rows"]}
+    for name, error in results.get("tile_errors", {}).items():
+        lines += ["", f"- {name}: did not run: {error}"]
     for key in results:  # one kernel table per traced query step, in the rows' order
         if key.startswith("query_kernels") and not key.endswith("_error"):
             row = "query_step" + key[len("query_kernels"):]

@@ -65,35 +65,90 @@ def test_fused_components_are_the_xla_pieces_after_a_unit_norm():
 
 
 def test_linear_tiles_time_each_fused_call_at_each_strip_width():
-    """Every strip width computes the same call (the kernel's reference), reads that call's
-    weights, and keeps its tiles within the kernel's rules; widths that do not divide a
-    call's weights are left out."""
+    """Every strip width computes the same call (the kernel's reference) on each layer's
+    weights, reads those weights, and keeps its tiles within the kernel's rules; widths that
+    do not divide a call's weights are left out."""
     from statejax.kernels import fused_linear as fl
 
-    cfg = preset("tiny")  # q 64 wide, k and v 32, MLP 128
+    cfg = preset("tiny")  # q 64 wide, k and v 32, MLP 128; 2 layers
     pieces = step_profile.linear_tiles(cfg, 32, (16, 32, 64))
     assert sorted(pieces) == sorted(  # k and v are 32 wide: no 64-column q/k/v strips
         [f"fused_linear[qkv,bn={n}]" for n in (16, 32)]
         + [f"fused_linear[{c},bn={n}]" for c in ("o", "gate_up", "down") for n in (16, 32, 64)])
     e, f = cfg.embed_dim, cfg.mlp_dim
-    assert pieces["fused_linear[down,bn=16]"][2] == e * f * 4
-    assert pieces["fused_linear[gate_up,bn=32]"][2] == 2 * e * f * 4
-    for name, (fn, (x, weights, keywords), _) in pieces.items():
+    layers = cfg.num_layers
+    assert pieces["fused_linear[down,bn=16]"][2] == layers * e * f * 4
+    assert pieces["fused_linear[gate_up,bn=32]"][2] == layers * 2 * e * f * 4
+    for name, (fn, (x, weight_sets, keywords), _) in pieces.items():
         activation = "silu_mul" if "gate_up" in name else None
-        want = fl.fused_linear_reference(x, weights, activation=activation, **keywords)
-        np.testing.assert_allclose(np.asarray(fn(x, weights, keywords)), np.asarray(want),
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        got = fn(x, weight_sets, keywords)
+        assert len(got) == len(weight_sets) == layers
+        # One call per layer's weights, each its own (distinct sets: not one set cached).
+        assert not np.array_equal(np.asarray(weight_sets[0][0]), np.asarray(weight_sets[1][0]))
+        for y, weights in zip(got, weight_sets, strict=True):
+            want = fl.fused_linear_reference(x, weights, activation=activation, **keywords)
+            np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-6,
+                                       err_msg=name)
     # Heads of 32: q/k/v as the model calls it, rotated, three outputs, strips of 32 only.
     cfg = preset("tiny", head_dim=32)
-    pieces = step_profile.linear_tiles(cfg, 32, (16, 32, 64))
+    pieces = step_profile.linear_tiles(cfg, 32, (16, 32, 64), copies=1)
     assert [n for n in pieces if "qkv" in n] == ["fused_linear[qkv,bn=32]"]
-    fn, (x, weights, keywords), _ = pieces["fused_linear[qkv,bn=32]"]
-    assert keywords["rotary"].rotate == (True, True, False)
-    got = fn(x, weights, keywords)
-    want = fl.fused_linear_reference(x, weights, split_outputs=True, **keywords)
+    fn, (x, weight_sets, keywords), _ = pieces["fused_linear[qkv,bn=32]"]
+    assert keywords["rotary"].rotate == (True, True, False) and len(weight_sets) == 1
+    (got,) = fn(x, weight_sets, keywords)
+    want = fl.fused_linear_reference(x, weight_sets[0], split_outputs=True, **keywords)
     assert [g.shape for g in got] == [(32, 128), (32, 64), (32, 64)]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_tile_grid_names_full_tiles_and_drops_repeats_and_overflows():
+    """Grid entries (block_n, block_k, num_warps, num_stages), None keeping the default's:
+    named by their tiles in full; an entry that resolves to tiles already listed, or whose
+    pipelined stages exceed a block's shared memory, gives no row."""
+    from statejax.kernels import fused_linear as fl
+
+    cfg = preset("llama-3.2-1b", dtype="bfloat16", num_layers=1)
+    grid = ((None, None, None, None), (None, None, None, 4), (None, None, 8, None),
+            (None, 1024, 8, 2), 32)
+    names = [n for n in step_profile.linear_tiles(cfg, 32, grid) if "[o," in n]
+    default = fl.blocks_for(jnp.zeros((32, 2048), jnp.bfloat16),
+                            (jnp.zeros((2048, 2048), jnp.bfloat16),))
+    bn, bk = default.block_n, default.block_k
+    assert names == [f"fused_linear[o,bn={bn},bk={bk},w=4,s=3]",
+                     f"fused_linear[o,bn={bn},bk={bk},w=4,s=4]",
+                     f"fused_linear[o,bn={bn},bk={bk},w=8,s=3]",
+                     f"fused_linear[o,bn={bn},bk=1024,w=8,s=2]",
+                     *(["fused_linear[o,bn=32]"] if bn != 32 else [])]
+    # gate/up reads two strips a program: [32 + 2 x 64, 1024] x 2 stages is over the limit.
+    gate_up = [n for n in step_profile.linear_tiles(cfg, 32, grid) if "gate_up" in n]
+    assert gate_up and not any("bk=1024" in n for n in gate_up)
+    big = fl.LinearBlocks(block_m=32, block_n=64, block_k=1024, num_stages=2)
+    assert big.staged_bytes(2) == (32 + 128) * 1024 * 2 * 2 > fl.SMEM_LIMIT
+
+
+def test_tile_rows_alone_and_a_tile_that_fails_keeps_the_rest(monkeypatch):
+    """`query_rows` False runs the tiles (and GEMM chains) only; a tile whose program fails
+    is reported, and the rows after it still run."""
+    def broken(x, weight_sets, keywords):
+        raise RuntimeError("shared memory exceeded")
+
+    good = step_profile.linear_tiles(preset("tiny"), 8, (16,))
+    pieces = {"fused_linear[o,bad]": (jax.jit(broken), good["fused_linear[o,bn=16]"][1], 1),
+              **good}
+    monkeypatch.setattr(step_profile, "linear_tiles", lambda *args, **kwargs: pieces)
+    config = sp_config.get_config("tiny")
+    config.query_rows = False
+    config.chain_gemms = (1,)
+    results = step_profile.run(config)
+    assert [r["component"] for r in results["rows"]] == [*good, "weights_in_1_gemms"]
+    assert "query_args" not in results and not any(k.startswith("query_kernels")
+                                                   for k in results)
+    assert results["tile_errors"] == {"fused_linear[o,bad]": "RuntimeError: shared memory "
+                                                               "exceeded"}
+    md = step_profile.results_markdown(results)
+    assert "- fused_linear[o,bad]: did not run: RuntimeError: shared memory exceeded" in md
+    assert all(r["kernel_ms"] > 0 for r in results["rows"])
 
 
 def test_tiny_run_reports_each_component_against_the_floor():
