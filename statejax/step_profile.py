@@ -41,8 +41,8 @@ chained, so per-call launch cost is amortised as in the real step):
   and `mlp` rows with those linear layers and by the query rows with those linear layers
   on each layout of `config.layout_rows` (`query_step[packed,linear=pallas]` ...: the
   kernels read the laid-out weights in place); then `fused_linear[call,bn=N]`: each of a
-  block's four fused calls alone for each strip width N of `config.linear_tile_rows`
-  (`linear_tiles`),
+  block's four fused calls, once on each layer's weights, for each entry of
+  `config.linear_tile_rows` (`linear_tiles`: strip widths, or tiles in full),
 - `weights_in_N_gemms` (for each N of `config.chain_gemms`, before the layout rows): the same
   `config.chain_mib` of weights read by N dependent GEMMs at the query's shape ([T, E·m] x
   [E, E·m]^T, m = what makes the bytes equal), so the rows differ only in how many kernels
@@ -58,7 +58,7 @@ jitted pieces the number of kernels their optimised HLO launches (top-level inst
 entry computation): at a few microseconds each, hundreds of launches alone exceed the floor.
 With `config.trace_pieces` the pieces' rows (not the query rows) also carry `kernel_ms`, their
 kernels' device time per call from a profiler trace: calls of one small kernel are paced by the
-host's dispatch (a fused call alone took 36-85 µs a call on the H200 on 2026-12-04, whatever
+host's dispatch (a fused call alone took 36-88 µs a call on the H200 on 2026-12-04, whatever
 its tiles), which the trace leaves out.
 The launcher is `experiments/step_profile.py`.
 """
