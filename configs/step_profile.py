@@ -35,6 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (`step_profile.linear_tiles`): which tiles stream the weights fastest.
     c.linear_tile_rows = ()
     c.query_rows = True  # False: no query rows, no pieces but the tiles and GEMM chains
+    # Where the fastest matching tiles of each fused call are recorded as "linear" entries of
+    # this GPU model's table (`statejax.kernels.tuned`; "" records nothing), which the fused
+    # kernels' defaults then read (`fused_linear.blocks_for`).
+    c.tuned_dir = ""
     c.impl = "reference"  # their attention: "reference", "pallas" or "pallas-mosaic"
     c.decode_tokens = 32  # decode_token row: tokens a generating query makes (>= 2)
     c.trace_calls = 5  # calls traced by the profiler for a kernel breakdown

@@ -202,22 +202,24 @@ run_query() {
   [ -d "$tuned" ] && rm -rf "$WORK/tuned" && cp -r "$tuned" "$WORK/tuned"
 }
 
-# step_profile NAME [CAP CONFIG]: the profile into $WORK/NAME (XLA_FLAGS as the caller sets
-# them; CAP and CONFIG default to PROFILE_S and PROFILE_CONFIG). With PROFILE_VLOG=1 (default)
+# step_profile NAME [CAP CONFIG [FLAGS...]]: the profile into $WORK/NAME (XLA_FLAGS as the
+# caller sets them; CAP and CONFIG default to PROFILE_S and PROFILE_CONFIG; FLAGS are the
+# launcher's). With PROFILE_VLOG=1 (default)
 # XLA logs its CUDA-graph replays and updates into the profile's log, split by row into
 # NAME/command_buffers.md (statejax/command_buffer_log.py).
 step_profile() {
-  local cap=${2:-${PROFILE_S:-200}}
-  capped "$1" "$cap" || return 0
+  local name=$1 cap=${2:-${PROFILE_S:-200}}
+  local config=${3:-${PROFILE_CONFIG:-configs/step_profile.py:gpu}}
+  shift $(( $# < 3 ? $# : 3 ))
+  capped "$name" "$cap" || return 0
   local vlog=()
   [ "${PROFILE_VLOG:-1}" = 1 ] && vlog=(TF_CPP_VMODULE=command_buffer_thunk=3
                                         TF_CPP_MIN_LOG_LEVEL=0)
   env "${vlog[@]}" timeout "$cap" python3 -m experiments.step_profile \
-    --config="${3:-${PROFILE_CONFIG:-configs/step_profile.py:gpu}}" --workdir="$WORK/$1" \
-    > "$WORK/$1.log" 2>&1
-  echo "$1 exit: $?" | tee -a "$WORK/$1.log"
+    --config="$config" --workdir="$WORK/$name" "$@" > "$WORK/$name.log" 2>&1
+  echo "$name exit: $?" | tee -a "$WORK/$name.log"
   [ "${PROFILE_VLOG:-1}" = 1 ] && python3 -m experiments.command_buffer_log \
-    --log="$WORK/$1.log" --workdir="$WORK/$1" > /dev/null 2>> "$WORK/$1.log"
+    --log="$WORK/$name.log" --workdir="$WORK/$name" > /dev/null 2>> "$WORK/$name.log"
   return 0
 }
 
@@ -232,8 +234,10 @@ run_profile() {
 # The fused linear calls' tiles grid alone (no query rows): which tiles stream the weights
 # fastest, by their kernels' device time (a profiler trace per row).
 run_linear() {
+  local tuned=${TUNED_DIR:-kernels/tuned}
   PROFILE_VLOG=0 step_profile linear_tiles "${LINEAR_S:-150}" \
-    "${LINEAR_CONFIG:-configs/step_profile.py:gpu-linear}"
+    "${LINEAR_CONFIG:-configs/step_profile.py:gpu-linear}" --config.tuned_dir="$tuned"
+  [ -d "$tuned" ] && rm -rf "$WORK/tuned" && cp -r "$tuned" "$WORK/tuned"
 }
 
 run_mosaic() {

@@ -40,13 +40,16 @@ import numpy as np
 from flax import struct
 from jax.experimental import pallas as pl
 
+from statejax import gpu_target
 from statejax.errors import InputError
 from statejax.model import rope
 
 from . import append_attention as aa
+from . import tuned
 
 __all__ = ["ACTIVATIONS", "BufferRows", "LinearBlocks", "Rotary", "blocks_for",
-           "default_linear_blocks", "fused_linear", "fused_linear_reference", "rotary_fits"]
+           "default_linear_blocks", "fused_linear", "fused_linear_reference", "rotary_fits",
+           "tuned_shape"]
 
 ACTIVATIONS = (None, "silu_mul")
 # Programs to aim for: one wave over an H100's 132 SMs, each streaming its own weight strip.
@@ -185,18 +188,52 @@ def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: i
     return blocks
 
 
+def tuned_shape(x_MxK, weights, activation: str | None = None) -> dict:
+    """A call's shape as `kernels.tuned` records "linear" tiles: rows M, k K, n output
+    columns, weights, strips (weight strips a program reads), itemsize."""
+    widths = tuple(w.shape[0] for w in weights)
+    paired = activation == "silu_mul"
+    return dict(rows=x_MxK.shape[0], k=x_MxK.shape[1],
+                n=widths[0] if paired else sum(widths), weights=len(widths),
+                strips=2 if paired else 1, itemsize=x_MxK.dtype.itemsize)
+
+
+def _tiles_fit(tiles: dict, widths, k: int, offsets, head_dim: int | None) -> bool:
+    """Measured tiles suit a call: block_k divides K, block_n each width, and the rows a
+    strip reads (block_n, half of it with RoPE: then 32 <= block_n <= head_dim) each
+    in-place weight's first row."""
+    bn = tiles["block_n"]
+    strip = bn if head_dim is None else bn // 2
+    return (k % tiles["block_k"] == 0 and all(w % bn == 0 for w in widths)
+            and all(f % strip == 0 for f in offsets)
+            and (head_dim is None or 32 <= bn <= head_dim))
+
+
 def blocks_for(x_MxK, weights, activation: str | None = None,
-               block_n: int | None = None, head_dim: int | None = None) -> LinearBlocks:
+               block_n: int | None = None, head_dim: int | None = None,
+               measured: bool = True) -> LinearBlocks:
     """`default_linear_blocks` of a call: x [M, K], weights [N_i, K] arrays or `BufferRows`
     (their output width and strips per program from `activation`); `block_n` kept if given.
     With a rotary `head_dim`, strips of half-head pairs: block_n between 32 (two 16-row
-    strips, Triton's least) and the head, its halves dividing the weights' first rows."""
+    strips, Triton's least) and the head, its halves dividing the weights' first rows.
+
+    Without a given `block_n` and with `measured`, the tiles `kernels/tuned/` holds for this
+    call's shape (`tuned_shape`) on the GPU model compiled for come first, where they suit
+    it (the fastest of the step profile's tiles grid, recorded only where they beat these
+    defaults; nothing in interpret mode)."""
     widths = tuple(w.shape[0] for w in weights)
     paired = activation == "silu_mul"
     offsets = tuple(w.first for w in weights if isinstance(w, BufferRows))
     shape = dict(m=x_MxK.shape[0], widths=widths, k=x_MxK.shape[1],
                  columns=widths[0] if paired else sum(widths), itemsize=x_MxK.dtype.itemsize,
                  weights_per_program=2 if paired else 1)
+    if measured and block_n is None:
+        found = tuned.lookup(
+            "linear", tuned_shape(x_MxK, weights, activation), x_MxK.shape[0],
+            device_kind=gpu_target.device_kind(),
+            usable=lambda bs: _tiles_fit(bs, widths, x_MxK.shape[1], offsets, head_dim))
+        if found is not None:
+            return LinearBlocks(**found.block_sizes)
     if head_dim is not None and block_n is None:
         block_n = max(32, min(head_dim, default_linear_blocks(**shape, offsets=offsets).block_n))
         while block_n > 32 and any(f % (block_n // 2) for f in offsets):

@@ -11,6 +11,11 @@ and what gets committed: data with its provenance, not an edited rule.
 An entry is {kernel, shape, window, block_sizes, backend, ms, provenance...}:
 - "decode" (the split-sequence paged flash kernel): shape (batch, rows = T x G, k_heads,
   head_dim, itemsize); block_sizes the five `BlockSizes` fields; backend "triton";
+- "linear" (`fused_linear`, recorded by the step profile's tiles grid,
+  `configs/step_profile.py:gpu-linear`): shape (rows = M, k = K, n = output columns,
+  weights, strips = weight strips a program reads: 2 for "silu_mul", itemsize); window = M
+  (the shape holds M, so only that M matches); block_sizes the five `LinearBlocks` fields;
+  backend "triton";
 - "cascade" (shared part + private part with the merge): shape (branches, tokens, group,
   k_heads, head_dim, itemsize); block_sizes {"shared": ..., "private": five fields}, the
   shared part's fields those of its backend: "triton" (five `BlockSizes` fields) or
@@ -46,11 +51,13 @@ TUNED_DIR = pathlib.Path(__file__).parent / "tuned"
 SHAPES = {
     "decode": ("batch", "rows", "k_heads", "head_dim", "itemsize"),
     "cascade": ("branches", "tokens", "group", "k_heads", "head_dim", "itemsize"),
+    "linear": ("rows", "k", "n", "weights", "strips", "itemsize"),
 }
 TILES = ("block_q", "block_k", "num_splits", "num_warps", "num_stages")
+LINEAR_TILES = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
 # Shared-part tiles per cascade backend (`BlockSizes`, `MosaicDecodeBlockSizes` fields).
 SHARED_TILES = {"triton": TILES, "mosaic_gpu": ("block_k", "max_concurrent_steps", "num_splits")}
-BACKENDS = {"decode": ("triton",), "cascade": tuple(SHARED_TILES)}
+BACKENDS = {"decode": ("triton",), "cascade": tuple(SHARED_TILES), "linear": ("triton",)}
 
 
 class Found(NamedTuple):
@@ -88,8 +95,9 @@ def _check_entry(entry, where: str) -> dict:
         raise InputError(f"{where}: a {kernel} entry's backend is one of {BACKENDS[kernel]}, "
                          f"got {backend!r}")
     bs = entry["block_sizes"]
-    if kernel == "decode":
-        layout, parts = TILES, [(bs, TILES)]
+    if kernel in ("decode", "linear"):
+        fields = TILES if kernel == "decode" else LINEAR_TILES
+        layout, parts = fields, [(bs, fields)]
     else:
         shared = SHARED_TILES[backend]
         layout = f"{{shared: {shared}, private: {TILES}}}"

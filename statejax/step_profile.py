@@ -67,6 +67,7 @@ import dataclasses
 import datetime
 import functools
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,7 @@ from flax import struct
 from statejax import device_trace, gpu_target, roofline, step_census, steps
 from statejax.budget import Budget
 from statejax.cache import FullView
-from statejax.kernels import fused_linear
+from statejax.kernels import fused_linear, tuned
 from statejax.model import rope
 from statejax.model.config import preset
 from statejax.model.layouts import LAYOUTS, lay_out
@@ -178,8 +179,29 @@ def gemm_chain(e: int, tokens: int, total_bytes: int, gemms: int, dtype):
     return jax.jit(chain), (weights, x)
 
 
+class TilePiece(NamedTuple):
+    """One row of `linear_tiles`: fn(*args) makes the call once per weight set.
+
+    Attributes:
+      fn, args, nbytes: the jitted program, its args (x, weight sets, keywords), the bytes
+        of all the weight sets.
+      call: "qkv", "o", "gate_up" or "down"; activation: the call's.
+      blocks: its tiles; is_default: whether they are `fused_linear.blocks_for`'s rule.
+      shape: the call's `fused_linear.tuned_shape` (what a measured entry is keyed by).
+    """
+
+    fn: object
+    args: tuple
+    nbytes: int
+    call: str
+    activation: str | None
+    blocks: object
+    is_default: bool
+    shape: dict
+
+
 def linear_tiles(cfg, tokens: int, tiles, copies: int | None = None) -> dict:
-    """{name: (jitted fn, args, weight bytes)}: each fused linear call of one block
+    """{name: `TilePiece`}: each fused linear call of one block
     (`kernels/fused_linear.py`: norm + q/k/v (+ RoPE, three outputs, as the model calls it),
     o + residual, norm + gate/up + silu-mul, down + residual) on `tokens` rows of random
     inputs, made once on each of `copies` (default: the model's layers) distinct weight sets
@@ -221,6 +243,9 @@ def linear_tiles(cfg, tokens: int, tiles, copies: int | None = None) -> dict:
     for name, (x, weight_sets, activation, keywords) in calls.items():
         rotary = "rotary" in keywords
         weights = weight_sets[0]
+        head_dim = cfg.head_dim if rotary else None
+        rule = fused_linear.blocks_for(x, weights, activation, head_dim=head_dim,
+                                       measured=False)
         seen = set()
         for tile in tiles:
             block_n, block_k, warps, stages = (
@@ -229,7 +254,7 @@ def linear_tiles(cfg, tokens: int, tiles, copies: int | None = None) -> dict:
                     rotary and not 32 <= block_n <= cfg.head_dim)):
                 continue
             blocks = fused_linear.blocks_for(x, weights, activation, block_n,
-                                             head_dim=cfg.head_dim if rotary else None)
+                                             head_dim=head_dim, measured=False)
             if block_k is not None and x.shape[1] % block_k:
                 continue
             changes = dict(block_k=block_k, num_warps=warps, num_stages=stages)
@@ -248,9 +273,58 @@ def linear_tiles(cfg, tokens: int, tiles, copies: int | None = None) -> dict:
                                      name=f"statejax_fused_linear_{name}")
             fn = jax.jit(lambda x, weight_sets, keywords, call=call: [
                 call(x, weights, **keywords) for weights in weight_sets])
-            pieces[f"fused_linear[{name},{label}]"] = (fn, (x, weight_sets, keywords),
-                                                       _nbytes(weight_sets))
+            pieces[f"fused_linear[{name},{label}]"] = TilePiece(
+                fn, (x, weight_sets, keywords), _nbytes(weight_sets), name, activation, blocks,
+                blocks == rule, fused_linear.tuned_shape(x, weights, activation))
     return pieces
+
+
+# Elementwise tolerance of a tile's output against the reference: |y - ref| <= tol (1 + |ref|)
+# (as the kernel benchmark's `_MATCH_TOLERANCE`).
+_TILE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
+
+
+def tile_error(piece: TilePiece) -> tuple[float, bool]:
+    """(max |y - ref| / (1 + |ref|) over the call's outputs on every weight set, whether
+    within `_TILE_TOLERANCE` of its dtype): a tile is recorded only if it computes the call
+    (`fused_linear_reference`, float32 products at HIGHEST precision)."""
+    x, weight_sets, keywords = piece.args
+    got = piece.fn(*piece.args)
+    worst = 0.0
+    for ys, weights in zip(got, weight_sets, strict=True):
+        want = fused_linear.fused_linear_reference(
+            x, weights, activation=piece.activation,
+            split_outputs=isinstance(ys, tuple | list), **keywords)
+        for y, ref in zip(jax.tree.leaves(ys), jax.tree.leaves(want), strict=True):
+            y, ref = np.asarray(y, np.float32), np.asarray(ref, np.float32)
+            worst = max(worst, float(np.max(np.abs(y - ref) / (1 + np.abs(ref)))))
+    return worst, worst <= _TILE_TOLERANCE[jnp.dtype(x.dtype).name]
+
+
+def record_linear_tiles(results: dict, pieces: dict, directory: str) -> list[dict]:
+    """Per fused call, the fastest tiles by kernel time (`kernel_ms`) whose output matched,
+    written into `directory`'s `kernels.tuned` table of this device as a "linear" entry (ms
+    and the rule's `default_ms` per call: a lookup keeps the rule where it was faster).
+    Returns the entries written."""
+    rows = {r["component"]: r for r in results["rows"]}
+    kind = jax.devices()[0].device_kind
+    written = []
+    for call in dict.fromkeys(p.call for p in pieces.values()):
+        timed = [(rows[n]["kernel_ms"] / len(p.args[1]), n, p) for n, p in pieces.items()
+                 if p.call == call and n in rows and rows[n].get("matches")
+                 and rows[n].get("kernel_ms")]
+        if not timed:
+            continue
+        ms, name, best = min(timed, key=lambda t: t[0])
+        default_ms = next((t[0] for t in timed if t[2].is_default), None)
+        entry = dict(kernel="linear", shape=best.shape, window=best.shape["rows"],
+                     backend="triton", block_sizes=dataclasses.asdict(best.blocks),
+                     dtype=results["dtype"], ms=ms, default_ms=default_ms, row=name,
+                     source=f"experiments/step_profile.py, {results['device']}, "
+                            f"jax {results['jax_version']}, {results['date']}")
+        tuned.record(entry, device_kind=kind, directory=directory)
+        written.append(entry)
+    return written
 
 
 def _time_compiled(fn, args, timing, **static) -> tuple[float, int, object]:
@@ -477,15 +551,21 @@ def run(config, on_row=None) -> dict:
                                                     after_step=trace_step(laid_suffix))
                 results[f"logits_diff{laid_suffix}"] = logits_difference(
                     first_query(), steps.query(*laid_args, **laid_static))
-    for name, piece in linear_tiles(cfg, config.tokens,
-                                    config.get("linear_tile_rows", ())).items():
+    tiles = linear_tiles(cfg, config.tokens, config.get("linear_tile_rows", ()))
+    for name, piece in tiles.items():
         try:  # a grid's tiles may not compile (shared memory): the rows after still count
-            add_piece(name, *piece)
+            max_err, matches = tile_error(piece)
+            add_piece(name, piece.fn, piece.args, piece.nbytes)
+            results["rows"][-1].update(max_err=max_err, matches=matches)
         except Exception as e:  # noqa: BLE001 - any compile or run failure of one tile
             results["tile_errors"] = {**results.get("tile_errors", {}),
                                       name: f"{type(e).__name__}: {str(e)[:300]}"}
             if on_row is not None:
                 on_row(results)
+    if tiles and config.get("tuned_dir"):
+        results["tuned_tiles"] = record_linear_tiles(results, tiles, config.tuned_dir)
+        if on_row is not None:
+            on_row(results)
     # Kernel boundaries alone: the same bytes read by more, smaller GEMMs.
     for gemms in config.get("chain_gemms", ()):
         fn, args = gemm_chain(cfg.embed_dim, config.tokens, config.chain_mib * 2**20, gemms,
@@ -603,6 +683,15 @@ def results_markdown(results: dict) -> str:
     ms = {r["component"]: r["ms"] for r in results["rows"]}
     for name, error in results.get("tile_errors", {}).items():
         lines += ["", f"- {name}: did not run: {error}"]
+    for r in results["rows"]:
+        if r.get("matches") is False:
+            lines += ["", f"- {r['component']}: output off the reference by "
+                      f"{r['max_err']:.3g} (relative), not recorded"]
+    for e in results.get("tuned_tiles", ()):
+        rule = ("" if e["default_ms"] is None else
+                f" (the rule's tiles: {1e3 * e['default_ms']:.1f} µs"
+                + ("; a lookup keeps the rule)" if e["default_ms"] < e["ms"] else ")"))
+        lines += ["", f"- recorded: {e['row']}, {1e3 * e['ms']:.1f} µs per call{rule}"]
     for key in results:  # one kernel table per traced query step, in the rows' order
         if key.startswith("query_kernels") and not key.endswith("_error"):
             row = "query_step" + key[len("query_kernels"):]

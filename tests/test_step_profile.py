@@ -1,5 +1,6 @@
 """The query-step profile times the real model's pieces and accounts for every weight."""
 
+import dataclasses
 import weakref
 
 import jax
@@ -79,7 +80,7 @@ def test_linear_tiles_time_each_fused_call_at_each_strip_width():
     layers = cfg.num_layers
     assert pieces["fused_linear[down,bn=16]"][2] == layers * e * f * 4
     assert pieces["fused_linear[gate_up,bn=32]"][2] == layers * 2 * e * f * 4
-    for name, (fn, (x, weight_sets, keywords), _) in pieces.items():
+    for name, (fn, (x, weight_sets, keywords), *_) in pieces.items():
         activation = "silu_mul" if "gate_up" in name else None
         got = fn(x, weight_sets, keywords)
         assert len(got) == len(weight_sets) == layers
@@ -93,7 +94,7 @@ def test_linear_tiles_time_each_fused_call_at_each_strip_width():
     cfg = preset("tiny", head_dim=32)
     pieces = step_profile.linear_tiles(cfg, 32, (16, 32, 64), copies=1)
     assert [n for n in pieces if "qkv" in n] == ["fused_linear[qkv,bn=32]"]
-    fn, (x, weight_sets, keywords), _ = pieces["fused_linear[qkv,bn=32]"]
+    fn, (x, weight_sets, keywords), *_ = pieces["fused_linear[qkv,bn=32]"]
     assert keywords["rotary"].rotate == (True, True, False) and len(weight_sets) == 1
     (got,) = fn(x, weight_sets, keywords)
     want = fl.fused_linear_reference(x, weight_sets[0], split_outputs=True, **keywords)
@@ -134,8 +135,8 @@ def test_tile_rows_alone_and_a_tile_that_fails_keeps_the_rest(monkeypatch):
         raise RuntimeError("shared memory exceeded")
 
     good = step_profile.linear_tiles(preset("tiny"), 8, (16,))
-    pieces = {"fused_linear[o,bad]": (jax.jit(broken), good["fused_linear[o,bn=16]"][1], 1),
-              **good}
+    bad = good["fused_linear[o,bn=16]"]._replace(fn=jax.jit(broken))
+    pieces = {"fused_linear[o,bad]": bad, **good}
     monkeypatch.setattr(step_profile, "linear_tiles", lambda *args, **kwargs: pieces)
     config = sp_config.get_config("tiny")
     config.query_rows = False
@@ -149,6 +150,62 @@ def test_tile_rows_alone_and_a_tile_that_fails_keeps_the_rest(monkeypatch):
     md = step_profile.results_markdown(results)
     assert "- fused_linear[o,bad]: did not run: RuntimeError: shared memory exceeded" in md
     assert all(r["kernel_ms"] > 0 for r in results["rows"])
+    # Every tile that ran was checked against the reference (interpret mode: it matches).
+    assert all(r["matches"] and r["max_err"] < 1e-4 for r in results["rows"][:-1])
+
+
+def test_the_tile_check_catches_a_wrong_tile():
+    pieces = step_profile.linear_tiles(preset("tiny"), 8, (16,))
+    piece = pieces["fused_linear[down,bn=16]"]
+    err, ok = step_profile.tile_error(piece)
+    assert ok and err < 1e-5
+    wrong = piece._replace(fn=jax.jit(lambda x, weight_sets, keywords: [
+        y + 1e-2 for y in piece.fn(x, weight_sets, keywords)]))
+    err, ok = step_profile.tile_error(wrong)
+    assert not ok and 5e-3 < err <= 1e-2
+
+
+def test_the_tiles_grid_records_each_calls_fastest_matching_tiles(tmp_path, monkeypatch):
+    """The fastest tiles by kernel time among those that matched, per call, with the rule's
+    time: "linear" entries the fused kernels' defaults then read on that GPU model."""
+    from statejax import gpu_target
+    from statejax.kernels import fused_linear as fl
+    from statejax.kernels import tuned
+
+    cfg = preset("tiny")
+    pieces = step_profile.linear_tiles(cfg, 8, ((None, None, None, None), 16, 32))
+    rows, kernel_ms = [], {}
+    for i, (name, piece) in enumerate(pieces.items()):
+        # Made-up kernel times: 32-wide strips fastest, but gate/up's did not match.
+        kernel_ms[name] = (1.0 if "bn=32" in name else 2.0) - 0.001 * i
+        rows.append(dict(component=name, kernel_ms=kernel_ms[name],
+                         matches=not (piece.call == "gate_up" and "bn=32" in name)))
+    results = dict(rows=rows, dtype="float32", device="cpu (cpu)", jax_version="x",
+                   date="today")
+    written = step_profile.record_linear_tiles(results, pieces, str(tmp_path))
+    assert [e["row"] for e in written] == [
+        "fused_linear[qkv,bn=32]", "fused_linear[o,bn=32]",
+        max((n for n in pieces if "gate_up" in n and "bn=32" not in n), key=list(pieces).index),
+        "fused_linear[down,bn=32]"]
+    layers = cfg.num_layers
+    for e in written:
+        piece = pieces[e["row"]]
+        default = next(n for n, p in pieces.items() if p.call == piece.call and p.is_default)
+        assert e["ms"] == kernel_ms[e["row"]] / layers
+        assert e["default_ms"] == kernel_ms[default] / layers
+        assert e["block_sizes"] == dataclasses.asdict(piece.blocks)
+        assert e["shape"] == piece.shape and e["window"] == piece.shape["rows"]
+    # Read back where kernels compile for that GPU model (here: the CPU's table, named as
+    # the device the entries were recorded for).
+    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
+    x, weight_sets, keywords = pieces["fused_linear[down,bn=32]"].args
+    rule = fl.blocks_for(x, weight_sets[0])
+    assert fl.blocks_for(x, weight_sets[0]) == rule  # interpret mode: no lookup
+    monkeypatch.setattr(gpu_target, "device_kind", lambda: jax.devices()[0].device_kind)
+    assert fl.blocks_for(x, weight_sets[0]) == pieces["fused_linear[down,bn=32]"].blocks != rule
+    assert fl.blocks_for(x, weight_sets[0], measured=False) == rule
+    assert fl.blocks_for(x[:4], weight_sets[0]) == fl.blocks_for(x[:4], weight_sets[0],
+                                                                 measured=False)  # other M
 
 
 def test_tiny_run_reports_each_component_against_the_floor():

@@ -424,3 +424,21 @@ def test_cascade_entries_are_recorded_only_if_the_model_form_matches(tmp_path, m
     both = results | {"rows": results["rows"] + [decode_row, decode_row | {"ms": 0.05}]}
     assert kernel_bench.record_tuned(both, str(other), cfg)
     assert [e["kernel"] for e in tuned.entries("cpu", other)] == ["decode"]
+
+
+def test_linear_entries_hold_the_fused_kernels_tiles(table_dir):
+    """A "linear" entry (`fused_linear.tuned_shape`, `LinearBlocks` fields) is read back by
+    exact shape; one with other tiles or shape fields is refused with what is allowed."""
+    shape = dict(rows=32, k=2048, n=2048, weights=1, strips=1, itemsize=2)
+    tiles = dict(block_m=32, block_n=32, block_k=256, num_warps=8, num_stages=4)
+    tuned.record(dict(kernel="linear", shape=shape, window=32, block_sizes=tiles, ms=1e-3,
+                      default_ms=2e-3), device_kind=H100)
+    found = tuned.lookup("linear", shape, 32, device_kind=H100)
+    assert found == tuned.Found(tiles, True, "triton")
+    assert tuned.lookup("linear", shape | {"rows": 16}, 16, device_kind=H100) is None
+    with pytest.raises(InputError, match="linear block_sizes"):
+        tuned.record(dict(kernel="linear", shape=shape, window=32,
+                          block_sizes=_tiles()), device_kind=H100)
+    with pytest.raises(InputError, match="a linear shape has exactly"):
+        tuned.record(dict(kernel="linear", shape=DECODE, window=32, block_sizes=tiles),
+                     device_kind=H100)
