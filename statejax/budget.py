@@ -31,7 +31,10 @@ class Budget:
     """Capacities of a session (or a batch of session rows).
 
     Attributes:
-      cells: C, KV cells per session row (frozen prefix + data region).
+      cells: C, KV cells per session row (frozen prefix + data region). The Pallas
+        attention kernels view a row's cells as pages of the largest power of two up
+        to their KV step (128 cells at D = 64) that divides C: a multiple of 128 lets
+        them read one page per step (`kernels.append_attention.cells_page_size`).
       rows: B, session rows held in one state.
       page_size: cells per page (prefix-cache hashing and window granularity).
       chunk_sizes: T buckets for appends and questions, ascending.

@@ -85,6 +85,8 @@ from statejax.model.llama import LINEAR_IMPLS, Attention, Mlp, Transformer, init
 from statejax.session import Session, generation_width
 from statejax.tokenizer import ByteTokenizer
 
+# The attention kernels' KV step at the 1B shape's D = 64 (`append_attention.kv_block`).
+_KV_BLOCK = 128
 
 @struct.dataclass
 class IdentityAttention:
@@ -346,7 +348,10 @@ def query_path(cfg, params, config, context: int | None = None, linear_impl: str
     """
     context = config.context if context is None else context
     page = 16
-    cells = -(-(context + 2 * config.tokens) // page) * page
+    # Cells a whole number of 128-cell KV blocks, as the stream's budgets (33792 = 264 x 128):
+    # the attention kernels then view them as 128-cell pages, one per KV step, as they do
+    # there; at 1024 + 64 cells they read 64-cell pages, two per step.
+    cells = -(-(context + 2 * config.tokens) // _KV_BLOCK) * _KV_BLOCK
     # The context goes in as one chunk: one append compile, not one per window it grows
     # through (seconds each at the 1B shape, in a device slot of a minute).
     whole = -(-context // page) * page
