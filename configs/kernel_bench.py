@@ -15,7 +15,8 @@ Shape tuples, one per benchmarked call:
   decode  (B sessions, S cached cells per session, T new tokens, H, K, D)
   append  (B sessions, S cached cells per session, T new tokens, H, K, D)
   cascade (R branches, S shared cells, T tokens per branch, H, K, D); private cells = T
-Cached cells are the same for every session; K/V live in a shuffled page pool.
+Cached cells are the same for every session; K/V live in a shuffled page pool (cascade
+rows with `cascade_form="cells"`, as in gpu-query: contiguous cells, as the model's step).
 
 Tuning grids: `tune_decode` / `tune_append` hold `BlockSizes` tuples
 (block_q, block_k, num_splits, num_warps, num_stages) timed on the FIRST decode / append shape
@@ -79,6 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variant = variant
     c.dtype = "bfloat16"
     c.page_size = 64  # cells per page of the benchmark's pool
+    # Cascade rows' form: "paged" (shared cells in the shuffled pool) or "cells" (as the
+    # model calls it: contiguous session cells viewed as pages of one KV block;
+    # `experiments.kernel_bench._cells_cascade_call`).
+    c.cascade_form = "paged"
     c.interpret = False
     c.baselines = True  # jax's Pallas decode kernel, cuDNN, the XLA reference (GPU only)
     c.warmup = 2  # untimed calls after compilation
@@ -165,6 +170,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # by XLA instead).
         c.decode = ((1, 32768, 32, 32, 8, 64), (1, 1024, 32, 32, 8, 64))
         c.append = ()
+        # The cascade rows as the model's step calls them: its session cells read as 128-cell
+        # pages (a budget of whole 128-cell blocks) where the pool's are 64, shuffled.
+        c.cascade_form = "cells"
         c.cascade = ((1, 32768, 32, 32, 8, 64), (1, 1024, 32, 32, 8, 64))
         # Issue 3's cascade target: 8 branches vs one over 16k shared cells. With 32-token
         # branches eight do 8x the matmuls (H100, 2026-11-27: 2.76x, a floor ratio of 3.85x);

@@ -215,11 +215,20 @@ def mosaic_cascade_block_sizes(cfg, shape, entry) -> ca.BlockSizes:
 
 
 
-def bench_cascade(cfg, peaks, shape, key, block_sizes=None, backend="triton") -> dict:
-    """R branches of T tokens over S shared cells: (R, S, T, H, K, D); `block_sizes` None =
-    the defaults (rows record the tiles they ran, as `tiles`, with the shared window, the
-    backend, and whether the output matched the reference); `backend` "mosaic_gpu" runs the
-    shared part on the Mosaic GPU decode kernel."""
+CASCADE_FORMS = ("paged", "cells")
+
+
+_FORM_LABELS = {"paged": "shared cells in the shuffled pool",
+                "cells": "contiguous session cells, as the model calls the kernels"}
+
+
+def _paged_cascade_call(cfg, shape, key, block_sizes, backend):
+    """A cascade row's call in the paged form: shared cells in a shuffled pool of
+    `cfg.page_size`-cell pages, the branches' in a pool of `branch_page_size` pages.
+
+    Returns:
+      (call, args, reference args, shared window, tiles).
+    """
     r, s, t, h, k, d = shape
     dtype = jnp.dtype(cfg.dtype)
     q, sk, sv, s_table = _paged_inputs(key, rows=1, cells=s, t=t, h=h, k=k, d=d,
@@ -228,7 +237,6 @@ def bench_cascade(cfg, peaks, shape, key, block_sizes=None, backend="triton") ->
     branch_ps = branch_page_size(cfg, t)
     _, bk, bv, b_table = _paged_inputs(jax.random.fold_in(key, 2), rows=r, cells=t, t=1, h=h,
                                        k=k, d=d, page_size=branch_ps, dtype=dtype)
-    branch_lengths = jnp.zeros((r,), jnp.int32)
     window = s_table.shape[1] * cfg.page_size
     defaults = ca.BlockSizes.for_mosaic if backend == "mosaic_gpu" else ca.BlockSizes.for_shape
     block_sizes = block_sizes or defaults(
@@ -237,24 +245,84 @@ def bench_cascade(cfg, peaks, shape, key, block_sizes=None, backend="triton") ->
         itemsize=dtype.itemsize)
     call = jax.jit(functools.partial(ca.cascade_attention, interpret=cfg.interpret,
                                      block_sizes=block_sizes, backend=backend))
-    args = (q, sk, sv, s_table[0], jnp.int32(s), bk, bv, b_table, branch_lengths)
+    args = (q, sk, sv, s_table[0], jnp.int32(s), bk, bv, b_table, jnp.zeros((r,), jnp.int32))
+    return call, args, args, window, block_sizes
+
+
+def _cells_cascade_call(cfg, shape, key, block_sizes, backend):
+    """A cascade row's call in the form the model makes it (`cascade_attention_cells`): the
+    session's cells contiguous, [2 layers, 1 row, S, K, D], the call reading layer 1's (at a
+    page offset, as a step's layers do) as pages of one KV block; the branches' cells one
+    K/V buffer [2, R, Tb, 2K, D] (Tb: T rounded up to 16) already holding the step's K and V,
+    as a generating query's (a first-token query reads them from its q/k/v buffer instead,
+    which a chain of timed calls cannot feed without a copy).
+
+    Returns:
+      (call, args, reference args, shared window, tiles).
+    """
+    r, s, t, h, k, d = shape
+    dtype = jnp.dtype(cfg.dtype)
+    tb = -(-t // 16) * 16
+    keys = jax.random.split(key, 4)
+    cells_k, cells_v = (jax.random.normal(kk, (2, 1, s, k, d), dtype) for kk in keys[:2])
+    branch_kv = jax.random.normal(keys[2], (2, r, tb, 2 * k, d), dtype)
+    q = jax.random.normal(keys[3], (r, t, h, d), dtype)
+    lengths = jnp.zeros((r,), jnp.int32)  # the step's T tokens at [0, T) of each branch
+    block_sizes = block_sizes or ca.BlockSizes.for_cells(
+        branches=r, tokens=t, group=h // k, k_heads=k, head_dim=d, cells=s, branch_cells=tb,
+        shared_window=s, itemsize=dtype.itemsize, backend=backend, interpret=cfg.interpret)
+
+    @jax.jit
+    def call(q, cells_k, cells_v, n, branch_kv, lengths):
+        return ca.cascade_attention_cells(
+            q, cells_k, cells_v, jnp.int32(0), n, branch_kv, None, lengths, layer=1,
+            shared_window=s, block_sizes=block_sizes, interpret=cfg.interpret,
+            backend=backend)
+
+    # The reference's pools: layer 1's cells in 16-cell pages, in order.
+    pools = [x.reshape(-1, 16, k, d) for x in (cells_k[1], cells_v[1], branch_kv[1, ..., :k, :],
+                                               branch_kv[1, ..., k:, :])]
+    reference = (q, pools[0], pools[1], jnp.arange(s // 16, dtype=jnp.int32), jnp.int32(s),
+                 pools[2], pools[3], jnp.arange(r * tb // 16, dtype=jnp.int32).reshape(r, -1),
+                 lengths)
+    return call, (q, cells_k, cells_v, jnp.int32(s), branch_kv, lengths), reference, s, \
+        block_sizes
+
+
+def bench_cascade(cfg, peaks, shape, key, block_sizes=None, backend="triton") -> dict:
+    """R branches of T tokens over S shared cells: (R, S, T, H, K, D), in
+    `cfg.cascade_form` ("paged": `_paged_cascade_call`; "cells": the model's form,
+    `_cells_cascade_call`); `block_sizes` None = the defaults (rows record the tiles they
+    ran, as `tiles`, with the shared window, the backend, the form, and whether the output
+    matched the reference); `backend` "mosaic_gpu" runs the shared part on the Mosaic GPU
+    decode kernel."""
+    form = cfg.get("cascade_form", "paged")
+    if form not in CASCADE_FORMS:
+        raise ValueError(f"cascade_form={form!r}; allowed: {CASCADE_FORMS}")
+    r, s, t, h, k, d = shape
+    dtype = jnp.dtype(cfg.dtype)
+    make = _cells_cascade_call if form == "cells" else _paged_cascade_call
+    call, args, reference_args, window, block_sizes = make(cfg, shape, key, block_sizes,
+                                                           backend)
     seconds = _seconds(cfg, call, *args)
-    checked = check_against_reference(call(*args), _cascade_reference(*args), dtype)
+    checked = check_against_reference(call(*args), _cascade_reference(*reference_args), dtype)
     io = 2 * r * t * h * d * dtype.itemsize
     nbytes = io + (s + r * t) * k * d * 2 * dtype.itemsize
     flops = 4 * d * r * h * (t * s + t * (t + 1) // 2)
     row = _row("cascade", dict(sessions=r, context=s, t=t, heads=h, kv_heads=k, head_dim=d),
                seconds, nbytes, flops, peaks) | checked
-    row.update(window=window, tiles=dataclasses.asdict(block_sizes), backend=backend)
-    if cfg.baselines and s % cfg.page_size == 0 and backend == "triton":
+    row.update(window=window, tiles=dataclasses.asdict(block_sizes), backend=backend,
+               form=form)
+    if cfg.baselines and form == "paged" and s % cfg.page_size == 0 and backend == "triton":
         # No sharing: the append kernel over R rows whose tables alias the shared pages.
+        q, sk, sv, s_table = args[:4]
         pages_t = math.ceil(t / cfg.page_size)
         _, pk, pv, p_table = _paged_inputs(jax.random.fold_in(key, 3), rows=r,
                                            cells=pages_t * cfg.page_size, t=1, h=h, k=k, d=d,
                                            page_size=cfg.page_size, dtype=dtype)
         pool_k = jnp.concatenate([sk, pk])
         pool_v = jnp.concatenate([sv, pv])
-        table = jnp.concatenate([jnp.broadcast_to(s_table, (r, s_table.shape[1])),
+        table = jnp.concatenate([jnp.broadcast_to(s_table, (r, s_table.shape[0])),
                                  p_table + sk.shape[0]], axis=1)
         lengths = jnp.full((r,), s, jnp.int32)
         append = jax.jit(functools.partial(aa.append_attention, interpret=cfg.interpret))
@@ -451,7 +519,8 @@ def run(cfg, workdir: str | None = None) -> dict:
         device=f"{device.platform}: {device.device_kind}",
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         jax_version=jax.__version__, variant=cfg.variant, dtype=cfg.dtype,
-        page_size=cfg.page_size, interpret=cfg.interpret, timing=timing_label(cfg), rows=[])
+        page_size=cfg.page_size, cascade_form=cfg.get("cascade_form", "paged"),
+        interpret=cfg.interpret, timing=timing_label(cfg), rows=[])
     results.update(measure_peaks(cfg))
     key = jax.random.key(0)
     slowest_row_s = 0.0
@@ -495,7 +564,8 @@ def results_markdown(results: dict) -> str:
         f"# Attention kernel benchmark ({results['variant']})", "",
         f"- device: {results['device']}; date: {results['date']}; jax {results['jax_version']}",
         f"- dtype {results['dtype']}, page size {results['page_size']}, "
-        f"interpret={results['interpret']}",
+        f"interpret={results['interpret']}; cascade rows: "
+        f"{_FORM_LABELS[results.get('cascade_form', 'paged')]}",
         f"- timing: {results.get('timing', 'median of pipelined calls (includes dispatch)')}",
         f"- measured copy bandwidth (read + write of {results['copy_mib']} MiB): "
         f"{results['copy_bytes_per_s'] / 1e12:.3f} TB/s",

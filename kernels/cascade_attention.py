@@ -103,6 +103,26 @@ class BlockSizes:
         return cls(shared=shared, private=private)
 
     @classmethod
+    def for_cells(cls, *, branches: int, tokens: int, group: int, k_heads: int,
+                  head_dim: int, cells: int, branch_cells: int, shared_window: int,
+                  itemsize: int, backend: str | None, interpret: bool) -> "BlockSizes":
+        """The default tiles of `cascade_attention_cells` over C = `cells` session cells and
+        Tb = `branch_cells` branch cells (T where the branches' K/V come from q's buffer):
+        chosen (measured ones included, whatever their KV block) at the finest page size
+        any tile fits, as the cells are then viewed as pages of one KV block. `backend`
+        "mosaic_gpu": `for_mosaic`; "triton": `for_shape` of Triton tiles; None: of the
+        backends `measured_backends` allows."""
+        shape = dict(branches=branches, tokens=tokens, group=group, k_heads=k_heads,
+                     head_dim=head_dim, shared_page_size=aa.cells_page_size(cells, 16),
+                     shared_window=shared_window,
+                     private_page_size=aa.cells_page_size(branch_cells, 16), itemsize=itemsize)
+        if backend == "mosaic_gpu":
+            return cls.for_mosaic(**shape)
+        return cls.for_shape(**shape, backends=("triton",) if backend else measured_backends(
+            interpret=interpret, rows=branches * tokens * group, head_dim=head_dim,
+            itemsize=itemsize, page_size=None))
+
+    @classmethod
     def measured(cls, *, branches: int, tokens: int, group: int, k_heads: int, head_dim: int,
                  shared_page_size: int, shared_window: int, private_page_size: int,
                  itemsize: int = 2,
@@ -340,19 +360,10 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
         raise InputError(f"a q/k/v buffer holds {h} + 2 x {k_heads} heads, got "
                          f"{q_RxTxHxD.shape}")
     c, tb = shared_k.shape[-3], t if fresh else branch_k.shape[-3]
-    if block_sizes is None:
-        # Tiles first (measured ones included, whatever their KV block), at the finest
-        # page size that any tile fits; then the cells are viewed as pages of one KV block.
-        shape = dict(branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d,
-                     shared_page_size=aa.cells_page_size(c, 16), shared_window=shared_window,
-                     private_page_size=aa.cells_page_size(tb, 16),
-                     itemsize=q_RxTxHxD.dtype.itemsize)
-        if backend == "mosaic_gpu":
-            block_sizes = BlockSizes.for_mosaic(**shape)
-        else:
-            block_sizes = BlockSizes.for_shape(**shape, backends=("triton",) if backend else (
-                measured_backends(interpret=interpret, rows=r * t * (h // k_heads), head_dim=d,
-                                  itemsize=shape["itemsize"], page_size=None)))
+    block_sizes = block_sizes or BlockSizes.for_cells(
+        branches=r, tokens=t, group=h // k_heads, k_heads=k_heads, head_dim=d, cells=c,
+        branch_cells=tb, shared_window=shared_window, itemsize=q_RxTxHxD.dtype.itemsize,
+        backend=backend, interpret=interpret)
     mosaic = isinstance(block_sizes.shared, dm.MosaicDecodeBlockSizes)
     # One page per KV block, but a Mosaic page is one TMA box: at most 256 cells.
     shared_ps = aa.cells_page_size(c, min(block_sizes.shared.block_k, 256) if mosaic

@@ -1,6 +1,7 @@
 """The kernel benchmark: its rows, traffic model, tuning grids and target read-out (CPU,
 interpret mode; the timings themselves are only meaningful on a GPU)."""
 
+import jax
 import pytest
 
 from configs import kernel_bench as kb_config
@@ -180,6 +181,38 @@ def test_gpu_query_times_the_query_attention_and_its_grid():
         assert bs.shared.num_splits <= -(-cells // bs.shared.block_k)  # no empty splits
         # Every entry keeps the private kernel merging the shared splits (whole row tiles).
         assert 128 % bs.private.block_q == 0 and bs.private.num_splits == 1
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 4, 8, 2, 16), (4, 128, 4, 8, 2, 16),
+                                   (2, 96, 1, 8, 2, 16)])
+def test_cascade_rows_in_the_models_form_match_the_reference(shape):
+    """`cascade_form="cells"` (gpu-query's) times the call as the model's step makes it:
+    contiguous cells of a layer past the first, several branches in one K/V buffer; each
+    row is checked against the reference on the same values, default and grid tiles."""
+    cfg = kb_config.get_config("cpu")
+    cfg.repeats, cfg.cascade_form = 1, "cells"
+    peaks = dict(copy_bytes_per_s=1e10, matmul_flop_per_s=1e11)
+    key = jax.random.key(sum(shape))
+    rows = [kernel_bench.bench_cascade(cfg, peaks, shape, key)]
+    rows += [kernel_bench.bench_cascade(cfg, peaks, shape, key,
+                                        kernel_bench.cascade_block_sizes(cfg, shape, e))
+             for e in cfg.tune_cascade]
+    r, s, t, h, k, d = shape
+    for row in rows:
+        assert row["matches"] and row["max_abs_err"] < 1e-5, row
+        assert (row["form"], row["window"], row["sessions"], row["context"]) == (
+            "cells", s, r, s)
+        assert row["bytes"] == 2 * r * t * h * d * 4 + (s + r * t) * k * d * 2 * 4
+    assert rows[1]["tiles"]["shared"]["block_k"] == cfg.tune_cascade[0][1]
+    assert kb_config.get_config("gpu-query").cascade_form == "cells"
+    assert kb_config.get_config("gpu").cascade_form == "paged"
+
+
+def test_an_unknown_cascade_form_is_refused():
+    cfg = kb_config.get_config("cpu")
+    cfg.cascade_form = "contiguous"
+    with pytest.raises(ValueError, match="cascade_form='contiguous'; allowed"):
+        kernel_bench.bench_cascade(cfg, {}, cfg.cascade[0], jax.random.key(0))
 
 
 def test_seconds_take_device_time_from_chained_calls(monkeypatch):
