@@ -65,6 +65,16 @@ def _query_grid(splits, private_block_q=(32, 128)):
                                    private_block_q))
 
 
+def _one_kernel_grid():
+    # One shared split: the cascade is one kernel (`cascade_attention.fuses`), each program
+    # over the shared cells then its branch's own, with the shared tiles (query rows, KV step,
+    # warps; the private entry, 128, is unused). At 1k cells it saves the private kernel's
+    # launch and the shared partials: 8 programs of 128 rows reading all 8-16 KV blocks, or
+    # 16 / 32 programs of 64 / 32 rows (each reading the layer's 2 MiB of cells).
+    return tuple((q, k, 1, warps, 128) for q in (128, 64, 32) for k in (128, 64)
+                 for warps in (4, 8))
+
+
 def _middle_first(values):
     """The middle value, then the rest in order: (8, 16, 32) -> (16, 8, 32)."""
     middle = values[len(values) // 2]
@@ -193,9 +203,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # of its rows: more splits, more serial merge work in its few programs. At 1k each
         # attention kernel of the model's step is latency-bound (H200, 2026-12-04: 11 us
         # each, 0.36 ms of the 1.66 ms step): 32-row private tiles give 32 programs instead
-        # of 8. The 1k grid (32 entries) runs before the 32k one (48): `tuning_work`.
+        # of 8; one split (`_one_kernel_grid`, first) makes the call one kernel. The 1k
+        # grid (12 + 32 entries) runs before the 32k one (48): `tuning_work`.
         c.tune_cascade = _query_grid((8, 16, 32))
-        c.tune_cascade_second = _query_grid((2, 4))
+        c.tune_cascade_second = _one_kernel_grid() + _query_grid((2, 4))
     elif variant != "gpu":
         raise ValueError(f"unknown variant {arg!r}; allowed: 'gpu' (default), 'gpu-tune', "
                          "'gpu-query', 'cpu'")

@@ -23,6 +23,7 @@ as a page pool.
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -250,23 +251,109 @@ def write_rows(ref, value, valid, *idx):
     plgpu.store(ref.at[idx], value, mask=jnp.broadcast_to(valid, value.shape))
 
 
+class PrefixCells(NamedTuple):
+    """Cells every query row of a call sees before its own (`paged_flash_folded(prefix=)`):
+    a cascade's shared cells, attended in the same kernel as each branch's own when they are
+    not split, so one launch does both and no partial is written or merged.
+
+    Attributes:
+      k_pool, v_pool: [num_pages, page_size, K', D] pools (kv-head h at `heads`' k_head + h
+        and v_head + h).
+      page_table_P: int32 [P], the prefix's pages (one table for every row).
+      length: int32 scalar n: every row sees prefix cells [0, min(n, window)).
+      window: static S <= P * page_size.
+      block_k: static cells per KV step over the prefix (whole pages, a power of two of them).
+      page_offset: static, added to the table's entries.
+      heads: where the pools' heads sit (`HeadLayout`).
+    """
+
+    k_pool: jax.Array
+    v_pool: jax.Array
+    page_table_P: jax.Array
+    length: jax.Array
+    window: int
+    block_k: int
+    page_offset: int
+    heads: "HeadLayout"
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrefixShape:
+    """What the kernel needs to know statically of a `PrefixCells`."""
+
+    page_size: int
+    pages_per_block: int
+    num_pages: int
+    window: int
+
+
+def _load_block(k_ref, v_ref, pt_ref, page_offset, j, *, page_size, pages_per_block,
+                num_pages):
+    """KV block j (pages_per_block pages gathered through the table) of a kv-head's pool."""
+    if pages_per_block == 1:
+        page = jnp.clip(pt_ref[j] + page_offset, 0, num_pages - 1)
+        return k_ref[page], v_ref[page]
+    block_k = page_size * pages_per_block
+    pages = jnp.clip(pt_ref[pl.ds(j * pages_per_block, pages_per_block)] + page_offset, 0,
+                     num_pages - 1)
+    return (k_ref[pages].reshape(block_k, k_ref.shape[-1]),
+            v_ref[pages].reshape(block_k, v_ref.shape[-1]))
+
+
+def _attend_blocks(carry, q, scale, load, *, block_k, first, full_end, last, limit_q,
+                   limit_hi):
+    """Online softmax of q [block_q, D] over KV blocks [first, last) (`load(j)` -> K, V
+    [block_k, D]), continuing `carry` = (unnormalised out, running max in base 2,
+    denominator). Row r sees cells [0, limit_q[r]); blocks before `full_end` every row sees
+    whole (no mask); `limit_hi`: the largest limit."""
+    def body(j, carry, masked):
+        o, m, denom = carry
+        k, v = load(j)
+        # HIGHEST: float32 operands take the IEEE path on Triton, not TF32 (bf16 unchanged).
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32) * scale
+        if masked:
+            cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            valid = cols[None, :] < limit_q[:, None]
+            s = jnp.where(valid, s, MASK_VALUE)
+            # Cells past every row's limit may hold anything (a page's unwritten tail): zero
+            # them, or 0 * NaN would reach the output.
+            v = jnp.where(cols[:, None] < limit_hi, v, jnp.zeros_like(v))
+        m_next = jnp.maximum(m, jnp.max(s, axis=1))
+        correction = jnp.exp2(m - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        if masked:  # a row with no visible key yet must not count masked ones
+            p = jnp.where(valid, p, 0.0)
+        denom = correction * denom + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=lax.Precision.HIGHEST,
+                             preferred_element_type=jnp.float32)
+        return correction[:, None] * o + pv, m_next, denom
+
+    carry = lax.fori_loop(first, full_end, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(full_end, last, functools.partial(body, masked=True), carry)
+
+
 def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens,
                   causal, window, page_size, pages_per_block, blocks_per_split, num_pages,
-                  merge_splits, block_q, overhang, tokens_out):
+                  merge_splits, block_q, overhang, tokens_out, prefix=None):
     """One (row, kv-head, query block, split) program.
 
     Refs: len_ref [1] the row's n; pt_ref [P] its page table; offset_ref [1] added to its
     entries (an operand, not a constant of the kernel: the layers of a step then launch one
     identical kernel, compiled once); q_ref [block_q, D] folded, or [block_q / G, G x D]:
     whole tokens read from q's own [B, T, H, D] layout (`token_tiles`), the same rows;
-    k_ref, v_ref [num_pages, page_size, D] (this kv-head's slice of the pool); with
-    `merge_splits` N > 0, then earlier_o_ref [N, block_q, D] and earlier_lse_ref [N, block_q],
-    partials of the same query rows over other keys, merged into this program's result;
-    refs[-2:] = o_ref [block_q, D] (or whole tokens, as q_ref), lse_ref [block_q] (refs
-    between: aliased poison inputs). `overhang`: whole-token tiles whose last one reaches
-    past the T tokens (its rows there read as zeros); `tokens_out`: o_ref is whole tokens
-    (left unwritten past T).
+    k_ref, v_ref [num_pages, page_size, D] (this kv-head's slice of the pool); with a
+    `prefix` (`_PrefixShape`), then its length [1], table [P'], offset [1], K and V pools
+    [num_pages', page_size', D], attended first; with `merge_splits` N > 0, then
+    earlier_o_ref [N, block_q, D] and earlier_lse_ref [N, block_q], partials of the same
+    query rows over other keys, merged into this program's result; refs[-2:] = o_ref
+    [block_q, D] (or whole tokens, as q_ref), lse_ref [block_q] (refs between: aliased poison
+    inputs). `overhang`: whole-token tiles whose last one reaches past the T tokens (its rows
+    there read as zeros); `tokens_out`: o_ref is whole tokens (left unwritten past T).
     """
+    if prefix is not None:
+        prefix_refs, refs = refs[:5], refs[5:]
     o_ref, lse_ref = refs[-2:]
     head_dim = k_ref.shape[-1]
     block_k = page_size * pages_per_block
@@ -290,46 +377,28 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
               < num_tokens)[:, None] if overhang else None
     q = read_rows(q_ref, tokens).reshape(block_q, head_dim)  # a token's G heads in a row
     scale = head_dim**-0.5 * _LOG2E  # scores in base 2: exp2 is the fast path
-    page_offset = offset_ref[0]
-
-    def load_kv(j):
-        if pages_per_block == 1:
-            page = jnp.clip(pt_ref[j] + page_offset, 0, num_pages - 1)
-            return k_ref[page], v_ref[page]
-        pages = jnp.clip(pt_ref[pl.ds(j * pages_per_block, pages_per_block)] + page_offset, 0,
-                         num_pages - 1)
-        return (k_ref[pages].reshape(block_k, head_dim),
-                v_ref[pages].reshape(block_k, head_dim))
-
-    def body(j, carry, masked):
-        o, m, denom = carry  # unnormalised out, running max (base 2), softmax denominator
-        k, v = load_kv(j)
-        # HIGHEST: float32 operands take the IEEE path on Triton, not TF32 (bf16 unchanged).
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                            preferred_element_type=jnp.float32) * scale
-        if masked:
-            cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
-            valid = cols[None, :] < limit_q[:, None]
-            s = jnp.where(valid, s, MASK_VALUE)
-            # Cells past every row's limit may hold anything (a page's unwritten tail): zero
-            # them, or 0 * NaN would reach the output.
-            v = jnp.where(cols[:, None] < limit_hi, v, jnp.zeros_like(v))
-        m_next = jnp.maximum(m, jnp.max(s, axis=1))
-        correction = jnp.exp2(m - m_next)
-        p = jnp.exp2(s - m_next[:, None])
-        if masked:  # a row with no visible key yet must not count masked ones
-            p = jnp.where(valid, p, 0.0)
-        denom = correction * denom + jnp.sum(p, axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             precision=lax.Precision.HIGHEST,
-                             preferred_element_type=jnp.float32)
-        return correction[:, None] * o + pv, m_next, denom
 
     carry = (jnp.zeros((block_q, head_dim), jnp.float32),
              jnp.full((block_q,), MASK_VALUE, jnp.float32),
              jnp.zeros((block_q,), jnp.float32))
-    carry = lax.fori_loop(first, full_end, functools.partial(body, masked=False), carry)
-    o, m, denom = lax.fori_loop(full_end, last, functools.partial(body, masked=True), carry)
+    if prefix is not None:  # the shared cells first: every row sees [0, min(n', S'))
+        p_len_ref, p_pt_ref, p_offset_ref, p_k_ref, p_v_ref = prefix_refs
+        p_n = jnp.minimum(p_len_ref[0], prefix.window)
+        p_block_k = prefix.page_size * prefix.pages_per_block
+        load = functools.partial(_load_block, p_k_ref, p_v_ref, p_pt_ref, p_offset_ref[0],
+                                 page_size=prefix.page_size,
+                                 pages_per_block=prefix.pages_per_block,
+                                 num_pages=prefix.num_pages)
+        carry = _attend_blocks(carry, q, scale, load, block_k=p_block_k, first=0,
+                               full_end=lax.div(p_n, p_block_k),
+                               last=lax.div(p_n + p_block_k - 1, p_block_k),
+                               limit_q=jnp.full((block_q,), p_n, jnp.int32), limit_hi=p_n)
+    load = functools.partial(_load_block, k_ref, v_ref, pt_ref, offset_ref[0],
+                             page_size=page_size, pages_per_block=pages_per_block,
+                             num_pages=num_pages)
+    o, m, denom = _attend_blocks(carry, q, scale, load, block_k=block_k, first=first,
+                                 full_end=full_end, last=last, limit_q=limit_q,
+                                 limit_hi=limit_hi)
     # A row with no visible key (empty split, empty prefix) gives out 0 and lse MASK_VALUE:
     # it then merges with weight zero.
     empty = denom == 0.0
@@ -444,7 +513,7 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
                        causal: bool, block_sizes: BlockSizes, out_dtype, interpret: bool,
                        page_offset: int = 0, poison_outputs: bool = False, earlier=None,
                        tokens_out: bool = False, heads: HeadLayout | None = None,
-                       name: str = "statejax_paged_flash"):
+                       prefix: PrefixCells | None = None, name: str = "statejax_paged_flash"):
     """`paged_attention_partials` in the kernel's folded layout (query rows m = t * G + g,
     padded to the query tile), optionally merging `earlier` partials of the same rows.
 
@@ -462,6 +531,8 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         keys and the earlier ones.
       tokens_out: write out as [B, T, H, D] (the queries' layout: no transpose after the
         call); requires `token_tiles` and num_splits == 1.
+      prefix: cells every row attends to before its own (`PrefixCells`), in the same
+        programs; requires num_splits == 1 and no `earlier`.
       name: the kernel's name, as a GPU profiler trace shows it (`statejax.device_trace`):
         one per call site (append, decode, the cascade's shared and private parts), so a
         trace tells them apart.
@@ -495,6 +566,9 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
                          f"{bs.num_splits}) and `merges_earlier` (B={b}, T={t}, G={g}, "
                          f"block_q={bs.block_q}, {earlier[0].shape[3]} earlier rows)")
 
+    if prefix is not None and (earlier is not None or bs.num_splits != 1):
+        raise InputError(f"a prefix is attended in unsplit calls without earlier partials "
+                         f"(num_splits={bs.num_splits}, earlier: {earlier is not None})")
     # In place, a tile is one block of q seen as [B, T, heads / G, G x D].
     in_place = token_tiles(g, bs.block_q) and q_buffer_heads % g == 0
     if tokens_out and not (in_place and bs.num_splits == 1):
@@ -516,7 +590,11 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         page_size=page_size, pages_per_block=pages_per_block,
         blocks_per_split=blocks_per_split, num_pages=num_pages, merge_splits=merge_splits,
         block_q=bs.block_q, overhang=in_place and rows % bs.block_q != 0,
-        tokens_out=tokens_out)
+        tokens_out=tokens_out,
+        prefix=None if prefix is None else _PrefixShape(
+            page_size=prefix.k_pool.shape[1],
+            pages_per_block=prefix.block_k // prefix.k_pool.shape[1],
+            num_pages=prefix.k_pool.shape[0], window=prefix.window))
     # kv-head h's cells: pool heads k_head + h and v_head + h (`HeadLayout`).
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
@@ -533,6 +611,10 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     offset = jnp.full((1, 1), page_offset, jnp.int32)
     args = [lengths_B.reshape(b, 1), page_table_BxP, offset, q, k_pool,
             k_pool if v_pool is None else v_pool]
+    if prefix is not None:
+        p_specs, p_args = _prefix_operands(prefix)
+        in_specs += p_specs
+        args += p_args
     if earlier is not None:
         row_blocks = pl.cdiv(rows, bs.block_q)  # query tiles a row; row b's follow b - 1's
         in_specs += [
@@ -569,6 +651,24 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         name=name,
     )(*args)
     return (out.reshape(b, t, h, d) if tokens_out else out), lse
+
+
+def _prefix_operands(prefix: PrefixCells):
+    """BlockSpecs and operands of a prefix (`_flash_kernel`'s prefix refs): its length,
+    table (padded to whole KV blocks; entries are clamped anyway), offset, K and V pools."""
+    num_pages, page_size, _, d = prefix.k_pool.shape
+    need = pl.cdiv(prefix.window, prefix.block_k) * (prefix.block_k // page_size)
+    table = prefix.page_table_P
+    if table.shape[0] < need:
+        table = jnp.pad(table, (0, need - table.shape[0]))
+    row = lambda width: pl.BlockSpec((None, width), lambda b, h, i, s: (0, 0))  # ref [width]
+    specs = [row(1), row(table.shape[0]), row(1)]
+    specs += [pl.BlockSpec((num_pages, page_size, None, d),
+                           lambda b, h, i, s, first=first: (0, 0, h + first, 0))
+              for first in (prefix.heads.k_head, prefix.heads.v_head)]
+    operands = [jnp.reshape(prefix.length, (1, 1)), table[None],
+                jnp.full((1, 1), prefix.page_offset, jnp.int32), prefix.k_pool, prefix.v_pool]
+    return specs, operands
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",

@@ -39,7 +39,7 @@ from . import mosaic_common as mc
 from . import tuned
 
 __all__ = ["BlockSizes", "cascade_attention", "cascade_attention_cells",
-           "cascade_attention_reference", "measured_backends"]
+           "cascade_attention_reference", "fuses", "measured_backends"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +162,17 @@ class BlockSizes:
                    private=aa.BlockSizes(**block_sizes["private"]))
 
 
+def fuses(branches: int, tokens: int, group: int, shared: "aa.BlockSizes") -> bool:
+    """Whether `cascade_attention` runs as one kernel: Triton shared tiles with one split,
+    and each query tile within one branch (one branch, or T x G rows a multiple of the
+    tile), so every tile reads the shared cells once, as the shared call's folded tiles
+    would. Each program then attends to the shared cells and its branch's own in one online
+    softmax, with the shared tiles (their query rows, warps and stages, KV step over the
+    shared cells) and the private part's KV step over the branch cells."""
+    return (isinstance(shared, aa.BlockSizes) and shared.num_splits == 1
+            and (branches == 1 or (tokens * group) % shared.block_q == 0))
+
+
 def measured_backends(*, interpret: bool, rows: int, head_dim: int, itemsize: int,
                       page_size: int | None) -> tuple[str, ...]:
     """Backends a call may take from the measured tiles (`backend=None`): Triton, and the
@@ -278,6 +289,22 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
         raise InputError("the private part runs unsplit: block_sizes.private.num_splits=1")
 
     common = dict(interpret=interpret, poison_outputs=poison_outputs)
+    g = h // k_heads
+    if not mosaic and fuses(r, t, g, bs.shared):
+        # One kernel: each program attends to the shared cells, then to its branch's own,
+        # in one online softmax (nothing written between, nothing merged after).
+        tiles = dataclasses.replace(bs.shared, block_k=bs.private.block_k)
+        tokens_out = aa.token_tiles(g, tiles.block_q) and q_RxTxHxD.shape[2] % g == 0
+        out, lse = aa.paged_flash_folded(
+            q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
+            window=branch_window, causal=True, block_sizes=tiles, out_dtype=q_RxTxHxD.dtype,
+            page_offset=branch_page_offset, heads=heads, tokens_out=tokens_out,
+            prefix=aa.PrefixCells(shared_k_pool, shared_v_pool, shared_page_table_P,
+                                  shared_len, shared_window, bs.shared.block_k,
+                                  shared_page_offset, shared_heads),
+            name="statejax_cascade", **common)
+        return (out if tokens_out else aa.unfold_rows(out[:, :, 0], t, h),
+                aa.unfold_rows(lse[:, :, 0], t, h))
     # Shared part: all R x T queries folded into the rows of one batch row (row r's query
     # rows follow row r - 1's), partials per split in q's dtype (Mosaic GPU: float32).
     shared_args = (q_RxTxHxD.reshape(1, r * t, -1, d), shared_k_pool, shared_v_pool,

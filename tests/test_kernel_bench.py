@@ -7,6 +7,7 @@ import pytest
 from configs import kernel_bench as kb_config
 from experiments import kernel_bench
 from statejax.kernels import append_attention as aa
+from statejax.kernels import cascade_attention as ca
 
 
 def test_cpu_run_measures_every_shape_and_grid_entry(tmp_path):
@@ -173,10 +174,14 @@ def test_gpu_query_times_the_query_attention_and_its_grid():
     assert kernel_bench.all_work(without) == [
         w for w in kernel_bench.all_work(cfg) if w[1] not in cfg.cascade_targets]
     work = kernel_bench.tuning_work(cfg)
-    assert (len(cfg.tune_cascade), len(cfg.tune_cascade_second)) == (48, 32)
+    assert (len(cfg.tune_cascade), len(cfg.tune_cascade_second)) == (48, 44)
     # The shorter grid (1k cells) first: a budget too short for both finishes one.
     assert [(w[0], w[1]) for w in work] == (
-        [("cascade", cfg.cascade[1])] * 32 + [("cascade", cfg.cascade[0])] * 48)
+        [("cascade", cfg.cascade[1])] * 44 + [("cascade", cfg.cascade[0])] * 48)
+    # At 1k its first 12 entries take one shared split: the call is then one kernel.
+    r, _, t, h, k, _ = cfg.cascade[1]
+    assert [ca.fuses(r, t, h // k, bs.shared) for _, _, bs, _ in work[:44]] == (
+        [True] * 12 + [False] * 32)
     for _, (_, cells, _, _, _, _), bs, _ in work:
         assert bs.shared.num_splits <= -(-cells // bs.shared.block_k)  # no empty splits
         # Every entry keeps the private kernel merging the shared splits (whole row tiles).

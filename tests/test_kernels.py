@@ -221,6 +221,21 @@ CASCADE_CASES = [
     CascadeCase(shared_lengths=(0, 37, 100), branch_lengths=(2, 0), t=4, h=8, k=2,
                 shared_pages=8, branch_pages=2, dtype="bfloat16", block_sizes=_SPLIT_TILES),
 ]
+SPLIT_MERGED = CASCADE_CASES[-1]  # shared splits merged in the private kernel's epilogue
+# One shared split: one kernel (`cascade_attention.fuses`), each program over the shared cells
+# and then its branch's own. Tiles of one branch (T x G = 16 rows), a padded tile of one
+# branch (G = 8, T = 1), two tiles a branch in bf16; 32-cell shared steps, 16-cell private.
+_FUSED_TILES = ca.BlockSizes(shared=aa.BlockSizes(block_q=16, block_k=32, num_splits=1),
+                             private=aa.BlockSizes(block_q=16, block_k=16))
+FUSED_CASES = [
+    CascadeCase(shared_lengths=(0, 1, 70), branch_lengths=(0, 5, 20), t=4, h=8, k=2,
+                shared_pages=8, branch_pages=4, block_sizes=_FUSED_TILES),
+    CascadeCase(shared_lengths=(100, 128), branch_lengths=(3,), t=1, h=8, k=1, shared_pages=8,
+                branch_pages=2, block_sizes=_FUSED_TILES),
+    CascadeCase(shared_lengths=(0, 33), branch_lengths=(2, 9), t=8, h=8, k=2, shared_pages=4,
+                branch_pages=4, dtype="bfloat16", block_sizes=_FUSED_TILES),
+]
+CASCADE_CASES += FUSED_CASES
 
 
 @pytest.mark.parametrize("case", CASCADE_CASES, ids=str)
@@ -250,7 +265,7 @@ def test_joint_pool_must_hold_two_halves():
 def test_cascade_shared_partials_are_written_in_the_queries_dtype(dtype):
     """The shared splits' partial outputs (the bytes the private kernel's merge reads) are
     q's dtype, their log-sum-exps float32; the merged output is q's dtype."""
-    case = CASCADE_CASES[-1]
+    case = SPLIT_MERGED
     rng = np.random.default_rng(0)
     q = _queries(rng, (2, case.t, case.h, case.d), dtype)
     pool = _queries(rng, (8, case.shared_page_size, case.k, case.d), dtype)
@@ -263,6 +278,36 @@ def test_cascade_shared_partials_are_written_in_the_queries_dtype(dtype):
     assert len(calls) == 2  # shared splits, then private + merge
     assert [v.aval.dtype for v in calls[0].outvars] == [jnp.dtype(dtype), jnp.float32]
     assert [v.aval.dtype for v in calls[1].outvars] == [jnp.dtype(dtype), jnp.float32]
+
+
+def test_one_shared_split_is_one_kernel():
+    """With one shared split the cascade is one Pallas call (`statejax_cascade`), reading q
+    and writing its output in the queries' layout; the rule fuses one branch, or branches
+    whose query tiles are whole; split tiles stay two calls (`test_cascade_shared_partials_
+    are_written_in_the_queries_dtype`)."""
+    case = FUSED_CASES[0]
+    r, t, k, g, d = 3, case.t, case.k, case.h // case.k, case.d
+    q = jnp.ones((r, t, case.h, d))
+    pool = jnp.ones((12, 16, k, d))
+    table = jnp.arange(12, dtype=jnp.int32)
+    call = lambda *a: ca.cascade_attention(*a, block_sizes=_FUSED_TILES, interpret=True)[0]
+    args = (q, pool, pool, table[:8], jnp.int32(70), pool, pool, table.reshape(3, 4),
+            jnp.zeros((3,), jnp.int32))
+    assert _kernel_layouts(call, *args) == [((r, t, k, g * d), (r, t, k, g * d))]
+    calls = [e for e in _all_eqns(jax.make_jaxpr(call)(*args).jaxpr)
+             if e.primitive.name == "pallas_call"]
+    assert [e.params["name"] for e in calls] == ["statejax_cascade"]
+    shared = _FUSED_TILES.shared
+    assert ca.fuses(3, 4, 4, shared) and ca.fuses(1, 1, 8, shared)
+    assert not ca.fuses(2, 1, 8, shared)  # 8-row branches share a tile: folded, two calls
+    assert not ca.fuses(1, 4, 4, dataclasses.replace(shared, num_splits=2))
+    with pytest.raises(InputError, match="a prefix is attended in unsplit calls"):
+        aa.paged_flash_folded(
+            q, pool, pool, table.reshape(3, 4), jnp.zeros((3,), jnp.int32), window=64,
+            causal=True, block_sizes=dataclasses.replace(shared, num_splits=2),
+            out_dtype=q.dtype, interpret=True,
+            prefix=aa.PrefixCells(pool, pool, table, jnp.int32(3), 64, 32, 0,
+                                  aa.HeadLayout(case.h, k)))
 
 
 def _all_eqns(jaxpr):
@@ -332,8 +377,8 @@ def test_token_tiles_rule():
 def test_token_tiles_cascade_merges_into_the_queries_layout():
     """Both cascade kernels read the branch queries in place (the shared one as R x T tokens
     of one row) and the private one, merging the shared splits, writes their layout itself
-    (CASCADE_CASES[-1]: T x G = 16 rows fill its tile), the shared partials stay folded."""
-    case = CASCADE_CASES[-1]
+    (SPLIT_MERGED: T x G = 16 rows fill its tile), the shared partials stay folded."""
+    case = SPLIT_MERGED
     rng = np.random.default_rng(0)
     q = _queries(rng, (2, case.t, case.h, case.d), case.dtype)
     pool = _queries(rng, (8, case.shared_page_size, case.k, case.d), case.dtype)
@@ -410,7 +455,7 @@ def test_contiguous_cells_interpret():
 
 
 def check_first_token_branches(*, dtype: str, interpret: bool, t: int = 4, h: int = 8,
-                               k: int = 2, d: int = 16, window: int = 48):
+                               k: int = 2, d: int = 16, window: int = 48, block_sizes=None):
     """First-token branches (no private cells) read their own K and V from the q/k/v buffer
     one fusion writes: against `attend` over the session's cells [0, n) and, causally, the
     branch's own tokens. Session cells past n are NaN in the kernel's input."""
@@ -424,7 +469,7 @@ def check_first_token_branches(*, dtype: str, interpret: bool, t: int = 4, h: in
         poisoned = [jnp.where(unseen, jnp.nan, c).astype(c.dtype) for c in shared]
         got = ca.cascade_attention_cells(
             qkv, *poisoned, jnp.int32(row), jnp.int32(n), None, None, None, layer=1,
-            shared_window=window, interpret=interpret, q_heads=h)
+            shared_window=window, interpret=interpret, q_heads=h, block_sizes=block_sizes)
         keys, values = ([jnp.concatenate([jnp.broadcast_to(c[1, row, :window], (2, window, k, d)),
                                           new], axis=1)] for c, new in zip(
                             shared, (k_new, v_new), strict=True))
@@ -436,8 +481,9 @@ def check_first_token_branches(*, dtype: str, interpret: bool, t: int = 4, h: in
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_first_token_branches_read_their_k_and_v_from_the_qkv_buffer(dtype):
-    check_first_token_branches(dtype=dtype, interpret=True)
+@pytest.mark.parametrize("tiles", [None, _FUSED_TILES], ids=["default", "one_kernel"])
+def test_first_token_branches_read_their_k_and_v_from_the_qkv_buffer(dtype, tiles):
+    check_first_token_branches(dtype=dtype, interpret=True, block_sizes=tiles)
 
 
 def test_first_token_branches_take_qkv_or_cells():
@@ -659,7 +705,8 @@ def _lower_paged(case: Case, *, causal: bool, block_sizes: aa.BlockSizes, compil
 
 def _lower_cascade(c: CascadeCase, *, compile_for=None):
     """The whole cascade call of `c`: the shared kernel and the private one (which merges the
-    shared splits in its epilogue when the branch's query rows fill whole tiles)."""
+    shared splits in its epilogue when the branch's query rows fill whole tiles), or with one
+    shared split one kernel (`cascade_attention.fuses`)."""
     r = len(c.branch_lengths)
     dtype = jnp.dtype(c.dtype)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -671,7 +718,9 @@ def _lower_cascade(c: CascadeCase, *, compile_for=None):
             i32(r, c.branch_pages), i32(r))
     static = dict(block_sizes=c.block_sizes, interpret=False, poison_outputs=True)
     text = _lower_or_compile(ca.cascade_attention, args, static, compile_for)
-    assert text.count("xla.gpu.triton") >= 2
+    one_kernel = c.block_sizes is not None and ca.fuses(r, c.t, c.h // c.k, c.block_sizes.shared)
+    assert (text.count("xla.gpu.triton") == 1) if one_kernel else (
+        text.count("xla.gpu.triton") >= 2)
 
 
 def _tuning_cases():
