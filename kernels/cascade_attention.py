@@ -12,7 +12,10 @@ The two key sets are disjoint, so the result is exact by log-sum-exp merge:
 - merge: exact by log-sum-exp. When a branch's T x G query rows fill whole query tiles the
   private kernel merges the shared splits into its own result in its epilogue (one launch,
   output in q's dtype); otherwise the private part is one more float32 partial and
-  `decode_attention.combine_splits` merges them all.
+  `decode_attention.combine_splits` merges them all;
+- one kernel (`fuses`): with one shared split and each query tile within one branch, each
+  program attends to the shared cells and then to its branch's own in one online softmax
+  (`append_attention.PrefixCells`): no partial is written, nothing merged, one launch.
 
 The shared splits' partial outputs are written in q's dtype (their log-sum-exps in float32)
 and merged in float32, as vLLM's paged attention keeps its split outputs: with bf16 queries
