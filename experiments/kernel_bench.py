@@ -215,11 +215,9 @@ def mosaic_cascade_block_sizes(cfg, shape, entry) -> ca.BlockSizes:
 
 
 
-CASCADE_FORMS = ("paged", "cells")
-
-
 _FORM_LABELS = {"paged": "shared cells in the shuffled pool",
                 "cells": "contiguous session cells, as the model calls the kernels"}
+CASCADE_FORMS = tuple(_FORM_LABELS)
 
 
 def _paged_cascade_call(cfg, shape, key, block_sizes, backend):

@@ -569,6 +569,8 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     if prefix is not None and (earlier is not None or bs.num_splits != 1):
         raise InputError(f"a prefix is attended in unsplit calls without earlier partials "
                          f"(num_splits={bs.num_splits}, earlier: {earlier is not None})")
+    prefix_shape, prefix_specs, prefix_args = (None, [], []) if prefix is None else (
+        _prefix_operands(prefix))
     # In place, a tile is one block of q seen as [B, T, heads / G, G x D].
     in_place = token_tiles(g, bs.block_q) and q_buffer_heads % g == 0
     if tokens_out and not (in_place and bs.num_splits == 1):
@@ -590,11 +592,7 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         page_size=page_size, pages_per_block=pages_per_block,
         blocks_per_split=blocks_per_split, num_pages=num_pages, merge_splits=merge_splits,
         block_q=bs.block_q, overhang=in_place and rows % bs.block_q != 0,
-        tokens_out=tokens_out,
-        prefix=None if prefix is None else _PrefixShape(
-            page_size=prefix.k_pool.shape[1],
-            pages_per_block=prefix.block_k // prefix.k_pool.shape[1],
-            num_pages=prefix.k_pool.shape[0], window=prefix.window))
+        tokens_out=tokens_out, prefix=prefix_shape)
     # kv-head h's cells: pool heads k_head + h and v_head + h (`HeadLayout`).
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
@@ -611,10 +609,8 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     offset = jnp.full((1, 1), page_offset, jnp.int32)
     args = [lengths_B.reshape(b, 1), page_table_BxP, offset, q, k_pool,
             k_pool if v_pool is None else v_pool]
-    if prefix is not None:
-        p_specs, p_args = _prefix_operands(prefix)
-        in_specs += p_specs
-        args += p_args
+    in_specs += prefix_specs
+    args += prefix_args
     if earlier is not None:
         row_blocks = pl.cdiv(rows, bs.block_q)  # query tiles a row; row b's follow b - 1's
         in_specs += [
@@ -654,10 +650,13 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
 
 
 def _prefix_operands(prefix: PrefixCells):
-    """BlockSpecs and operands of a prefix (`_flash_kernel`'s prefix refs): its length,
-    table (padded to whole KV blocks; entries are clamped anyway), offset, K and V pools."""
+    """(static shape, BlockSpecs, operands) of a prefix: what `_flash_kernel` knows of it,
+    and its refs there: length, table (padded to whole KV blocks; entries are clamped
+    anyway), offset, K and V pools."""
     num_pages, page_size, _, d = prefix.k_pool.shape
-    need = pl.cdiv(prefix.window, prefix.block_k) * (prefix.block_k // page_size)
+    shape = _PrefixShape(page_size=page_size, pages_per_block=prefix.block_k // page_size,
+                         num_pages=num_pages, window=prefix.window)
+    need = pl.cdiv(prefix.window, prefix.block_k) * shape.pages_per_block
     table = prefix.page_table_P
     if table.shape[0] < need:
         table = jnp.pad(table, (0, need - table.shape[0]))
@@ -668,7 +667,7 @@ def _prefix_operands(prefix: PrefixCells):
               for first in (prefix.heads.k_head, prefix.heads.v_head)]
     operands = [jnp.reshape(prefix.length, (1, 1)), table[None],
                 jnp.full((1, 1), prefix.page_offset, jnp.int32), prefix.k_pool, prefix.v_pool]
-    return specs, operands
+    return shape, specs, operands
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",
