@@ -558,6 +558,8 @@ def _fmt(x):
 
 
 def results_markdown(results: dict) -> str:
+    """`run`'s results as markdown: device, date and jax version, a row per timed call, then
+    issue 3's targets."""
     lines = [
         f"# Attention kernel benchmark ({results['variant']})", "",
         f"- device: {results['device']}; date: {results['date']}; jax {results['jax_version']}",
@@ -632,6 +634,8 @@ def target_lines(results: dict) -> list[str]:
 
 
 def write_results(results: dict, workdir: str) -> dict:
+    """Writes `results` as `workdir/results.json` and `results.md`; returns {"json", "md"}
+    paths."""
     os.makedirs(workdir, exist_ok=True)
     paths = {"json": os.path.join(workdir, "results.json"),
              "md": os.path.join(workdir, "results.md")}

@@ -105,6 +105,8 @@ class BlockSizes:
 
 
 def validate_block_sizes(bs: BlockSizes, page_size: int):
+    """Raises InputError unless block_q is a power of two and block_k a positive multiple of
+    `page_size` (a key block is whole pages)."""
     if not _is_pow2(bs.block_q) or bs.block_q < 1:
         raise InputError(f"block_q={bs.block_q} must be a power of two")
     if bs.block_k % page_size or bs.block_k < page_size:

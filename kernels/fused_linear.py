@@ -80,6 +80,7 @@ class BufferRows:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(count, W): the rows' shape, as an array's."""
         return (self.count, self.buffer.shape[1])
 
     @property
@@ -108,6 +109,7 @@ class Rotary:
 
     @property
     def head_dim(self) -> int:
+        """D: columns per rotated head (twice the angles' width)."""
         return 2 * self.cos.shape[-1]
 
 

@@ -87,6 +87,7 @@ class Budget:
 
     @property
     def max_chunk(self) -> int:
+        """The largest chunk an append step takes (`chunk_sizes[-1]`), in tokens."""
         return self.chunk_sizes[-1]
 
     def chunk_bucket(self, num_tokens: int) -> int:

@@ -70,6 +70,7 @@ class ModelConfig:
 
     @property
     def jnp_dtype(self):
+        """`dtype` as a jnp dtype (weights, activations and the KV cache)."""
         return jnp.dtype(self.dtype)
 
     @property
@@ -92,6 +93,7 @@ class ModelConfig:
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes of all parameters in `dtype` (`num_params` of them)."""
         return self.num_params * self.jnp_dtype.itemsize
 
     def step_weight_bytes(self, tokens: int) -> int:
@@ -104,6 +106,7 @@ class ModelConfig:
         return self.weight_bytes - unread_rows * self.embed_dim * self.jnp_dtype.itemsize
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with the named fields changed (the config is frozen)."""
         return dataclasses.replace(self, **changes)
 
 

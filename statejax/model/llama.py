@@ -254,6 +254,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm decoder layer: attention then SwiGLU MLP, each with a residual.
+
+    Call: `(x_BxTxE, positions_BxT int32, view) -> (x_BxTxE, view)`; `view` is the cache
+    view the attention reads and writes (`statejax.cache`).
+    """
+
     cfg: ModelConfig
     layer: int
     linear_impl: str = "xla"

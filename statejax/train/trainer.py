@@ -82,6 +82,7 @@ def _optimizer(*, learning_rate, warmup_steps, b1, b2, weight_decay, grad_clip, 
 
 
 def init_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
+    """A fresh `TrainState`: step 0, `init_params(cfg, seed)`, `tx`'s optimizer state."""
     params = init_params(cfg, seed)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -112,6 +113,7 @@ def make_train_step(cfg: ModelConfig, spec: data.PackSpec, tx: optax.GradientTra
 
 
 def checkpoint_manager(workdir, every: int) -> ocp.CheckpointManager:
+    """orbax manager for `workdir/checkpoints`: a save every `every` steps, the last two kept."""
     # Synchronous saves: the next train step donates the state's buffers.
     options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every,
                                            enable_async_checkpointing=False)
