@@ -75,6 +75,19 @@ def _one_kernel_grid():
                  for warps in (4, 8))
 
 
+def _pipelined_first(cells: str):
+    # Three or four stages, which the model's contiguous cells now pipeline: compiled for the
+    # H100, each KV loop keeps a block (two) in flight while it computes on one, where 2
+    # stages wait for every copy at each step (tests/test_kernels.py, "keep a block in
+    # flight"). Entries: (shared block_q, block_k, splits, warps, private block_q, stages).
+    if cells == "1k":  # the call as one kernel (one split), then split into 2 and 4
+        return (tuple((q, 64, 1, 8 if q == 128 else 4, 128, 3) for q in (128, 64, 32))
+                + ((128, 128, 1, 8, 128, 3), (128, 64, 4, 8, 32, 3), (128, 64, 2, 8, 32, 3),
+                   (64, 64, 4, 4, 32, 3)))
+    return (tuple((128, 64, s, 8, 32, st) for s in (16, 8, 32) for st in (3, 4))
+            + ((128, 128, 16, 8, 32, 3),))
+
+
 def _middle_first(values):
     """The middle value, then the rest in order: (8, 16, 32) -> (16, 8, 32)."""
     middle = values[len(values) // 2]
@@ -203,10 +216,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # of its rows: more splits, more serial merge work in its few programs. At 1k each
         # attention kernel of the model's step is latency-bound (H200, 2026-12-04: 11 us
         # each, 0.36 ms of the 1.66 ms step): 32-row private tiles give 32 programs instead
-        # of 8; one split (`_one_kernel_grid`, first) makes the call one kernel. The 1k
-        # grid (12 + 32 entries) runs before the 32k one (48): `tuning_work`.
-        c.tune_cascade = _query_grid((8, 16, 32))
-        c.tune_cascade_second = _one_kernel_grid() + _query_grid((2, 4))
+        # of 8; one split (`_one_kernel_grid`) makes the call one kernel. Deeper pipelines
+        # (`_pipelined_first`) lead each grid. The 1k grid (7 + 12 + 32 entries) runs before
+        # the 32k one (7 + 48): `tuning_work`.
+        c.tune_cascade = _pipelined_first("32k") + _query_grid((8, 16, 32))
+        c.tune_cascade_second = (_pipelined_first("1k") + _one_kernel_grid()
+                                 + _query_grid((2, 4)))
     elif variant != "gpu":
         raise ValueError(f"unknown variant {arg!r}; allowed: 'gpu' (default), 'gpu-tune', "
                          "'gpu-query', 'cpu'")

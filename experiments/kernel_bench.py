@@ -195,10 +195,10 @@ def _private_block_sizes(cfg, shape) -> aa.BlockSizes:
 
 
 def cascade_block_sizes(cfg, shape, entry) -> ca.BlockSizes:
-    """A `tune_cascade` grid entry (shared block_q, block_k, splits, warps; private block_q)
-    as tiles: shared 2 stages, the private part's other tiles as its default."""
-    sq, sk, splits, warps, pq = entry
-    return ca.BlockSizes(shared=aa.BlockSizes(sq, sk, splits, warps, 2),
+    """A `tune_cascade` grid entry (shared block_q, block_k, splits, warps; private block_q[;
+    shared stages, default 2]) as tiles, the private part's other tiles as its default."""
+    sq, sk, splits, warps, pq, *stages = entry
+    return ca.BlockSizes(shared=aa.BlockSizes(sq, sk, splits, warps, *(stages or [2])),
                          private=dataclasses.replace(_private_block_sizes(cfg, shape),
                                                      block_q=pq))
 

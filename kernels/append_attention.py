@@ -267,6 +267,8 @@ class PrefixCells(NamedTuple):
       block_k: static cells per KV step over the prefix (whole pages, a power of two of them).
       page_offset: static, added to the table's entries.
       heads: where the pools' heads sit (`HeadLayout`).
+      contiguous: static; the prefix's pages are the table's first entry and its
+        successors (`paged_flash_folded`'s `contiguous_pages`).
     """
 
     k_pool: jax.Array
@@ -277,6 +279,7 @@ class PrefixCells(NamedTuple):
     block_k: int
     page_offset: int
     heads: "HeadLayout"
+    contiguous: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,19 +290,34 @@ class _PrefixShape:
     pages_per_block: int
     num_pages: int
     window: int
+    contiguous: bool
 
 
-def _load_block(k_ref, v_ref, pt_ref, page_offset, j, *, page_size, pages_per_block,
-                num_pages):
-    """KV block j (pages_per_block pages gathered through the table) of a kv-head's pool."""
-    if pages_per_block == 1:
-        page = jnp.clip(pt_ref[j] + page_offset, 0, num_pages - 1)
-        return k_ref[page], v_ref[page]
+def _block_loader(k_ref, v_ref, pt_ref, page_offset, *, page_size, pages_per_block,
+                  num_pages, contiguous):
+    """`load(j)` -> K, V [block_k, D]: KV block j (pages_per_block pages) of a kv-head's
+    pool. Its pages are the table's entries j * pages_per_block ... (plus `page_offset`), or
+    with `contiguous` the first entry's successors, computed: no load of the table inside
+    the KV loop, whose block addresses then depend on the loop index alone, so Triton keeps
+    num_stages - 1 blocks in flight while one is computed on. (A table entry loaded in the
+    loop makes each block's address wait for a load: the H100 PTX then waits for every copy
+    at each step, `cp.async.wait_group 0`, whatever the stages.)"""
     block_k = page_size * pages_per_block
-    pages = jnp.clip(pt_ref[pl.ds(j * pages_per_block, pages_per_block)] + page_offset, 0,
-                     num_pages - 1)
-    return (k_ref[pages].reshape(block_k, k_ref.shape[-1]),
-            v_ref[pages].reshape(block_k, v_ref.shape[-1]))
+    first = pt_ref[0] + page_offset if contiguous else None  # read once, before the loop
+
+    def load(j):
+        if pages_per_block == 1:
+            page = first + j if contiguous else pt_ref[j] + page_offset
+            page = jnp.clip(page, 0, num_pages - 1)
+            return k_ref[page], v_ref[page]
+        if contiguous:
+            pages = first + j * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32)
+        else:
+            pages = pt_ref[pl.ds(j * pages_per_block, pages_per_block)] + page_offset
+        pages = jnp.clip(pages, 0, num_pages - 1)
+        return (k_ref[pages].reshape(block_k, k_ref.shape[-1]),
+                v_ref[pages].reshape(block_k, v_ref.shape[-1]))
+    return load
 
 
 def _attend_blocks(carry, q, scale, load, *, block_k, first, full_end, last, limit_q,
@@ -338,7 +356,7 @@ def _attend_blocks(carry, q, scale, load, *, block_k, first, full_end, last, lim
 
 def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens,
                   causal, window, page_size, pages_per_block, blocks_per_split, num_pages,
-                  merge_splits, block_q, overhang, tokens_out, prefix=None):
+                  merge_splits, block_q, overhang, tokens_out, contiguous, prefix=None):
     """One (row, kv-head, query block, split) program.
 
     Refs: len_ref [1] the row's n; pt_ref [P] its page table; offset_ref [1] added to its
@@ -352,7 +370,9 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
     query rows over other keys, merged into this program's result; refs[-2:] = o_ref
     [block_q, D] (or whole tokens, as q_ref), lse_ref [block_q] (refs between: aliased poison
     inputs). `overhang`: whole-token tiles whose last one reaches past the T tokens (its rows
-    there read as zeros); `tokens_out`: o_ref is whole tokens (left unwritten past T).
+    there read as zeros); `tokens_out`: o_ref is whole tokens (left unwritten past T);
+    `contiguous`: the row's pages are its table's first entry and the ones after
+    (`_block_loader`).
     """
     if prefix is not None:
         prefix_refs, refs = refs[:5], refs[5:]
@@ -387,17 +407,16 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
         p_len_ref, p_pt_ref, p_offset_ref, p_k_ref, p_v_ref = prefix_refs
         p_n = jnp.minimum(p_len_ref[0], prefix.window)
         p_block_k = prefix.page_size * prefix.pages_per_block
-        load = functools.partial(_load_block, p_k_ref, p_v_ref, p_pt_ref, p_offset_ref[0],
-                                 page_size=prefix.page_size,
-                                 pages_per_block=prefix.pages_per_block,
-                                 num_pages=prefix.num_pages)
+        load = _block_loader(p_k_ref, p_v_ref, p_pt_ref, p_offset_ref[0],
+                             page_size=prefix.page_size, pages_per_block=prefix.pages_per_block,
+                             num_pages=prefix.num_pages, contiguous=prefix.contiguous)
         carry = _attend_blocks(carry, q, scale, load, block_k=p_block_k, first=0,
                                full_end=lax.div(p_n, p_block_k),
                                last=lax.div(p_n + p_block_k - 1, p_block_k),
                                limit_q=jnp.full((block_q,), p_n, jnp.int32), limit_hi=p_n)
-    load = functools.partial(_load_block, k_ref, v_ref, pt_ref, offset_ref[0],
-                             page_size=page_size, pages_per_block=pages_per_block,
-                             num_pages=num_pages)
+    load = _block_loader(k_ref, v_ref, pt_ref, offset_ref[0], page_size=page_size,
+                         pages_per_block=pages_per_block, num_pages=num_pages,
+                         contiguous=contiguous)
     o, m, denom = _attend_blocks(carry, q, scale, load, block_k=block_k, first=first,
                                  full_end=full_end, last=last, limit_q=limit_q,
                                  limit_hi=limit_hi)
@@ -478,6 +497,7 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
                              window: int, causal: bool, block_sizes: BlockSizes,
                              out_dtype, interpret: bool, backend: str = "triton",
                              page_offset: int = 0, poison_outputs: bool = False,
+                             contiguous_pages: bool = False,
                              name: str = "statejax_paged_flash"):
     """Runs the kernel; returns per-split partials (no validation: callers validate).
 
@@ -492,6 +512,10 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
       out_dtype: dtype of the partial outputs.
       poison_outputs: start the outputs NaN-filled (aliased inputs), so any element the
         kernel fails to write shows up; a test hook, also valid compiled.
+      contiguous_pages: static; row b's pages are `page_table[b, 0]` and the ones after it
+        (contiguous cells seen as pages, `cells_as_pool`): the kernel computes them rather
+        than loading the table inside its KV loop, which lets Triton keep KV blocks in flight
+        (`num_stages` - 1 of them) while it computes on one.
       name: the kernel's name (`paged_flash_folded`).
 
     Returns:
@@ -505,7 +529,7 @@ def paged_attention_partials(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=causal,
         block_sizes=block_sizes, out_dtype=out_dtype, interpret=interpret,
         page_offset=page_offset, poison_outputs=poison_outputs, tokens_out=tokens_out,
-        name=name)
+        contiguous_pages=contiguous_pages, name=name)
     if not tokens_out:
         return unfold_partials(out, lse, t, h)
     return out.reshape(b, t, h, 1, d), unfold_rows(jnp.moveaxis(lse, 2, 3), t, h)
@@ -515,7 +539,8 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
                        causal: bool, block_sizes: BlockSizes, out_dtype, interpret: bool,
                        page_offset: int = 0, poison_outputs: bool = False, earlier=None,
                        tokens_out: bool = False, heads: HeadLayout | None = None,
-                       prefix: PrefixCells | None = None, name: str = "statejax_paged_flash"):
+                       prefix: PrefixCells | None = None, contiguous_pages: bool = False,
+                       name: str = "statejax_paged_flash"):
     """`paged_attention_partials` in the kernel's folded layout (query rows m = t * G + g,
     padded to the query tile), optionally merging `earlier` partials of the same rows.
 
@@ -535,6 +560,7 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         call); requires `token_tiles` and num_splits == 1.
       prefix: cells every row attends to before its own (`PrefixCells`), in the same
         programs; requires num_splits == 1 and no `earlier`.
+      contiguous_pages: as `paged_attention_partials` (the prefix says its own).
       name: the kernel's name, as a GPU profiler trace shows it (`statejax.device_trace`):
         one per call site (append, decode, the cascade's shared and private parts), so a
         trace tells them apart.
@@ -594,7 +620,7 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         page_size=page_size, pages_per_block=pages_per_block,
         blocks_per_split=blocks_per_split, num_pages=num_pages, merge_splits=merge_splits,
         block_q=bs.block_q, overhang=in_place and rows % bs.block_q != 0,
-        tokens_out=tokens_out, prefix=prefix_shape)
+        tokens_out=tokens_out, contiguous=contiguous_pages, prefix=prefix_shape)
     # kv-head h's cells: pool heads k_head + h and v_head + h (`HeadLayout`).
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
@@ -657,7 +683,8 @@ def _prefix_operands(prefix: PrefixCells):
     anyway), offset, K and V pools."""
     num_pages, page_size, _, d = prefix.k_pool.shape
     shape = _PrefixShape(page_size=page_size, pages_per_block=prefix.block_k // page_size,
-                         num_pages=num_pages, window=prefix.window)
+                         num_pages=num_pages, window=prefix.window,
+                         contiguous=prefix.contiguous)
     need = pl.cdiv(prefix.window, prefix.block_k) * shape.pages_per_block
     table = prefix.page_table_P
     if table.shape[0] < need:
@@ -673,11 +700,12 @@ def _prefix_operands(prefix: PrefixCells):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",
-                                             "page_offset", "poison_outputs"))
+                                             "page_offset", "poison_outputs",
+                                             "contiguous_pages"))
 def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                      window: int | None = None, block_sizes: BlockSizes | None = None,
                      interpret: bool, backend: str = "triton", page_offset: int = 0,
-                     poison_outputs: bool = False):
+                     poison_outputs: bool = False, contiguous_pages: bool = False):
     """Causal attention of a T-token chunk over paged cells that already hold the chunk.
 
     Args:
@@ -697,6 +725,8 @@ def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
       page_offset: static int >= 0 added to every table entry: the layers of a stacked pool
         share one table (`cells_as_pool`), so it is computed once per step, not per layer.
       poison_outputs: test hook, see `paged_attention_partials`.
+      contiguous_pages: see `paged_attention_partials` (Triton; Mosaic GPU reads the table
+        either way).
 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32 (as `statejax.attention.attend`).
@@ -729,7 +759,8 @@ def append_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
     out, lse = paged_attention_partials(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=True,
         block_sizes=bs, out_dtype=q_BxTxHxD.dtype, interpret=interpret, backend=backend,
-        page_offset=page_offset, poison_outputs=poison_outputs, name="statejax_append")
+        page_offset=page_offset, poison_outputs=poison_outputs,
+        contiguous_pages=contiguous_pages, name="statejax_append")
     return out[..., 0, :], lse[..., 0]
 
 
@@ -824,7 +855,7 @@ def append_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int
                                  page_size=page_size)
     return append_attention(q_BxTxHxD, k_pool, v_pool, table, lengths_B, window=window,
                             block_sizes=block_sizes, interpret=interpret, backend=backend,
-                            page_offset=offset)
+                            page_offset=offset, contiguous_pages=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -190,14 +190,15 @@ def measured_backends(*, interpret: bool, rows: int, head_dim: int, itemsize: in
 
 @functools.partial(jax.jit, static_argnames=("shared_window", "branch_window", "block_sizes",
                                              "interpret", "backend", "shared_page_offset",
-                                             "branch_page_offset", "poison_outputs", "heads"))
+                                             "branch_page_offset", "poison_outputs", "heads",
+                                             "contiguous_pages"))
 def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P, shared_len,
                       branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R, *,
                       shared_window: int | None = None, branch_window: int | None = None,
                       block_sizes: BlockSizes | None = None, interpret: bool,
                       backend: str | None = "triton", shared_page_offset: int = 0,
                       branch_page_offset: int = 0, poison_outputs: bool = False,
-                      heads: aa.HeadLayout | None = None):
+                      heads: aa.HeadLayout | None = None, contiguous_pages: bool = False):
     """R branches of one session: shared cells read once for all, private cells per branch.
 
     Args:
@@ -229,6 +230,8 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
         than its H queries, as a first-token branch's q/k/v buffer, which is then its
         branch pool too (`cascade_attention_cells` with `branch_k` None). The shared pools
         hold K heads each.
+      contiguous_pages: both tables' rows are their first entry and its successors
+        (`append_attention.paged_attention_partials`; Triton parts only).
 
     Returns:
       out_RxTxHxD (H heads) in q's dtype, lse_RxTxH float32 over shared + private keys.
@@ -291,7 +294,8 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     if bs.private.num_splits != 1:
         raise InputError("the private part runs unsplit: block_sizes.private.num_splits=1")
 
-    common = dict(interpret=interpret, poison_outputs=poison_outputs)
+    common = dict(interpret=interpret, poison_outputs=poison_outputs,
+                  contiguous_pages=contiguous_pages)
     g = h // k_heads
     if not mosaic and fuses(r, t, g, bs.shared):
         # One kernel: each program attends to the shared cells, then to its branch's own,
@@ -304,7 +308,7 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
             page_offset=branch_page_offset, heads=heads, tokens_out=tokens_out,
             prefix=aa.PrefixCells(shared_k_pool, shared_v_pool, shared_page_table_P,
                                   shared_len, shared_window, bs.shared.block_k,
-                                  shared_page_offset, shared_heads),
+                                  shared_page_offset, shared_heads, contiguous_pages),
             name="statejax_cascade", **common)
         return (out if tokens_out else aa.unfold_rows(out[:, :, 0], t, h),
                 aa.unfold_rows(lse[:, :, 0], t, h))
@@ -416,7 +420,8 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
                              bv_pool, b_table, branch_lengths_R, shared_window=shared_window,
                              branch_window=tb, block_sizes=block_sizes, interpret=interpret,
                              backend=backend, shared_page_offset=s_offset,
-                             branch_page_offset=b_offset, heads=heads)
+                             branch_page_offset=b_offset, heads=heads,
+                             contiguous_pages=True)
 
 
 def cascade_attention_reference(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table_P,

@@ -119,11 +119,12 @@ def combine_splits(out_BxTxHxNxD, lse_BxTxHxN, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",
-                                             "page_offset", "poison_outputs"))
+                                             "page_offset", "poison_outputs",
+                                             "contiguous_pages"))
 def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                      window: int | None = None, block_sizes: BlockSizes | None = None,
                      interpret: bool, backend: str = "triton", page_offset: int = 0,
-                     poison_outputs: bool = False):
+                     poison_outputs: bool = False, contiguous_pages: bool = False):
     """Flash-decoding over paged cells that already hold the T new tokens.
 
     Args:
@@ -135,7 +136,8 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
       window: static S <= P * page_size (default P * page_size).
       block_sizes: tiles and splits; default `default_block_sizes` of this shape (for
         "mosaic_gpu": `decode_attention_mgpu.MosaicDecodeBlockSizes`).
-      interpret, page_offset, poison_outputs: as `append_attention.append_attention`.
+      interpret, page_offset, poison_outputs, contiguous_pages: as
+        `append_attention.append_attention`.
       backend: "triton" or "mosaic_gpu" (`decode_attention_mgpu`: Hopper, bf16/f16,
         T x H / K <= 128, compiled only, no poisoning).
 
@@ -170,7 +172,8 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
     out, lse = aa.paged_attention_partials(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=True,
         block_sizes=bs, out_dtype=jnp.float32, interpret=interpret, backend=backend,
-        page_offset=page_offset, poison_outputs=poison_outputs, name="statejax_decode")
+        page_offset=page_offset, poison_outputs=poison_outputs,
+        contiguous_pages=contiguous_pages, name="statejax_decode")
     return combine_splits(out, lse, q_BxTxHxD.dtype)
 
 
@@ -208,7 +211,7 @@ def decode_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int
                                     page_size=page_size)
     return decode_attention(q_BxTxHxD, k_pool, v_pool, table, lengths_B, window=window,
                             block_sizes=block_sizes, interpret=interpret, backend=backend,
-                            page_offset=offset)
+                            page_offset=offset, contiguous_pages=True)
 
 
 def decode_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,

@@ -174,14 +174,17 @@ def test_gpu_query_times_the_query_attention_and_its_grid():
     assert kernel_bench.all_work(without) == [
         w for w in kernel_bench.all_work(cfg) if w[1] not in cfg.cascade_targets]
     work = kernel_bench.tuning_work(cfg)
-    assert (len(cfg.tune_cascade), len(cfg.tune_cascade_second)) == (48, 44)
+    assert (len(cfg.tune_cascade), len(cfg.tune_cascade_second)) == (55, 51)
     # The shorter grid (1k cells) first: a budget too short for both finishes one.
     assert [(w[0], w[1]) for w in work] == (
-        [("cascade", cfg.cascade[1])] * 44 + [("cascade", cfg.cascade[0])] * 48)
-    # At 1k its first 12 entries take one shared split: the call is then one kernel.
+        [("cascade", cfg.cascade[1])] * 51 + [("cascade", cfg.cascade[0])] * 55)
+    # Each grid leads with 3- and 4-stage shared tiles (the rest keep 2); at 1k, 4 of
+    # those and the next 12 entries take one shared split: the call is then one kernel.
+    stages = [bs.shared.num_stages for _, _, bs, _ in work]
+    assert stages == [3] * 7 + [2] * 44 + [3, 4] * 3 + [3] + [2] * 48
     r, _, t, h, k, _ = cfg.cascade[1]
-    assert [ca.fuses(r, t, h // k, bs.shared) for _, _, bs, _ in work[:44]] == (
-        [True] * 12 + [False] * 32)
+    assert [ca.fuses(r, t, h // k, bs.shared) for _, _, bs, _ in work[:51]] == (
+        [True] * 4 + [False] * 3 + [True] * 12 + [False] * 32)
     for _, (_, cells, _, _, _, _), bs, _ in work:
         assert bs.shared.num_splits <= -(-cells // bs.shared.block_k)  # no empty splits
         # Every entry keeps the private kernel merging the shared splits (whole row tiles).

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import triton_ptx
 
 from configs import kernel_bench as kb_config
 from experiments import kernel_bench
@@ -59,14 +60,20 @@ class Case:
                 f"_ps{self.page_size}x{self.pages}_{self.dtype}_w{self.window}_b{self.block}")
 
 
-def _pools(rng, case: Case, visible_B):
+def _pools(rng, case: Case, visible_B, contiguous: bool = False):
     """Random pools, a shuffled page table, and a copy of the pools with every cell past
-    `visible_B[b]` in row b, and every page no row owns, set to NaN. (numpy: no compiles)"""
+    `visible_B[b]` in row b, and every page no row owns, set to NaN. (numpy: no compiles)
+    With `contiguous`, each row's pages are a run (the rows' runs in shuffled order, after
+    a page no row owns)."""
     b = len(case.lengths)
     num_pages = b * case.pages + 3
     shape = (num_pages, case.page_size, case.k, case.d)
     k_pool, v_pool = rng.standard_normal((2, *shape), np.float32)
-    table = rng.permutation(num_pages)[: b * case.pages].reshape(b, case.pages)
+    if contiguous:
+        runs = rng.permutation(b)[:, None] * case.pages + 1 + np.arange(case.pages)[None]
+        table = runs.reshape(b, case.pages)
+    else:
+        table = rng.permutation(num_pages)[: b * case.pages].reshape(b, case.pages)
     poison = np.ones((num_pages, case.page_size), bool)
     pos = np.arange(case.pages * case.page_size).reshape(case.pages, case.page_size)
     for row in range(b):
@@ -100,15 +107,19 @@ def _window(case):
     return case.window or case.pages * case.page_size
 
 
-def check_paged(case: Case, fn, reference, *, interpret: bool, seed: int = 0):
-    """`fn` is append_attention or decode_attention (same contract)."""
+def check_paged(case: Case, fn, reference, *, interpret: bool, seed: int = 0,
+                contiguous: bool = False):
+    """`fn` is append_attention or decode_attention (same contract); with `contiguous`,
+    through tables whose rows are runs of pages, as `contiguous_pages` (the kernel computes
+    the pages from a row's first one)."""
     rng = np.random.default_rng(seed)
     lengths = jnp.asarray(case.lengths, jnp.int32)
     visible = [min(n + case.t, _window(case)) for n in case.lengths]
-    clean, poisoned, table = _pools(rng, case, visible)
+    clean, poisoned, table = _pools(rng, case, visible, contiguous)
     q = _queries(rng, (len(case.lengths), case.t, case.h, case.d), case.dtype)
+    extra = dict(contiguous_pages=True) if contiguous else {}
     got = fn(q, *poisoned, table, lengths, window=case.window, block_sizes=case.block_sizes,
-             interpret=interpret, poison_outputs=True)
+             interpret=interpret, poison_outputs=True, **extra)
     want = _reference(reference, q, *clean, table, lengths, window=case.window)
     assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
     _assert_close(got, want, case.dtype)
@@ -144,6 +155,18 @@ def test_append_attention_interpret(case):
 @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
 def test_decode_attention_interpret(case):
     check_paged(case, da.decode_attention, da.decode_attention_reference, interpret=True)
+
+
+@pytest.mark.parametrize("fn, reference, case", [
+    # Ragged rows, 8 pages a KV step (past the table's 6); 2 pages a step; splits.
+    (aa.append_attention, aa.append_attention_reference, APPEND_CASES[0]),
+    (aa.append_attention, aa.append_attention_reference, APPEND_CASES[2]),
+    (da.decode_attention, da.decode_attention_reference, DECODE_CASES[0]),
+], ids=["append", "append-2-pages-a-step", "decode-splits"])
+def test_contiguous_pages_are_computed_from_a_rows_first(fn, reference, case):
+    """`contiguous_pages`: each row's pages computed from its first (the cells form's
+    tables), rows in shuffled order in the pool, against the reference through the table."""
+    check_paged(case, fn, reference, interpret=True, contiguous=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -783,6 +806,60 @@ def test_triton_kernels_compile_for_an_h100(lower):
     """... and compiles for the H100 (compile-only target): Triton -> PTX within the card's
     shared memory and registers, every tuning entry included, so none fails on device time."""
     lower(compile_for=H100)
+
+
+# The query's cascade over contiguous session cells (the model's form), as the 1B first-token
+# query makes it (32 query heads, 8 kv-heads, D = 64, K/V from q's buffer) over 2k cells, its
+# shared tiles 128 x 64 with 8 warps and 3 stages: split four ways, or one kernel.
+_PIPELINED_CODE = """
+import os
+import jax, jax.numpy as jnp
+from statejax import gpu_target
+from statejax.kernels import append_attention as aa, cascade_attention as ca
+S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+args = (S((1, 32, 48, 64), bf), S((2, 1, 2048, 8, 64), bf), S((2, 1, 2048, 8, 64), bf),
+        S((), jnp.int32), S((), jnp.int32))
+for splits in (4, 1):
+    for contiguous in (True, False):
+        os.environ["PTX_DUMP"] = os.path.join(os.environ["PTX_DUMP_ROOT"],
+                                              f"{splits}-{contiguous}")
+        os.makedirs(os.environ["PTX_DUMP"])
+        tiles = ca.BlockSizes(shared=aa.BlockSizes(128, 64, splits, 8, 3),
+                              private=aa.BlockSizes(128, 128, 1, 4, 2))
+        if contiguous:
+            fn = jax.jit(lambda q, k, v, row, n: ca.cascade_attention_cells(
+                q, k, v, row, n, None, None, None, layer=1, shared_window=1920,
+                interpret=False, q_heads=32, block_sizes=tiles))
+        else:  # the same cells through an arbitrary page table: a load per KV block
+            fn = jax.jit(lambda q, k, v, row, n: ca.cascade_attention(
+                q[:, :, :32], k.reshape(-1, 64, 8, 64), v.reshape(-1, 64, 8, 64),
+                jnp.arange(32, dtype=jnp.int32) + row, n,
+                q[:, :, 32:40].reshape(1, 32, 8, 64), q[:, :, 40:].reshape(1, 32, 8, 64),
+                jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32),
+                shared_window=1920, block_sizes=tiles, interpret=False))
+        gpu_target.compile_for(fn, gpu_target.target_device("h100"), *args)
+"""
+
+
+@pytest.mark.skipif(triton_ptx.unavailable() is not None,
+                    reason=str(triton_ptx.unavailable()))
+def test_kv_loops_over_contiguous_cells_keep_a_block_in_flight(tmp_path):
+    """Over contiguous cells the kernels compute each KV block's address from the loop index
+    (`contiguous_pages`): compiled for the H100 with 3 stages, every KV loop of the query's
+    cascade (split, and as one kernel) waits only for the oldest block it fetched, with the
+    next one still in flight, and loads nothing else from global memory. Through a page
+    table, the same loops wait for every copy at each step (what the H100 ran before)."""
+    dumps = triton_ptx.run_capturing_ptx(_PIPELINED_CODE, tmp_path, timeout_s=600)
+    for splits, kernel in ((4, "statejax_cascade_shared"), (1, "statejax_cascade")):
+        for contiguous in (True, False):
+            ptx = triton_ptx.read_ptx(dumps / f"{splits}-{contiguous}")
+            loops = triton_ptx.kv_loops(ptx[kernel])
+            assert len(loops) >= 2, (kernel, loops)  # unmasked and masked steps (+ prefix)
+            if contiguous:
+                assert all(min(loop["waits"]) >= 1 and loop["global_loads"] == 0
+                           for loop in loops), (kernel, loops)
+            else:
+                assert any(min(loop["waits"]) == 0 for loop in loops), (kernel, loops)
 
 
 # ---------------------------------------------------------------- compiled on a GPU
