@@ -20,7 +20,10 @@ Attention implementations (`impl`, static; `IMPLS`):
 - "pallas": `AppendView`, `BranchView` by the kernels in `statejax.kernels`. They run in Pallas
   interpret mode unless they compile for a GPU (`statejax.gpu_target.compiling_for_gpu()`:
   one is attached, or a compile-only target is on), and are compiled then (Triton lowering;
-  the cascade's shared part on Mosaic GPU where measured faster, below).
+  the cascade's shared part on Mosaic GPU where measured faster, below). A chunk whose query
+  rows leave the GPU short of programs over a long window (the decode kernel's split rule
+  splits its cells, `SPLIT_APPEND_BLOCKS`) is appended by the decode kernel, split along
+  the cells.
 - "pallas-mosaic": as "pallas", but `AppendView` (ingestion) runs the Mosaic GPU append
   kernel: Hopper only, compiled only, bf16/f16 cells, D a multiple of 64. On an H100
   (2026-11-27, jax 0.11.2) it took 0.93 ms where the tuned Triton kernel took 1.49 ms
@@ -74,14 +77,40 @@ def pallas_interpret() -> bool:
 # with only PYTHONPATH (no install mapping `kernels/` to `statejax.kernels`) still works.
 
 
+# A chunk over at least this many KV blocks of cells (8k cells at 128-cell steps) is split
+# along them (`_pallas_append`). The unsplit append kernel gives a chunk one program per (row,
+# kv-head, query tile), 8 for a 32-token chunk of the 1B shape, each reading every cell in
+# turn: on an H200 it took 0.80 ms over 32k cells (bench of 2026-11-26; the XLA reference
+# 0.39 ms), where the decode kernel, split, took 0.091 ms on that shape (T = 32; 2026-12-04).
+# In the stream study (H200, 2026-12-04) an appended bar took 0.90, 1.1, 2.2 and 3.5 ms at
+# 1k, 4k, 16k and 32k cells: attention became most of it between 4k and 16k. Below that the
+# split's merge (three XLA kernels a layer, its float32 partials written and read) would
+# cost about what it saves: an estimate, no shorter window was timed both ways.
+SPLIT_APPEND_BLOCKS = 64
+
+
 def _pallas_append(layer, q_BxTxHxD, k_LxBxCxKxD, v_LxBxCxKxD, lengths_B, window, impl):
-    """AppendView attention by `append_attention` over the cells (chunk already written)."""
-    from statejax.kernels import append_attention
+    """AppendView attention over the cells (chunk already written): `append_attention`, or
+    with "pallas" over a window of at least `SPLIT_APPEND_BLOCKS` KV blocks that the decode
+    rule splits, the decode kernel, split along the cells (flash-decoding with a causal
+    tail; its partials merged in float32)."""
+    from statejax.kernels import append_attention, decode_attention
 
     if impl == "pallas-mosaic":  # compiled only: raises where no Hopper GPU compiles it
         backend, interpret = "mosaic_gpu", False
     else:
         backend, interpret = "triton", pallas_interpret()
+        b, t, h, d = q_BxTxHxD.shape
+        k_heads, cells = k_LxBxCxKxD.shape[-2], k_LxBxCxKxD.shape[-3]
+        split = decode_attention.default_block_sizes(
+            batch=b, rows=t * (h // k_heads), k_heads=k_heads, head_dim=d,
+            page_size=append_attention.cells_page_size(cells, 16), window=window,
+            itemsize=q_BxTxHxD.dtype.itemsize)
+        if split.num_splits > 1 and -(-window // split.block_k) >= SPLIT_APPEND_BLOCKS:
+            out, _ = decode_attention.decode_attention_cells(
+                q_BxTxHxD, k_LxBxCxKxD, v_LxBxCxKxD, lengths_B, layer=layer, window=window,
+                block_sizes=split, interpret=interpret)
+            return out
     out, _ = append_attention.append_attention_cells(
         q_BxTxHxD, k_LxBxCxKxD, v_LxBxCxKxD, lengths_B, layer=layer, window=window,
         interpret=interpret, backend=backend)

@@ -69,6 +69,30 @@ def test_chunked_append_with_pallas_equals_full_forward(tiny):
                                **TOLERANCE)
 
 
+@pytest.mark.parametrize("cells, kernel", [(8192, "statejax_decode"),
+                                           (4096, "statejax_append")])
+def test_a_short_chunk_over_many_cells_is_split_along_them(cells, kernel):
+    """impl="pallas" appends a chunk over a window of `SPLIT_APPEND_BLOCKS` KV blocks or more
+    by the decode kernel split along the cells (a few query rows over many cells), fewer by
+    the append kernel; either way as the reference attends (two rows at different lengths,
+    one with padding), and the cells it writes are the reference's."""
+    rng = np.random.default_rng(cells)
+    k_cells, v_cells = (jnp.asarray(rng.standard_normal((2, 2, cells, 1, 16)), jnp.float32)
+                        for _ in range(2))
+    q, k_new, v_new = (jnp.asarray(rng.standard_normal((2, 5, heads, 16)), jnp.float32)
+                       for heads in (2, 1, 1))
+    view = cache.AppendView(k=k_cells, v=v_cells, lengths=jnp.asarray([cells - 9, 300]),
+                            num_new=jnp.asarray([5, 3]), window=cells, impl="pallas")
+    step = jax.jit(lambda view, *new: view.update_and_attend(1, *new))
+    (out, got), (want_out, want) = (step(v, q, k_new, v_new)
+                                    for v in (view, view.replace(impl="reference")))
+    assert kernel in str(jax.make_jaxpr(step)(view, q, k_new, v_new))
+    np.testing.assert_allclose(out[0], want_out[0], **TOLERANCE)
+    np.testing.assert_allclose(out[1, :3], want_out[1, :3], **TOLERANCE)  # its valid tokens
+    np.testing.assert_array_equal(got.k, want.k)
+    np.testing.assert_array_equal(got.v, want.v)
+
+
 # ------------------------------------------------ impl="pallas-mosaic": Mosaic GPU ingestion
 
 # bf16 weights and cells; the kernel's bf16 probabilities and approximate exp2 against the
