@@ -80,8 +80,9 @@ def pallas_interpret() -> bool:
 # A chunk over at least this many KV blocks of cells (8k cells at 128-cell steps) is split
 # along them (`_pallas_append`). The unsplit append kernel gives a chunk one program per (row,
 # kv-head, query tile), 8 for a 32-token chunk of the 1B shape, each reading every cell in
-# turn: on an H200 it took 0.80 ms over 32k cells (bench of 2026-11-26; the XLA reference
-# 0.39 ms), where the decode kernel, split, took 0.091 ms on that shape (T = 32; 2026-12-04).
+# turn: on an H200 it took 0.80 ms over 32k cells, twice the XLA reference's 0.39 ms in the
+# same run (bench of 2026-11-26, jax 0.11.2, pipelined calls); the decode kernel, split, took
+# 0.091 ms on that shape in another run (T = 32; 2026-12-04, device time of chained calls).
 # In the stream study (H200, 2026-12-04) an appended bar took 0.90, 1.1, 2.2 and 3.5 ms at
 # 1k, 4k, 16k and 32k cells: attention became most of it between 4k and 16k. Below that the
 # split's merge (three XLA kernels a layer, its float32 partials written and read) would

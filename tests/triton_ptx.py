@@ -21,17 +21,10 @@ exec {ptxas} "$@"
 """
 
 
-def unavailable() -> str | None:
-    """Why this machine cannot capture the PTX, or None if it can."""
-    import importlib.util  # noqa: PLC0415
-
-    if not (importlib.util.find_spec("jax_plugins")
-            and (importlib.util.find_spec("jax_plugins.xla_cuda13")
-                 or importlib.util.find_spec("jax_plugins.xla_cuda12"))):
-        return "needs jax's CUDA plugin (CI's second leg installs it)"
-    if shutil.which("ptxas") is None:
-        return "needs CUDA's ptxas on the PATH (XLA otherwise compiles PTX in-process)"
-    return None
+def has_ptxas() -> bool:
+    """Whether XLA will run a `ptxas` from the PATH (else it compiles PTX in-process, and
+    nothing can be captured). Compiling for the H100 also needs jax's CUDA plugin."""
+    return shutil.which("ptxas") is not None
 
 
 def run_capturing_ptx(code: str, workdir: pathlib.Path, *, timeout_s: float) -> pathlib.Path:
