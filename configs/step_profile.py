@@ -45,6 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Query steps whose kernels are traced, by their rows' suffix ("": query_step,
     # "@32768", "[linear=pallas]", "[packed]" ...): a table of kernels each.
     c.trace_steps = ("",)
+    # Query steps (by row suffix) whose lone calls (`query_step_host_io`, `session_query`)
+    # are traced on the host (`device_trace.trace_lone_calls`): their threads' events by self
+    # time, where a lone query's wait beyond its device work goes (1.2-1.8 ms on the H200,
+    # 2026-12-04).
+    c.trace_lone_steps = ("",)
     # The pieces' rows (projections, MLP, fused calls, GEMM chains) also get their kernels'
     # device time per call from a trace: a piece of one small kernel is timed by its host
     # dispatch otherwise (fused_linear[o,bn=16]: 38 us a call on the H200, 2026-12-04).
@@ -63,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.chain_mib = 512
         c.linear_rows = ("pallas",)
         c.trace_steps = ("", "[linear=pallas]", "@32768")
+        c.trace_lone_steps = ("", "@32768")
         c.trace_pieces = True
         if variant == "gpu-linear":
             # Around each call's default tiles: more stages and warps, longer K steps (two
@@ -82,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.linear_rows = ("pallas",)
         c.linear_tile_rows = (16, 32)
         c.trace_steps = ("", "[linear=pallas]")
+        c.trace_lone_steps = ("", "[linear=pallas]")
         c.trace_pieces = True
         c.warmup = 1
         c.repeats = 2

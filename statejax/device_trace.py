@@ -9,6 +9,9 @@ against the step's untraced time, the kernel sum says how much is idle. Caveat: 
 profiler XLA may launch kernels one by one instead of replaying a CUDA graph, so the traced
 span is not the step time; kernel durations are.
 
+A lone call (one waited for before the next) also waits for the host: `trace_lone_calls`
+breaks its time down by host thread and event (dispatch, transfers, waits, Python).
+
 Kinds (`KINDS`): `pallas` (statejax's kernels and other Pallas calls), `gemm` (cuBLAS / cuBLASLt
 / XLA GEMM fusions), `copy` (memcpy / memset), `other` (every other fused kernel).
 """
@@ -21,6 +24,7 @@ import re
 import tempfile
 
 import jax
+import numpy as np
 
 KINDS = ("pallas", "gemm", "copy", "other")
 # Timelines a profiler may derive from the kernels onto a device plane (op and module spans,
@@ -162,10 +166,17 @@ def trace(fn, args, *, calls: int, logdir: str | None = None) -> jax.profiler.Pr
     """Runs `fn(*args)` once untraced (compile, warm up), then `calls` times back to back
     under the profiler; returns the trace."""
     jax.block_until_ready(fn(*args))
+
+    def back_to_back():
+        jax.block_until_ready([fn(*args) for _ in range(calls)])
+    return _profile(back_to_back, logdir)
+
+
+def _profile(body, logdir: str | None = None) -> jax.profiler.ProfileData:
+    """The trace of `body()` run under `jax.profiler.trace`."""
     logdir = logdir or tempfile.mkdtemp(prefix="statejax_trace_")
     with jax.profiler.trace(logdir):
-        outs = [fn(*args) for _ in range(calls)]
-        jax.block_until_ready(outs)
+        body()
     paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True),
                    key=os.path.getmtime)
     if not paths:
@@ -179,3 +190,134 @@ def kernel_breakdown(fn, args, *, calls: int = 5, top: int = 12) -> dict:
     profile = trace(fn, args, calls=calls)
     source = "device" if any(p.name.startswith("/device:") for p in profile.planes) else "host"
     return breakdown(kernel_events(profile), calls, top) | {"source": source}
+
+
+# --- The host side of a lone call ---------------------------------------------------------
+# A lone query waits for more than its device work (the H200 profile of 2026-12-04: 1.2-1.8 ms
+# beyond the pipelined call): dispatch, transfers, completion events picked up by host
+# threads, Python. The host planes of a trace hold those as nested events per thread (jax's
+# dispatch `PjitFunction(...)`, PjRt's execute and transfer steps, the runtime's threads;
+# Python frames as "$file:line name" when the profiler traces Python), so the events' self
+# time, per thread and name, says where a lone call's time goes.
+
+LONE_CALL = "statejax_lone_call"  # the annotation around each call `lone_call_breakdown` times
+
+
+@dataclasses.dataclass(frozen=True)
+class HostEvent:
+    """One event of a host thread, with its time outside its enclosed events (`self_ns`);
+    `outermost`: no event of its name encloses it (so its duration counts once)."""
+
+    thread: str
+    name: str
+    start_ns: float
+    duration_ns: float
+    self_ns: float
+    outermost: bool = True
+
+
+def host_events(profile: jax.profiler.ProfileData) -> list[HostEvent]:
+    """Every event of the trace's host planes ("/host:...", but its metadata), each with its
+    self time: its duration minus that of the events it directly encloses on its line (a
+    nested event is inside its parent's span; one that outlasts the event before it is not its
+    child)."""
+    events = []
+    for plane in profile.planes:
+        if not plane.name.startswith("/host:") or plane.name == "/host:metadata":
+            continue
+        for line in plane.lines:
+            ordered = sorted(((e.name, e.start_ns, e.duration_ns) for e in line.events),
+                             key=lambda e: (e[1], -e[2]))
+            self_ns = [duration for _, _, duration in ordered]
+            outermost = [True] * len(ordered)
+            open_events = []  # indices of the events enclosing the current one, innermost last
+            for i, (name, start, duration) in enumerate(ordered):
+                while open_events and _end(ordered[open_events[-1]]) < start + duration:
+                    open_events.pop()
+                if open_events:
+                    self_ns[open_events[-1]] -= duration
+                outermost[i] = all(ordered[j][0] != name for j in open_events)
+                open_events.append(i)
+            events += [HostEvent(line.name, name, start, duration, max(own, 0.0), top)
+                       for (name, start, duration), own, top
+                       in zip(ordered, self_ns, outermost, strict=True)]
+    return events
+
+
+def _end(event: tuple) -> float:
+    return event[1] + event[2]
+
+
+def lone_call_breakdown(host: list[HostEvent], kernels: list[KernelEvent],
+                        top: int = 24) -> dict:
+    """Where calls marked `LONE_CALL` (each run alone, to its end) spent their time.
+
+    Args:
+      host: `host_events` of the trace; its `LONE_CALL` events are the calls' windows.
+      kernels: `kernel_events` of the same trace (device kernels on a GPU).
+      top: how many (thread, event) rows to keep.
+
+    Returns:
+      {"calls": windows found, "call_ms": median window (traced: the profiler's own cost
+       included), "kernel_busy_ms": time per call with a kernel running inside the windows,
+       "threads": {thread: self ms per call inside the windows}, most first, threads of one
+       pool as one (`thread_family`),
+       "top": [{"thread", "event", "count", "self_ms", "ms"}] per call, by self time, "ms"
+       the time inside the event (an event inside one of its name counted once): the
+       events that start inside a window, but the windows themselves}.
+    """
+    windows = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in host
+                     if e.name == LONE_CALL)
+    if not windows:
+        raise ValueError(f"no {LONE_CALL!r} event in the trace: run the calls inside "
+                         f"jax.profiler.TraceAnnotation({LONE_CALL!r})")
+    calls = len(windows)
+
+    def inside(start):
+        return any(lo <= start < hi for lo, hi in windows)
+
+    threads = collections.defaultdict(float)
+    groups = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for e in host:
+        if e.name == LONE_CALL or not inside(e.start_ns):
+            continue
+        thread = thread_family(e.thread)
+        threads[thread] += e.self_ns
+        totals = groups[(thread, e.name)]
+        totals[0] += 1
+        totals[1] += e.self_ns
+        totals[2] += e.duration_ns if e.outermost else 0.0
+    ranked = sorted(groups.items(), key=lambda g: -g[1][1])[:top]
+    in_windows = [e for e in kernels if inside(e.start_ns)]
+    return {
+        "calls": calls,
+        "call_ms": float(np.median([hi - lo for lo, hi in windows])) / 1e6,
+        "kernel_busy_ms": _busy_ns(in_windows) / 1e6 / calls,
+        "threads": {t: ns / 1e6 / calls for t, ns in sorted(threads.items(), key=lambda t: -t[1])},
+        "top": [{"thread": thread, "event": name, "count": n / calls, "self_ms": own / 1e6 / calls,
+                 "ms": total / 1e6 / calls} for (thread, name), (n, own, total) in ranked],
+    }
+
+
+def thread_family(name: str) -> str:
+    """A host thread's name without its pool's numeric id (`tf_XLAPjRtCpuClient/6282917`
+    -> `tf_XLAPjRtCpuClient`): a pool's threads take turns, so they count as one."""
+    return re.sub(r"[/._-]+\d+$", "", name) or name
+
+
+def trace_lone_calls(call, *, calls: int = 5, top: int = 24) -> dict:
+    """`lone_call_breakdown` of `call()` made `calls` times one after another under the
+    profiler, each inside a `LONE_CALL` annotation; `call` must wait for its own result
+    (e.g. fetch the answer to the host), so a window is the call's whole latency. One
+    untraced call first (compile, warm up). Adds "source": "device" or "host" (as
+    `kernel_breakdown`)."""
+    call()
+
+    def one_at_a_time():
+        for _ in range(calls):
+            with jax.profiler.TraceAnnotation(LONE_CALL):
+                call()
+    profile = _profile(one_at_a_time)
+    source = "device" if any(p.name.startswith("/device:") for p in profile.planes) else "host"
+    return lone_call_breakdown(host_events(profile), kernel_events(profile), top) | {
+        "source": source}

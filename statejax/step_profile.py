@@ -31,7 +31,9 @@ chained, so per-call launch cost is amortised as in the real step):
   the answer's three out (what the packing saves),
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
   these seven rows split a query's time into device rate, dispatch, latency, transfers and
-  Python; they come again for each of `config.extra_contexts` (named `query_step@32768`
+  Python; for the steps of `config.trace_lone_steps` the lone calls of `query_step_host_io`
+  and `session_query` are then traced on the host (`device_trace.trace_lone_calls`: each
+  thread's events by self time, and how much of the call a kernel was running); they come again for each of `config.extra_contexts` (named `query_step@32768`
   ...: what grows with the session), and last for each weights layout of
   `config.layout_rows` (`statejax.model.layouts`: packed, 45 argument buffers instead of
   157 at the 1B shape; stacked, 22; named `query_step[packed]` ...); before those, for each
@@ -493,7 +495,7 @@ def run(config, on_row=None) -> dict:
                                                  top=24)
         except Exception as e:  # noqa: BLE001 - any profiler failure
             results["trace_errors"] = {**results.get("trace_errors", {}),
-                                       key: f"{type(e).__name__}: {str(e)[:300]}"}
+                                       key + " kernels": f"{type(e).__name__}: {str(e)[:300]}"}
             return None
 
     def trace_step(suffix):
@@ -510,6 +512,28 @@ def run(config, on_row=None) -> dict:
                 on_row(results)
         return after_step
 
+    def trace_lone(suffix):
+        """`query_rows`' after_lone: where the session's lone calls spend their time on the
+        host (`device_trace.trace_lone_calls`), for the steps of `config.trace_lone_steps`
+        (by row suffix)."""
+        if suffix not in config.get("trace_lone_steps", ()):
+            return None
+
+        def after_lone(calls):
+            for row, call in calls.items():
+                try:
+                    found = device_trace.trace_lone_calls(call, calls=config.trace_calls,
+                                                          top=24)
+                except Exception as e:  # noqa: BLE001 - any profiler failure, as above
+                    results["trace_errors"] = {**results.get("trace_errors", {}),
+                                               f"{row}{suffix} on the host":
+                                               f"{type(e).__name__}: {str(e)[:300]}"}
+                    continue
+                results.setdefault("lone_calls" + suffix, {})[row] = found
+            if on_row is not None:
+                on_row(results)
+        return after_lone
+
     def add_piece(name, fn, args, nbytes):
         """A jitted piece's row; with `config.trace_pieces` also its kernels' device time
         per call: a piece of one small kernel is timed by its host dispatch otherwise."""
@@ -521,7 +545,7 @@ def run(config, on_row=None) -> dict:
     with_query = config.get("query_rows", True)
     if with_query:
         args, static = query_rows(cfg, params, config, config.context, timing, add,
-                                  after_step=trace_step(""))
+                                  after_step=trace_step(""), after_lone=trace_lone(""))
         results["query_args"] = len(jax.tree.leaves(args))  # argument buffers per call
         first_query = functools.partial(steps.query, *args, **static)
         add("decode_token", *_time_per_generated_token(args, static, config.decode_tokens, timing),
@@ -531,14 +555,16 @@ def run(config, on_row=None) -> dict:
         # The query rows again at larger sessions (names end in @cells): what grows with context.
         for context in config.get("extra_contexts", ()):
             query_rows(cfg, params, config, context, timing, add, suffix=f"@{context}",
-                       after_step=trace_step(f"@{context}"))
+                       after_step=trace_step(f"@{context}"),
+                       after_lone=trace_lone(f"@{context}"))
         # The blocks' linear layers as fused Pallas kernels (kernels/fused_linear.py): the same
         # step in fewer kernels, writing no split-K partials.
         for linear_impl in linear_rows:
             suffix = f"[linear={linear_impl}]"
             other_args, other_static = query_rows(cfg, params, config, config.context, timing, add,
                                                   suffix=suffix, linear_impl=linear_impl,
-                                                  after_step=trace_step(suffix))
+                                                  after_step=trace_step(suffix),
+                                                  after_lone=trace_lone(suffix))
             # Same session tokens and question: how far its next-token logits are from XLA's
             # (a kernel that is fast but wrong shows here).
             results[f"logits_diff{suffix}"] = logits_difference(
@@ -553,7 +579,8 @@ def run(config, on_row=None) -> dict:
                 laid_args, laid_static = query_rows(cfg, lay_out(params, layout), config,
                                                     config.context, timing, add,
                                                     suffix=laid_suffix, linear_impl=linear_impl,
-                                                    after_step=trace_step(laid_suffix))
+                                                    after_step=trace_step(laid_suffix),
+                                                    after_lone=trace_lone(laid_suffix))
                 results[f"logits_diff{laid_suffix}"] = logits_difference(
                     first_query(), steps.query(*laid_args, **laid_static))
     tiles = linear_tiles(cfg, config.tokens, config.get("linear_tile_rows", ()))
@@ -581,7 +608,8 @@ def run(config, on_row=None) -> dict:
     for layout in layouts if with_query else ():
         laid_out_args, _ = query_rows(cfg, lay_out(params, layout), config, config.context,
                                       timing, add, suffix=f"[{layout}]",
-                                      after_step=trace_step(f"[{layout}]"))
+                                      after_step=trace_step(f"[{layout}]"),
+                                      after_lone=trace_lone(f"[{layout}]"))
         results[f"query_args_{layout}"] = len(jax.tree.leaves(laid_out_args))
     return results
 
@@ -600,13 +628,16 @@ def _query_bytes(cfg, config, context: int) -> int:
 
 
 def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
-               after_step=None, linear_impl: str = "xla") -> tuple[tuple, dict]:
+               after_step=None, linear_impl: str = "xla",
+               after_lone=None) -> tuple[tuple, dict]:
     """Adds the query path's rows at a session of `context` cells, each name + `suffix`:
     `query_step` (pipelined calls), `query_step_dispatch`, `query_step_sync`,
     `query_step_host_io_call`, `query_step_host_io`, `query_step_host_io_unpacked`,
     `session_query` (module docstring).
     `after_step(compiled, args)`, if given, runs right after `query_step` (the kernel trace,
-    before the slower rows). `linear_impl`: as `query_path`.
+    before the slower rows); `after_lone({row: call})`, if given, last, with the lone calls
+    of `query_step_host_io` and `session_query` (each waits for its answer on the host: the
+    host trace). `linear_impl`: as `query_path`.
 
     Returns:
       (args, static) of that query's device call (`query_path`).
@@ -636,6 +667,9 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
         lambda: compiled(*host_args), fetch_generation, **timing)[1], launches, nbytes)
     add("session_query" + suffix, _median_wall_seconds(
         lambda: session.query(question, 1), **timing), None, nbytes)
+    if after_lone is not None:
+        after_lone({"query_step_host_io": lambda: steps.unpack_answer(packed(*packed_args)),
+                    "session_query": lambda: session.query(question, 1)})
     return args, static
 
 
@@ -701,11 +735,16 @@ def results_markdown(results: dict) -> str:
         if key.startswith("query_kernels") and not key.endswith("_error"):
             row = "query_step" + key[len("query_kernels"):]
             lines += ["", *_kernels_markdown(results[key], ms[row], row)]
+    for key in results:  # the host side of the lone calls, per traced query step
+        if key.startswith("lone_calls"):
+            suffix = key[len("lone_calls"):]
+            for row, found in results[key].items():
+                lines += ["", *_lone_calls_markdown(found, ms.get(row + suffix), row + suffix)]
     errors = dict(results.get("trace_errors", {}))
     if "query_kernels_error" in results:  # results written before 2026-12-04 (later)
-        errors["query_step"] = results["query_kernels_error"]
+        errors["query_step kernels"] = results["query_kernels_error"]
     for name, error in errors.items():
-        lines += ["", f"{name} kernel trace failed: {error}"]
+        lines += ["", f"{name} trace failed: {error}"]
     return "\n".join(lines) + "\n"
 
 
@@ -745,4 +784,22 @@ def _kernels_markdown(k: dict, step_ms: float, row: str = "query_step") -> list[
                   "µs each |", "|---|---|---:|---:|---:|"]
         lines += [f"| {t['kernel']} | {t['kind']} | {t['kernels']:.0f} | {t['ms']:.3f} | "
                   f"{t['us_each']:.1f} |" for t in k["top_kernels"]]
+    return lines
+
+
+def _lone_calls_markdown(b: dict, untraced_ms: float | None, row: str) -> list[str]:
+    """`device_trace.lone_call_breakdown` of a row's calls as markdown: the threads' self
+    time, then the events with the most."""
+    untraced = "" if untraced_ms is None else f" ({untraced_ms:.3f} ms untraced)"
+    threads = "; ".join(f"{t} {ms:.3f} ms" for t, ms in b["threads"].items())
+    lines = [
+        f"## {row}, one call at a time, on the host (profiler trace)", "",
+        f"- per call ({b['calls']} calls, {b['source']} kernels): {b['call_ms']:.3f} ms "
+        f"traced{untraced}, {b['kernel_busy_ms']:.3f} ms of it with a kernel running",
+        f"- self time per call by thread: {threads}", "",
+        "| thread | event (most self time) | per call | self ms | ms inside |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [f"| {t['thread']} | {t['event']} | {t['count']:g} | {t['self_ms']:.3f} | "
+              f"{t['ms']:.3f} |" for t in b["top"]]
     return lines

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.profiler import ProfileData
 
@@ -148,3 +149,90 @@ def test_breakdown_of_nothing_and_bad_calls():
     assert device_trace.breakdown([], calls=1)["kernels"] == 0
     with pytest.raises(ValueError, match="calls=0"):
         device_trace.breakdown([], calls=0)
+
+
+# Two lone calls as the host planes record them (µs): the caller's thread ("main") nests
+# jax's dispatch and a wait inside each call's `LONE_CALL` window; two threads of one pool
+# run the completion; an event outside the windows must not count; a device plane holds a
+# kernel per call and one between the calls.
+_HOST_EVENTS = {  # thread: [(name, start, duration)]
+    "main": [("statejax_lone_call", 0, 100), ("PjitFunction(step)", 5, 40),
+             ("ParseArguments", 6, 4), ("PjitFunction(step)", 12, 20), ("Execute", 14, 10),
+             ("$numpy asarray", 50, 45),
+             ("statejax_lone_call", 200, 100), ("PjitFunction(step)", 205, 40),
+             ("ParseArguments", 206, 4), ("PjitFunction(step)", 212, 20), ("Execute", 214, 10),
+             ("$numpy asarray", 250, 45),
+             ("between calls", 150, 20)],
+    "pool/81": [("completion", 96, 3)],
+    "pool/-82": [("completion", 296, 3)],
+}
+_DEVICE_KERNELS = [(60, 30), (170, 10), (260, 30)]  # (start, duration) µs
+
+
+def _lone_calls_profile() -> ProfileData:
+    names = sorted({n for events in _HOST_EVENTS.values() for n, _, _ in events})
+    meta = {n: i + 1 for i, n in enumerate(names)}
+    lines = []
+    for i, (thread, events) in enumerate(_HOST_EVENTS.items()):
+        body = " ".join(f"events {{ metadata_id: {meta[n]} offset_ps: {s * 10**6} "
+                        f"duration_ps: {d * 10**6} }}" for n, s, d in events)
+        lines.append(f'lines {{ id: {i + 1} name: "{thread}" {body} }}')
+    host_meta = " ".join(f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
+                         for n, i in meta.items())
+    kernels = " ".join(f"events {{ metadata_id: 1 offset_ps: {s * 10**6} duration_ps: "
+                       f"{d * 10**6} }}" for s, d in _DEVICE_KERNELS)
+    return ProfileData.from_text_proto(f"""
+planes {{ id: 1 name: "/host:CPU" {" ".join(lines)} {host_meta} }}
+planes {{ id: 2 name: "/device:GPU:0" lines {{ id: 1 name: "Stream #7(Compute)" {kernels} }}
+  event_metadata {{ key: 1 value {{ id: 1 name: "gemm_fusion" }} }} }}
+""")
+
+
+def test_host_events_carry_their_self_time():
+    events = device_trace.host_events(_lone_calls_profile())
+    first = {(e.name, e.start_ns / 1e3): e for e in events if e.thread == "main"}
+    # The outer dispatch: 40 µs less what it encloses directly (4 + 20).
+    outer = first[("PjitFunction(step)", 5)]
+    assert outer.self_ns == pytest.approx(16e3) and outer.outermost
+    inner = first[("PjitFunction(step)", 12)]
+    assert inner.self_ns == pytest.approx(10e3) and not inner.outermost
+    # The window encloses everything of its call: 100 - 40 - 45.
+    assert first[("statejax_lone_call", 0)].self_ns == pytest.approx(15e3)
+    assert not any(e.thread.startswith("/device") for e in events)  # host planes only
+
+
+def test_lone_calls_break_down_by_thread_and_event():
+    profile = _lone_calls_profile()
+    b = device_trace.lone_call_breakdown(device_trace.host_events(profile),
+                                         device_trace.kernel_events(profile))
+    assert b["calls"] == 2 and b["call_ms"] == pytest.approx(0.1)
+    assert b["kernel_busy_ms"] == pytest.approx(0.03)  # not the kernel between the calls
+    # The pool's two threads as one; the event between the calls in no thread's time.
+    assert b["threads"] == pytest.approx({"main": 0.085, "pool": 0.003})
+    assert list(b["threads"]) == ["main", "pool"]
+    rows = {(t["thread"], t["event"]): t for t in b["top"]}
+    assert ("main", "between calls") not in rows and ("main", "statejax_lone_call") not in rows
+    assert rows[("main", "$numpy asarray")] == pytest.approx(
+        dict(thread="main", event="$numpy asarray", count=1, self_ms=0.045, ms=0.045))
+    dispatch = rows[("main", "PjitFunction(step)")]
+    # Two nested events per call; the inner one's time counts once in "ms".
+    assert (dispatch["count"], dispatch["self_ms"], dispatch["ms"]) == pytest.approx(
+        (2, 0.026, 0.040))
+    assert [t["event"] for t in b["top"]][0] == "$numpy asarray"  # most self time first
+    assert len(device_trace.lone_call_breakdown(device_trace.host_events(profile), [],
+                                                top=2)["top"]) == 2
+    with pytest.raises(ValueError, match="statejax_lone_call"):
+        device_trace.lone_call_breakdown([], [])
+
+
+def test_a_cpu_trace_of_lone_calls_finds_the_dispatch():
+    f = jax.jit(lambda x: jnp.tanh(x @ x).sum(axis=0) * 2.0)
+    x = jnp.ones((128, 128))
+    b = device_trace.trace_lone_calls(lambda: np.asarray(f(x)), calls=3)
+    assert b["calls"] == 3 and b["source"] == "host"
+    assert 0 < b["kernel_busy_ms"] and 0 < b["call_ms"]
+    dispatch = [t for t in b["top"] if t["event"].startswith("PjitFunction")]
+    assert dispatch and dispatch[0]["count"] >= 1 and dispatch[0]["ms"] < 10 * b["call_ms"]
+    # The calling thread's self time fits in the calls' windows.
+    caller = dispatch[0]["thread"]
+    assert 0 < b["threads"][caller] <= 1.5 * b["call_ms"]

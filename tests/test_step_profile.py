@@ -228,9 +228,12 @@ def test_tiny_run_reports_each_component_against_the_floor():
                      *[f"weights_in_{n}_gemms" for n in (1, 4, 16, 64)],  # boundaries,
                      *[n + "[packed]" for n in query],  # then packed and stacked weights
                      *[n + "[stacked]" for n in query]]
-    # Rewritten after every row, and once more after each traced query step's kernel trace.
-    fused = names.index("query_step[linear=pallas]") + 1
-    assert seen == [1, *range(1, fused + 1), *range(fused, len(names) + 1)]
+    # Rewritten after every row, and once more after each traced query step's kernel trace
+    # and its lone calls' host trace (`trace_steps`: "" and "[linear=pallas]").
+    traced = {"query_step", "query_step[linear=pallas]", "session_query",
+              "session_query[linear=pallas]"}
+    assert seen == [n for i, name in enumerate(names, 1)
+                    for n in ([i, i] if name in traced else [i])]
     for r in results["rows"]:
         assert r["ms"] > 0
         assert np.isclose(r["floor_ms"], 1e3 * r["weight_bytes"] / results["copy_bytes_per_s"])
@@ -311,6 +314,21 @@ def test_tiny_run_reports_each_component_against_the_floor():
         assert k["kernel_ms"] > 0
         assert f"## {row} by kernel (profiler trace)" in md
         assert f"{k['kernels']:.0f} kernels, {k['kernel_ms']:.3f} ms of kernel time" in md
+    # The lone calls of the traced steps on the host: the dispatch among their events, the
+    # kernels inside the calls' windows; a section each.
+    assert not any(key.startswith("lone_calls@") for key in results)
+    for suffix in ("", "[linear=pallas]"):
+        for row, b in results["lone_calls" + suffix].items():
+            assert row in ("query_step_host_io", "session_query")
+            assert b["calls"] == 5 and b["source"] == "host"
+            assert 0 < b["kernel_busy_ms"] and 0 < b["call_ms"]
+            assert any(t["event"].startswith("PjitFunction(") and t["count"] >= 1
+                       for t in b["top"])
+            assert (f"## {row}{suffix}, one call at a time, on the host (profiler trace)"
+                    in md)
+            assert (f"{b['call_ms']:.3f} ms traced ({rows[row + suffix]['ms']:.3f} ms "
+                    "untraced)") in md
+        assert set(results["lone_calls" + suffix]) == {"query_step_host_io", "session_query"}
     # Pieces (`trace_pieces`) carry their kernels' device time per call; query rows do not.
     pieces = names[names.index("attn_projections"):names.index("query_step@128")] + [
         n for n in names if n.startswith(("fused_linear", "weights_in", "mlp[", "attn_"))]
