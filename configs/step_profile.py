@@ -11,7 +11,8 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: None (CPU), "gpu" (Llama-3.2-1B shape, bf16), "gpu-linear" (the 1B block's fused
-    linear calls over a grid of tiles, nothing else) or "tiny" (tests)."""
+    linear calls over a grid of tiles, nothing else), "tiny" (tests) or "tiny-linear" (tiny's
+    tiles alone, as gpu-linear: the device script's `linear` part dry-run on a CPU)."""
     variant = arg or "cpu"
     c = ml_collections.ConfigDict()
     c.variant = variant
@@ -79,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   (None, None, None, 5), (None, None, 8, None),
                                   (None, None, 8, 4), (None, 512, None, 2),
                                   (None, 1024, 8, 2), 16, 32, 64)
-    elif variant == "tiny":
+    elif variant in ("tiny", "tiny-linear"):
         c.model = "tiny"
         c.context = 64
         c.extra_contexts = (128,)
@@ -92,7 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.trace_pieces = True
         c.warmup = 1
         c.repeats = 2
+        if variant == "tiny-linear":  # the `linear` part's plumbing on a CPU: tiles only
+            c.query_rows = False
+            c.linear_rows = c.layout_rows = c.chain_gemms = ()
     elif variant != "cpu":
         raise ValueError(f"unknown variant {arg!r}; allowed: None (cpu), 'gpu', 'gpu-linear', "
-                         "'tiny'")
+                         "'tiny', 'tiny-linear'")
     return c

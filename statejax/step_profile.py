@@ -33,8 +33,9 @@ chained, so per-call launch cost is amortised as in the real step):
   these seven rows split a query's time into device rate, dispatch, latency, transfers and
   Python; for the steps of `config.trace_lone_steps` the lone calls of `query_step_host_io`
   and `session_query` are then traced on the host (`device_trace.trace_lone_calls`: each
-  thread's events by self time, and how much of the call a kernel was running); they come again for each of `config.extra_contexts` (named `query_step@32768`
-  ...: what grows with the session), and last for each weights layout of
+  thread's events by self time, and how much of the call a kernel was running); the rows
+  come again for each of `config.extra_contexts` (named `query_step@32768` ...: what grows
+  with the session), and last for each weights layout of
   `config.layout_rows` (`statejax.model.layouts`: packed, 45 argument buffers instead of
   157 at the 1B shape; stacked, 22; named `query_step[packed]` ...); before those, for each
   of `config.linear_rows`, with the blocks' linear layers by that `linear_impl`
