@@ -201,6 +201,12 @@ def kernel_breakdown(fn, args, *, calls: int = 5, top: int = 12) -> dict:
 # time, per thread and name, says where a lone call's time goes.
 
 LONE_CALL = "statejax_lone_call"  # the annotation around each call `lone_call_breakdown` times
+# Host events that say how XLA ran its CUDA graphs in the traced calls: replays and updates
+# ("command_buffer::execute", "command_buffer::update"), or the graph replaced by its kernels
+# launched one by one, which XLA does under a profiler unless
+# --xla_enable_command_buffers_during_profiling (then the trace's dispatch is not the
+# untraced call's). Counted per call whatever their self time.
+GRAPH_MARKS = ("command_buffer::", "CommandBuffer disabled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +270,8 @@ def lone_call_breakdown(host: list[HostEvent], kernels: list[KernelEvent],
        pool as one (`thread_family`),
        "top": [{"thread", "event", "count", "self_ms", "ms"}] per call, by self time, "ms"
        the time inside the event (an event inside one of its name counted once): the
-       events that start inside a window, but the windows themselves}.
+       events that start inside a window, but the windows themselves,
+       "graph_events": {event: count per call} of the `GRAPH_MARKS` events}.
     """
     windows = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in host
                      if e.name == LONE_CALL)
@@ -287,6 +294,10 @@ def lone_call_breakdown(host: list[HostEvent], kernels: list[KernelEvent],
         totals[0] += 1
         totals[1] += e.self_ns
         totals[2] += e.duration_ns if e.outermost else 0.0
+    graph_events = collections.Counter()
+    for (_, name), (n, _, _) in groups.items():
+        if any(mark in name for mark in GRAPH_MARKS):
+            graph_events[name] += n / calls
     ranked = sorted(groups.items(), key=lambda g: -g[1][1])[:top]
     in_windows = [e for e in kernels if inside(e.start_ns)]
     return {
@@ -296,6 +307,7 @@ def lone_call_breakdown(host: list[HostEvent], kernels: list[KernelEvent],
         "threads": {t: ns / 1e6 / calls for t, ns in sorted(threads.items(), key=lambda t: -t[1])},
         "top": [{"thread": thread, "event": name, "count": n / calls, "self_ms": own / 1e6 / calls,
                  "ms": total / 1e6 / calls} for (thread, name), (n, own, total) in ranked],
+        "graph_events": dict(sorted(graph_events.items())),
     }
 
 

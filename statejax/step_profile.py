@@ -797,7 +797,10 @@ def _lone_calls_markdown(b: dict, untraced_ms: float | None, row: str) -> list[s
         f"## {row}, one call at a time, on the host (profiler trace)", "",
         f"- per call ({b['calls']} calls, {b['source']} kernels): {b['call_ms']:.3f} ms "
         f"traced{untraced}, {b['kernel_busy_ms']:.3f} ms of it with a kernel running",
-        f"- self time per call by thread: {threads}", "",
+        f"- self time per call by thread: {threads}",
+        "- CUDA graphs per call: " + ("; ".join(f"{name} {n:g}" for name, n in b.get(
+            "graph_events", {}).items()) or "no graph events (none, or XLA's do not show)"),
+        "",
         "| thread | event (most self time) | per call | self ms | ms inside |",
         "|---|---|---:|---:|---:|",
     ]

@@ -158,7 +158,7 @@ def test_breakdown_of_nothing_and_bad_calls():
 _HOST_EVENTS = {  # thread: [(name, start, duration)]
     "main": [("statejax_lone_call", 0, 100), ("PjitFunction(step)", 5, 40),
              ("ParseArguments", 6, 4), ("PjitFunction(step)", 12, 20), ("Execute", 14, 10),
-             ("$numpy asarray", 50, 45),
+             ("$numpy asarray", 50, 45), ("command_buffer::execute", 16, 2),
              ("statejax_lone_call", 200, 100), ("PjitFunction(step)", 205, 40),
              ("ParseArguments", 206, 4), ("PjitFunction(step)", 212, 20), ("Execute", 214, 10),
              ("$numpy asarray", 250, 45),
@@ -219,6 +219,8 @@ def test_lone_calls_break_down_by_thread_and_event():
     assert (dispatch["count"], dispatch["self_ms"], dispatch["ms"]) == pytest.approx(
         (2, 0.026, 0.040))
     assert [t["event"] for t in b["top"]][0] == "$numpy asarray"  # most self time first
+    # The first call replayed a CUDA graph, the second did not.
+    assert b["graph_events"] == {"command_buffer::execute": 0.5}
     assert len(device_trace.lone_call_breakdown(device_trace.host_events(profile), [],
                                                 top=2)["top"]) == 2
     with pytest.raises(ValueError, match="statejax_lone_call"):
