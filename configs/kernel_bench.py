@@ -18,8 +18,8 @@ Shape tuples, one per benchmarked call:
 Cached cells are the same for every session; K/V live in a shuffled page pool (cascade
 rows with `cascade_form="cells"`, as in gpu-query: contiguous cells, as the model's step).
 
-Tuning grids: `tune_decode` / `tune_append` hold `BlockSizes` tuples
-(block_q, block_k, num_splits, num_warps, num_stages) timed on the FIRST decode / append shape
+Tuning grids: `tune_decode` / `tune_append` hold `BlockSizes` tuples (block_q, block_k,
+num_splits, num_warps, num_stages[, preload_pages]) timed on the FIRST decode / append shape
 (`tune_cascade` / `tune_cascade_second`: cascade tiles on the first / second cascade shape, see
 `_query_grid`); the targets report the fastest row of each target shape. With `tuned_dir`, the
 fastest tiles of each decode or cascade shape timed with a grid are recorded there for this GPU
@@ -40,8 +40,15 @@ import ml_collections
 
 def _decode_grid():
     # 8 sessions x 16k, G = 4: one query block of 16 rows; 8 x 8 = 64 (row, kv-head) programs
-    # before splitting, so 4..32 splits give 256..2048 programs.
-    return tuple((16, bk, s, w, st) for bk, s, (w, st) in itertools.product(
+    # before splitting, so 4..32 splits give 256..2048 programs. First, tiles that read each
+    # program's page-table entries before its KV loop (`preload_pages`; the bench's pools are
+    # shuffled pages): with 3 or 4 stages their loops keep blocks in flight, which a table
+    # read in the loop prevents (H100 PTX, 2026-12-06); at most 64 entries a program (the
+    # GPU configs' 64-cell pages: 256 a row at 16k, so >= 4 splits).
+    preloaded = tuple((16, bk, s, w, st, True) for bk, s, (w, st) in (
+        (64, 16, (4, 3)), (64, 32, (4, 3)), (64, 16, (4, 4)), (64, 16, (8, 3)),
+        (128, 32, (4, 3)), (128, 32, (8, 3))))
+    return preloaded + tuple((16, bk, s, w, st) for bk, s, (w, st) in itertools.product(
         (64, 128, 256), (4, 8, 16, 32), ((4, 2), (4, 3), (4, 4), (8, 3))))
 
 

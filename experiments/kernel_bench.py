@@ -492,7 +492,7 @@ def _blocks_label(bs, backend: str = "triton") -> str:
         return (f"{prefix}shared {_blocks_label(bs.shared)}, private q{bs.private.block_q} "
                 f"k{bs.private.block_k} w{bs.private.num_warps}")
     return (f"{prefix}q{bs.block_q} k{bs.block_k} s{bs.num_splits} w{bs.num_warps} "
-            f"st{bs.num_stages}")
+            f"st{bs.num_stages}" + (" preload" if bs.preload_pages else ""))
 
 
 def _row(kind, shape, seconds, nbytes, flops, peaks) -> dict:

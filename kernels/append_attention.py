@@ -43,6 +43,11 @@ PAGED_BACKENDS = ("triton", "mosaic_gpu")  # append and decode have a Hopper var
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
+# Table entries a program may hold in registers (`BlockSizes.preload_pages`): its KV blocks'
+# pages, padded to a power of two (Triton's shapes), picked by a masked sum in each step.
+MAX_PRELOAD_PAGES = 64
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -83,6 +88,12 @@ class BlockSizes:
       block_k: cells per KV step; a multiple of the page size (pages gathered per step).
       num_splits: splits of the sequence (grid axis); > 1 only for flash-decoding.
       num_warps, num_stages: Triton launch parameters.
+      preload_pages: through a page table (not `contiguous_pages`), read a program's table
+        entries (at most `MAX_PRELOAD_PAGES`) into registers before its KV loop and pick
+        each step's from there: no load inside the loop, so Triton can keep blocks in
+        flight from 3 stages on (an entry loaded in the loop makes it wait for every copy
+        at each step). A tile choice for paged pools (shuffled pages: a multi-tenant pool,
+        the benchmark's `paged` rows); contiguous cells ignore it.
     """
 
     block_q: int
@@ -90,6 +101,7 @@ class BlockSizes:
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    preload_pages: bool = False
 
     @classmethod
     def for_append(cls, *, rows: int, head_dim: int, page_size: int) -> "BlockSizes":
@@ -117,6 +129,8 @@ def validate_block_sizes(bs: BlockSizes, page_size: int):
                          "two (pages gathered per KV step)")
     if bs.num_splits < 1:
         raise InputError(f"num_splits={bs.num_splits} must be >= 1")
+    if not isinstance(bs.preload_pages, bool):
+        raise InputError(f"preload_pages={bs.preload_pages!r} must be a bool")
 
 
 def check_page_offset(page_offset):
@@ -269,6 +283,8 @@ class PrefixCells(NamedTuple):
       heads: where the pools' heads sit (`HeadLayout`).
       contiguous: static; the prefix's pages are the table's first entry and its
         successors (`paged_flash_folded`'s `contiguous_pages`).
+      preload_pages: static; through the table, its entries read before the loop
+        (`BlockSizes.preload_pages`).
     """
 
     k_pool: jax.Array
@@ -280,6 +296,7 @@ class PrefixCells(NamedTuple):
     page_offset: int
     heads: "HeadLayout"
     contiguous: bool = False
+    preload_pages: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,29 +308,64 @@ class _PrefixShape:
     num_pages: int
     window: int
     contiguous: bool
+    preload_width: int = 0  # > 0: table entries read before the loop
+
+
+def _preload_width(blocks: int, pages_per_block: int) -> int:
+    """Table entries a program holds for `blocks` KV blocks (`BlockSizes.preload_pages`):
+    a power of two; raises past `MAX_PRELOAD_PAGES`."""
+    width = _next_pow2(blocks * pages_per_block)
+    if width > MAX_PRELOAD_PAGES:
+        raise InputError(
+            f"preload_pages: a program's {blocks} KV blocks of {pages_per_block} pages need "
+            f"{width} table entries in registers; allowed: at most {MAX_PRELOAD_PAGES} (more "
+            "splits, bigger pages or preload_pages=False)")
+    return width
 
 
 def _block_loader(k_ref, v_ref, pt_ref, page_offset, *, page_size, pages_per_block,
-                  num_pages, contiguous):
+                  num_pages, contiguous, preload=None):
     """`load(j)` -> K, V [block_k, D]: KV block j (pages_per_block pages) of a kv-head's
     pool. Its pages are the table's entries j * pages_per_block ... (plus `page_offset`), or
     with `contiguous` the first entry's successors, computed: no load of the table inside
     the KV loop, whose block addresses then depend on the loop index alone, so Triton keeps
     num_stages - 1 blocks in flight while one is computed on. (A table entry loaded in the
     loop makes each block's address wait for a load: the H100 PTX then waits for every copy
-    at each step, `cp.async.wait_group 0`, whatever the stages.)"""
+    at each step, `cp.async.wait_group 0`, whatever the stages.)
+
+    `preload`: None, or (first block, width): through the table, its entries for blocks
+    first ... (width of them, a power of two) are read once before the loop and each step's
+    picked from those registers by a masked sum, again no load in the loop
+    (`BlockSizes.preload_pages`)."""
     block_k = page_size * pages_per_block
     first = pt_ref[0] + page_offset if contiguous else None  # read once, before the loop
+    preload = None if contiguous else preload
+    if preload is not None:
+        first_block, width = preload
+        held = pt_ref[pl.ds(first_block * pages_per_block, width)] + page_offset
+        slots = jnp.arange(width, dtype=jnp.int32)
+
+    def entries(j):  # the table's entries of block j: [pages_per_block]
+        if preload is None:
+            return pt_ref[pl.ds(j * pages_per_block, pages_per_block)] + page_offset
+        wanted = (j - first_block) * pages_per_block + jnp.arange(pages_per_block,
+                                                                  dtype=jnp.int32)
+        return jnp.sum(jnp.where(slots[None, :] == wanted[:, None], held[None, :], 0), axis=1)
 
     def load(j):
         if pages_per_block == 1:
-            page = first + j if contiguous else pt_ref[j] + page_offset
+            if contiguous:
+                page = first + j
+            elif preload is None:
+                page = pt_ref[j] + page_offset
+            else:
+                page = jnp.sum(jnp.where(slots == j - first_block, held, 0))
             page = jnp.clip(page, 0, num_pages - 1)
             return k_ref[page], v_ref[page]
         if contiguous:
             pages = first + j * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32)
         else:
-            pages = pt_ref[pl.ds(j * pages_per_block, pages_per_block)] + page_offset
+            pages = entries(j)
         pages = jnp.clip(pages, 0, num_pages - 1)
         return (k_ref[pages].reshape(block_k, k_ref.shape[-1]),
                 v_ref[pages].reshape(block_k, v_ref.shape[-1]))
@@ -356,7 +408,8 @@ def _attend_blocks(carry, q, scale, load, *, block_k, first, full_end, last, lim
 
 def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group, num_tokens,
                   causal, window, page_size, pages_per_block, blocks_per_split, num_pages,
-                  merge_splits, block_q, overhang, tokens_out, contiguous, prefix=None):
+                  merge_splits, block_q, overhang, tokens_out, contiguous, prefix=None,
+                  preload_width=0):
     """One (row, kv-head, query block, split) program.
 
     Refs: len_ref [1] the row's n; pt_ref [P] its page table; offset_ref [1] added to its
@@ -372,7 +425,8 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
     inputs). `overhang`: whole-token tiles whose last one reaches past the T tokens (its rows
     there read as zeros); `tokens_out`: o_ref is whole tokens (left unwritten past T);
     `contiguous`: the row's pages are its table's first entry and the ones after
-    (`_block_loader`).
+    (`_block_loader`); `preload_width` > 0: the program's table entries, that many from
+    its split's first block's, are read before the loop (`BlockSizes.preload_pages`).
     """
     if prefix is not None:
         prefix_refs, refs = refs[:5], refs[5:]
@@ -409,14 +463,17 @@ def _flash_kernel(len_ref, pt_ref, offset_ref, q_ref, k_ref, v_ref, *refs, group
         p_block_k = prefix.page_size * prefix.pages_per_block
         load = _block_loader(p_k_ref, p_v_ref, p_pt_ref, p_offset_ref[0],
                              page_size=prefix.page_size, pages_per_block=prefix.pages_per_block,
-                             num_pages=prefix.num_pages, contiguous=prefix.contiguous)
+                             num_pages=prefix.num_pages, contiguous=prefix.contiguous,
+                             preload=(0, prefix.preload_width) if prefix.preload_width
+                             else None)
         carry = _attend_blocks(carry, q, scale, load, block_k=p_block_k, first=0,
                                full_end=lax.div(p_n, p_block_k),
                                last=lax.div(p_n + p_block_k - 1, p_block_k),
                                limit_q=jnp.full((block_q,), p_n, jnp.int32), limit_hi=p_n)
     load = _block_loader(k_ref, v_ref, pt_ref, offset_ref[0], page_size=page_size,
                          pages_per_block=pages_per_block, num_pages=num_pages,
-                         contiguous=contiguous)
+                         contiguous=contiguous,
+                         preload=(first, preload_width) if preload_width else None)
     o, m, denom = _attend_blocks(carry, q, scale, load, block_k=block_k, first=first,
                                  full_end=full_end, last=last, limit_q=limit_q,
                                  limit_hi=limit_hi)
@@ -582,6 +639,12 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
     blocks_per_split = pl.cdiv(num_blocks, bs.num_splits)
     # The last block may read past the window: pad the table (entries are clamped anyway).
     need_pages = num_blocks * pages_per_block
+    preload_width = 0
+    if bs.preload_pages and not contiguous_pages:
+        preload_width = _preload_width(blocks_per_split, pages_per_block)
+        # The last split reads `preload_width` entries from its first block's.
+        need_pages = max(need_pages, (bs.num_splits - 1) * blocks_per_split * pages_per_block
+                         + preload_width)
     if page_table_BxP.shape[1] < need_pages:
         page_table_BxP = jnp.pad(page_table_BxP,
                                  ((0, 0), (0, need_pages - page_table_BxP.shape[1])))
@@ -620,7 +683,8 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
         page_size=page_size, pages_per_block=pages_per_block,
         blocks_per_split=blocks_per_split, num_pages=num_pages, merge_splits=merge_splits,
         block_q=bs.block_q, overhang=in_place and rows % bs.block_q != 0,
-        tokens_out=tokens_out, contiguous=contiguous_pages, prefix=prefix_shape)
+        tokens_out=tokens_out, contiguous=contiguous_pages, prefix=prefix_shape,
+        preload_width=preload_width)
     # kv-head h's cells: pool heads k_head + h and v_head + h (`HeadLayout`).
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, i, s: (b, 0)),
@@ -682,10 +746,14 @@ def _prefix_operands(prefix: PrefixCells):
     and its refs there: length, table (padded to whole KV blocks; entries are clamped
     anyway), offset, K and V pools."""
     num_pages, page_size, _, d = prefix.k_pool.shape
-    shape = _PrefixShape(page_size=page_size, pages_per_block=prefix.block_k // page_size,
+    pages_per_block = prefix.block_k // page_size
+    blocks = pl.cdiv(prefix.window, prefix.block_k)
+    preload_width = (_preload_width(blocks, pages_per_block)
+                     if prefix.preload_pages and not prefix.contiguous else 0)
+    shape = _PrefixShape(page_size=page_size, pages_per_block=pages_per_block,
                          num_pages=num_pages, window=prefix.window,
-                         contiguous=prefix.contiguous)
-    need = pl.cdiv(prefix.window, prefix.block_k) * shape.pages_per_block
+                         contiguous=prefix.contiguous, preload_width=preload_width)
+    need = max(blocks * pages_per_block, preload_width)
     table = prefix.page_table_P
     if table.shape[0] < need:
         table = jnp.pad(table, (0, need - table.shape[0]))

@@ -308,7 +308,8 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
             page_offset=branch_page_offset, heads=heads, tokens_out=tokens_out,
             prefix=aa.PrefixCells(shared_k_pool, shared_v_pool, shared_page_table_P,
                                   shared_len, shared_window, bs.shared.block_k,
-                                  shared_page_offset, shared_heads, contiguous_pages),
+                                  shared_page_offset, shared_heads, contiguous_pages,
+                                  bs.shared.preload_pages),
             name="statejax_cascade", **common)
         return (out if tokens_out else aa.unfold_rows(out[:, :, 0], t, h),
                 aa.unfold_rows(lse[:, :, 0], t, h))

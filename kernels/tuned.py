@@ -54,6 +54,9 @@ SHAPES = {
     "linear": ("rows", "k", "n", "weights", "strips", "itemsize"),
 }
 TILES = ("block_q", "block_k", "num_splits", "num_warps", "num_stages")
+# Flags a Triton tile may carry besides `TILES` (absent: False): entries recorded before them
+# stay valid.
+TILE_FLAGS = ("preload_pages",)
 LINEAR_TILES = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
 # Shared-part tiles per cascade backend (`BlockSizes`, `MosaicDecodeBlockSizes` fields).
 SHARED_TILES = {"triton": TILES, "mosaic_gpu": ("block_k", "max_concurrent_steps", "num_splits")}
@@ -102,16 +105,22 @@ def _check_entry(entry, where: str) -> dict:
         shared = SHARED_TILES[backend]
         layout = f"{{shared: {shared}, private: {TILES}}}"
         parts = [(bs.get("shared", {}), shared), (bs.get("private", {}), TILES)]
+    flags = lambda fields: TILE_FLAGS if fields == TILES else ()  # noqa: E731
     if (kernel == "cascade" and sorted(bs) != ["private", "shared"]) or any(
-            sorted(p) != sorted(fields) for p, fields in parts):
-        raise InputError(f"{where}: {kernel} block_sizes ({backend}) must be {layout}, got "
-                         f"{bs}")
+            sorted(k for k in p if k not in flags(fields)) != sorted(fields)
+            for p, fields in parts):
+        raise InputError(f"{where}: {kernel} block_sizes ({backend}) must be {layout} "
+                         f"(Triton tiles may add {TILE_FLAGS}), got {bs}")
     # Values too: a lookup takes log2 of the window and compares times and shapes.
     ints = {"window": entry["window"], **{f"shape.{k}": v for k, v in entry["shape"].items()},
-            **{f"block_sizes.{k}": v for p, _ in parts for k, v in p.items()}}
+            **{f"block_sizes.{k}": v for p, fields in parts for k, v in p.items()
+               if k not in flags(fields)}}
     bad = {k: v for k, v in ints.items() if not _is_positive_int(v)}
+    bad |= {f"block_sizes.{k}": v for p, fields in parts for k, v in p.items()
+            if k in flags(fields) and not isinstance(v, bool)}
     if bad:
-        raise InputError(f"{where}: tuned entry values must be positive ints, got {bad}")
+        raise InputError(f"{where}: tuned entry values must be positive ints (flags: bools),"
+                         f" got {bad}")
     for field in ("ms", "default_ms"):
         ms = entry.get(field)
         if ms is not None and (not isinstance(ms, int | float) or isinstance(ms, bool)

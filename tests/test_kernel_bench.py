@@ -36,7 +36,7 @@ def test_cpu_run_measures_every_shape_and_grid_entry(tmp_path):
     assert cascade["sessions"] == cfg.cascade[0][0]
     assert cascade["tiles"]["shared"] == dict(zip(
         ("block_q", "block_k", "num_splits", "num_warps"), cfg.tune_cascade[0][:4],
-        strict=True)) | {"num_stages": 2}
+        strict=True)) | {"num_stages": 2, "preload_pages": False}
     assert cascade["tiles"]["private"]["block_q"] == cfg.tune_cascade[0][4]
     md = (tmp_path / "results.md").read_text()
     assert "| blocks |" in md and "q16 k32 s2 w4 st2" in md

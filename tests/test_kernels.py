@@ -46,14 +46,15 @@ class Case:
     page_size: int = 16
     dtype: str = "float32"
     window: int | None = None
-    block: tuple[int, int, int] | None = None  # (block_q, block_k, num_splits)
+    # (block_q, block_k, num_splits[, preload_pages])
+    block: tuple[int, int, int] | tuple[int, int, int, bool] | None = None
 
     @property
     def block_sizes(self):
         if self.block is None:
             return None
-        block_q, block_k, splits = self.block
-        return aa.BlockSizes(block_q=block_q, block_k=block_k, num_splits=splits)
+        return aa.BlockSizes(*self.block[:3], preload_pages=len(self.block) > 3
+                             and self.block[3])
 
     def __str__(self):
         return (f"n{'-'.join(map(str, self.lengths))}_t{self.t}_h{self.h}k{self.k}_d{self.d}"
@@ -108,16 +109,21 @@ def _window(case):
 
 
 def check_paged(case: Case, fn, reference, *, interpret: bool, seed: int = 0,
-                contiguous: bool = False):
+                contiguous: bool = False, page_offset: int = 0):
     """`fn` is append_attention or decode_attention (same contract); with `contiguous`,
     through tables whose rows are runs of pages, as `contiguous_pages` (the kernel computes
-    the pages from a row's first one)."""
+    the pages from a row's first one); with `page_offset`, the kernel's pools hold that many
+    NaN pages first and it adds the offset to the table's entries."""
     rng = np.random.default_rng(seed)
     lengths = jnp.asarray(case.lengths, jnp.int32)
     visible = [min(n + case.t, _window(case)) for n in case.lengths]
     clean, poisoned, table = _pools(rng, case, visible, contiguous)
+    poisoned = [jnp.concatenate([jnp.full((page_offset, *p.shape[1:]), jnp.nan, p.dtype), p])
+                for p in poisoned]
     q = _queries(rng, (len(case.lengths), case.t, case.h, case.d), case.dtype)
     extra = dict(contiguous_pages=True) if contiguous else {}
+    if page_offset:
+        extra["page_offset"] = page_offset
     got = fn(q, *poisoned, table, lengths, window=case.window, block_sizes=case.block_sizes,
              interpret=interpret, poison_outputs=True, **extra)
     want = _reference(reference, q, *clean, table, lengths, window=case.window)
@@ -167,6 +173,45 @@ def test_contiguous_pages_are_computed_from_a_rows_first(fn, reference, case):
     """`contiguous_pages`: each row's pages computed from its first (the cells form's
     tables), rows in shuffled order in the pool, against the reference through the table."""
     check_paged(case, fn, reference, interpret=True, contiguous=True)
+
+
+PRELOAD_CASES = [
+    # 2 pages a step (3 splits of 2 blocks: 4 entries a program, the last split's past the
+    # table); 1 page a step (4 splits); unsplit with 2 pages a step; a window short of the
+    # table, 1 page a step.
+    (da.decode_attention, da.decode_attention_reference,
+     dataclasses.replace(DECODE_CASES[0], block=(16, 32, 3, True))),
+    (da.decode_attention, da.decode_attention_reference,
+     dataclasses.replace(DECODE_CASES[2], block=(16, 16, 4, True))),
+    (aa.append_attention, aa.append_attention_reference,
+     dataclasses.replace(APPEND_CASES[2], block=(16, 32, 1, True))),
+    (aa.append_attention, aa.append_attention_reference,
+     dataclasses.replace(APPEND_CASES[1], block=(16, 16, 1, True))),
+]
+
+
+@pytest.mark.parametrize("fn, reference, case", PRELOAD_CASES,
+                         ids=["decode-2-pages", "decode-1-page", "append-2-pages",
+                              "append-short-window"])
+def test_preloaded_page_tables_pick_each_steps_pages(fn, reference, case):
+    """`preload_pages`: a program's table entries read before its KV loop, each step's
+    picked from them, through shuffled tables (entries offset, as a layer's), against the
+    reference."""
+    check_paged(case, fn, reference, interpret=True)
+    check_paged(case, fn, reference, interpret=True, seed=1, page_offset=5)
+
+
+def test_preloaded_page_tables_are_bounded():
+    """More entries than `MAX_PRELOAD_PAGES` in a program's registers is refused, saying
+    what to change; contiguous cells ignore the flag."""
+    case = Case(lengths=(5,), t=1, h=2, k=2, pages=80, page_size=16,
+                block=(16, 16, 1, True))
+    with pytest.raises(InputError, match="at most 64"):
+        check_paged(case, da.decode_attention, da.decode_attention_reference, interpret=True)
+    check_paged(case, da.decode_attention, da.decode_attention_reference, interpret=True,
+                contiguous=True)
+    with pytest.raises(InputError, match="preload_pages=1 must be a bool"):
+        aa.validate_block_sizes(aa.BlockSizes(16, 16, preload_pages=1), 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +308,23 @@ CASCADE_CASES += FUSED_CASES
 
 @pytest.mark.parametrize("case", CASCADE_CASES, ids=str)
 def test_cascade_attention_interpret(case):
+    check_cascade(case, interpret=True)
+
+
+def _preloaded(tiles: ca.BlockSizes) -> ca.BlockSizes:
+    return ca.BlockSizes(shared=dataclasses.replace(tiles.shared, preload_pages=True),
+                         private=dataclasses.replace(tiles.private, preload_pages=True))
+
+
+@pytest.mark.parametrize("case", [
+    dataclasses.replace(FUSED_CASES[0], block_sizes=_preloaded(_FUSED_TILES)),
+    dataclasses.replace(FUSED_CASES[2], block_sizes=_preloaded(_FUSED_TILES)),
+    dataclasses.replace(CASCADE_CASES[1], block_sizes=_preloaded(_SPLIT_TILES)),
+    dataclasses.replace(SPLIT_MERGED, block_sizes=_preloaded(_SPLIT_TILES)),
+], ids=["one-kernel", "one-kernel-bf16", "split", "split-merged"])
+def test_cascade_with_preloaded_page_tables(case):
+    """`preload_pages` in both parts of a cascade, the one-kernel form's shared cells
+    (the prefix) included, through shuffled tables."""
     check_cascade(case, interpret=True)
 
 
@@ -820,17 +882,17 @@ S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
 args = (S((1, 32, 48, 64), bf), S((2, 1, 2048, 8, 64), bf), S((2, 1, 2048, 8, 64), bf),
         S((), jnp.int32), S((), jnp.int32))
 for splits in (4, 1):
-    for contiguous in (True, False):
-        os.environ["PTX_DUMP"] = os.path.join(os.environ["PTX_DUMP_ROOT"],
-                                              f"{splits}-{contiguous}")
+    for mode in ("contiguous", "paged", "preloaded"):
+        os.environ["PTX_DUMP"] = os.path.join(os.environ["PTX_DUMP_ROOT"], f"{splits}-{mode}")
         os.makedirs(os.environ["PTX_DUMP"])
-        tiles = ca.BlockSizes(shared=aa.BlockSizes(128, 64, splits, 8, 3),
-                              private=aa.BlockSizes(128, 128, 1, 4, 2))
-        if contiguous:
+        preload = mode == "preloaded"
+        tiles = ca.BlockSizes(shared=aa.BlockSizes(128, 64, splits, 8, 3, preload),
+                              private=aa.BlockSizes(128, 128, 1, 4, 2, preload))
+        if mode == "contiguous":
             fn = jax.jit(lambda q, k, v, row, n: ca.cascade_attention_cells(
                 q, k, v, row, n, None, None, None, layer=1, shared_window=1920,
                 interpret=False, q_heads=32, block_sizes=tiles))
-        else:  # the same cells through an arbitrary page table: a load per KV block
+        else:  # the same cells through an arbitrary page table
             fn = jax.jit(lambda q, k, v, row, n: ca.cascade_attention(
                 q[:, :, :32], k.reshape(-1, 64, 8, 64), v.reshape(-1, 64, 8, 64),
                 jnp.arange(32, dtype=jnp.int32) + row, n,
@@ -849,18 +911,20 @@ def test_kv_loops_over_contiguous_cells_keep_a_block_in_flight(tmp_path):
     (`contiguous_pages`): compiled for the H100 with 3 stages, every KV loop of the query's
     cascade (split, and as one kernel) waits only for the oldest block it fetched, with the
     next one still in flight, and loads nothing else from global memory. Through a page
-    table, the same loops wait for every copy at each step (what the H100 ran before)."""
+    table, the same loops wait for every copy at each step (what the H100 ran before), unless
+    the table's entries are read before the loop (`preload_pages`): then they keep a block in
+    flight too."""
     dumps = triton_ptx.run_capturing_ptx(_PIPELINED_CODE, tmp_path, timeout_s=600)
     for splits, kernel in ((4, "statejax_cascade_shared"), (1, "statejax_cascade")):
-        for contiguous in (True, False):
-            ptx = triton_ptx.read_ptx(dumps / f"{splits}-{contiguous}")
+        for mode in ("contiguous", "paged", "preloaded"):
+            ptx = triton_ptx.read_ptx(dumps / f"{splits}-{mode}")
             loops = triton_ptx.kv_loops(ptx[kernel])
             assert len(loops) >= 2, (kernel, loops)  # unmasked and masked steps (+ prefix)
-            if contiguous:
-                assert all(min(loop["waits"]) >= 1 and loop["global_loads"] == 0
-                           for loop in loops), (kernel, loops)
-            else:
+            if mode == "paged":
                 assert any(min(loop["waits"]) == 0 for loop in loops), (kernel, loops)
+            else:
+                assert all(min(loop["waits"]) >= 1 and loop["global_loads"] == 0
+                           for loop in loops), (kernel, mode, loops)
 
 
 # ---------------------------------------------------------------- compiled on a GPU

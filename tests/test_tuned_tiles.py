@@ -238,6 +238,24 @@ def test_decode_defaults_use_measured_tiles_on_that_gpu_only(table_dir, monkeypa
         batch=1, rows=128, k_heads=8, block_q=32, block_k=64, window=4096)) != measured
 
 
+def test_a_preloaded_tile_is_recorded_and_read_back(table_dir, monkeypatch):
+    """Tiles with `preload_pages` (a flag entries recorded before it lack) round-trip through
+    the table; a flag that is not a bool is refused."""
+    shape = dict(batch=1, rows=128, k_heads=8, head_dim=64, page_size=64, itemsize=2)
+    entry = _decode(32768, block_q=32, num_splits=4)
+    entry["block_sizes"] |= dict(num_stages=3, preload_pages=True)
+    tuned.record(entry, device_kind=H100)
+    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    assert da.default_block_sizes(**shape, window=32768) == aa.BlockSizes(
+        block_q=32, block_k=64, num_splits=4, num_warps=8, num_stages=3, preload_pages=True)
+    entry["block_sizes"]["preload_pages"] = 1
+    with pytest.raises(InputError, match="'block_sizes.preload_pages': 1"):
+        tuned.record(entry, device_kind=H100)
+    entry["block_sizes"] = _tiles() | dict(unknown=True)
+    with pytest.raises(InputError, match="may add"):
+        tuned.record(entry, device_kind=H100)
+
+
 def test_cascade_defaults_use_measured_tiles_on_that_gpu_only(table_dir, monkeypatch):
     rule = ca.BlockSizes.for_shape(**QUERY_SHAPE, shared_window=32768)
     big_pages = QUERY_SHAPE | {"private_page_size": 128}
