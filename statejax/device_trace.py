@@ -265,7 +265,9 @@ def lone_call_breakdown(host: list[HostEvent], kernels: list[KernelEvent],
 
     Returns:
       {"calls": windows found, "call_ms": median window (traced: the profiler's own cost
-       included), "kernel_busy_ms": time per call with a kernel running inside the windows,
+       included), "kernel_busy_ms": time per call with a kernel running inside the windows
+       (kernels placed by their start on the host's clock, on which the profiler puts a
+       device plane's events),
        "threads": {thread: self ms per call inside the windows}, most first, threads of one
        pool as one (`thread_family`),
        "top": [{"thread", "event", "count", "self_ms", "ms"}] per call, by self time, "ms"
