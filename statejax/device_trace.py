@@ -226,12 +226,14 @@ def host_events(profile: jax.profiler.ProfileData) -> list[HostEvent]:
     """Every event of the trace's host planes ("/host:...", but its metadata), each with its
     self time: its duration minus that of the events it directly encloses on its line (a
     nested event is inside its parent's span; one that outlasts the event before it is not its
-    child)."""
+    child). Lines are threads; timelines derived from them (`DERIVED_LINES`) are skipped."""
     events = []
     for plane in profile.planes:
         if not plane.name.startswith("/host:") or plane.name == "/host:metadata":
             continue
         for line in plane.lines:
+            if line.name in DERIVED_LINES:
+                continue
             ordered = sorted(((e.name, e.start_ns, e.duration_ns) for e in line.events),
                              key=lambda e: (e[1], -e[2]))
             self_ns = [duration for _, _, duration in ordered]

@@ -165,6 +165,7 @@ _HOST_EVENTS = {  # thread: [(name, start, duration)]
              ("between calls", 150, 20)],
     "pool/81": [("completion", 96, 3)],
     "pool/-82": [("completion", 296, 3)],
+    "Steps": [("step", 0, 300)],  # a derived timeline, not a thread: never counted
 }
 _DEVICE_KERNELS = [(60, 30), (170, 10), (260, 30)]  # (start, duration) µs
 
@@ -199,6 +200,7 @@ def test_host_events_carry_their_self_time():
     # The window encloses everything of its call: 100 - 40 - 45.
     assert first[("statejax_lone_call", 0)].self_ns == pytest.approx(15e3)
     assert not any(e.thread.startswith("/device") for e in events)  # host planes only
+    assert not any(e.thread == "Steps" for e in events)
 
 
 def test_lone_calls_break_down_by_thread_and_event():
