@@ -488,15 +488,18 @@ def run(config, on_row=None) -> dict:
     traced_steps = tuple(config.get("trace_steps", ("",)))
     trace_pieces = config.get("trace_pieces", False)
 
+    def trace_failed(key, error):
+        # A profiler that fails is recorded, not raised: the rows after this one still count.
+        results["trace_errors"] = {**results.get("trace_errors", {}),
+                                   key: f"{type(error).__name__}: {str(error)[:300]}"}
+
     def breakdown(compiled, args, key):
-        # Kernels' device time (a profiler trace): what is kernels, what is idle. A profiler
-        # that fails is recorded, not raised: the rows after this one still count.
+        # Kernels' device time (a profiler trace): what is kernels, what is idle.
         try:
             return device_trace.kernel_breakdown(compiled, args, calls=config.trace_calls,
                                                  top=24)
         except Exception as e:  # noqa: BLE001 - any profiler failure
-            results["trace_errors"] = {**results.get("trace_errors", {}),
-                                       key + " kernels": f"{type(e).__name__}: {str(e)[:300]}"}
+            trace_failed(key + " kernels", e)
             return None
 
     def trace_step(suffix):
@@ -525,10 +528,8 @@ def run(config, on_row=None) -> dict:
                 try:
                     found = device_trace.trace_lone_calls(call, calls=config.trace_calls,
                                                           top=24)
-                except Exception as e:  # noqa: BLE001 - any profiler failure, as above
-                    results["trace_errors"] = {**results.get("trace_errors", {}),
-                                               f"{row}{suffix} on the host":
-                                               f"{type(e).__name__}: {str(e)[:300]}"}
+                except Exception as e:  # noqa: BLE001 - any profiler failure
+                    trace_failed(f"{row}{suffix} on the host", e)
                     continue
                 results.setdefault("lone_calls" + suffix, {})[row] = found
             if on_row is not None:
