@@ -5,7 +5,7 @@ import jax
 import pytest
 
 from configs import kernel_bench as kb_config
-from experiments import kernel_bench
+from statejax import kernel_bench
 from statejax.kernels import append_attention as aa
 from statejax.kernels import cascade_attention as ca
 
@@ -17,11 +17,11 @@ def test_cpu_run_measures_every_shape_and_grid_entry(tmp_path):
     rows = results["rows"]
     expected = ([("decode", "default")] * len(cfg.decode) + [("append", "default")]
                 * len(cfg.append) + [("cascade", "default")] * len(cfg.cascade)
-                + [("decode", kernel_bench._blocks_label(aa.BlockSizes(*e)))
+                + [("decode", kernel_bench.blocks_label(aa.BlockSizes(*e)))
                    for e in cfg.tune_decode]
-                + [("append", kernel_bench._blocks_label(aa.BlockSizes(*e)))
+                + [("append", kernel_bench.blocks_label(aa.BlockSizes(*e)))
                    for e in cfg.tune_append]
-                + [("cascade", kernel_bench._blocks_label(
+                + [("cascade", kernel_bench.blocks_label(
                     kernel_bench.cascade_block_sizes(cfg, cfg.cascade[0], e)))
                    for e in cfg.tune_cascade])
     assert [(r["kernel"], r["blocks"]) for r in rows] == expected
@@ -93,7 +93,7 @@ def test_mosaic_rows_on_gpu_variants_only():
         + [("decode", cfg.decode[0])] * len(cfg.tune_decode_mosaic)
         + [("append", cfg.append[0])] * len(cfg.tune_append_mosaic))
     assert {w[3] for w in work} == {"mosaic_gpu"}
-    labels = [kernel_bench._blocks_label(w[2], w[3]) for w in work]
+    labels = [kernel_bench.blocks_label(w[2], w[3]) for w in work]
     assert labels[:3] == ["mosaic_gpu default", "mosaic_gpu default", "mosaic_gpu k64 c3 s4"]
     assert labels[-1] == "mosaic_gpu q64 k64 c4"
     decode_labels = labels[2:2 + len(cfg.tune_decode_mosaic)]
@@ -111,7 +111,7 @@ def test_mosaic_rows_on_gpu_variants_only():
         [("cascade", s) for s in query.cascade]
         + [("cascade", query.cascade[0])] * len(query.tune_cascade_mosaic)
         + [("decode", s) for s in query.decode])
-    labels = [kernel_bench._blocks_label(w[2], w[3]) for w in work]
+    labels = [kernel_bench.blocks_label(w[2], w[3]) for w in work]
     assert labels[2] == "mosaic_gpu shared k128 c4 s8, private q32 k128 w4"
     assert labels[5] == "mosaic_gpu shared k128 c4 s16, private q128 k128 w4"
 

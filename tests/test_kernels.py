@@ -18,8 +18,7 @@ import pytest
 import triton_ptx
 
 from configs import kernel_bench as kb_config
-from experiments import kernel_bench
-from statejax import attention, gpu_target
+from statejax import attention, gpu_target, kernel_bench
 from statejax.errors import InputError
 from statejax.kernels import append_attention as aa
 from statejax.kernels import cascade_attention as ca

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import kernel_bench as kb_config
-from experiments import kernel_bench
-from statejax import gpu_target
+from statejax import gpu_target, kernel_bench
 from statejax.errors import InputError
 from statejax.kernels import append_attention as aa
 from statejax.kernels import cascade_attention as ca
