@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import step_profile as sp_config
-from statejax import step_profile, steps
+from statejax import fused_linear_tiles, step_profile, steps
 from statejax.model.config import preset
 from statejax.model.layouts import lay_out
 from statejax.model.llama import init_params
@@ -72,7 +72,7 @@ def test_linear_tiles_time_each_fused_call_at_each_strip_width():
     from statejax.kernels import fused_linear as fl
 
     cfg = preset("tiny")  # q 64 wide, k and v 32, MLP 128; 2 layers
-    pieces = step_profile.linear_tiles(cfg, 32, (16, 32, 64))
+    pieces = fused_linear_tiles.linear_tiles(cfg, 32, (16, 32, 64))
     assert sorted(pieces) == sorted(  # k and v are 32 wide: no 64-column q/k/v strips
         [f"fused_linear[qkv,bn={n}]" for n in (16, 32)]
         + [f"fused_linear[{c},bn={n}]" for c in ("o", "gate_up", "down") for n in (16, 32, 64)])
@@ -92,7 +92,7 @@ def test_linear_tiles_time_each_fused_call_at_each_strip_width():
                                        err_msg=name)
     # Heads of 32: q/k/v as the model calls it, rotated, three outputs, strips of 32 only.
     cfg = preset("tiny", head_dim=32)
-    pieces = step_profile.linear_tiles(cfg, 32, (16, 32, 64), copies=1)
+    pieces = fused_linear_tiles.linear_tiles(cfg, 32, (16, 32, 64), copies=1)
     assert [n for n in pieces if "qkv" in n] == ["fused_linear[qkv,bn=32]"]
     fn, (x, weight_sets, keywords), *_ = pieces["fused_linear[qkv,bn=32]"]
     assert keywords["rotary"].rotate == (True, True, False) and len(weight_sets) == 1
@@ -112,7 +112,7 @@ def test_linear_tile_grid_names_full_tiles_and_drops_repeats_and_overflows():
     cfg = preset("llama-3.2-1b", dtype="bfloat16", num_layers=1)
     grid = ((None, None, None, None), (None, None, None, 4), (None, None, 8, None),
             (None, 1024, 8, 2), 32)
-    names = [n for n in step_profile.linear_tiles(cfg, 32, grid) if "[o," in n]
+    names = [n for n in fused_linear_tiles.linear_tiles(cfg, 32, grid) if "[o," in n]
     default = fl.blocks_for(jnp.zeros((32, 2048), jnp.bfloat16),
                             (jnp.zeros((2048, 2048), jnp.bfloat16),))
     bn, bk = default.block_n, default.block_k
@@ -122,7 +122,7 @@ def test_linear_tile_grid_names_full_tiles_and_drops_repeats_and_overflows():
                      f"fused_linear[o,bn={bn},bk=1024,w=8,s=2]",
                      *(["fused_linear[o,bn=32]"] if bn != 32 else [])]
     # gate/up reads two strips a program: [32 + 2 x 64, 1024] x 2 stages is over the limit.
-    gate_up = [n for n in step_profile.linear_tiles(cfg, 32, grid) if "gate_up" in n]
+    gate_up = [n for n in fused_linear_tiles.linear_tiles(cfg, 32, grid) if "gate_up" in n]
     assert gate_up and not any("bk=1024" in n for n in gate_up)
     big = fl.LinearBlocks(block_m=32, block_n=64, block_k=1024, num_stages=2)
     assert big.staged_bytes(2) == (32 + 128) * 1024 * 2 * 2 > fl.SMEM_LIMIT
@@ -134,10 +134,10 @@ def test_tile_rows_alone_and_a_tile_that_fails_keeps_the_rest(monkeypatch):
     def broken(x, weight_sets, keywords):
         raise RuntimeError("shared memory exceeded")
 
-    good = step_profile.linear_tiles(preset("tiny"), 8, (16,))
+    good = fused_linear_tiles.linear_tiles(preset("tiny"), 8, (16,))
     bad = good["fused_linear[o,bn=16]"]._replace(fn=jax.jit(broken))
     pieces = {"fused_linear[o,bad]": bad, **good}
-    monkeypatch.setattr(step_profile, "linear_tiles", lambda *args, **kwargs: pieces)
+    monkeypatch.setattr(fused_linear_tiles, "linear_tiles", lambda *args, **kwargs: pieces)
     config = sp_config.get_config("tiny")
     config.query_rows = False
     config.chain_gemms = (1,)
@@ -155,13 +155,13 @@ def test_tile_rows_alone_and_a_tile_that_fails_keeps_the_rest(monkeypatch):
 
 
 def test_the_tile_check_catches_a_wrong_tile():
-    pieces = step_profile.linear_tiles(preset("tiny"), 8, (16,))
+    pieces = fused_linear_tiles.linear_tiles(preset("tiny"), 8, (16,))
     piece = pieces["fused_linear[down,bn=16]"]
-    err, ok = step_profile.tile_error(piece)
+    err, ok = fused_linear_tiles.tile_error(piece)
     assert ok and err < 1e-5
     wrong = piece._replace(fn=jax.jit(lambda x, weight_sets, keywords: [
         y + 1e-2 for y in piece.fn(x, weight_sets, keywords)]))
-    err, ok = step_profile.tile_error(wrong)
+    err, ok = fused_linear_tiles.tile_error(wrong)
     assert not ok and 5e-3 < err <= 1e-2
 
 
@@ -173,7 +173,7 @@ def test_the_tiles_grid_records_each_calls_fastest_matching_tiles(tmp_path, monk
     from statejax.kernels import tuned
 
     cfg = preset("tiny")
-    pieces = step_profile.linear_tiles(cfg, 8, ((None, None, None, None), 16, 32))
+    pieces = fused_linear_tiles.linear_tiles(cfg, 8, ((None, None, None, None), 16, 32))
     rows, kernel_ms = [], {}
     for i, (name, piece) in enumerate(pieces.items()):
         # Made-up kernel times: 32-wide strips fastest, but gate/up's did not match.
@@ -182,7 +182,7 @@ def test_the_tiles_grid_records_each_calls_fastest_matching_tiles(tmp_path, monk
                          matches=not (piece.call == "gate_up" and "bn=32" in name)))
     results = dict(rows=rows, dtype="float32", device="cpu (cpu)", jax_version="x",
                    date="today")
-    written = step_profile.record_linear_tiles(results, pieces, str(tmp_path))
+    written = fused_linear_tiles.record_linear_tiles(results, pieces, str(tmp_path))
     assert [e["row"] for e in written] == [
         "fused_linear[qkv,bn=32]", "fused_linear[o,bn=32]",
         max((n for n in pieces if "gate_up" in n and "bn=32" not in n), key=list(pieces).index),
