@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from statejax import device_trace, fused_linear_tiles, roofline, step_census, steps
+from statejax import device_trace, fused_linear_tiles, lone_query, roofline, step_census, steps
 from statejax.budget import Budget
 from statejax.cache import FullView
 from statejax.model.config import preset
@@ -570,6 +570,11 @@ def results_markdown(results: dict) -> str:
                   "profiler trace, without the host's dispatch, which paces a piece of one "
                   "small kernel timed by calls"]
     lines += _boundary_note(results["rows"])
+    split = lone_query.tables(results)  # the rows' differences: where a lone query waits
+    if split:
+        lines += ["", "## Where a lone query's time goes (differences of the rows above, "
+                  "`statejax.lone_query`)", "",
+                  *(line.replace("## ", "### ", 1) for line in split)]
     ms = {r["component"]: r["ms"] for r in results["rows"]}
     for name, error in results.get("tile_errors", {}).items():
         lines += ["", f"- {name}: did not run: {error}"]

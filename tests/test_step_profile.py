@@ -1,6 +1,7 @@
 """The query-step profile times the real model's pieces and accounts for every weight."""
 
 import dataclasses
+import math
 import weakref
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import step_profile as sp_config
-from statejax import fused_linear_tiles, step_profile, steps
+from statejax import fused_linear_tiles, lone_query, step_profile, steps
 from statejax.model.config import preset
 from statejax.model.layouts import lay_out
 from statejax.model.llama import init_params
@@ -284,6 +285,11 @@ def test_tiny_run_reports_each_component_against_the_floor():
     assert jax.__version__ == results["jax_version"]
     md = step_profile.results_markdown(results)
     assert "| step_without_attention |" in md and "| kernels |" in md
+    # A lone query split by the rows' differences, at both contexts: the parts add up to it.
+    for suffix in ("", "@128"):
+        split = lone_query.parts(results, suffix)
+        assert math.isclose(sum(ms for _, ms in split), rows["session_query" + suffix]["ms"])
+        assert f"### `session_query{suffix}`: " in md
     assert "| query_step@128 |" in md and "rows @128: a session of 128 cells" in md
     assert f"{results['query_args']} argument buffers per call" in md
     assert "rows [linear=pallas]: the blocks' linear layers by kernels/fused_linear.py" in md
