@@ -49,9 +49,9 @@ def contexts(results: dict) -> list[str]:
     """Row suffixes ("" for `config.context`, "@32768" ...) with every row `parts` needs."""
     rows = _rows(results)
     names = [name for _, name, _ in PARTS]
-    suffixes = [row["component"].removeprefix("query_step") for row in results["rows"]
-                if row["component"].startswith("query_step")]
-    return [s for s in dict.fromkeys(suffixes) if all(n + s in rows for n in names)]
+    suffixes = [name.removeprefix("session_query") for name in rows
+                if name.startswith("session_query")]
+    return [s for s in suffixes if all(n + s in rows for n in names)]
 
 
 def parts(results: dict, suffix: str = "") -> list[tuple[str, float]]:
