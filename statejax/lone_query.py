@@ -12,6 +12,12 @@ query five ways; their differences split `session_query` into parts that add up 
 | host transfers | `query_step_host_io` (the question in, the answer out) - `query_step_sync` |
 | Python around the call | `session_query` - `query_step_host_io` |
 
+Profiles since 2026-12-06 also time the session's call through jit's dispatch
+(`query_step_host_io_jit`, where the other rows call the compiled executable); with that row
+the last part splits in two: jit's call path (`query_step_host_io_jit` -
+`query_step_host_io`) and the session's own Python (`session_query` -
+`query_step_host_io_jit`).
+
 Each row is a median of its own calls, so a part can come out slightly negative where two
 rows are within their spread; parts are reported as measured, not clamped. Where the
 profile traced the device call's kernels (`query_kernels`), `kernel_parts` splits the call
@@ -34,6 +40,10 @@ PARTS = (
     ("Python around the call", "session_query", "query_step_host_io"),
 )
 
+# With the row of the session's call made through jit, the last part splits in two.
+JIT_ROW = "query_step_host_io_jit"
+JIT_PART, SESSION_PART = "jit's call path", "Session.query's own Python"
+
 
 def load_results(workdir: str) -> dict:
     """Reads results.json from a step profile's --workdir (`experiments/step_profile.py`)."""
@@ -55,7 +65,8 @@ def contexts(results: dict) -> list[str]:
 
 
 def parts(results: dict, suffix: str = "") -> list[tuple[str, float]]:
-    """[(part, ms)]: the floor, then the parts of `PARTS`; they sum to `session_query`.
+    """[(part, ms)]: the floor, then the parts of `PARTS` (the last split in two where the
+    profile has `JIT_ROW`); they sum to `session_query`.
 
     Args:
       results: a step profile's results (`load_results`).
@@ -71,6 +82,11 @@ def parts(results: dict, suffix: str = "") -> list[tuple[str, float]]:
     for part, name, before in PARTS:
         start = floor if before is None else rows[before + suffix]["ms"]
         out.append((part, rows[name + suffix]["ms"] - start))
+    jit = rows.get(JIT_ROW + suffix)
+    if jit is not None:  # the Python part, split at the session's call made through jit
+        python = out.pop()[1]
+        jit_path = jit["ms"] - rows["query_step_host_io" + suffix]["ms"]
+        out += [(JIT_PART, jit_path), (SESSION_PART, python - jit_path)]
     return out
 
 
@@ -132,14 +148,15 @@ def plot(results: dict, ax=None):
                          f"({[name for _, name, _ in PARTS]})")
     x = range(len(suffixes))
     bottoms = [0.0] * len(suffixes)
-    for i, (part, _) in enumerate(parts(results, suffixes[0])):
-        values = [parts(results, s)[i][1] for s in suffixes]
+    split = [dict(parts(results, s)) for s in suffixes]
+    for part in dict.fromkeys(name for one in split for name in one):
+        values = [one.get(part, 0.0) for one in split]
         bars = ax.bar(x, values, bottom=bottoms, label=part)
         for bar, value in zip(bars, values, strict=True):
             if value < 0:  # drawn down from the parts below it: hatched, so it reads as less
                 bar.set(hatch="xx", alpha=0.4)
         bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
-    targets = [TARGET_OVER_FLOOR * parts(results, s)[0][1] for s in suffixes]
+    targets = [TARGET_OVER_FLOOR * one["floor"] for one in split]
     ax.scatter(x, targets, marker="_", s=900, color="black", zorder=3,
                label=f"target: {TARGET_OVER_FLOOR}x the floor")
     ax.set_xticks(list(x), [_label(results, s) for s in suffixes])

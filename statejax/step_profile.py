@@ -28,9 +28,11 @@ chained, so per-call launch cost is amortised as in the real step):
   the host time until the call returns (what the session spends before its work is queued
   on the device; the rest is the wait for the device and the transfer out);
   `query_step_host_io_unpacked`: the same with `steps.query`'s three question arrays in and
-  the answer's three out (what the packing saves),
+  the answer's three out (what the packing saves); `query_step_host_io_jit`: the packed
+  call through jit's dispatch with its static arguments, as the session makes it, not the
+  compiled executable (what jit's call path adds),
 - `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
-  these seven rows split a query's time into device rate, dispatch, latency, transfers and
+  these eight rows split a query's time into device rate, dispatch, latency, transfers and
   Python; for the steps of `config.trace_lone_steps` the lone calls of `query_step_host_io`
   and `session_query` are then traced on the host (`device_trace.trace_lone_calls`: each
   thread's events by self time, and how much of the call a kernel was running); the rows
@@ -484,7 +486,7 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
     """Adds the query path's rows at a session of `context` cells, each name + `suffix`:
     `query_step` (pipelined calls), `query_step_dispatch`, `query_step_sync`,
     `query_step_host_io_call`, `query_step_host_io`, `query_step_host_io_unpacked`,
-    `session_query` (module docstring).
+    `query_step_host_io_jit`, `session_query` (module docstring).
     `after_step(compiled, args)`, if given, runs right after `query_step` (the kernel trace,
     before the slower rows); `after_lone({row: call})`, if given, last, with the lone calls
     of `query_step_host_io` and `session_query` (each waits for its answer on the host: the
@@ -516,6 +518,11 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
     host_args = host_inputs(args)
     add("query_step_host_io_unpacked" + suffix, _median_call_and_total_seconds(
         lambda: compiled(*host_args), fetch_generation, **timing)[1], launches, nbytes)
+    # The session's call as it makes it: through jit's dispatch with static arguments, not
+    # the compiled executable; what the session adds beyond this is its own Python.
+    add("query_step_host_io_jit" + suffix, _median_wall_seconds(
+        lambda: steps.unpack_answer(steps.query_packed(*packed_args, **static)), **timing),
+        packed_launches, nbytes)
     add("session_query" + suffix, _median_wall_seconds(
         lambda: session.query(question, 1), **timing), None, nbytes)
     if after_lone is not None:

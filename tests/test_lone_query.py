@@ -116,3 +116,15 @@ def test_the_plot_stacks_each_context_and_hatches_a_negative_part():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["? cells", "32768 cells"]
     with pytest.raises(InputError, match="no context with every row"):
         lone_query.plot(_results({"query_step": 1.0}))
+
+
+def test_the_jit_row_splits_the_python_part():
+    """Profiles since 2026-12-06 time the session's call through jit too: the Python part
+    splits into jit's call path and the session's own Python, still summing to the query."""
+    split = dict(lone_query.parts(_results({**QUERY, "query_step_host_io_jit": 2.56})))
+    assert "Python around the call" not in split
+    assert math.isclose(split["jit's call path"], 0.06)
+    assert math.isclose(split["Session.query's own Python"], 0.04)
+    assert math.isclose(sum(split.values()), 2.6)
+    ax = lone_query.plot(_results({**QUERY, "query_step_host_io_jit": 2.56}))
+    assert len(ax.patches) == 6

@@ -216,7 +216,8 @@ def test_tiny_run_reports_each_component_against_the_floor():
     names = [r["component"] for r in results["rows"]]
     # The query path first: a run cut short by its time limit keeps the rows that matter most.
     query = ["query_step", "query_step_dispatch", "query_step_sync", "query_step_host_io_call",
-             "query_step_host_io", "query_step_host_io_unpacked", "session_query"]
+             "query_step_host_io", "query_step_host_io_unpacked", "query_step_host_io_jit",
+             "session_query"]
     assert names == [*query, "decode_token", "attn_projections", "mlp", "embed_logits",
                      "step_without_attention", "step_with_attention",
                      *[n + "@128" for n in query],  # the larger session's rows,
@@ -249,6 +250,7 @@ def test_tiny_run_reports_each_component_against_the_floor():
     # 3 launches fewer: XLA fuses what it no longer returns).
     packed = rows["query_step_host_io"]["kernels"]
     assert rows["query_step_host_io_call"]["kernels"] == packed
+    assert rows["query_step_host_io_jit"]["kernels"] == packed  # the same call, by jit
     assert abs(packed - rows["query_step"]["kernels"]) <= 4
     # The lone call returns before its answer is on the host (medians of the same calls).
     for suffix in ("", "@128", "[linear=pallas]", "[packed]", "[stacked]",
