@@ -2,11 +2,9 @@
 
 import json
 import math
-import os
 import pathlib
 
-import nbclient
-import nbformat
+import notebook_run
 import pytest
 
 from configs import stream_latency
@@ -75,12 +73,7 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
     assert header.count("|") == rule.count("|") and "|  |" not in header
     assert pathlib.Path(paths["png"]).stat().st_size > 0
 
-    nb = nbformat.read(ROOT / "notebooks" / "latency_vs_context.ipynb", as_version=4)
-    env = {**os.environ, "STATEJAX_RESULTS": str(tmp_path)}
-    env.pop("MPLBACKEND", None)  # the inline backend must emit the figure
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=120).execute(cwd=str(ROOT),
-                                                                            env=env)
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    outputs = notebook_run.execute("latency_vs_context.ipynb", tmp_path)
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
 

@@ -1,11 +1,9 @@
 """A lone query's time split by a step profile's rows (`statejax.lone_query`), and its notebook."""
 
 import math
-import os
 import pathlib
 
-import nbclient
-import nbformat
+import notebook_run
 import pytest
 
 from statejax import lone_query
@@ -91,12 +89,7 @@ def test_the_committed_h200_profile_splits_as_results_md_says():
 
 
 def test_the_notebook_plots_the_committed_profile():
-    nb = nbformat.read(ROOT / "notebooks" / "lone_query_time.ipynb", as_version=4)
-    env = {**os.environ, "STATEJAX_RESULTS": str(H200)}
-    env.pop("MPLBACKEND", None)  # the inline backend must emit the figure
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=120).execute(cwd=str(ROOT),
-                                                                            env=env)
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    outputs = notebook_run.execute("lone_query_time.ipynb", H200)
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     text = "".join(str(o.get("data", {}).get("text/markdown", "")) + o.get("text", "")
