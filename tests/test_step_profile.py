@@ -377,10 +377,14 @@ def test_query_step_is_the_sessions_own_device_call(impl):
     assert packed_args[3].shape == (1, config.tokens + 2)
     assert all(packed_args[i] is args[i] for i in range(3))
     assert all(packed_args[i] is args[i + 2] for i in range(4, len(packed_args)))
+    compiled = steps.query_packed._cache_size()
     tokens, num, gaps = steps.unpack_answer(steps.query_packed(*packed_args, **static))
     np.testing.assert_array_equal(tokens, np.asarray(gen.tokens))
     np.testing.assert_array_equal(gaps, np.asarray(gen.gaps))
     assert num.tolist() == np.asarray(gen.num_tokens).tolist()
+    # Made through jit (`query_step_host_io_jit`), it runs the program the session's query
+    # compiled: the row costs no compile (on a card, seconds of a capped device slot).
+    assert steps.query_packed._cache_size() == compiled
     # ... and it depends on the session's cells: an empty session answers differently.
     empty = args[1].replace(lengths=args[1].lengths * 0)
     other = steps.query(args[0], empty, *args[2:], **static)
