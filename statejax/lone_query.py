@@ -119,17 +119,18 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tables(results: dict) -> list[str]:
-    """Markdown lines: a table per context (`contexts`), each part's ms and share of the query,
-    the query against its floor and the 1.3x target. No lines where the profile has no
-    lone-query rows."""
+def tables(results: dict, heading: str = "##") -> list[str]:
+    """Markdown lines: a table per context (`contexts`) under a `heading`-level title, each
+    part's ms and share of the query, the query against its floor and the 1.3x target. No
+    lines where the profile has no lone-query rows."""
     lines = []
     for suffix in contexts(results):
         split = parts(results, suffix)
         total = sum(ms for _, ms in split)
         floor = split[0][1]
-        lines += [f"## `session_query{suffix}`: {total:.3f} ms, {total / floor:.2f}x its floor "
-                  f"(target {TARGET_OVER_FLOOR}x: {TARGET_OVER_FLOOR * floor:.3f} ms)", "",
+        lines += [f"{heading} `session_query{suffix}`: {total:.3f} ms, "
+                  f"{total / floor:.2f}x its floor (target {TARGET_OVER_FLOOR}x: "
+                  f"{TARGET_OVER_FLOOR * floor:.3f} ms)", "",
                   "| part | ms | share |", "|---|---:|---:|"]
         lines += [f"| {part} | {ms:.3f} | {100 * ms / total:.0f}% |" for part, ms in split]
         lines.append("")

@@ -577,11 +577,10 @@ def results_markdown(results: dict) -> str:
                   "profiler trace, without the host's dispatch, which paces a piece of one "
                   "small kernel timed by calls"]
     lines += _boundary_note(results["rows"])
-    split = lone_query.tables(results)  # the rows' differences: where a lone query waits
+    split = lone_query.tables(results, heading="###")  # where a lone query waits
     if split:
         lines += ["", "## Where a lone query's time goes (differences of the rows above, "
-                  "`statejax.lone_query`)", "",
-                  *(line.replace("## ", "### ", 1) for line in split)]
+                  "`statejax.lone_query`)", "", *split]
     ms = {r["component"]: r["ms"] for r in results["rows"]}
     for name, error in results.get("tile_errors", {}).items():
         lines += ["", f"- {name}: did not run: {error}"]
