@@ -226,8 +226,9 @@ ROTARY_CASES = [
                          ids=[f"{c}_d{d}" for c, d, _ in ROTARY_CASES])
 def test_rotary_epilogue_matches_reference(case, d, rotate, dtype, split, interpret=True):
     """q/k rotated per head in the epilogue: as the reference (`model.rope.rotate` of the
-    rounded outputs), outputs poisoned; the unrotated weights' outputs bit for bit as
-    without rotary; split outputs are the side-by-side ones' columns."""
+    rounded outputs), outputs poisoned; the unrotated weights' outputs as without rotary
+    (within TOLERANCE, not bit for bit: XLA's CPU dot may sum a tile in another order in the
+    two programs, as on an AVX-512 host); split outputs are the side-by-side ones' columns."""
     x, weights, kwargs, _ = _inputs(case, jnp.dtype(dtype))
     blocks = None if case.blocks is None else fl.LinearBlocks(*case.blocks)
     rotary = _rotary(case.m, d, rotate)
@@ -244,7 +245,8 @@ def test_rotary_epilogue_matches_reference(case, d, rotate, dtype, split, interp
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                    **TOLERANCE[dtype])
         if not r:
-            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(p, np.float32))
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(p, np.float32),
+                                       **TOLERANCE[dtype])
         else:  # rotated: not the plain output (angles up to 128k rad are not ~0)
             assert np.abs(np.asarray(g, np.float32) - np.asarray(p, np.float32)).max() > 0.1
 
