@@ -17,13 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from statejax import gpu_target
+from statejax import gpu_target, roofline
 from statejax.kernels import fused_linear, tuned
 from statejax.model import rope
-
-
-def _nbytes(tree) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
 class TilePiece(NamedTuple):
@@ -121,8 +117,9 @@ def linear_tiles(cfg, tokens: int, tiles, copies: int | None = None) -> dict:
             fn = jax.jit(lambda x, weight_sets, keywords, call=call: [
                 call(x, weights, **keywords) for weights in weight_sets])
             pieces[f"fused_linear[{name},{label}]"] = TilePiece(
-                fn, (x, weight_sets, keywords), _nbytes(weight_sets), name, activation, blocks,
-                blocks == rule, fused_linear.tuned_shape(x, weights, activation))
+                fn, (x, weight_sets, keywords), roofline.tree_nbytes(weight_sets), name,
+                activation, blocks, blocks == rule,
+                fused_linear.tuned_shape(x, weights, activation))
     return pieces
 
 

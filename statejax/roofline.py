@@ -90,6 +90,11 @@ def matmul_rate(n: int, *, warmup: int = 2, repeats: int = 10) -> float:
     return 2 * n**3 / seconds
 
 
+def tree_nbytes(tree) -> int:
+    """Bytes of a pytree's arrays (e.g. the weights a call must read once)."""
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
 def query_floor_bytes(cfg: ModelConfig, context_tokens: int, new_tokens: int) -> int:
     """Bytes one step of `new_tokens` over `context_tokens` cached tokens must move: every
     weight once (`cfg.step_weight_bytes`: of an untied input embedding only the new tokens'

@@ -98,10 +98,6 @@ class IdentityAttention:
         return q_BxTxHxD, self
 
 
-def _nbytes(tree) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
 def components(cfg, params, tokens: int, linear_impl: str = "xla"):
     """{name: (jitted fn, args, weight bytes it must read)} at batch 1 x `tokens`, the linear
     layers by `linear_impl` (`statejax.model.llama.LINEAR_IMPLS`; "pallas": the fused kernels
@@ -149,7 +145,8 @@ def components(cfg, params, tokens: int, linear_impl: str = "xla"):
     # An untied input embedding table is only gathered: its unread rows are not bytes the
     # pieces that take it must move.
     unread = cfg.weight_bytes - cfg.step_weight_bytes(tokens)
-    return {name: (jax.jit(fn), args, _nbytes(args[0]) - (unread if "embed" in args[0] else 0))
+    return {name: (jax.jit(fn), args,
+                   roofline.tree_nbytes(args[0]) - (unread if "embed" in args[0] else 0))
             for name, (fn, args) in pieces.items()}
 
 
