@@ -112,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.page_size = 64  # cells per page of the benchmark's pool
     # Cascade rows' form: "paged" (shared cells in the shuffled pool) or "cells" (as the
     # model calls it: contiguous session cells viewed as pages of one KV block;
-    # `statejax.kernel_bench._cells_cascade_call`).
+    # `statejax.perf.kernel_bench._cells_cascade_call`).
     c.cascade_form = "paged"
     c.interpret = False
     c.baselines = True  # jax's Pallas decode kernel, cuDNN, the XLA reference (GPU only)

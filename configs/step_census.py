@@ -1,6 +1,6 @@
 """Kernels a session's steps launch on a GPU target, compiled on any machine (no GPU needed).
 
-Run from the repo root (needs jax's CUDA plugin; see statejax/gpu_target.py):
+Run from the repo root (needs jax's CUDA plugin; see statejax/perf/gpu_target.py):
   python -m experiments.step_census                                    # Llama-3.2-1B on H100
   python -m experiments.step_census --config=configs/step_census.py:tiny --workdir=/tmp/sc
 """
@@ -13,7 +13,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "default"
     c = ml_collections.ConfigDict()
     c.variant = variant
-    c.target = "h100"  # statejax.gpu_target.TARGETS
+    c.target = "h100"  # statejax.perf.gpu_target.TARGETS
     c.model = "llama-3.2-1b"  # statejax.model.config preset; only shapes are used
     c.dtype = "bfloat16"
     c.tokens = 32  # the question's tokens (batch 1), as in the anchors

@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # fused_linear[call,...] rows: each fused call of a block, once per layer's weights in
     # one program, per entry: an output strip width N (the other tiles follow from it), or
     # (block_n, block_k, num_warps, num_stages) with None for the default's
-    # (`statejax.fused_linear_tiles.linear_tiles`): which tiles stream the weights fastest.
+    # (`statejax.perf.fused_linear_tiles.linear_tiles`): which tiles stream the weights fastest.
     c.linear_tile_rows = ()
     c.query_rows = True  # False: no query rows, no pieces but the tiles and GEMM chains
     # Where the fastest matching tiles of each fused call are recorded as "linear" entries of

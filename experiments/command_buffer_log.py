@@ -5,7 +5,7 @@
 The log is the step profile's stdout and stderr together, written with
 `TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0` on a GPU
 (`experiments/gpu_session.sh` does both). Writes command_buffers.json and command_buffers.md
-to --workdir and prints the table (`statejax.command_buffer_log`).
+to --workdir and prints the table (`statejax.perf.command_buffer_log`).
 """
 
 import json
@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from statejax import command_buffer_log
+from statejax.perf import command_buffer_log
 
 _LOG = flags.DEFINE_string("log", None, "The step profile's log.", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/step_profile", "Where results are written.")

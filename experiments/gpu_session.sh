@@ -206,7 +206,7 @@ run_query() {
 # caller sets them; CAP and CONFIG default to PROFILE_S and PROFILE_CONFIG; FLAGS are the
 # launcher's). With PROFILE_VLOG=1 (default)
 # XLA logs its CUDA-graph replays and updates into the profile's log, split by row into
-# NAME/command_buffers.md (statejax/command_buffer_log.py).
+# NAME/command_buffers.md (statejax/perf/command_buffer_log.py).
 step_profile() {
   local name=$1 cap=${2:-${PROFILE_S:-200}}
   local config=${3:-${PROFILE_CONFIG:-configs/step_profile.py:gpu}}

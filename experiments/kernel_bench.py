@@ -3,7 +3,7 @@
   python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu --workdir=runs/kb
   python -m experiments.kernel_bench --config=configs/kernel_bench.py:cpu --workdir=/tmp/kb
 
-What is timed: `statejax.kernel_bench`. Writes results.json and results.md to --workdir (after
+What is timed: `statejax.perf.kernel_bench`. Writes results.json and results.md to --workdir (after
 every shape, so a run cut short keeps its rows); with the config's `tuned_dir`, records the
 fastest matching tiles in that GPU model's table (`statejax.kernels.tuned`).
 """
@@ -13,7 +13,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from statejax import kernel_bench
+from statejax.perf import kernel_bench
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(

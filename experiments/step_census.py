@@ -3,7 +3,7 @@
   python -m experiments.step_census                                    # Llama-3.2-1B, H100
   python -m experiments.step_census --config=configs/step_census.py:tiny --workdir=/tmp/sc
 
-Compiles for a compile-only GPU (`statejax.gpu_target`), so it runs without one: it starts jax
+Compiles for a compile-only GPU (`statejax.perf.gpu_target`), so it runs without one: it starts jax
 on the CPU platform (the CUDA plugin registers then without CUDA libraries). Writes
 results.json and results.md to --workdir.
 """
@@ -15,7 +15,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from statejax import step_census
+from statejax.perf import step_census
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(

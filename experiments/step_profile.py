@@ -3,7 +3,7 @@
   python -m experiments.step_profile                                   # CPU, cpu-small f32
   python -m experiments.step_profile --config=configs/step_profile.py:gpu --workdir=...
 
-What is timed: `statejax.step_profile`. Writes results.json and results.md to --workdir.
+What is timed: `statejax.perf.step_profile`. Writes results.json and results.md to --workdir.
 """
 
 import json
@@ -12,7 +12,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from statejax import step_profile
+from statejax.perf import step_profile
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from statejax import attention, gpu_target
+from statejax import attention, platform
 from statejax.errors import InputError
 
 MASK_VALUE = attention.MASK_VALUE
@@ -145,7 +145,7 @@ def check_backend(backend: str, interpret: bool):
         raise InputError(f"backend={backend!r}; allowed: {BACKENDS}")
     if not isinstance(interpret, bool):
         raise InputError(f"interpret must be a bool, got {interpret!r}")
-    if not interpret and not gpu_target.compiling_for_gpu():
+    if not interpret and not platform.compiling_for_gpu():
         raise InputError(f"compiled Pallas {backend} kernels need a GPU (default backend is "
                          f"{jax.default_backend()!r}); pass interpret=True to run them in "
                          "interpret mode")
@@ -618,7 +618,7 @@ def paged_flash_folded(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, 
       prefix: cells every row attends to before its own (`PrefixCells`), in the same
         programs; requires num_splits == 1 and no `earlier`.
       contiguous_pages: as `paged_attention_partials` (the prefix says its own).
-      name: the kernel's name, as a GPU profiler trace shows it (`statejax.device_trace`):
+      name: the kernel's name, as a GPU profiler trace shows it (`statejax.perf.device_trace`):
         one per call site (append, decode, the cascade's shared and private parts), so a
         trace tells them apart.
 

@@ -21,7 +21,7 @@ The shared splits' partial outputs are written in q's dtype (their log-sum-exps 
 and merged in float32, as vLLM's paged attention keeps its split outputs: with bf16 queries
 that halves the partials' traffic, which at long contexts is most of the step's bytes beyond
 the weights and cells (Llama-3.2-1B at 32k cells: 32 splits x 128 rows x 64 per kv-head and
-layer; in float32 132 of the 289 MiB a query step wrote, `statejax.step_census`), and what
+layer; in float32 132 of the 289 MiB a query step wrote, `statejax.perf.step_census`), and what
 the private kernel's few programs read serially in their merge. The Mosaic GPU shared part
 writes float32.
 """
@@ -32,7 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from statejax import attention, gpu_target
+from statejax import attention, platform
 from statejax.errors import InputError
 
 from . import append_attention as aa
@@ -138,7 +138,7 @@ class BlockSizes:
         found = tuned.lookup(
             "cascade", dict(branches=branches, tokens=tokens, group=group, k_heads=k_heads,
                             head_dim=head_dim, itemsize=itemsize), shared_window,
-            device_kind=gpu_target.device_kind(), backends=backends,
+            device_kind=platform.device_kind(), backends=backends,
             usable=lambda bs: (tuned.fits_pages(bs["shared"], shared_page_size)
                                and tuned.fits_pages(bs["private"], private_page_size)
                                and bs["private"]["num_splits"] == 1))

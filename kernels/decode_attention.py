@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from statejax import gpu_target
+from statejax import platform
 from statejax.errors import InputError
 
 from . import append_attention as aa
@@ -78,7 +78,7 @@ def tuned_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int, pag
     measured window, else `default_splits` of the measured tiles."""
     found = tuned.lookup(
         "decode", dict(batch=batch, rows=rows, k_heads=k_heads, head_dim=head_dim,
-                       itemsize=itemsize), window, device_kind=gpu_target.device_kind(),
+                       itemsize=itemsize), window, device_kind=platform.device_kind(),
         usable=lambda tiles: tuned.fits_pages(tiles, page_size))
     if found is None:
         return None

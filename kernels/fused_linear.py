@@ -40,7 +40,7 @@ import numpy as np
 from flax import struct
 from jax.experimental import pallas as pl
 
-from statejax import gpu_target
+from statejax import platform
 from statejax.errors import InputError
 from statejax.model import rope
 
@@ -232,7 +232,7 @@ def blocks_for(x_MxK, weights, activation: str | None = None,
     if measured and block_n is None:
         found = tuned.lookup(
             "linear", tuned_shape(x_MxK, weights, activation), x_MxK.shape[0],
-            device_kind=gpu_target.device_kind(),
+            device_kind=platform.device_kind(),
             usable=lambda bs: _tiles_fit(bs, widths, x_MxK.shape[1], offsets, head_dim))
         if found is not None:
             return LinearBlocks(**found.block_sizes)
@@ -449,7 +449,7 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
       interpret: run in Pallas interpret mode (CPU); compiled needs a GPU.
       poison_outputs: test hook: the outputs start NaN-filled (aliased), so an element the
         kernel does not write stays NaN.
-      name: the kernel's name, as a GPU profiler trace shows it (`statejax.device_trace`);
+      name: the kernel's name, as a GPU profiler trace shows it (`statejax.perf.device_trace`);
         the model names each of a block's four calls (`statejax_fused_linear_qkv` ...).
 
     Returns:

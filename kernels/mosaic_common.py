@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from statejax import gpu_target
+from statejax import platform
 from statejax.errors import InputError
 
 DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma operand types
@@ -90,7 +90,7 @@ def check_device():
     """The Mosaic kernels compile for a Hopper GPU (attached or a compile-only target)."""
     if jax.default_backend() == "gpu":
         check_cuda_runtime()
-    elif not gpu_target.compiling_for_gpu():
+    elif not platform.compiling_for_gpu():
         raise InputError("the mosaic_gpu backend compiles for a Hopper GPU and has no "
                          f"interpret mode here (default backend {jax.default_backend()!r}); "
                          "use backend='triton' with interpret=True on CPU")

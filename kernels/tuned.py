@@ -4,7 +4,7 @@ A kernel's default tiles follow a rule of its shape (`decode_attention.default_b
 `cascade_attention.BlockSizes.for_shape`). A tuning grid run on the device can beat the rule
 for one shape; `experiments/kernel_bench.py` (`tuned_dir`) then records the winner in
 `kernels/tuned/<device kind>.json`, and the defaults look there first whenever kernels compile
-for that GPU model (`gpu_target.device_kind()`; in interpret mode nothing is looked up). So
+for that GPU model (`platform.device_kind()`; in interpret mode nothing is looked up). So
 tiles measured in one device call are what the model runs in the next part of the same call,
 and what gets committed: data with its provenance, not an edited rule.
 

@@ -18,7 +18,7 @@ a padded chunk never touches a cell it does not own.
 Attention implementations (`impl`, static; `IMPLS`):
 - "reference": `statejax.attention`, every view.
 - "pallas": `AppendView`, `BranchView` by the kernels in `statejax.kernels`. They run in Pallas
-  interpret mode unless they compile for a GPU (`statejax.gpu_target.compiling_for_gpu()`:
+  interpret mode unless they compile for a GPU (`statejax.platform.compiling_for_gpu()`:
   one is attached, or a compile-only target is on), and are compiled then (Triton lowering;
   the cascade's shared part on Mosaic GPU where measured faster, below). A chunk whose query
   rows leave the GPU short of programs over a long window (the decode kernel's split rule
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from statejax import attention, gpu_target
+from statejax import attention, platform
 
 
 def _scatter_rows(cells_LxRxNxKxD, layer, start_R, num_new_R, new_RxTxKxD):
@@ -70,7 +70,7 @@ def _check_impl(impl: str, allowed: tuple[str, ...] = ("reference",)):
 
 def pallas_interpret() -> bool:
     """impl="pallas" runs the kernels in interpret mode unless they compile for a GPU."""
-    return not gpu_target.compiling_for_gpu()
+    return not platform.compiling_for_gpu()
 
 
 # The kernels are imported on first use: the reference path needs no Pallas, and a checkout run

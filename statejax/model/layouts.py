@@ -5,7 +5,7 @@ dispatch costs per buffer: on the H100 (2026-11-28, jax 0.11.2) a lone `Session.
 the Llama-3.2-1B shape was 0.24-0.40 ms shorter with the layers stacked (22 buffers) than
 per layer (157), the device call itself 0.07 ms longer (docs/results.md, third H100 run).
 Two layouts with fewer buffers, both read in place by the compiled steps (no weight is
-copied; `statejax.step_census` checks it for an H100):
+copied; `statejax.perf.step_census` checks it for an H100):
 
 - `"stacked"` (`stack_layers`): one [L, ...] leaf per kind of layer weight. Each layer's
   fusions read their own slice, so XLA compiles (and on a GPU autotunes) them per layer

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-from statejax import gpu_target
+from statejax import platform
 from statejax.errors import InputError
 from statejax.kernels.fused_linear import Rotary, fused_linear, rotary_fits
 from statejax.model.config import ModelConfig
@@ -142,7 +142,7 @@ def _fused_linear(x_BxTxK, weights, call: str, **epilogue):
     if residual is not None:
         epilogue["residual_MxN"] = residual.reshape(b * t, -1)
     y = fused_linear(x_BxTxK.reshape(b * t, k), tuple(weights),
-                     interpret=not gpu_target.compiling_for_gpu(),
+                     interpret=not platform.compiling_for_gpu(),
                      name=f"statejax_fused_linear_{call}", **epilogue)
     if isinstance(y, tuple):
         return tuple(part.reshape(b, t, -1) for part in y)

@@ -24,7 +24,7 @@ from statejax.data.market import format_bar
 from statejax.errors import InputError
 from statejax.model.config import ModelConfig
 from statejax.model.llama import Transformer
-from statejax.session import Session
+from statejax.serving.session import Session
 from statejax.tokenizer import ByteTokenizer
 from statejax.train import data, tasks
 
