@@ -28,14 +28,13 @@ def _default_windows(cells: int, page_size: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Capacities of a session (or a batch of session rows).
+    """Capacities of one session row.
 
     Attributes:
       cells: C, KV cells per session row (frozen prefix + data region). The Pallas
         attention kernels view a row's cells as pages of the largest power of two up
         to their KV step (128 cells at D = 64) that divides C: a multiple of 128 lets
         them read one page per step (`kernels.append_attention.cells_page_size`).
-      rows: B, session rows held in one state.
       page_size: cells per page (prefix-cache hashing and window granularity).
       chunk_sizes: T buckets for appends and questions, ascending.
       windows: S buckets for attention over session cells; default derived from `cells`.
@@ -45,7 +44,6 @@ class Budget:
     """
 
     cells: int = 4096
-    rows: int = 1
     page_size: int = 16
     chunk_sizes: tuple[int, ...] = (16, 64, 256)
     windows: tuple[int, ...] | None = None
@@ -54,7 +52,7 @@ class Budget:
     max_new_tokens: int = 256
 
     def __post_init__(self):
-        for name in ("cells", "rows", "page_size", "question_cells", "max_new_tokens"):
+        for name in ("cells", "page_size", "question_cells", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise InputError(f"{name}={value!r}; allowed: a positive int")
@@ -110,8 +108,6 @@ class Budget:
             "append": len(self.chunk_sizes) * len(self.windows),
             "query": n_q * len(self.branch_rows) * len(self.windows) * widths,
         }
-
-
 
 
 def _bucket(sizes: tuple[int, ...], n: int, what: str) -> int:

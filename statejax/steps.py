@@ -8,7 +8,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from statejax.cache import AppendView, BranchView, FullView
@@ -87,10 +86,9 @@ class Generation:
 def generates(params, linear_impl: str) -> bool:
     """Whether `query` runs a generation loop (`max_new_cap` > 1) on params in their layout.
 
-    Compiled for an H100, XLA's one-token GEMMs in the loop do not read slices of stacked or
-    packed weights in place: XLA copies them (stacked: every layer's MLP weights each turn,
-    1.5 GiB a token; packed: all weights once per query, before the loop). The fused
-    kernels read them in place (linear_impl "pallas")."""
+    XLA's one-token GEMMs copy slices of stacked or packed weights instead of reading them in
+    place, so only per-layer weights or the fused kernels (linear_impl "pallas") generate
+    (`docs/serving.md`)."""
     return layout_of(params) == "per_layer" or linear_impl == "pallas"
 
 
@@ -99,8 +97,7 @@ def model_params(params, linear_impl: str) -> dict:
 
     With linear_impl "pallas" the fused kernels' parameters (`llama.FUSED_PARAMS`) of
     stacked or packed weights stay in their buffers (`layouts.LaidOutLeaf`): a Pallas call
-    takes whole buffers, and handed slices XLA would copy each out first (packed, the
-    Llama-3.2-1B query compiled for an H100: 1378 MiB written instead of 34)."""
+    takes whole buffers, and handed slices XLA would copy each out first."""
     check_linear_impl(linear_impl)
     return per_layer(params, FUSED_PARAMS if linear_impl == "pallas" else frozenset())
 
@@ -134,10 +131,13 @@ def _pick(logits_RxV, temperature, key):
     """Greedy at temperature 0, else a sample; also the top-1 minus top-2 logit gap.
 
     One variadic reduction over the vocabulary finds the argmax, the second-best logit and
-    the sample (`jax.random.categorical`'s Gumbel argmax, same draws): on a GPU one pass
-    spread over the card, where `argmax`, `lax.top_k` (one thread block per row) and the
-    sample's argmax were three (the first-token step for an H100: 9 kernels after the
-    logits -> 7, none of them one thread block over the whole vocabulary).
+    the sample (`jax.random.categorical`'s Gumbel argmax, same draws), so a GPU makes one
+    pass over the vocabulary instead of three (`docs/serving.md`).
+
+    Args:
+      logits_RxV: [R, V] logits (any float dtype); -inf marks ids never to pick.
+      temperature: float32 scalar; 0 means greedy.
+      key: PRNG key of the sample.
 
     Returns:
       (token [R] int32, gap [R] float32).
@@ -156,33 +156,6 @@ def _pick(logits_RxV, temperature, key):
         (logits_RxV, ids_RxV, jnp.full_like(logits_RxV, -jnp.inf), scores_RxV, ids_RxV),
         (neg_inf, no_id, neg_inf, neg_inf, no_id), _merge_picks, (1,))
     return jnp.where(temperature > 0, sampled, best_id), best - second
-
-
-def pack_question(question_RxT, question_len_R, max_new_R) -> np.ndarray:
-    """A query's per-call arrays as one host array for `query_packed`: [R, T + 2] int32, the
-    question tokens, then its length, then the tokens to generate."""
-    question_RxT = np.asarray(question_RxT, np.int32)
-    return np.concatenate([question_RxT, np.asarray(question_len_R, np.int32)[:, None],
-                           np.asarray(max_new_R, np.int32)[:, None]], axis=1)
-
-
-def unpack_answer(answer_Rx2G1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`query_packed`'s answer on the host (one transfer) -> tokens [R, G] int32, num_tokens
-    [R] int32, gaps [R, G] float32, as `Generation`'s."""
-    answer = np.asarray(answer_Rx2G1)
-    g = (answer.shape[1] - 1) // 2
-    return answer[:, :g], answer[:, g], np.ascontiguousarray(answer[:, g + 1:]).view(np.float32)
-
-
-# Positions in `query`'s arguments of what a session passes anew per call (the question's
-# arrays) and of the scalars it keeps on the device (`Session`: row, stop token, temperature,
-# vocabulary); the PRNG key (8) is made once per seed. `append`'s per-call inputs: the chunk.
-QUERY_PER_CALL_ARGS = (3, 4, 5)
-QUERY_SCALAR_ARGS = (2, 6, 7, 9)
-# The same for `query_packed`: one per-call array (`pack_question`), the same scalars.
-QUERY_PACKED_PER_CALL_ARGS = (3,)
-QUERY_PACKED_SCALAR_ARGS = (2, 4, 5, 7)
-APPEND_PER_CALL_ARGS = (2, 3)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "window", "branch_cells", "max_new_cap",
@@ -240,8 +213,8 @@ def query(params, state: SessionState, row, question_RxT, question_len_R, max_ne
     first_logits, view = model.apply({"params": params}, question_RxT, view.positions(t), view,
                                      question_len_R - 1)
     first_logits = _mask_vocab(first_logits, valid_vocab)
-    # fold_in per token rather than a key split and carried along: in the generation loop XLA
-    # computes it inside the sample's kernel (one kernel fewer per token, H100 compile).
+    # fold_in per token rather than a key split and carried along: XLA then computes the key
+    # inside the sample's kernel instead of carrying it through the loop.
     token_rng = jax.random.fold_in(rng, 0)
     token, gap = _pick(first_logits, temperature, jax.random.fold_in(token_rng, 0))
 
@@ -291,20 +264,17 @@ def query_packed(params, state: SessionState, row, request_RxT2, stop_token, tem
                  linear_impl: str = "xla") -> jax.Array:
     """`query` with one array in and one out: what a host-driven lone query passes.
 
-    On a GPU each host transfer is its own copy with a completion handed to a host thread,
-    and a lone query waits for all of them (the H200 profile of 2026-12-04: the question's
-    three arrays in and the answer's three out took 0.35-1.0 ms more than the same call
-    waited for on device-resident inputs);
-    packed, the question is one copy in and the answer one copy out.
+    On a GPU each host transfer is its own copy that a lone query waits for, so the question
+    goes in as one array and the answer comes out as one (`docs/serving.md`).
 
     Args:
-      request_RxT2: int32 [R, T + 2], `pack_question(question_RxT, question_len_R,
-        max_new_R)`.
+      request_RxT2: int32 [R, T + 2], `statejax.serving.packing.pack_question(question_RxT,
+        question_len_R, max_new_R)`.
       the rest: as `query`.
 
     Returns:
       answer [R, 2G + 1] int32: tokens [R, G], num_tokens [R], then gaps [R, G] as float32
-      bits (`unpack_answer`); not the next-token logits.
+      bits (`statejax.serving.packing.unpack_answer`); not the next-token logits.
     """
     gen = query(params, state, row, request_RxT2[:, :-2], request_RxT2[:, -2],
                 request_RxT2[:, -1], stop_token, temperature, rng, valid_vocab, cfg=cfg,

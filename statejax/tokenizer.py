@@ -107,6 +107,37 @@ def check_fits_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
         )
 
 
+def encode_checked(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """`tokenizer.encode(text)`, checked before any device work: [N] int32 ids, N >= 0.
+
+    A tokenizer is outside code: an id it returns beyond the embedding table would turn into
+    NaN cells, so every id is checked against the tokenizer's own `[0, vocab_size)` (which
+    `check_fits_vocab` ties to the model's).
+
+    Raises:
+      InputError: `encode` returned something other than a 1-D integer array, or an id
+        outside `[0, vocab_size)` (naming the id, its position and the range).
+    """
+    vocab_size = _check_vocab_size(tokenizer.vocab_size, "tokenizer.vocab_size")
+    ids = tokenizer.encode(text)
+    if not isinstance(ids, np.ndarray | list | tuple):
+        raise InputError(f"tokenizer {tokenizer.name} encode returned a {type(ids).__name__};"
+                         " allowed: a 1-D integer array of ids")
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return np.zeros((0,), np.int32)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"tokenizer {tokenizer.name} encode returned shape {arr.shape}, "
+                         f"dtype {arr.dtype}; allowed: a 1-D integer array of ids")
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(f"tokenizer {tokenizer.name} encoded {text[:40]!r} to id "
+                         f"{int(arr[i])} at position {i}; allowed: ids in [0, {vocab_size}) "
+                         "(tokenizer.vocab_size)")
+    return arr.astype(np.int32)
+
+
 def _check_text(text: Any) -> str:
     if not isinstance(text, str):
         raise InputError(f"text must be a str; got {type(text).__name__}")

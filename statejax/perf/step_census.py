@@ -37,14 +37,15 @@ from statejax.model.config import preset
 from statejax.model.layouts import LAYOUTS, lay_out
 from statejax.model.llama import LINEAR_IMPLS, init_params
 from statejax.perf import gpu_target, roofline
+from statejax.perf.query_call import APPEND_PER_CALL_ARGS, QUERY_PER_CALL_ARGS, QUERY_SCALAR_ARGS
 from statejax.state import SessionState
 
 KINDS = ("gemm", "pallas", "fusion", "other")
 # Step arguments a session passes anew per call ("per_call_readers") and, for the query, the
 # scalars it keeps on the device ("scalar_readers"), by position (`statejax.steps`).
-_PER_CALL = {"query": {"per_call_readers": steps.QUERY_PER_CALL_ARGS,
-                       "scalar_readers": steps.QUERY_SCALAR_ARGS},
-             "append": {"per_call_readers": steps.APPEND_PER_CALL_ARGS}}
+_PER_CALL = {"query": {"per_call_readers": QUERY_PER_CALL_ARGS,
+                       "scalar_readers": QUERY_SCALAR_ARGS},
+             "append": {"per_call_readers": APPEND_PER_CALL_ARGS}}
 # Entry-computation instructions that launch nothing.
 _NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
               "after-all", "partition-id", "replica-id"}

@@ -24,7 +24,7 @@ chained, so per-call launch cost is amortised as in the real step):
   (a query's latency, where `query_step` is the pipelined rate),
 - `query_step_host_io`: one call at a time as `Session.query` makes it
   (`steps.query_packed`): the question in from the host as one numpy array, the answer
-  fetched as one (`steps.unpack_answer`); `query_step_host_io_call`, from the same calls,
+  fetched as one (`unpack_answer`); `query_step_host_io_call`, from the same calls,
   the host time until the call returns (what the session spends before its work is queued
   on the device; the rest is the wait for the device and the transfer out);
   `query_step_host_io_unpacked`: the same with `steps.query`'s three question arrays in and
@@ -84,6 +84,8 @@ from statejax.model.config import preset
 from statejax.model.layouts import LAYOUTS, lay_out
 from statejax.model.llama import LINEAR_IMPLS, Attention, Mlp, Transformer, init_params
 from statejax.perf import device_trace, fused_linear_tiles, lone_query, roofline, step_census
+from statejax.perf.query_call import QUERY_PER_CALL_ARGS
+from statejax.serving.packing import pack_question, unpack_answer
 from statejax.serving.session import Session, generation_width
 from statejax.tokenizer import ByteTokenizer
 
@@ -226,19 +228,19 @@ def query_path(cfg, params, config, context: int | None = None, linear_impl: str
 
 
 def host_inputs(args) -> tuple:
-    """`query_path`'s args with the question's three arrays (`steps.QUERY_PER_CALL_ARGS`:
+    """`query_path`'s args with the question's three arrays (`QUERY_PER_CALL_ARGS`:
     tokens, lengths, max_new) as host (numpy) values, as `Session.query` passes them; the
     params, the state, the scalars and the PRNG key stay on the device, as the session keeps
     them."""
-    return tuple(jax.device_get(a) if i in steps.QUERY_PER_CALL_ARGS else a
+    return tuple(jax.device_get(a) if i in QUERY_PER_CALL_ARGS else a
                  for i, a in enumerate(args))
 
 
 def packed_host_inputs(args) -> tuple:
     """`query_path`'s args as `Session.query` passes them to `steps.query_packed`: the
-    question's three arrays as one numpy array (`steps.pack_question`), the rest as
+    question's three arrays as one numpy array (`pack_question`), the rest as
     `host_inputs`."""
-    request = steps.pack_question(*jax.device_get(args[3:6]))
+    request = pack_question(*jax.device_get(args[3:6]))
     return (*args[:3], request, *args[6:])
 
 
@@ -508,7 +510,7 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
     packed = steps.query_packed.lower(*packed_args, **static).compile()
     packed_launches = step_census.kernel_kinds(packed.as_text())["total"]
     call_s, total_s = _median_call_and_total_seconds(
-        lambda: packed(*packed_args), steps.unpack_answer, **timing)
+        lambda: packed(*packed_args), unpack_answer, **timing)
     add("query_step_host_io_call" + suffix, call_s, packed_launches, nbytes)
     add("query_step_host_io" + suffix, total_s, packed_launches, nbytes)
     # The same with the question's three arrays in and the answer's three out (the session
@@ -519,12 +521,12 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
     # The session's call as it makes it: through jit's dispatch with static arguments, not
     # the compiled executable; what the session adds beyond this is its own Python.
     add("query_step_host_io_jit" + suffix, _median_wall_seconds(
-        lambda: steps.unpack_answer(steps.query_packed(*packed_args, **static)), **timing),
+        lambda: unpack_answer(steps.query_packed(*packed_args, **static)), **timing),
         packed_launches, nbytes)
     add("session_query" + suffix, _median_wall_seconds(
         lambda: session.query(question, 1), **timing), None, nbytes)
     if after_lone is not None:
-        after_lone({"query_step_host_io": lambda: steps.unpack_answer(packed(*packed_args)),
+        after_lone({"query_step_host_io": lambda: unpack_answer(packed(*packed_args)),
                     "session_query": lambda: session.query(question, 1)})
     return args, static
 

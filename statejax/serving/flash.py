@@ -1,125 +1,89 @@
-"""What streaming queries and flash queries return: answers with their data's sequence number.
+"""The flash registry: registered questions and their cached answers.
 
-Used by `statejax.serving.streaming`; kept apart so that readers of results (studies,
-notebooks, listeners) need not import the threading machinery.
+Not thread-safe on its own: `StreamingSession` calls it under its host lock.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import itertools
 
-import numpy as np
-
-
-def confidence_from_gap(min_gap: float) -> float:
-    """Maps a logit gap to a confidence in [0.5, 1).
-
-    confidence = sigmoid(min_gap) = 1 / (1 + exp(-min_gap)), where min_gap is the smallest
-    top-1 minus top-2 logit gap over an answer's generated tokens. It is the probability the
-    model gives its chosen token against the runner-up alone (a two-way softmax), at the
-    answer's least certain step: 0.5 means a tie somewhere, near 1 means every step was clear.
-
-    Args:
-      min_gap: logit gap (natural-log units), >= 0 for greedy decoding.
-
-    Returns:
-      confidence, a float in [0.5, 1) for min_gap >= 0.
-    """
-    return 1.0 / (1.0 + math.exp(-float(min_gap)))
-
-
-@dataclasses.dataclass(frozen=True)
-class QueryResult:
-    """A user query's answer and the data it saw.
-
-    Attributes:
-      text: decoded answer (stop token excluded).
-      tokens: [G'] int32 generated tokens.
-      first_gap: top-1 minus top-2 logit of the first generated token.
-      min_gap: smallest such gap over the generated tokens.
-      context_tokens: n, session cells the query attended to.
-      seq: sequence number of the newest item in those cells (-1: none yet).
-      latency_s: seconds from the call to the answer, waiting for the device included.
-    """
-
-    text: str
-    tokens: np.ndarray
-    first_gap: float
-    min_gap: float
-    context_tokens: int
-    seq: int
-    latency_s: float
-
-    @property
-    def confidence(self) -> float:
-        """`confidence_from_gap(min_gap)`, in [0.5, 1)."""
-        return confidence_from_gap(self.min_gap)
+from statejax.errors import InputError
+from statejax.serving.question import Question
+from statejax.serving.results import FlashAnswer, FlashEvent
 
 
 @dataclasses.dataclass(frozen=True)
 class FlashQuery:
-    """A registered question: evaluated after data arrives, greedy, up to max_new_tokens."""
+    """A registered question (text), evaluated greedily after data arrives."""
 
     flash_id: int
-    question: str
-    max_new_tokens: int
+    question: Question
 
 
-@dataclasses.dataclass(frozen=True)
-class FlashAnswer:
-    """A flash query's cached answer.
+class FlashRegistry:
+    """Registered flash queries by id and by text, and the latest answer of each.
 
     Attributes:
-      flash_id, question: the registered question.
-      text, tokens, first_gap, min_gap, context_tokens: as in `QueryResult`.
-      confidence: `confidence_from_gap(min_gap)`, in [0.5, 1).
-      seq: ingested_seq the answer reflects (-1: prefix only).
-      evaluated_at: `time.monotonic()` when the evaluation finished, in seconds.
+      dirty: the registry or the data changed since the last evaluation began.
     """
 
-    flash_id: int
-    question: str
-    text: str
-    tokens: np.ndarray
-    first_gap: float
-    min_gap: float
-    confidence: float
-    context_tokens: int
-    seq: int
-    evaluated_at: float
+    def __init__(self):
+        self._entries: dict[int, FlashQuery] = {}
+        self._by_text: dict[str, list[int]] = {}  # text -> ids, so `find` is O(1)
+        self._answers: dict[int, FlashAnswer] = {}
+        self._ids = itertools.count()
+        self.dirty = False
 
+    def __len__(self) -> int:
+        return len(self._entries)
 
-@dataclasses.dataclass(frozen=True)
-class FlashEvent:
-    """A flash answer's text changed (previous is None for the first answer)."""
+    def add(self, question: Question) -> FlashQuery:
+        """Registers a prepared question (with text); returns its entry, id >= 0."""
+        entry = FlashQuery(next(self._ids), question)
+        self._entries[entry.flash_id] = entry
+        self._by_text.setdefault(question.text, []).append(entry.flash_id)
+        self.dirty = True
+        return entry
 
-    flash_id: int
-    previous: FlashAnswer | None
-    current: FlashAnswer
+    def get(self, flash_id) -> FlashQuery:
+        """The entry of `flash_id`; InputError naming the registered ids if unknown."""
+        if flash_id not in self._entries:
+            raise InputError(f"unknown flash id {flash_id!r}; registered: "
+                             f"{sorted(self._entries)}")
+        return self._entries[flash_id]
 
+    def remove(self, flash_id) -> None:
+        """Removes an entry and its cached answer; InputError if unknown."""
+        text = self.get(flash_id).question.text
+        del self._entries[flash_id]
+        self._by_text[text].remove(flash_id)
+        if not self._by_text[text]:
+            del self._by_text[text]
+        self._answers.pop(flash_id, None)
 
-@dataclasses.dataclass(frozen=True)
-class FlashResult:
-    """What `ask` returns.
+    def find(self, text: str, max_new_tokens: int | None) -> FlashQuery | None:
+        """The first entry asking `text` with this limit (None: any limit), else None."""
+        for i in self._by_text.get(text, ()):
+            if max_new_tokens in (None, self._entries[i].question.max_new_tokens):
+                return self._entries[i]
+        return None
 
-    Attributes:
-      text, tokens, first_gap, min_gap, confidence, context_tokens: the answer.
-      seq: ingested_seq the answer reflects.
-      items_behind: ingested items the answer has not seen (ingested_seq - seq); 0 = fresh.
-      hit: True when served from the flash cache with no device work.
-      flash_id: the matching registered question, or None.
-      latency_s: seconds from the call to the answer.
-    """
+    def entries(self) -> list[FlashQuery]:
+        """Every entry, in id order."""
+        return [self._entries[i] for i in sorted(self._entries)]
 
-    text: str
-    tokens: np.ndarray
-    first_gap: float
-    min_gap: float
-    confidence: float
-    context_tokens: int
-    seq: int
-    items_behind: int
-    hit: bool
-    flash_id: int | None
-    latency_s: float
+    def answer(self, flash_id: int) -> FlashAnswer | None:
+        """The cached answer of a registered id, or None before its first evaluation."""
+        return self._answers.get(self.get(flash_id).flash_id)
+
+    def store(self, current: FlashAnswer) -> FlashEvent | None:
+        """Caches an answer; returns the event when its text changed (None if unchanged or
+        the entry was unregistered meanwhile)."""
+        if current.flash_id not in self._entries:
+            return None
+        previous = self._answers.get(current.flash_id)
+        self._answers[current.flash_id] = current
+        if previous is None or previous.answer.text != current.answer.text:
+            return FlashEvent(current.flash_id, previous, current)
+        return None

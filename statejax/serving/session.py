@@ -11,8 +11,8 @@ Overflow policy when the cells are full:
   at positions starting from 0. This costs one prefill of the kept window.
 """
 
-import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,11 @@ from statejax.cache import IMPLS
 from statejax.errors import CapacityError, InputError
 from statejax.model.config import ModelConfig
 from statejax.model.layouts import layout_of
+from statejax.serving.packing import pack_questions, unpack_answer
+from statejax.serving.question import Question
+from statejax.serving.results import Answer
 from statejax.state import init_state
-from statejax.tokenizer import Tokenizer, check_fits_vocab, validate_token_ids
+from statejax.tokenizer import Tokenizer, check_fits_vocab, encode_checked, validate_token_ids
 
 
 @functools.lru_cache(maxsize=64)
@@ -52,25 +55,6 @@ OVERFLOW_POLICIES = ("error", "slide")
 DEFAULT_MAX_NEW_TOKENS = 32  # a query's limit when none is given (capped by the budget)
 _MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # the step takes a float32
 NO_STOP = -1  # a `stop_token` that never stops generation: every requested token is made
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """A query's result.
-
-    Attributes:
-      text: decoded answer (stop token excluded).
-      tokens: [G'] int32 generated tokens.
-      first_gap: top-1 minus top-2 logit of the first generated token.
-      min_gap: smallest such gap over the generated tokens (the answer's confidence).
-      context_tokens: n, the session cells the query attended to.
-    """
-
-    text: str
-    tokens: np.ndarray
-    first_gap: float
-    min_gap: float
-    context_tokens: int
 
 
 def generation_width(limits, budget: Budget) -> int:
@@ -128,7 +112,7 @@ class Session:
         self._item_starts: list[int] = []
         self.prefix_len = 0
         self.evicted_tokens = 0
-        prefix_ids = self._ids(prefix, allow_empty=True)
+        prefix_ids = self._ids(prefix, "prefix", allow_empty=True)
         if prefix_ids.size:
             self._check_room(prefix_ids.size)
             self._prefill(prefix_ids)
@@ -159,10 +143,11 @@ class Session:
         return self._state
 
     def append(self, data: str | np.ndarray):
-        """Appends one item (text or token ids) to the data region.
+        """Appends one item (text or [N] token ids) to the data region.
 
-        Raises `InputError` for empty input, ids outside the vocabulary, wrong dtype or rank,
-        and `CapacityError` when the cells are full under the `"error"` policy; the session
+        Raises `InputError` for a wrong type, empty input, ids outside the vocabulary (from
+        the tokenizer too), wrong dtype or rank, and `CapacityError` when the cells are full
+        under the `"error"` policy; the session
         is unchanged in every failure. An error raised by a step (e.g. a kernel refusing the
         last chunk's shape after earlier chunks went in) also leaves it as it was: the item's
         tokens are rolled back (`_restore`).
@@ -170,7 +155,7 @@ class Session:
         Returns:
           [V] float32 logits after the item's last token.
         """
-        ids = self._ids(data)
+        ids = self._ids(data, "append")
         if self.length + ids.size > self.budget.cells and self.overflow == "error":
             raise CapacityError(
                 f"appending {ids.size} tokens to a session holding {self.length} of "
@@ -252,10 +237,15 @@ class Session:
               temperature: float = 0.0, seed: int = 0) -> Answer:
         """Answers one question on a branch; the session's cells are left bit-identical.
 
-        `max_new_tokens`: 1..min(256, budget.max_new_tokens); None: 32, or the budget's cap
-        if smaller."""
-        return self.query_batch([question], [max_new_tokens], temperature=temperature,
-                                seed=seed)[0]
+        Args:
+          question: text or [Tq] token ids, 1..budget.question_cells tokens.
+          max_new_tokens: 1..min(256, budget.max_new_tokens); None: 32, or the budget's cap
+            if smaller.
+          temperature: 0 for greedy, else sampling temperature.
+          seed: sampling seed (an int64).
+        """
+        return self.answer([self.prepare(question, max_new_tokens)], temperature=temperature,
+                           seed=seed)[0]
 
     def query_batch(self, questions, max_new_tokens, *, temperature: float = 0.0,
                     seed: int = 0) -> list[Answer]:
@@ -275,43 +265,76 @@ class Session:
         if len(questions) != len(max_new_tokens) or not questions:
             raise InputError(f"need one max_new_tokens per question and at least one question;"
                              f" got {len(questions)} questions, {len(max_new_tokens)} limits")
-        ids = [self.validate_question(q) for q in questions]
-        limits = [self.validate_max_new_tokens(m) for m in max_new_tokens]
+        prepared = [self.prepare(q, m) for q, m in zip(questions, max_new_tokens, strict=True)]
+        return self.answer(prepared, temperature=temperature, seed=seed)
+
+    def prepare(self, question: str | np.ndarray, max_new_tokens: int | None = None) -> Question:
+        """Checks and tokenises a question once, for `answer` (on any thread, no device work).
+
+        Args:
+          question: text or [Tq] token ids, 1 <= Tq <= budget.question_cells.
+          max_new_tokens: as `query`.
+
+        Returns:
+          a `Question` with [Tq] int32 ids.
+
+        Raises:
+          InputError: wrong type, empty, too long, an id outside the vocabulary, a bad limit.
+        """
+        ids = self._ids(question, "query")
+        if ids.size > self.budget.question_cells:
+            raise InputError(f"question has {ids.size} tokens; the branch room allows at most "
+                             f"{self.budget.question_cells} (budget.question_cells)")
+        return Question(ids, self.validate_max_new_tokens(max_new_tokens),
+                        question if isinstance(question, str) else None)
+
+    def answer(self, questions: Sequence[Question], *, temperature: float = 0.0,
+               seed: int = 0) -> list[Answer]:
+        """Answers R prepared questions (`prepare`) as R branches, without re-encoding them.
+
+        Args:
+          questions: R >= 1 `Question`s from this session's `prepare`.
+          temperature, seed: as `query`.
+
+        Returns:
+          R `Answer`s, in order.
+        """
+        if not isinstance(questions, list | tuple) or not questions or not all(
+                isinstance(q, Question) for q in questions):
+            raise InputError("answer takes a non-empty list of Questions (Session.prepare); got "
+                             f"{type(questions).__name__}")
+        for q in questions:  # prepared for other shapes (another session's budget)
+            if q.ids.size > self.budget.question_cells or (
+                    q.max_new_tokens > self.budget.max_new_tokens):
+                raise InputError(f"{q!r} does not fit this session's budget (question_cells="
+                                 f"{self.budget.question_cells}, max_new_tokens="
+                                 f"{self.budget.max_new_tokens}); allowed: Session.prepare here")
         self.validate_sampling(temperature, seed)
         answers = []
         largest = self.budget.branch_rows[-1]
-        for start in range(0, len(ids), largest):
+        for start in range(0, len(questions), largest):
             # Each group of branches draws its own samples (one key would repeat them).
             key = _rng_key(seed) if start == 0 else jax.random.fold_in(_rng_key(seed), start)
-            answers += self._query_rows(ids[start:start + largest],
-                                        limits[start:start + largest], temperature, key)
+            answers += self._answer_rows(list(questions[start:start + largest]), temperature,
+                                         key)
         return answers
 
-    def _query_rows(self, ids, limits, temperature, key):
-        r = self.budget.rows_bucket(len(ids))
-        t = self.budget.chunk_bucket(max(q.size for q in ids))
-        question = np.zeros((r, t), np.int32)
-        question_len = np.ones((r,), np.int32)
-        max_new = np.zeros((r,), np.int32)
-        for i, (q, m) in enumerate(zip(ids, limits, strict=True)):
-            question[i, :q.size], question_len[i], max_new[i] = q, q.size, m
-        # The question goes in as one numpy array and the answer comes back as one: each
-        # host transfer has its own fixed cost on a GPU (`steps.query_packed`), and each
-        # jnp.asarray(...) would be its own dispatch (~0.6 ms of the query's host time on CPU
-        # once). The scalars are device arrays made once per value.
+    def _answer_rows(self, questions: list[Question], temperature, key) -> list[Answer]:
+        limits = [q.max_new_tokens for q in questions]
+        # One numpy array in and one out (`docs/serving.md`); the scalars stay on the device.
         answer = steps.query_packed(
             self.params, self._state, _device_scalar(0, "int32"),
-            steps.pack_question(question, question_len, max_new),
+            pack_questions(questions, self.budget),
             _device_scalar(self.stop_token, "int32"), _device_scalar(temperature, "float32"),
             key, _device_scalar(self.tokenizer.vocab_size, "int32"), cfg=self.cfg,
             window=self.budget.window_for(self.length), branch_cells=self.budget.branch_cells,
             max_new_cap=generation_width(limits, self.budget), impl=self.impl,
             linear_impl=self.linear_impl)
-        tokens, num, gaps = steps.unpack_answer(answer)
+        tokens, num, gaps = unpack_answer(answer)
         answers = []
-        for i in range(len(ids)):
+        for i, limit in enumerate(limits):
             # Gaps cover every emitted token, the stop token included.
-            emitted = max(min(int(num[i]) + 1, int(max_new[i])), 1)
+            emitted = max(min(int(num[i]) + 1, limit), 1)
             toks = tokens[i, :num[i]].astype(np.int32)
             answers.append(Answer(text=self.tokenizer.decode(toks), tokens=toks,
                                   first_gap=float(gaps[i, 0]),
@@ -320,14 +343,6 @@ class Session:
         return answers
 
     # ------------------------------------------------------------------ validation
-
-    def validate_question(self, question) -> np.ndarray:
-        """Question -> [Tq] int32 ids with 1 <= Tq <= budget.question_cells."""
-        ids = self._ids(question)
-        if ids.size > self.budget.question_cells:
-            raise InputError(f"question has {ids.size} tokens; the branch room allows at most "
-                             f"{self.budget.question_cells} (budget.question_cells)")
-        return ids
 
     def validate_sampling(self, temperature, seed):
         """Checks temperature (a real in [0, float32 max]: the step takes a float32) and seed
@@ -357,15 +372,30 @@ class Session:
             raise InputError(f"max_new_tokens={max_new_tokens}; allowed: 1..{cap}{why}")
         return int(max_new_tokens)
 
-    def _ids(self, data, allow_empty: bool = False) -> np.ndarray:
+    def encode(self, text: str) -> np.ndarray:
+        """Text -> [N] int32 ids (N >= 1), every id checked on this thread (no device work).
+
+        Raises:
+          InputError: not a str, empty text, text of no tokens, an id the tokenizer returns
+            outside [0, V) (naming the id and its position).
+        """
+        if not isinstance(text, str):
+            raise InputError(f"encode takes text (str); got {type(text).__name__}")
+        return self._ids(text, "encode")
+
+    def _ids(self, data, what: str, allow_empty: bool = False) -> np.ndarray:
+        """Text or token ids -> [N] int32 ids checked against the vocabulary."""
         if isinstance(data, str):
             if not data and not allow_empty:
-                raise InputError("empty text; allowed: at least one character")
-            ids = self.tokenizer.encode(data) if data else np.zeros((0,), np.int32)
+                raise InputError(f"{what} got empty text; allowed: at least one character")
+            ids = encode_checked(self.tokenizer, data) if data else np.zeros((0,), np.int32)
             if data and ids.size == 0 and not allow_empty:
                 raise InputError(f"text {data[:40]!r} encodes to no tokens with this "
                                  "tokenizer; allowed: text of at least one token")
-            return ids.astype(np.int32)
+            return ids
+        if not isinstance(data, np.ndarray | jax.Array | list | tuple):
+            raise InputError(f"{what} takes text (str) or token ids (a 1-D integer array); got "
+                             f"{type(data).__name__}")
         if allow_empty and np.size(data) == 0:
             return np.zeros((0,), np.int32)
         return validate_token_ids(data, self.cfg.vocab_size)
@@ -382,3 +412,4 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+

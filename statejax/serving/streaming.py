@@ -1,28 +1,30 @@
 """Data plane / query plane around one `Session`, and flash queries.
 
-`StreamingSession` lets any number of threads push items (OHLCV bars or text) and ask questions
-at the same time. The two planes meet only at the device:
+`StreamingSession` lets any number of threads push items and ask questions at the same time.
+The two planes meet only at the device:
 
-- **Data plane.** `push` validates and tokenises an item on the caller's thread, gives it the next
-  sequence number and puts it on a host queue; it never waits for device work. One worker thread
-  drains the queue in adaptive chunks (every pending item, up to `max_batch_tokens` tokens, at
-  least one item) and appends each chunk to the session with a single `Session.append` call.
+- **Data plane.** `push` encodes an item to text (its item encoder; OHLCV bars or text by
+  default), tokenises it and checks every id on the caller's thread, gives it the next
+  sequence number and queues it; it never waits for device work. One worker thread drains
+  the queue in adaptive chunks (every pending item, up to `max_batch_tokens` tokens, at least
+  one item) and appends each chunk with a single `Session.append` call.
 - **Query plane.** `query` answers from the cells as they are now; it never waits for queued
   items, and reports `seq`, the newest item its answer saw.
-- **Flash queries.** Registered questions are re-evaluated together (`Session.query_batch`) after
-  ingestion, in idle time, and cached; `ask` answers a registered question from the cache with
-  no device work, and listeners hear of every change of an answer's text.
+- **Flash queries.** Registered questions (`FlashRegistry`) are re-evaluated together after
+  ingestion, in idle time, and cached; `ask` answers a registered question from the cache
+  with no device work, and listeners (`EventFanout`) hear of every change of an answer's text.
 
-Threading. All device work (append, query, flash evaluation) is serialised by one FIFO lock, the
-single device stream, so a waiting user query is served before the worker's next append. Host
-bookkeeping (queue, counters, registry, cache) sits behind a second lock that is never held
+Threading. All device work (append, query, flash evaluation) is serialised by one `FifoLock`,
+the single device stream, so a waiting user query is served before the worker's next append.
+Host bookkeeping (queue, counters, registry) sits behind a second lock that is never held
 during device work. The worker evaluates flash queries only when no user query is pending and
 the ingest queue is empty (`flash_idle_only=True`), so flash work never delays a user.
 
-Failures. A chunk that `Session.append` refuses (e.g. `CapacityError` under overflow="error")
-is retried item by item; each item that still fails is recorded in `failures()` under its
-sequence number, the session is left as it was (`Session.append` guarantees this), and later
-items go on. Nothing is dropped silently.
+Refusals. A chunk that `Session.append` refuses (e.g. `CapacityError` under overflow="error")
+is retried item by item; each item that still fails leaves the session as it was and is
+recorded under its sequence number. `flush` raises `ItemsRefusedError` for refusals it has not
+reported yet, `failures()` keeps them all, and `ask` counts refused items in `items_behind`
+(after the answer's seq) and `refused`. Nothing is dropped silently.
 
 Item boundaries. A chunk enters the session as one item, so the "slide" overflow policy, which
 cuts only at item boundaries, drops or keeps the items of one chunk together.
@@ -32,74 +34,32 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from statejax.data.market import Bar, format_bar
-from statejax.errors import InputError, SessionClosedError
-from statejax.serving.flash import (
+from statejax.errors import InputError, ItemsRefusedError, SessionClosedError
+from statejax.serving.device_lock import FifoLock
+from statejax.serving.events import EventFanout
+from statejax.serving.flash import FlashQuery, FlashRegistry
+from statejax.serving.items import ItemEncoder, market_item
+from statejax.serving.question import Question
+from statejax.serving.results import (
+    Answer,
     FlashAnswer,
     FlashEvent,
-    FlashQuery,
     FlashResult,
     QueryResult,
-    confidence_from_gap,
 )
-from statejax.serving.session import Answer, Session
+from statejax.serving.session import Session
 
 logger = logging.getLogger(__name__)
-
-
-class _FifoLock:
-    """A non-reentrant lock granted in request order (ticket lock).
-
-    `threading.Lock` lets a releasing thread take the lock straight back, so a worker looping on
-    appends could starve a user query; tickets make each waiter wait at most for the holders
-    that asked before it.
-    """
-
-    def __init__(self):
-        self._cv = threading.Condition(threading.Lock())
-        self._next_ticket = 0
-        self._serving = 0
-        self._abandoned = set()  # tickets whose waiter left (e.g. KeyboardInterrupt)
-
-    def __enter__(self):
-        with self._cv:
-            ticket = None
-            try:
-                ticket = self._next_ticket
-                self._next_ticket = ticket + 1
-                while ticket != self._serving:
-                    self._cv.wait()
-            except BaseException:
-                # An interrupted waiter gives its turn up; unserved, its ticket would block
-                # every later holder for good. (Interrupted before taking one: nothing to do.)
-                if ticket is None or self._next_ticket <= ticket:
-                    raise
-                if ticket == self._serving:
-                    self._advance()
-                else:
-                    self._abandoned.add(ticket)
-                raise
-
-    def __exit__(self, *exc):
-        with self._cv:
-            self._advance()
-
-    def _advance(self):
-        """Serves the next ticket whose waiter is still there (caller holds `_cv`)."""
-        self._serving += 1
-        while self._serving in self._abandoned:
-            self._abandoned.remove(self._serving)
-            self._serving += 1
-        self._cv.notify_all()
 
 
 class StreamingSession:
@@ -107,6 +67,8 @@ class StreamingSession:
 
     Args:
       session: the session to stream into; from now on only this object should touch it.
+      encode_item: item -> non-empty text (`statejax.serving.items`); default `market_item`
+        (OHLCV `Bar`s or text).
       max_batch_tokens: most tokens the worker appends in one chunk (it always takes at least
         one item); default: the budget's largest chunk size, one device step.
       flash_idle_only: evaluate flash queries only when the ingest queue is empty and no user
@@ -114,10 +76,14 @@ class StreamingSession:
       name: worker thread name.
     """
 
-    def __init__(self, session: Session, *, max_batch_tokens: int | None = None,
-                 flash_idle_only: bool = True, name: str = "statejax-ingest"):
+    def __init__(self, session: Session, *, encode_item: ItemEncoder = market_item,
+                 max_batch_tokens: int | None = None, flash_idle_only: bool = True,
+                 name: str = "statejax-ingest"):
         if not isinstance(session, Session):
             raise InputError(f"session must be a statejax Session; got {type(session).__name__}")
+        if not callable(encode_item):
+            raise InputError(f"encode_item={encode_item!r}; allowed: a callable item -> str "
+                             "(statejax.serving.items)")
         if max_batch_tokens is None:
             max_batch_tokens = session.budget.max_chunk
         if (isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int)
@@ -126,29 +92,25 @@ class StreamingSession:
         if not isinstance(flash_idle_only, bool):
             raise InputError(f"flash_idle_only={flash_idle_only!r}; allowed: True or False")
         self._session = session
+        self.encode_item = encode_item
         self.max_batch_tokens = max_batch_tokens
         self.flash_idle_only = flash_idle_only
-        self._device = _FifoLock()
+        self._device = FifoLock()
+        self._events = EventFanout()
         # Guards everything below; never held during device work.
         self._cv = threading.Condition(threading.Lock())
         self._queue: collections.deque[tuple[int, np.ndarray]] = collections.deque()
         self._next_seq = 0
         self._ingested_seq = -1  # newest item in the cells
-        self._processed_seq = -1  # newest item ingested or failed
+        self._processed_seq = -1  # newest item ingested or refused
         self._failures: dict[int, Exception] = {}
+        self._unreported: dict[int, Exception] = {}  # refusals no flush has raised yet
         self._pending_queries = 0
         self._closing = False
-        self._flash: dict[int, FlashQuery] = {}
-        self._flash_by_text: dict[str, list[int]] = {}  # question -> ids, so ask hits are O(1)
-        self._flash_ids = itertools.count()
-        self._answers: dict[int, FlashAnswer] = {}
-        self._flash_dirty = False  # registry or data changed since the last evaluation
+        self._flash = FlashRegistry()
         self._flash_running = False  # an evaluation's answers are not cached yet
         self._flash_pauses = 0
         self._flash_error: Exception | None = None
-        self._listeners: dict[int, Callable[[FlashEvent], None]] = {}
-        self._listener_ids = itertools.count()
-        self._event_queues: set[queue.Queue] = set()
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
@@ -190,18 +152,20 @@ class StreamingSession:
 
     # ------------------------------------------------------------------ data plane
 
-    def push(self, item: Bar | str) -> int:
+    def push(self, item: Any) -> int:
         """Queues one item for ingestion; returns its sequence number (0, 1, 2, ...).
 
-        Never waits for device work. The item is validated here, so bad input raises at once
-        and nothing is queued.
+        Never waits for device work. The item is encoded, tokenised and every id checked
+        here, so bad input raises at once and nothing is queued.
 
         Args:
-          item: a `Bar` (serialised with `format_bar`) or non-empty text.
+          item: what `encode_item` takes (by default a `Bar`, serialised with `format_bar`,
+            or non-empty text).
 
         Raises:
-          InputError: not a Bar or str, an invalid Bar, empty text, an item longer than the
-            session can ever hold (`Session.max_item_tokens`).
+          InputError: an item the encoder refuses, text of no tokens, an id the tokenizer
+            returns outside [0, V), an item longer than the session can ever hold
+            (`Session.max_item_tokens`).
           SessionClosedError: after `close`.
         """
         ids = self._item_ids(item)
@@ -216,19 +180,12 @@ class StreamingSession:
         return seq
 
     def _item_ids(self, item) -> np.ndarray:
-        if isinstance(item, Bar):
-            item.validate()  # a Bar altered after construction must not slip through
-            text = format_bar(item)
-        elif isinstance(item, str):
-            if not item:
-                raise InputError("push got empty text; allowed: a Bar or at least one character")
-            text = item
-        else:
-            raise InputError(f"push got a {type(item).__name__}; allowed: a Bar or a "
-                             "non-empty str")
-        ids = np.asarray(self._session.tokenizer.encode(text), np.int32)
-        if ids.size == 0:
-            raise InputError(f"text {text!r} encodes to no tokens; allowed: text with >= 1 token")
+        """Item -> [N] int32 ids, N >= 1, checked against the vocabulary and the cells."""
+        text = self.encode_item(item)
+        if not isinstance(text, str):
+            raise InputError(f"encode_item returned a {type(text).__name__} for a "
+                             f"{type(item).__name__}; allowed: a non-empty str")
+        ids = self._session.encode(text)
         if ids.size > (limit := self._session.max_item_tokens):
             raise InputError(f"an item of {ids.size} tokens can never be ingested; allowed: at "
                              f"most {limit} (Session.max_item_tokens, overflow="
@@ -236,13 +193,15 @@ class StreamingSession:
         return ids
 
     def flush(self, timeout: float | None = None) -> None:
-        """Blocks until every item pushed so far is ingested (or failed) and, unless flash
+        """Blocks until every item pushed so far is ingested (or refused) and, unless flash
         evaluation is paused, flash queries reflect it.
 
         Args:
           timeout: most seconds to wait; None waits for ever.
 
         Raises:
+          ItemsRefusedError: items up to then were refused that no earlier `flush` reported
+            (each refusal is raised once; `failures()` keeps them all). The wait is complete.
           TimeoutError: the wait ran out first.
           InputError: called from a listener (it would wait for itself).
         """
@@ -257,21 +216,24 @@ class StreamingSession:
                 raise TimeoutError(
                     f"flush timed out after {timeout} s: processed seq {self._processed_seq} of "
                     f"{target}, flash pending={self._flash_wanted()}")
+            refused = {seq: e for seq, e in self._unreported.items() if seq <= target}
+            for seq in refused:
+                del self._unreported[seq]
+        if refused:
+            raise ItemsRefusedError(refused)
 
     def close(self, timeout: float | None = None) -> None:
         """Stops accepting pushes, drains the queue (and due flash work), stops the worker.
 
-        Idempotent. Event queues then receive None, and `events` iterators end.
+        Idempotent; raises nothing for refused items (see `failures`). Event queues then
+        receive None, and `events` iterators end.
         """
         with self._cv:
             self._closing = True
             self._cv.notify_all()
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
-        with self._cv:
-            queues = list(self._event_queues)
-        for q in queues:
-            q.put(None)
+        self._events.close()
 
     def __enter__(self) -> StreamingSession:
         return self
@@ -295,25 +257,23 @@ class StreamingSession:
         """
         start = time.monotonic()
         self._check_open("query")
-        # Host-side checks before queueing for the device, so bad input fails fast.
-        self._session.validate_question(question)
-        limit = self._session.validate_max_new_tokens(max_new_tokens)
+        # Checked and tokenised here, once, so bad input fails before waiting for the device.
+        prepared = self._session.prepare(question, max_new_tokens)
         self._session.validate_sampling(temperature, seed)
-        (a,), seq = self._device_query([question], [limit], temperature=temperature,
-                                       seed=seed)
-        return QueryResult(text=a.text, tokens=a.tokens, first_gap=a.first_gap,
-                           min_gap=a.min_gap, context_tokens=a.context_tokens, seq=seq,
-                           latency_s=time.monotonic() - start)
+        a, seq, _ = self._device_query(prepared, temperature=temperature, seed=seed)
+        return QueryResult(answer=a, seq=seq, latency_s=time.monotonic() - start)
 
-    def _device_query(self, questions, limits, **kw) -> tuple[list[Answer], int]:
-        """Runs a user query batch on the device stream; returns (answers, seq they saw)."""
+    def _device_query(self, question: Question, **sampling) -> tuple[Answer, int, int]:
+        """Runs a user query on the device stream; returns (answer, seq it saw, newest
+        processed seq then)."""
         with self._cv:
             self._pending_queries += 1
         try:
             with self._device:
                 # Read under the device lock: no append can land between this and the query.
-                seq = self.ingested_seq
-                return self._session.query_batch(questions, limits, **kw), seq
+                with self._cv:
+                    seq, processed = self._ingested_seq, self._processed_seq
+                return self._session.answer([question], **sampling)[0], seq, processed
         finally:
             with self._cv:
                 self._pending_queries -= 1
@@ -336,42 +296,28 @@ class StreamingSession:
         """
         if not isinstance(question, str):
             raise InputError(f"flash question must be a str; got {type(question).__name__}")
-        self._session.validate_question(question)
-        limit = self._session.validate_max_new_tokens(max_new_tokens)
+        prepared = self._session.prepare(question, max_new_tokens)
         with self._cv:
             if self._closing:
                 raise SessionClosedError("register on a closed StreamingSession")
-            flash_id = next(self._flash_ids)
-            self._flash[flash_id] = FlashQuery(flash_id, question, limit)
-            self._flash_by_text.setdefault(question, []).append(flash_id)
-            self._flash_dirty = True
+            flash_id = self._flash.add(prepared).flash_id
             self._cv.notify_all()
         return flash_id
 
     def unregister(self, flash_id: int) -> None:
         """Removes a flash query and its cached answer. Unknown id -> InputError."""
         with self._cv:
-            if flash_id not in self._flash:
-                raise InputError(f"unknown flash id {flash_id!r}; registered: "
-                                 f"{sorted(self._flash)}")
-            question = self._flash.pop(flash_id).question
-            self._flash_by_text[question].remove(flash_id)
-            if not self._flash_by_text[question]:
-                del self._flash_by_text[question]
-            self._answers.pop(flash_id, None)
+            self._flash.remove(flash_id)
 
     def registered(self) -> list[FlashQuery]:
         """Registered flash queries, in id order."""
         with self._cv:
-            return [self._flash[i] for i in sorted(self._flash)]
+            return self._flash.entries()
 
     def answer(self, flash_id: int) -> FlashAnswer | None:
         """The cached answer of a flash query, or None before its first evaluation."""
         with self._cv:
-            if flash_id not in self._flash:
-                raise InputError(f"unknown flash id {flash_id!r}; registered: "
-                                 f"{sorted(self._flash)}")
-            return self._answers.get(flash_id)
+            return self._flash.answer(flash_id)
 
     def ask(self, question_or_id: str | int, max_new_tokens: int | None = None, *,
             refresh_if_stale: bool = False) -> FlashResult:
@@ -385,7 +331,8 @@ class StreamingSession:
           question_or_id: a flash id, or question text.
           max_new_tokens: limit for a fresh query; default the registered one, else as
             `Session.query`.
-          refresh_if_stale: run a fresh query when the cached answer is items_behind > 0.
+          refresh_if_stale: run a fresh query when items were ingested after the cached
+            answer's seq.
 
         Raises:
           InputError: unknown flash id, bad question or limit. SessionClosedError.
@@ -397,41 +344,34 @@ class StreamingSession:
             raise InputError(f"ask needs a flash id or question text; got "
                              f"{type(question_or_id).__name__}")
         if max_new_tokens is not None:
-            self._session.validate_max_new_tokens(max_new_tokens)
+            max_new_tokens = self._session.validate_max_new_tokens(max_new_tokens)
         with self._cv:
             if self._closing:
                 raise SessionClosedError("ask on a closed StreamingSession")
-            entry = self._find_flash(question_or_id, is_id, max_new_tokens)
+            entry = (self._flash.get(question_or_id) if is_id
+                     else self._flash.find(question_or_id, max_new_tokens))
             # Another limit than the registered one is another question: no hit.
-            cached = (self._answers.get(entry.flash_id) if entry and max_new_tokens in (
-                None, entry.max_new_tokens) else None)
-            ingested = self._ingested_seq
+            same_limit = entry and max_new_tokens in (None, entry.question.max_new_tokens)
+            cached = self._flash.answer(entry.flash_id) if same_limit else None
+            ingested, processed = self._ingested_seq, self._processed_seq
+            refused = len(self._failures)
         if cached is not None and not (refresh_if_stale and ingested > cached.seq):
-            return FlashResult(
-                text=cached.text, tokens=cached.tokens, first_gap=cached.first_gap,
-                min_gap=cached.min_gap, confidence=cached.confidence,
-                context_tokens=cached.context_tokens, seq=cached.seq,
-                items_behind=ingested - cached.seq, hit=True, flash_id=cached.flash_id,
-                latency_s=time.monotonic() - start)
-        question = entry.question if entry else question_or_id
-        if max_new_tokens is None and entry:
-            max_new_tokens = entry.max_new_tokens
-        fresh = self.query(question, max_new_tokens)
-        return FlashResult(
-            text=fresh.text, tokens=fresh.tokens, first_gap=fresh.first_gap,
-            min_gap=fresh.min_gap, confidence=fresh.confidence,
-            context_tokens=fresh.context_tokens, seq=fresh.seq, items_behind=0, hit=False,
-            flash_id=entry.flash_id if entry else None, latency_s=time.monotonic() - start)
-
-    def _find_flash(self, key, is_id: bool, max_new_tokens) -> FlashQuery | None:
-        if is_id:
-            if key not in self._flash:
-                raise InputError(f"unknown flash id {key!r}; registered: {sorted(self._flash)}")
-            return self._flash[key]
-        for i in self._flash_by_text.get(key, ()):
-            if max_new_tokens in (None, self._flash[i].max_new_tokens):
-                return self._flash[i]
-        return None
+            return FlashResult(answer=cached.answer, seq=cached.seq,
+                               items_behind=processed - cached.seq, refused=refused, hit=True,
+                               flash_id=cached.flash_id, latency_s=time.monotonic() - start)
+        self._check_open("ask")
+        if entry is None:
+            question = self._session.prepare(question_or_id, max_new_tokens)
+        elif max_new_tokens is None:
+            question = entry.question
+        else:  # the registered ids, another (checked) limit
+            question = dataclasses.replace(entry.question, max_new_tokens=max_new_tokens)
+        a, seq, processed = self._device_query(question)
+        with self._cv:
+            refused = len(self._failures)
+        return FlashResult(answer=a, seq=seq, items_behind=processed - seq, refused=refused,
+                           hit=False, flash_id=entry.flash_id if entry else None,
+                           latency_s=time.monotonic() - start)
 
     @contextlib.contextmanager
     def flash_paused(self) -> Iterator[None]:
@@ -456,60 +396,18 @@ class StreamingSession:
         Returns:
           unsubscribe(), which removes the callback (idempotent).
         """
-        if not callable(callback):
-            raise InputError(f"callback must be callable; got {type(callback).__name__}")
-        with self._cv:
-            key = next(self._listener_ids)
-            self._listeners[key] = callback
-
-        def unsubscribe():
-            with self._cv:
-                self._listeners.pop(key, None)
-        return unsubscribe
+        return self._events.subscribe(callback)
 
     def event_queue(self) -> queue.Queue:
         """A new unbounded queue that receives every later `FlashEvent`, and None on close."""
-        q: queue.Queue = queue.Queue()
-        with self._cv:
-            self._event_queues.add(q)
-            if self._closing and not self._worker.is_alive():
-                q.put(None)
-        return q
+        return self._events.new_queue()
 
     def events(self, timeout: float | None = None) -> Iterator[FlashEvent]:
         """Iterates over later `FlashEvent`s; ends on close or after `timeout` s without one.
 
         Subscribes at the call (not at the first `next`), so no event after the call is missed.
         """
-        q = self.event_queue()
-
-        def drain():
-            try:
-                while True:
-                    try:
-                        event = q.get(timeout=timeout)
-                    except queue.Empty:
-                        return
-                    if event is None:
-                        return
-                    yield event
-            finally:
-                with self._cv:
-                    self._event_queues.discard(q)
-        return drain()
-
-    def _emit(self, events: list[FlashEvent]) -> None:
-        with self._cv:
-            callbacks = list(self._listeners.values())
-            queues = list(self._event_queues)
-        for event in events:
-            for q in queues:
-                q.put(event)
-            for callback in callbacks:
-                try:
-                    callback(event)
-                except Exception:
-                    logger.exception("flash listener %r raised on %r; kept", callback, event)
+        return self._events.iterate(timeout)
 
     # ------------------------------------------------------------------ worker
 
@@ -520,7 +418,7 @@ class StreamingSession:
 
     def _flash_wanted(self) -> bool:
         """Flash work is owed (caller holds _cv)."""
-        return bool(self._flash) and self._flash_dirty and not self._flash_pauses
+        return bool(self._flash) and self._flash.dirty and not self._flash_pauses
 
     def _flash_due(self) -> bool:
         """Flash work is owed and may run now (caller holds _cv)."""
@@ -582,9 +480,10 @@ class StreamingSession:
             with self._cv:
                 if ok:
                     self._ingested_seq = ok[-1]
-                    self._flash_dirty = True
+                    self._flash.dirty = True
                 self._processed_seq = batch[-1][0]
                 self._failures.update(failed)
+                self._unreported.update(failed)
                 self._cv.notify_all()
         for seq, e in failed.items():
             logger.warning("item seq=%d was not ingested: %s", seq, e)
@@ -594,13 +493,12 @@ class StreamingSession:
             with self._cv:
                 if not self._flash_due():  # a query or an unregister came in meanwhile
                     return
-                entries = [self._flash[i] for i in sorted(self._flash)]
+                entries = self._flash.entries()
                 seq = self._ingested_seq
-                self._flash_dirty = False
+                self._flash.dirty = False
                 self._flash_running = True
             try:
-                answers = self._session.query_batch([e.question for e in entries],
-                                                    [e.max_new_tokens for e in entries])
+                answers = self._session.answer([e.question for e in entries])
             except Exception as e:
                 logger.exception("flash evaluation failed; retried after the next data")
                 with self._cv:
@@ -609,23 +507,12 @@ class StreamingSession:
                     self._cv.notify_all()
                 return
         now = time.monotonic()
-        events = []
         with self._cv:
-            for entry, a in zip(entries, answers, strict=True):
-                if entry.flash_id not in self._flash:  # unregistered during evaluation
-                    continue
-                current = FlashAnswer(
-                    flash_id=entry.flash_id, question=entry.question, text=a.text,
-                    tokens=a.tokens, first_gap=a.first_gap, min_gap=a.min_gap,
-                    confidence=confidence_from_gap(a.min_gap),
-                    context_tokens=a.context_tokens, seq=seq, evaluated_at=now)
-                previous = self._answers.get(entry.flash_id)
-                self._answers[entry.flash_id] = current
-                if previous is None or previous.text != current.text:
-                    events.append(FlashEvent(entry.flash_id, previous, current))
+            events = [event for entry, a in zip(entries, answers, strict=True)
+                      if (event := self._flash.store(FlashAnswer(entry.flash_id, a, seq, now)))]
             self._flash_error = None
         try:
-            self._emit(events)
+            self._events.emit(events)
         finally:
             # Cleared only after delivery: once flush returns, listeners have the events.
             with self._cv:

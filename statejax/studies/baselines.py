@@ -19,7 +19,9 @@ import numpy as np
 from statejax.budget import Budget
 from statejax.errors import CapacityError
 from statejax.model.config import ModelConfig
-from statejax.serving.session import Answer, Session
+from statejax.serving.question import Question
+from statejax.serving.results import Answer
+from statejax.serving.session import Session
 from statejax.tokenizer import Tokenizer, validate_token_ids
 
 
@@ -45,16 +47,15 @@ class _RequestEngine:
         """Checks a whole request before any cell changes, so a refused one changes nothing.
 
         Returns:
-          ([N] int32 context ids, [Tq] int32 question ids).
+          ([N] int32 context ids, the prepared `Question`).
         """
         ids = self._check_context(context_ids)
-        question_ids = self.session.validate_question(question)
-        self.session.validate_max_new_tokens(max_new_tokens)
+        prepared = self.session.prepare(question, max_new_tokens)
         self.session.validate_sampling(temperature, seed)
-        return ids, question_ids
+        return ids, prepared
 
-    def _answer(self, question, max_new_tokens, temperature, seed) -> Answer:
-        return self.session.query(question, max_new_tokens, temperature=temperature, seed=seed)
+    def _answer(self, question: Question, temperature, seed) -> Answer:
+        return self.session.answer([question], temperature=temperature, seed=seed)[0]
 
 
 class StatelessEngine(_RequestEngine):
@@ -71,11 +72,11 @@ class StatelessEngine(_RequestEngine):
         The context is appended in chunks of the budget's largest chunk size. Raises
         `InputError` (`CapacityError` for N > budget.cells) before touching the session.
         """
-        ids, question_ids = self._check_request(context_ids, question, max_new_tokens,
-                                                temperature, seed)
+        ids, prepared = self._check_request(context_ids, question, max_new_tokens,
+                                            temperature, seed)
         self.session.truncate(0)
         self.session.append(ids)
-        return self._answer(question_ids, max_new_tokens, temperature, seed)
+        return self._answer(prepared, temperature, seed)
 
 
 def page_hashes(ids: np.ndarray, page_size: int) -> list[bytes]:
@@ -98,8 +99,8 @@ class PrefixCacheEngine(_RequestEngine):
     The engine keeps the cells of the previous prompt (the context ids; the question is always
     recomputed on a branch) and a chain hash per full page (`budget.page_size` tokens). A new
     prompt keeps the longest run of leading pages whose hashes match and recomputes the rest.
-    Hashing the prompt is host work on the request's critical path, as in vLLM (about 3 ms
-    for 32k tokens on one CPU core).
+    Hashing the prompt is host work on the request's critical path, as in vLLM
+    (`docs/serving.md`).
 
     Args: as `Session` (`params`, `cfg`, `budget`, `tokenizer`, `stop_token`, `impl`,
     `linear_impl`).
@@ -150,7 +151,7 @@ class PrefixCacheEngine(_RequestEngine):
 
         The whole request is checked first: a refused one keeps the cached prompt.
         """
-        ids, question_ids = self._check_request(context_ids, question, max_new_tokens,
-                                                temperature, seed)
+        ids, prepared = self._check_request(context_ids, question, max_new_tokens,
+                                            temperature, seed)
         self._load(ids)
-        return self._answer(question_ids, max_new_tokens, temperature, seed)
+        return self._answer(prepared, temperature, seed)

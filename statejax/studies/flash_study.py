@@ -78,9 +78,9 @@ def run_flash_study(config) -> dict:
                 fresh = session.query(questions[q], budget.max_new_tokens)
                 k = 1 if q == "last_close" else config.k
                 s = scores[q]
-                s["correct"].append(cached.text.strip() == tasks.answer(q, bars, k))
-                s["agree"].append(cached.hit and cached.text == fresh.text)
-                s["confidence"].append(cached.confidence)
+                s["correct"].append(cached.answer.text.strip() == tasks.answer(q, bars, k))
+                s["agree"].append(cached.hit and cached.answer.text == fresh.text)
+                s["confidence"].append(cached.answer.confidence)
     per_type = {q: _summary(questions[q], s) for q, s in scores.items()}
     return {
         "model": {"name": cfg.name, "params": cfg.num_params,

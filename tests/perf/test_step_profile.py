@@ -15,6 +15,7 @@ from statejax.model.config import preset
 from statejax.model.layouts import lay_out
 from statejax.model.llama import init_params
 from statejax.perf import fused_linear_tiles, lone_query, step_profile
+from statejax.serving.packing import unpack_answer
 
 
 def test_components_cover_the_weights_and_match_the_model():
@@ -379,7 +380,7 @@ def test_query_step_is_the_sessions_own_device_call(impl):
     assert all(packed_args[i] is args[i] for i in range(3))
     assert all(packed_args[i] is args[i + 2] for i in range(4, len(packed_args)))
     compiled = steps.query_packed._cache_size()
-    tokens, num, gaps = steps.unpack_answer(steps.query_packed(*packed_args, **static))
+    tokens, num, gaps = unpack_answer(steps.query_packed(*packed_args, **static))
     np.testing.assert_array_equal(tokens, np.asarray(gen.tokens))
     np.testing.assert_array_equal(gaps, np.asarray(gen.gaps))
     assert num.tolist() == np.asarray(gen.num_tokens).tolist()

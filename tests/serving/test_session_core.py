@@ -10,6 +10,8 @@ from statejax.budget import Budget
 from statejax.errors import CapacityError, InputError
 from statejax.model.config import preset
 from statejax.model.llama import init_params
+from statejax.perf.query_call import QUERY_PACKED_PER_CALL_ARGS, QUERY_PACKED_SCALAR_ARGS
+from statejax.serving import packing
 from statejax.serving import session as session_module
 from statejax.serving.session import NO_STOP, Session, generation_width
 from statejax.state import init_state
@@ -149,13 +151,13 @@ def test_packed_query_answers_bit_for_bit_as_the_query(tiny):
                   max_new_cap=session.budget.max_new_tokens)
     gen = steps.query(params, session.state, np.int32(0), question, lengths, max_new,
                       *scalars, **static)
-    request = steps.pack_question(question, lengths, max_new)
+    request = packing.pack_question(question, lengths, max_new)
     assert request.shape == (3, 18) and request.dtype == np.int32
     answer = steps.query_packed(params, session.state, np.int32(0), request, *scalars,
                                 **static)
     g = session.budget.max_new_tokens
     assert answer.shape == (3, 2 * g + 1) and answer.dtype == jnp.int32
-    tokens, num, gaps = steps.unpack_answer(answer)
+    tokens, num, gaps = packing.unpack_answer(answer)
     assert gaps.dtype == np.float32 and tokens.shape == gaps.shape == (3, g)
     np.testing.assert_array_equal(tokens, np.asarray(gen.tokens))
     np.testing.assert_array_equal(num, np.asarray(gen.num_tokens))
@@ -244,19 +246,35 @@ def test_text_that_encodes_to_no_tokens_is_refused_and_session_unchanged(tiny):
 
 
 def test_query_batch_equals_single_queries_and_stops_at_stop_token(tiny):
+    """Batch == single queries, with no stop token (every requested token is made) and with
+    a stop token one answer provably emits and the others do not (both paths stop there)."""
     cfg, params = tiny
-    session = Session(params, cfg, _budget(), ByteTokenizer())
-    session.append(_random_ids(7, 90))
     questions = [_random_ids(s, n) for s, n in [(8, 3), (9, 20), (10, 32)]]
     limits = [5, 16, 1]
-    batch = session.query_batch(questions, limits)
-    for q, m, got in zip(questions, limits, batch, strict=True):
-        single = session.query(q, m)
-        assert got.tokens.tolist() == single.tokens.tolist()
-        np.testing.assert_allclose(got.first_gap, single.first_gap, rtol=1e-5)
-        assert got.tokens.size == m  # random weights: the stop token is not produced
+
+    def batch_and_singles(stop_token):
+        session = Session(params, cfg, _budget(), ByteTokenizer(), stop_token=stop_token)
+        session.append(_random_ids(7, 90))
+        batch = session.query_batch(questions, limits)
+        for q, m, got in zip(questions, limits, batch, strict=True):
+            single = session.query(q, m)
+            assert got.tokens.tolist() == single.tokens.tolist()
+            np.testing.assert_allclose(got.first_gap, single.first_gap, rtol=1e-5)
+            np.testing.assert_allclose(got.min_gap, single.min_gap, rtol=1e-5)
+        return batch
+
+    full = batch_and_singles(NO_STOP)
+    assert [a.tokens.size for a in full] == limits
+    # The second answer's first token, made by neither other answer: as the stop token it
+    # empties that answer and leaves the others whole, in the batch and alone.
+    stop = int(full[1].tokens[0])
+    assert stop not in full[0].tokens and stop not in full[2].tokens
+    stopped = batch_and_singles(stop)
+    assert stopped[1].tokens.size == 0
+    for i in (0, 2):
+        assert stopped[i].tokens.tolist() == full[i].tokens.tolist()
     # Make the greedy first token the stop token: the answer is then empty.
-    first = int(session.query(questions[0], 1).tokens[0])
+    first = int(full[0].tokens[0])
     stopping = Session(params, cfg, _budget(), ByteTokenizer(), stop_token=first)
     stopping.append(_random_ids(7, 90))
     assert stopping.query(questions[0], 5).tokens.size == 0
@@ -478,9 +496,16 @@ def test_bad_budgets_are_refused():
                       (dict(max_new_tokens=0), "max_new_tokens=0"),
                       (dict(question_cells=0), "question_cells=0"),
                       (dict(chunk_sizes=(16.5, 64)), "chunk_sizes"),
-                      (dict(windows=(0, 4096)), "windows"), (dict(rows=True), "rows")):
+                      (dict(windows=(0, 4096)), "windows")):
         with pytest.raises(InputError, match=match):
             Budget(**kw)
+
+
+def test_budget_has_no_rows_knob():
+    """`rows` was read by nothing (a session holds one row): it is gone, not ignored."""
+    with pytest.raises(TypeError, match="rows"):
+        Budget(rows=2)
+    assert not hasattr(Budget(), "rows")
 
 
 def test_bad_session_options_are_refused(tiny):
@@ -537,8 +562,8 @@ def test_only_the_question_crosses_from_the_host_per_query(tiny, monkeypatch):
     again = session.query("r?", 4, temperature=0.5, seed=3)
     greedy = session.query("q?", 4)
     monkeypatch.undo()
-    scalars = steps.QUERY_PACKED_SCALAR_ARGS  # row, stop_token, temperature, valid_vocab
-    assert scalars == (2, 4, 5, 7) and steps.QUERY_PACKED_PER_CALL_ARGS == (3,)
+    scalars = QUERY_PACKED_SCALAR_ARGS  # row, stop_token, temperature, valid_vocab
+    assert scalars == (2, 4, 5, 7) and QUERY_PACKED_PER_CALL_ARGS == (3,)
     for args in calls:
         assert isinstance(args[3], np.ndarray) and args[3].dtype == np.int32
         assert all(isinstance(args[i], jax.Array) for i in scalars)

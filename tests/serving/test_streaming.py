@@ -8,15 +8,12 @@ import pytest
 
 from statejax.budget import Budget
 from statejax.data.market import Bar, format_bar, synthetic_bars
-from statejax.errors import CapacityError, InputError, SessionClosedError
-from statejax.serving import streaming
+from statejax.errors import CapacityError, InputError, ItemsRefusedError, SessionClosedError
+from statejax.serving.device_lock import FifoLock
+from statejax.serving.flash import FlashQuery
+from statejax.serving.results import FlashEvent, confidence_from_gap
 from statejax.serving.session import Session
-from statejax.serving.streaming import (
-    FlashEvent,
-    FlashQuery,
-    StreamingSession,
-    confidence_from_gap,
-)
+from statejax.serving.streaming import StreamingSession
 from statejax.tokenizer import ByteTokenizer
 
 PREFIX = "You watch a market feed.\n"
@@ -109,9 +106,9 @@ def test_query_reports_seq_of_data_seen(make):
     s.flush(TIMEOUT)
     r = s.query("Q?", 2)
     assert r.seq == s.ingested_seq == 4
-    assert r.context_tokens == s.session.length
+    assert r.answer.context_tokens == s.session.length
     assert r.latency_s > 0
-    assert 0.5 <= r.confidence < 1.0
+    assert 0.5 <= r.answer.confidence < 1.0
     assert history(s) == "".join(format_bar(b) for b in bars)
 
 
@@ -123,21 +120,21 @@ def test_confidence_is_sigmoid_of_min_gap():
 def test_flash_answer_equals_fresh_query_and_reports_staleness(make):
     s = make()
     fid = s.register(QUESTION, max_new_tokens=8)
-    assert s.registered() == [FlashQuery(fid, QUESTION, 8)]
+    assert s.registered() == [FlashQuery(fid, s.session.prepare(QUESTION, 8))]
     for bar in synthetic_bars(3, seed=1):
         s.push(bar)
     s.flush(TIMEOUT)
 
     cached = s.answer(fid)
     assert cached is not None and cached.seq == s.ingested_seq == 2
-    assert cached.confidence == confidence_from_gap(cached.min_gap)
+    assert cached.answer.confidence == confidence_from_gap(cached.answer.min_gap)
     fresh = s.query(QUESTION, 8)
     for key in (fid, QUESTION):
         hit = s.ask(key)
         assert hit.hit and hit.items_behind == 0 and hit.flash_id == fid and hit.seq == 2
-        assert hit.text == fresh.text
-        np.testing.assert_array_equal(hit.tokens, fresh.tokens)
-        assert hit.min_gap == pytest.approx(fresh.min_gap, abs=1e-4)
+        assert hit.answer.text == fresh.answer.text and hit.refused == 0
+        np.testing.assert_array_equal(hit.answer.tokens, fresh.answer.tokens)
+        assert hit.answer.min_gap == pytest.approx(fresh.answer.min_gap, abs=1e-4)
 
     # Ingest more while flash evaluation is held back: the cache is now 2 items behind.
     with s.flash_paused():
@@ -181,7 +178,7 @@ def test_flash_events_only_when_text_changes(make):
         cached.append(s.answer(fid))
     assert [a.seq for a in cached] == list(range(-1, 6))
     expected = [(prev, cur) for prev, cur in zip(cached, cached[1:], strict=False)
-                if prev.text != cur.text]
+                if prev.answer.text != cur.answer.text]
     got = []
     while not events.empty():
         got.append(events.get_nowait())
@@ -195,7 +192,7 @@ def test_flash_event_carries_previous_answer_on_change(make):
     fid = s.register(QUESTION, max_new_tokens=4)
     s.flush(TIMEOUT)
     first = next(events)
-    assert first.previous is None and first.current.text == "????"  # the random model echoes
+    assert first.previous is None and first.current.answer.text == "????"  # random model echoes
     # Guarantee a different answer: zero the (tied) embedding rows of "?" and of ids the byte
     # tokenizer cannot decode, so "?" scores 0 against positive rivals. Swapped while idle.
     emb = s.session.params["embed"]["embedding"]
@@ -206,7 +203,7 @@ def test_flash_event_carries_previous_answer_on_change(make):
     second = next(events)
     assert second.flash_id == fid and second.previous == first.current
     assert second.current == s.answer(fid) and second.current.seq == 0
-    assert second.current.text != "????" and s.flash_error is None
+    assert second.current.answer.text != "????" and s.flash_error is None
 
 
 def test_raising_listener_does_not_kill_worker(make):
@@ -246,7 +243,7 @@ def test_unregister_and_ask_unregistered(make):
         s.ask(fid)
     r = s.ask(QUESTION, 4)
     assert not r.hit and r.flash_id is None and r.items_behind == 0 and r.seq == -1
-    assert r.text == s.query(QUESTION, 4).text
+    assert r.answer.text == s.query(QUESTION, 4).answer.text
 
 
 def test_ask_by_id_with_another_limit_is_a_fresh_query(make):
@@ -256,8 +253,8 @@ def test_ask_by_id_with_another_limit_is_a_fresh_query(make):
     s.flush(TIMEOUT)
     assert s.ask(fid).hit and s.ask(fid, 4).hit
     other = s.ask(fid, 1)  # not the registered limit: answered fresh, with that limit
-    assert not other.hit and other.flash_id == fid and other.tokens.size <= 1
-    assert other.text == s.query(QUESTION, 1).text
+    assert not other.hit and other.flash_id == fid and other.answer.tokens.size <= 1
+    assert other.answer.text == s.query(QUESTION, 1).answer.text
     for bad in (0, -3, 1.5):
         with pytest.raises(InputError, match="max_new_tokens"):
             s.ask(fid, bad)
@@ -330,14 +327,18 @@ def test_failed_append_is_reported_and_later_items_ingest(make):
     s.push("a" * (room - 100))
     s.push("b" * 200)  # does not fit
     s.push("c" * 50)  # fits
-    s.flush(TIMEOUT)
+    with pytest.raises(ItemsRefusedError, match="seq 1: CapacityError") as refused:
+        s.flush(TIMEOUT)
+    assert list(refused.value.refused) == [1]
     failures = s.failures()
     assert list(failures) == [1] and isinstance(failures[1], CapacityError)
     assert s.session.length == 1024 - 50
     assert history(s) == "a" * (room - 100) + "c" * 50
     assert s.ingested_seq == 2
     s.push("d" * 60)  # does not fit either: reported, nothing changes
-    s.flush(TIMEOUT)
+    with pytest.raises(ItemsRefusedError) as refused:
+        s.flush(TIMEOUT)
+    assert list(refused.value.refused) == [3]  # each refusal is raised once
     assert list(s.failures()) == [1, 3] and s.session.length == 1024 - 50
     assert s.ingested_seq == 2
 
@@ -366,7 +367,7 @@ def test_flush_times_out_while_the_device_is_busy(make):
 def test_device_lock_survives_an_interrupted_waiter(served_when_interrupted):
     """A waiter interrupted (Ctrl-C in a notebook during `query`) gives its turn up: later
     holders still get the lock, in order, whether its turn had come or not."""
-    lock = streaming._FifoLock()
+    lock = FifoLock()
     holding, release = threading.Event(), threading.Event()
 
     def hold():
@@ -411,9 +412,9 @@ def test_defaults_fit_a_small_budget_and_misspelled_options_fail_first(tiny):
     s = StreamingSession(Session(params, cfg, budget, ByteTokenizer(), prefix=PREFIX))
     try:
         fid = s.register(QUESTION)  # the default limit: 4 here, not 32
-        assert s.registered()[0].max_new_tokens == 4
+        assert s.registered()[0].question.max_new_tokens == 4
         s.flush(TIMEOUT)
-        assert s.ask(fid).hit and s.query(QUESTION).text == s.ask(QUESTION).text
+        assert s.ask(fid).hit and s.query(QUESTION).answer.text == s.ask(QUESTION).answer.text
         with pytest.raises(TypeError, match="temprature"):
             s.query(QUESTION, temprature=0.5)
         assert s._pending_queries == 0
