@@ -12,6 +12,7 @@ from statejax.tokenizer import (
     HFTokenizer,
     Tokenizer,
     check_fits_vocab,
+    encode_checked,
     validate_token_ids,
 )
 
@@ -163,3 +164,35 @@ def test_hf_tokenizer_missing_and_malformed_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(InputError, match="not a valid Hugging Face tokenizer.json"):
         HFTokenizer.from_file(bad)
+
+
+class _Returns(ByteTokenizer):
+    """A tokenizer whose encode returns a fixed value, whatever the text."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def encode(self, text):
+        return self.value
+
+
+@pytest.mark.parametrize("value, match", [
+    (np.array([3, 259, 4]), r"id 259 at position 1; allowed: ids in \[0, 259\)"),
+    (np.array([-1]), r"id -1 at position 0; allowed: ids in \[0, 259\)"),
+    ([1, 2, 10**6], r"id 1000000 at position 2"),
+    (np.array([[1, 2]]), r"shape \(1, 2\).*allowed: a 1-D integer array"),
+    (np.array([1.0, 2.0]), r"dtype float64; allowed: a 1-D integer array"),
+    ("12", "encode returned a str; allowed: a 1-D integer array"),
+    (None, "encode returned a NoneType"),
+])
+def test_encode_checked_names_the_bad_output(value, match):
+    with pytest.raises(InputError, match=match):
+        encode_checked(_Returns(value), "some text")
+
+
+def test_encode_checked_passes_good_ids_as_int32():
+    tok = ByteTokenizer()
+    ids = encode_checked(tok, "ab")
+    assert ids.dtype == np.int32 and ids.tolist() == [97, 98]
+    assert encode_checked(_Returns([]), "x").shape == (0,)
+    assert encode_checked(_Returns(np.array([0, 258], np.int64)), "x").dtype == np.int32

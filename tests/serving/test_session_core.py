@@ -592,3 +592,75 @@ def test_only_the_question_crosses_from_the_host_per_query(tiny, monkeypatch):
             max_new_cap=generation_width([4], session.budget), impl=session.impl)
         assert answer.tokens.tolist() == np.asarray(
             gen.tokens[0, :int(gen.num_tokens[0])]).tolist()
+
+
+@pytest.mark.parametrize("bad, got", [(None, "NoneType"), (123, "int"), (b"1 2 3", "bytes"),
+                                      (4.5, "float")])
+def test_wrong_types_name_the_type_and_what_is_allowed(tiny, bad, got):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer())
+    session.append("1 2 3\n")
+    snapshot = _snapshot(session)
+    allowed = r"takes text \(str\) or token ids \(a 1-D integer array\); got "
+    with pytest.raises(InputError, match="append " + allowed + got):
+        session.append(bad)
+    with pytest.raises(InputError, match="query " + allowed + got):
+        session.query(bad, 4)
+    with pytest.raises(InputError, match=r"encode takes text \(str\); got " + got):
+        session.encode(bad)
+    _assert_unchanged(session, snapshot)
+
+
+class _BadIdTokenizer(ByteTokenizer):
+    """Bytes, but "!" encodes to an id past every vocabulary and "~" to -1 (a buggy
+    tokenizer, or one paired with the wrong model)."""
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = super().encode(text)
+        return np.where(ids == ord("!"), 10_000, np.where(ids == ord("~"), -1, ids))
+
+
+def test_tokenizer_ids_outside_the_vocabulary_are_refused_before_any_device_work(
+        tiny, monkeypatch):
+    """Once let through, an id past the embedding table wrote NaN into the cells and every
+    later answer had first_gap=nan."""
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), _BadIdTokenizer(), prefix="p\n")
+    session.append("1 2 3\n")
+    snapshot = _snapshot(session)
+
+    def no_device_work(*args, **kwargs):
+        raise AssertionError("a step ran on unchecked ids")
+
+    monkeypatch.setattr(steps, "append", no_device_work)
+    monkeypatch.setattr(steps, "query_packed", no_device_work)
+    for text, bad_id, pos in (("4 5!\n", 10_000, 3), ("~6", -1, 0)):
+        match = rf"id {bad_id} at position {pos}; allowed: ids in \[0, 259\)"
+        for call in (session.append, session.query, session.prepare, session.encode):
+            with pytest.raises(InputError, match=match):
+                call(text)
+    with pytest.raises(InputError, match=r"id 10000 at position 1"):
+        Session(params, cfg, _budget(), _BadIdTokenizer(), prefix="p!")
+    monkeypatch.undo()
+    _assert_unchanged(session, snapshot)
+    assert np.isfinite(session.query("ok?", 4).first_gap)
+
+
+def test_a_question_is_prepared_once_and_answered_as_a_query(tiny):
+    cfg, params = tiny
+    session = Session(params, cfg, _budget(), ByteTokenizer())
+    session.append("1 2 3\n")
+    question = session.prepare("ok?", 6)
+    assert question.text == "ok?" and question.max_new_tokens == 6
+    assert question.ids.tolist() == session.encode("ok?").tolist()
+    with pytest.raises(ValueError, match="read-only"):
+        question.ids[0] = 1  # checked once: it cannot change after its check
+    (answer,) = session.answer([question])
+    assert answer.tokens.tolist() == session.query("ok?", 6).tokens.tolist()
+    for bad in ("ok?", [], ["ok?"], None):
+        with pytest.raises(InputError, match="answer takes a non-empty list of Questions"):
+            session.answer(bad)
+    small = Session(params, cfg, Budget(cells=512, chunk_sizes=(16, 64), question_cells=2,
+                                        max_new_tokens=4), ByteTokenizer())
+    with pytest.raises(InputError, match="does not fit this session's budget"):
+        small.answer([question])

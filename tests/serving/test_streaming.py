@@ -1,6 +1,8 @@
 """StreamingSession: concurrent ingestion and queries, sequence numbers, flash queries, errors."""
 
+import ast
 import dataclasses
+import pathlib
 import threading
 
 import numpy as np
@@ -9,9 +11,10 @@ import pytest
 from statejax.budget import Budget
 from statejax.data.market import Bar, format_bar, synthetic_bars
 from statejax.errors import CapacityError, InputError, ItemsRefusedError, SessionClosedError
+from statejax.serving import items, streaming
 from statejax.serving.device_lock import FifoLock
 from statejax.serving.flash import FlashQuery
-from statejax.serving.results import FlashEvent, confidence_from_gap
+from statejax.serving.results import Answer, FlashEvent, confidence_from_gap
 from statejax.serving.session import Session
 from statejax.serving.streaming import StreamingSession
 from statejax.tokenizer import ByteTokenizer
@@ -420,3 +423,131 @@ def test_defaults_fit_a_small_budget_and_misspelled_options_fail_first(tiny):
         assert s._pending_queries == 0
     finally:
         s.close(timeout=TIMEOUT)
+
+
+def test_refused_items_surface_in_flush_and_ask(make):
+    """overflow="error": items past the cells are refused. flush raises with each refused
+    seq and reason (once per refusal), and the cached answer, which lacks them, says so."""
+    s = make()
+    room = 1024 - len(PREFIX)
+    s.push("a" * (room - 10))
+    fid = s.register(QUESTION, 4)
+    s.flush(TIMEOUT)
+    length = s.session.length
+    for _ in range(3):
+        s.push("b" * 50)  # none fits
+    with pytest.raises(ItemsRefusedError, match=r"3 pushed item\(s\) were refused") as e:
+        s.flush(TIMEOUT)
+    assert list(e.value.refused) == [1, 2, 3]
+    assert all(isinstance(err, CapacityError) for err in e.value.refused.values())
+    assert "seq 2: CapacityError: appending 50 tokens" in str(e.value)
+    stale = s.ask(fid)
+    assert stale.hit and stale.seq == 0 and stale.items_behind == 3 and stale.refused == 3
+    s.flush(TIMEOUT)  # reported once: nothing new to raise
+    assert s.session.length == length and list(s.failures()) == [1, 2, 3]
+    s.push("c" * 5)  # fits
+    s.flush(TIMEOUT)
+    fresh = s.ask(fid)
+    assert fresh.seq == 4 and fresh.items_behind == 0 and fresh.refused == 3
+
+
+class _CountingTokenizer(ByteTokenizer):
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def encode(self, text: str) -> np.ndarray:
+        self.calls.append(text)
+        return super().encode(text)
+
+
+def test_each_question_is_tokenised_once(tiny):
+    cfg, params = tiny
+    tok = _CountingTokenizer()
+    budget = Budget(cells=1024, windows=(1024,), branch_rows=(1, 4), max_new_tokens=256)
+    s = StreamingSession(Session(params, cfg, budget, tok, prefix=PREFIX))
+    try:
+        s.query(QUESTION, 2)
+        assert tok.calls.count(QUESTION) == 1  # not once to check and again to answer
+        fid = s.register("Registered?", 2)
+        for i in range(3):
+            s.push(f"{i}\n")
+            s.flush(TIMEOUT)
+        assert s.answer(fid).seq == 2 and tok.calls.count("Registered?") == 1
+        assert not s.ask(fid, 1).hit and tok.calls.count("Registered?") == 1
+    finally:
+        s.close(TIMEOUT)
+
+
+class _BadIdTokenizer(ByteTokenizer):
+    def encode(self, text: str) -> np.ndarray:
+        ids = super().encode(text)
+        return np.where(ids == ord("!"), 10_000, ids)
+
+
+def test_push_checks_tokenizer_ids_on_the_callers_thread(tiny):
+    cfg, params = tiny
+    budget = Budget(cells=1024, windows=(1024,), branch_rows=(1, 4), max_new_tokens=256)
+    s = StreamingSession(Session(params, cfg, budget, _BadIdTokenizer(), prefix=PREFIX))
+    try:
+        with s._device:  # no device work can happen: the refusal is the caller's own
+            with pytest.raises(InputError, match=r"id 10000 at position 2; allowed: ids in "
+                                                 r"\[0, 259\)"):
+                s.push("ok!\n")
+            assert s.pushed_seq == -1
+        with pytest.raises(InputError, match="id 10000 at position 1"):
+            s.query("Q!", 2)
+        with pytest.raises(InputError, match="id 10000 at position 0"):
+            s.register("!", 2)
+        s.push("ok\n")
+        s.flush(TIMEOUT)
+        assert s.failures() == {} and np.isfinite(s.query("Q?", 2).answer.first_gap)
+    finally:
+        s.close(TIMEOUT)
+
+
+def test_item_encoder_replaces_the_market_default(tiny):
+    cfg, params = tiny
+    budget = Budget(cells=1024, windows=(1024,), branch_rows=(1, 4), max_new_tokens=256)
+
+    def build(**kw):
+        return StreamingSession(Session(params, cfg, budget, ByteTokenizer(), prefix=PREFIX),
+                                **kw)
+
+    plain = build(encode_item=items.text_item)
+    reading = build(encode_item=lambda r: f"t={r['t']} v={r['v']}\n")
+    odd = build(encode_item=lambda item: item.encode())
+    try:
+        with pytest.raises(InputError, match="allowed: a non-empty str"):
+            plain.push(synthetic_bars(1, seed=0)[0])
+        plain.push("text\n")
+        reading.push({"t": 1, "v": 2.5})
+        with pytest.raises(InputError, match="encode_item returned a bytes for a str"):
+            odd.push("x")
+        for s, text in ((plain, "text\n"), (reading, "t=1 v=2.5\n")):
+            s.flush(TIMEOUT)
+            assert history(s) == text
+    finally:
+        for s in (plain, reading, odd):
+            s.close(TIMEOUT)
+    with pytest.raises(InputError, match="encode_item"):
+        build(encode_item="format_bar")
+    # The streaming machinery knows no item domain: the market encoder is wired in items.py.
+    tree = ast.parse(pathlib.Path(streaming.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any(m.startswith("statejax.data") for m in imported), imported
+
+
+def test_results_compose_an_answer_and_print_readably(make):
+    s = make()
+    for bar in synthetic_bars(3, seed=0):
+        s.push(bar)
+    fid = s.register(QUESTION, 4)
+    s.flush(TIMEOUT)
+    queried = s.query(QUESTION, 4)
+    assert [f.name for f in dataclasses.fields(queried)] == ["answer", "seq", "latency_s"]
+    assert isinstance(queried.answer, Answer) and s.answer(fid).answer == s.ask(fid).answer
+    shown = repr(s.ask(fid))
+    assert shown.startswith("FlashResult(answer=Answer(text='") and "array(" not in shown
+    for part in ("hit=True", "items_behind=0", "seq=2", "refused=0", "confidence=",
+                 "tokens=<4 ids>"):
+        assert part in shown, shown
