@@ -5,8 +5,8 @@ A replay whose buffers moved (a parameter, an output or a temporary at a new add
 re-points the recorded nodes that use them ("updates" the command buffer,
 `xla/backends/gpu/runtime/command_buffer_thunk.cc`): host time spent before the step's
 kernels start. A query from `Session.query` passes fresh host inputs on every call where the
-profile's pipelined rows reuse the same device arrays, so this is one candidate for the
-1.3 ms by which `Session.query` exceeded its device call on the H100 (`docs/results.md`).
+profile's pipelined rows reuse the same device arrays, so updates are one candidate for the
+host time a lone query spends beyond its device call (`docs/results.md`).
 
 With `TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0` XLA logs every replay
 ("Execute command buffer ..."), every update ("Update command buffer ... updated_allocs=K",

@@ -82,10 +82,8 @@ def kernel_events(profile: jax.profiler.ProfileData) -> list[KernelEvent]:
 def _leaves(events: list[KernelEvent]) -> list[KernelEvent]:
     """Events of one line that enclose no later event (a parent starts first: ties sort the
     longer first). Enclose, not overlap: on Hopper a kernel may start before the one ahead of
-    it on its stream ends (programmatic dependent launch), and both are kernels. The rule
-    before, which dropped every event its successor overlapped, kept 17 (79 without CUDA
-    graphs) of the query step's 223 launches per call in the H100 traces of 2026-11-28;
-    overlap is the likely cause, not yet confirmed on a trace."""
+    it on its stream ends (programmatic dependent launch), and both are kernels; dropping
+    overlapped events lost most of a step's kernels (`docs/results.md`)."""
     ordered = sorted(events, key=lambda e: (e.start_ns, -e.duration_ns))
 
     def encloses(e, nxt):
@@ -193,12 +191,11 @@ def kernel_breakdown(fn, args, *, calls: int = 5, top: int = 12) -> dict:
 
 
 # --- The host side of a lone call ---------------------------------------------------------
-# A lone query waits for more than its device work (the H200 profile of 2026-12-04: 1.2-1.8 ms
-# beyond the pipelined call): dispatch, transfers, completion events picked up by host
-# threads, Python. The host planes of a trace hold those as nested events per thread (jax's
-# dispatch `PjitFunction(...)`, PjRt's execute and transfer steps, the runtime's threads;
-# Python frames as "$file:line name" when the profiler traces Python), so the events' self
-# time, per thread and name, says where a lone call's time goes.
+# A lone query waits for more than its device work (`docs/results.md`): dispatch, transfers,
+# completion events picked up by host threads, Python. The host planes of a trace hold those as
+# nested events per thread (jax's dispatch `PjitFunction(...)`, PjRt's execute and transfer
+# steps, the runtime's threads; Python frames as "$file:line name" when the profiler traces
+# Python), so the events' self time, per thread and name, says where a lone call's time goes.
 
 LONE_CALL = "statejax_lone_call"  # the annotation around each call `lone_call_breakdown` times
 # Host events that say how XLA ran its CUDA graphs in the traced calls: replays and updates

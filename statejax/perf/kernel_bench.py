@@ -336,8 +336,7 @@ def tuning_work(cfg) -> list[tuple]:
     """(kind, shape, block sizes, backend) for the Triton tuning grids: `cfg.tune_decode` on
     `cfg.decode[0]`, `cfg.tune_append` on `cfg.append[0]` (the target shapes), then
     `cfg.tune_cascade` / `cfg.tune_cascade_second` on `cfg.cascade[0]` / `cfg.cascade[1]`,
-    the shorter grid first: a time budget too short for both then still finishes one (the
-    H200 run of 2026-12-04 reached 2 of 48 entries at 32k and none of those at 1k)."""
+    the shorter grid first: a time budget too short for both then still finishes one."""
     cascade_grids = sorted(
         (("cascade", cfg.cascade[:1], cfg.get("tune_cascade", ())),
          ("cascade", cfg.cascade[1:2], cfg.get("tune_cascade_second", ()))),
@@ -551,7 +550,7 @@ def _fmt(x):
 
 def results_markdown(results: dict) -> str:
     """`run`'s results as markdown: device, date and jax version, a row per timed call, then
-    issue 3's targets."""
+    the kernel targets."""
     lines = [
         f"# Attention kernel benchmark ({results['variant']})", "",
         f"- device: {results['device']}; date: {results['date']}; jax {results['jax_version']}",
@@ -589,7 +588,7 @@ def results_markdown(results: dict) -> str:
 
 
 def target_lines(results: dict) -> list[str]:
-    """Issue 3's targets, read off the rows that exist."""
+    """The kernel targets, read off the rows that exist."""
     rows = [r for r in results["rows"]  # a row that did not match its reference is no result
             if "skipped" not in r and "error" not in r and r.get("matches", True)]
 

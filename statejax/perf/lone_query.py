@@ -1,7 +1,7 @@
 """Where a lone query's time goes, read off a step profile's rows (`statejax.perf.step_profile`).
 
-Issue 3's end-to-end target is a lone `Session.query` within 1.3x of its floor (the weights
-and the session's K/V read once at the measured copy bandwidth). The profile times the same
+The end-to-end target is a lone `Session.query` within 1.3x of its floor (the weights and the
+session's K/V read once at the measured copy bandwidth). The profile times the same
 query five ways; their differences split `session_query` into parts that add up to it:
 
 | part | rows |
@@ -12,7 +12,7 @@ query five ways; their differences split `session_query` into parts that add up 
 | host transfers | `query_step_host_io` (the question in, the answer out) - `query_step_sync` |
 | Python around the call | `session_query` - `query_step_host_io` |
 
-Profiles since 2026-12-06 also time the session's call through jit's dispatch
+Newer profiles also time the session's call through jit's dispatch
 (`query_step_host_io_jit`, where the other rows call the compiled executable); with that row
 the last part splits in two: jit's call path (`query_step_host_io_jit` -
 `query_step_host_io`) and the session's own Python (`session_query` -
@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from statejax.errors import InputError
 
-TARGET_OVER_FLOOR = 1.3  # issue 3: a lone query within 1.3x of its floor
+TARGET_OVER_FLOOR = 1.3  # the end-to-end target: a lone query within 1.3x of its floor
 # (part, the row it is measured to, the row before it); the floor comes from the first row.
 PARTS = (
     ("device call beyond its floor", "query_step", None),

@@ -16,8 +16,8 @@ sorted into a kind:
   reduction, say), which a one-token step should never need.
 
 On the GPU each is at least one kernel launch (XLA records them into a CUDA graph); at even a
-few microseconds apiece, hundreds of them are a large share of the ~0.8 ms in which a 1B
-model's weights can be read. The launcher is `experiments/step_census.py`.
+few microseconds apiece, hundreds of them are a large share of the time in which a 1B model's
+weights can be read (`docs/results.md`). The launcher is `experiments/step_census.py`.
 """
 
 import collections

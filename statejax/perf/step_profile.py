@@ -1,71 +1,34 @@
-"""Profile of a query step outside attention: each weight group vs its read floor.
+"""Profile of a query step: each weight group and each part of a lone query vs its read floor.
 
-A 32-token query at batch 1 must read every weight once; issue 3 asks the whole step to sit
-near that floor. This times, at the query's shape and in one jitted call each (all layers
-chained, so per-call launch cost is amortised as in the real step):
+A query at batch 1 must read every weight once, so the weights at the copy bandwidth are its
+floor (the end-to-end target: a lone query within 1.3x of it). Each row is one jitted call
+(all layers chained, so per-call launch cost is amortised as in the real step):
 
-- `attn_projections`: q/k/v/o projections, norms and RoPE of every layer (attention itself
-  replaced by the identity on q),
-- `mlp`: the gated MLP of every layer,
-- `embed_logits`: the embedding lookup, final norm and next-token logits,
-- `step_without_attention`: the whole model forward with the identity attention (the part
-  of the step the kernels do not cover),
-- `step_with_attention`: the same forward with causal attention over the 32 tokens only,
-- `query_step`: `steps.query` (what `Session.query` runs on the device: the question as a
-  branch over a session of `context` cells, then the first token) on device-resident inputs;
-  then its kernels from a profiler trace (`device_trace`: kernel time by kind, by HLO op and
-  by kernel name, against the untraced step time; the Pallas kernels are named per call
-  site: `statejax_cascade_shared`, `statejax_fused_linear_qkv` ...), and likewise for the
-  other query steps of `config.trace_steps` (by row suffix: `@32768`, `[linear=pallas]`),
-- `query_step_dispatch`: the host time of that call alone, until it returns (each call starts
-  on an idle device and is waited for after the clock stops): what the host spends per call
-  on its argument buffers (`query_args` of them) and launches,
-- `query_step_sync`: the same compiled call one at a time on the same inputs, each waited for
-  (a query's latency, where `query_step` is the pipelined rate),
-- `query_step_host_io`: one call at a time as `Session.query` makes it
-  (`steps.query_packed`): the question in from the host as one numpy array, the answer
-  fetched as one (`unpack_answer`); `query_step_host_io_call`, from the same calls,
-  the host time until the call returns (what the session spends before its work is queued
-  on the device; the rest is the wait for the device and the transfer out);
-  `query_step_host_io_unpacked`: the same with `steps.query`'s three question arrays in and
-  the answer's three out (what the packing saves); `query_step_host_io_jit`: the packed
-  call through jit's dispatch with its static arguments, as the session makes it, not the
-  compiled executable (what jit's call path adds),
-- `session_query`: `Session.query` end to end (tokens in, answer out: host work included);
-  these eight rows split a query's time into device rate, dispatch, latency, transfers and
-  Python; for the steps of `config.trace_lone_steps` the lone calls of `query_step_host_io`
-  and `session_query` are then traced on the host (`device_trace.trace_lone_calls`: each
-  thread's events by self time, and how much of the call a kernel was running); the rows
-  come again for each of `config.extra_contexts` (named `query_step@32768` ...: what grows
-  with the session), and last for each weights layout of
-  `config.layout_rows` (`statejax.model.layouts`: packed, 45 argument buffers instead of
-  157 at the 1B shape; stacked, 22; named `query_step[packed]` ...); before those, for each
-  of `config.linear_rows`, with the blocks' linear layers by that `linear_impl`
-  (`query_step[linear=pallas]` ...: `kernels/fused_linear.py`, 143 launches instead of 223
-  in the H100 compile of the 1B step of 2026-11-28), each followed by `attn_projections`
-  and `mlp` rows with those linear layers and by the query rows with those linear layers
-  on each layout of `config.layout_rows` (`query_step[packed,linear=pallas]` ...: the
-  kernels read the laid-out weights in place); then `fused_linear[call,bn=N]`: each of a
-  block's four fused calls, once on each layer's weights, for each entry of
-  `config.linear_tile_rows` (`fused_linear_tiles.linear_tiles`: strip widths, or tiles in full),
-- `weights_in_N_gemms` (for each N of `config.chain_gemms`, before the layout rows): the same
-  `config.chain_mib` of weights read by N dependent GEMMs at the query's shape ([T, E·m] x
-  [E, E·m]^T, m = what makes the bytes equal), so the rows differ only in how many kernels
-  read them: the time a kernel boundary costs inside a step (the first-token query step
-  launches 191 at the 1B shape: `statejax.perf.step_census`),
-- `decode_token`: one generated token of a query that generates (`steps.query` at width
-  `decode_tokens`, no stop token): the time of all tokens minus that of the first, over the
-  rest, in one compiled program; its kernels are one turn of the generation loop,
+- pieces: `attn_projections` (q/k/v/o, norms, RoPE; attention replaced by the identity),
+  `mlp`, `embed_logits`, `step_without_attention`, `step_with_attention` (causal over the
+  question only), and `decode_token` (one generated token of a generating query);
+- the query path, which splits a lone query's time into device rate, dispatch, latency,
+  transfers and Python: `query_step` (`steps.query` on device-resident inputs, calls
+  pipelined), `query_step_dispatch` (host time of one call until it returns),
+  `query_step_sync` (one call at a time), `query_step_host_io` (as `Session.query` calls it:
+  one packed array in, one out; `_call`: until the call returns; `_unpacked`: three arrays
+  each way; `_jit`: through jit's dispatch) and `session_query` (end to end);
+- the query rows again per `config.extra_contexts` (`query_step@32768` ...), per
+  `config.linear_rows` (`[linear=pallas]`: the fused linear kernels) and per
+  `config.layout_rows` (`[packed]`, `[stacked]`: `statejax.model.layouts`);
+- `fused_linear[call,bn=N]`: each fused linear call once on every layer's weights, per entry
+  of `config.linear_tile_rows` (`fused_linear_tiles`);
+- `weights_in_N_gemms`: the same `config.chain_mib` of weights read by N dependent GEMMs, so
+  the rows differ only in how many kernels read them: what a kernel boundary costs.
 
-and reports for each: ms, bytes that must be read (weights; plus the session's K/V for the
-query rows), GB/s and the fraction of the copy bandwidth measured in the same run, and for the
-jitted pieces the number of kernels their optimised HLO launches (top-level instructions of the
-entry computation): at a few microseconds each, hundreds of launches alone exceed the floor.
-With `config.trace_pieces` the pieces' rows (not the query rows) also carry `kernel_ms`, their
-kernels' device time per call from a profiler trace: calls of one small kernel are paced by the
-host's dispatch (a fused call alone took 36-88 µs a call on the H200 on 2026-12-04, whatever
-its tiles), which the trace leaves out.
-The launcher is `experiments/step_profile.py`.
+Each row reports ms, the bytes it must read (weights, plus the session's K/V for query rows),
+the fraction of the copy bandwidth measured in the same run, and the kernels its optimised
+HLO launches (at a few microseconds each, hundreds of launches alone exceed the floor). The
+query steps of `config.trace_steps` get a kernel table from a profiler trace
+(`device_trace.kernel_breakdown`), those of `config.trace_lone_steps` a host-event table
+(`device_trace.trace_lone_calls`); with `config.trace_pieces` each piece also carries its
+kernels' device time, since calls of one small kernel are paced by the host's dispatch. Past
+profiles and what they showed: `docs/results.md`. The launcher is `experiments/step_profile.py`.
 """
 
 import datetime
@@ -283,8 +246,7 @@ def _median_call_and_total_seconds(call, finish, *, warmup: int, repeats: int):
     Each call's output is released before the next call, as a session releases its answer's
     device arrays once fetched: an output still alive during the next call puts that call's
     outputs at new addresses, and on a GPU XLA then re-points its CUDA graph's nodes before
-    the replay (0.1-0.6 ms per call in the H100 log of 2026-11-28, where `Session.query`
-    paid it once in 13 calls)."""
+    the replay (`docs/results.md`)."""
     for _ in range(1 + warmup):
         finish(call())
     calls, totals = [], []
@@ -425,7 +387,7 @@ def run(config, on_row=None) -> dict:
             for name in ("attn_projections", "mlp"):
                 add_piece(name + suffix, *pieces[name])
             # With the weights laid out (the kernels read them in place): fewer argument buffers,
-            # the same kernels (H100 compile: tests/test_step_census.py).
+            # the same kernels (the census checks it).
             for layout in layouts:
                 laid_suffix = f"[{layout},linear={linear_impl}]"
                 laid_args, laid_static = query_rows(cfg, lay_out(params, layout), config,
@@ -513,8 +475,8 @@ def query_rows(cfg, params, config, context: int, timing, add, suffix: str = "",
         lambda: packed(*packed_args), unpack_answer, **timing)
     add("query_step_host_io_call" + suffix, call_s, packed_launches, nbytes)
     add("query_step_host_io" + suffix, total_s, packed_launches, nbytes)
-    # The same with the question's three arrays in and the answer's three out (the session
-    # before 2026-12-04): what packing the transfers saves.
+    # The same with the question's three arrays in and the answer's three out: what packing
+    # the transfers saves.
     host_args = host_inputs(args)
     add("query_step_host_io_unpacked" + suffix, _median_call_and_total_seconds(
         lambda: compiled(*host_args), fetch_generation, **timing)[1], launches, nbytes)
@@ -603,7 +565,7 @@ def results_markdown(results: dict) -> str:
             for row, found in results[key].items():
                 lines += ["", *_lone_calls_markdown(found, ms.get(row + suffix), row + suffix)]
     errors = dict(results.get("trace_errors", {}))
-    if "query_kernels_error" in results:  # results written before 2026-12-04 (later)
+    if "query_kernels_error" in results:  # results of older profiles
         errors["query_step kernels"] = results["query_kernels_error"]
     for name, error in errors.items():
         lines += ["", f"{name} trace failed: {error}"]
@@ -641,7 +603,7 @@ def _kernels_markdown(k: dict, step_ms: float, row: str = "query_step") -> list[
     ]
     lines += [f"| {t['op']} | {t['kind']} | {t['kernels']:.0f} | {t['ms']:.3f} | "
               f"{t['us_each']:.1f} |" for t in k["top"]]
-    if k.get("top_kernels"):  # results written before 2026-12-04 have none
+    if k.get("top_kernels"):  # older profiles have none
         lines += ["", "| kernel (most time; numeric suffixes dropped) | kind | kernels | ms | "
                   "µs each |", "|---|---|---:|---:|---:|"]
         lines += [f"| {t['kernel']} | {t['kind']} | {t['kernels']:.0f} | {t['ms']:.3f} | "

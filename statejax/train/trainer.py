@@ -264,7 +264,8 @@ def finish(c, workdir, state: TrainState, train_seconds: float):
         results["serving"][name] = ev
         logging.info("serving accuracy (%s, %d questions, contexts <= %d tokens) %s", name,
                      num_questions, context, _fmt(ev["accuracy"]))
-    # A small fixed held-out stream, rerun by tests/test_pretrained.py on the shipped model.
+    # A small fixed held-out stream, rerun on the shipped model by
+    # tests/pretrained/test_pretrained.py.
     check_context = e.serving["in_range"][0]
     check = serving_eval(state.params, cfg, spec, seed=e.seed, num_questions=e.check_questions,
                          context_tokens=check_context, max_new_tokens=e.max_new_tokens)
@@ -282,7 +283,8 @@ def finish(c, workdir, state: TrainState, train_seconds: float):
         "heldout_accuracy_long_context": {
             name: ev["accuracy"] for name, ev in results["serving"].items()
             if name != "in_range"},
-        # Enough to rerun the same small held-out evaluation (tests/test_pretrained.py does).
+        # Enough to rerun the same small held-out evaluation (as
+        # tests/pretrained/test_pretrained.py does).
         "check_eval": {"seed": e.seed, "num_questions": e.check_questions,
                        "context_tokens": check_context, "max_new_tokens": e.max_new_tokens,
                        "pack_spec": dataclasses.asdict(spec), "accuracy": check["accuracy"]},

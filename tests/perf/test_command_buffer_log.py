@@ -11,7 +11,7 @@ from statejax.perf import command_buffer_log
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # Lines as `xla/backends/gpu/runtime/command_buffer_thunk.cc` writes them in jax 0.11.2's
-# CUDA plugin (read from the H100 run of 2026-11-28; a glog prefix each), interleaved with the
+# CUDA plugin (as in docs/results/step_profile_h100_1128/; a glog prefix each), interleaved with the
 # step profile's JSON rows and other output; one replay line in a newer XLA's form.
 _XLA = "I1128 04:26:57.145694     616 command_buffer_thunk.cc:371] [0] "
 _RECORD = "by recoding command buffer cmd sequence"

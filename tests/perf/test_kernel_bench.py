@@ -162,7 +162,7 @@ def test_gpu_query_times_the_query_attention_and_its_grid():
     cfg = kb_config.get_config("gpu-query")
     # The Llama-3.2-1B query: one session, 32 tokens, H = 32, K = 8, D = 64; 32k, then 1k.
     assert cfg.cascade == ((1, 32768, 32, 32, 8, 64), (1, 1024, 32, 32, 8, 64)) == cfg.decode
-    # Then issue 3's cascade target pairs, default tiles only: 8 branches vs one over 16k
+    # Then the cascade target pairs, default tiles only: 8 branches vs one over 16k
     # cells, at T = 1 (a flash query's generation step) and T = 32.
     assert cfg.cascade_targets == ((1, 16384, 1, 32, 8, 64), (8, 16384, 1, 32, 8, 64),
                                    (1, 16384, 32, 32, 8, 64), (8, 16384, 32, 32, 8, 64))

@@ -77,8 +77,7 @@ def test_the_traced_kernels_add_up_to_the_untraced_call():
 
 
 def test_the_committed_h200_profile_splits_as_results_md_says():
-    """docs/results.md (first H200 run): a lone query waited 0.47 ms of dispatch and 1.0 ms of
-    transfers beyond its 1.717 ms pipelined call (pass A)."""
+    """The committed H200 profile splits as docs/results.md's lone-query table says (pass A)."""
     results = lone_query.load_results(H200)
     split = dict(lone_query.parts(results))
     assert math.isclose(split["floor"] + split["device call beyond its floor"], 1.7167,
@@ -112,8 +111,8 @@ def test_the_plot_stacks_each_context_and_hatches_a_negative_part():
 
 
 def test_the_jit_row_splits_the_python_part():
-    """Profiles since 2026-12-06 time the session's call through jit too: the Python part
-    splits into jit's call path and the session's own Python, still summing to the query."""
+    """A profile that times the session's call through jit too splits the Python part into
+    jit's call path and the session's own Python, still summing to the query."""
     split = dict(lone_query.parts(_results({**QUERY, "query_step_host_io_jit": 2.56})))
     assert "Python around the call" not in split
     assert math.isclose(split["jit's call path"], 0.06)
