@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import pytest
 
 from configs import kernel_bench as kb_config
+from statejax import platform
 from statejax.errors import InputError
 from statejax.kernels import append_attention as aa
 from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
 from statejax.kernels import decode_attention_mgpu as dm
 from statejax.kernels import tuned
-from statejax.perf import gpu_target, kernel_bench
+from statejax.perf import kernel_bench
 
 H100 = "NVIDIA H100 80GB HBM3"
 DECODE = dict(batch=1, rows=128, k_heads=8, head_dim=64, itemsize=2)  # Llama-3.2-1B query
@@ -186,7 +187,7 @@ def test_cascade_takes_the_mosaic_shared_part_where_measured_faster(table_dir, m
         assert ca.measured_backends(**query | kw) == ("triton",), kw
     tuned.record(_cascade(32768, "triton", 0.5, _tiles()), device_kind=H100)
     tuned.record(_cascade(32768, "mosaic_gpu", 0.3, _MOSAIC), device_kind=H100)
-    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    monkeypatch.setattr(platform, "device_kind", lambda: H100)
     private = aa.BlockSizes(**_tiles(32, 32, 1, 4))
     mosaic = ca.BlockSizes.for_shape(**QUERY_SHAPE, shared_window=32768, backends=both)
     assert mosaic == ca.BlockSizes(dm.MosaicDecodeBlockSizes(**_MOSAIC), private)
@@ -204,7 +205,7 @@ def test_the_model_path_leaves_the_cascade_backend_to_the_table(table_dir, monke
     choice on: Mosaic tiles when compiled, Triton tiles in interpret mode."""
     tuned.record(_cascade(32768, "triton", 0.5, _tiles()), device_kind=H100)
     tuned.record(_cascade(32768, "mosaic_gpu", 0.3, _MOSAIC), device_kind=H100)
-    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    monkeypatch.setattr(platform, "device_kind", lambda: H100)
     seen = {}
     monkeypatch.setattr(ca, "cascade_attention",
                         lambda *args, **kwargs: seen.update(kwargs) or ("out", "lse"))
@@ -227,7 +228,7 @@ def test_decode_defaults_use_measured_tiles_on_that_gpu_only(table_dir, monkeypa
     tuned.record(_decode(32768, block_q=32, block_k=64, num_splits=4, num_warps=8),
                  device_kind=H100)
     assert da.default_block_sizes(**shape, window=32768) == rule  # still no GPU
-    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    monkeypatch.setattr(platform, "device_kind", lambda: H100)
     measured = aa.BlockSizes(block_q=32, block_k=64, num_splits=4, num_warps=8,
                              num_stages=2)
     assert da.default_block_sizes(**shape, window=32768) == measured != rule
@@ -244,7 +245,7 @@ def test_a_preloaded_tile_is_recorded_and_read_back(table_dir, monkeypatch):
     entry = _decode(32768, block_q=32, num_splits=4)
     entry["block_sizes"] |= dict(num_stages=3, preload_pages=True)
     tuned.record(entry, device_kind=H100)
-    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    monkeypatch.setattr(platform, "device_kind", lambda: H100)
     assert da.default_block_sizes(**shape, window=32768) == aa.BlockSizes(
         block_q=32, block_k=64, num_splits=4, num_warps=8, num_stages=3, preload_pages=True)
     entry["block_sizes"]["preload_pages"] = 1
@@ -265,7 +266,7 @@ def test_cascade_defaults_use_measured_tiles_on_that_gpu_only(table_dir, monkeyp
     # A decode entry of the same rows is not a cascade entry.
     tuned.record(_decode(32768, block_q=128, num_splits=64), device_kind=H100)
     assert ca.BlockSizes.for_shape(**QUERY_SHAPE, shared_window=32768) == rule
-    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    monkeypatch.setattr(platform, "device_kind", lambda: H100)
     measured = ca.BlockSizes(shared=aa.BlockSizes(**shared), private=aa.BlockSizes(**private))
     assert ca.BlockSizes.for_shape(**QUERY_SHAPE, shared_window=32768) == measured != rule
     far = ca.BlockSizes.for_shape(**QUERY_SHAPE, shared_window=1024)
@@ -311,7 +312,7 @@ def test_contiguous_cells_take_measured_tiles_whatever_their_kv_block(table_dir,
     shared, private = _tiles(64, 64, 16, 8), _tiles(128, 128, 1, 4)
     tuned.record(dict(kernel="cascade", shape=CASCADE, window=32768,
                       block_sizes=dict(shared=shared, private=private)), device_kind=H100)
-    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    monkeypatch.setattr(platform, "device_kind", lambda: H100)
     seen = {}
 
     def spy(*args, **kwargs):
@@ -336,7 +337,7 @@ def test_the_stream_study_records_the_tiles_it_ran(table_dir, monkeypatch):
 
     tuned.record(_decode(32768) | {"ms": 0.1}, device_kind=H100)
     assert latency.tuned_tiles("pallas") == []  # no GPU compiled for: no table read
-    monkeypatch.setattr(gpu_target, "device_kind", lambda: H100)
+    monkeypatch.setattr(platform, "device_kind", lambda: H100)
     (entry,) = latency.tuned_tiles("pallas")
     assert entry["block_sizes"] == _tiles() and entry["ms"] == 0.1 and entry["source"] == "test"
     assert latency.tuned_tiles("reference") == []

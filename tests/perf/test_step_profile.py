@@ -171,9 +171,9 @@ def test_the_tile_check_catches_a_wrong_tile():
 def test_the_tiles_grid_records_each_calls_fastest_matching_tiles(tmp_path, monkeypatch):
     """The fastest tiles by kernel time among those that matched, per call, with the rule's
     time: "linear" entries the fused kernels' defaults then read on that GPU model."""
+    from statejax import platform
     from statejax.kernels import fused_linear as fl
     from statejax.kernels import tuned
-    from statejax.perf import gpu_target
 
     cfg = preset("tiny")
     pieces = fused_linear_tiles.linear_tiles(cfg, 8, ((None, None, None, None), 16, 32))
@@ -204,7 +204,7 @@ def test_the_tiles_grid_records_each_calls_fastest_matching_tiles(tmp_path, monk
     x, weight_sets, keywords = pieces["fused_linear[down,bn=32]"].args
     rule = fl.blocks_for(x, weight_sets[0])
     assert fl.blocks_for(x, weight_sets[0]) == rule  # interpret mode: no lookup
-    monkeypatch.setattr(gpu_target, "device_kind", lambda: jax.devices()[0].device_kind)
+    monkeypatch.setattr(platform, "device_kind", lambda: jax.devices()[0].device_kind)
     assert fl.blocks_for(x, weight_sets[0]) == pieces["fused_linear[down,bn=32]"].blocks != rule
     assert fl.blocks_for(x, weight_sets[0], measured=False) == rule
     assert fl.blocks_for(x[:4], weight_sets[0]) == fl.blocks_for(x[:4], weight_sets[0],
