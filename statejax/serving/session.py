@@ -4,6 +4,10 @@ Context is partitioned as frozen prefix (e.g. a system prompt) -> data region (s
 -> transient query branches. `Session` is single-threaded; `statejax.serving.streaming` adds the
 data plane / query plane threads and flash queries on top.
 
+A query is checked and tokenised once (`prepare` -> `Question`) and answered from prepared
+questions (`answer`); `query` and `query_batch` do both. Every id, from token arrays or from
+the tokenizer, is checked against the vocabulary before any device work.
+
 Overflow policy when the cells are full:
 - `"error"` (default): the append is refused with `CapacityError`; nothing changes.
 - `"slide"`: the oldest data items are dropped (the frozen prefix is kept) so that the kept
@@ -45,9 +49,8 @@ def _rng_key(seed: int) -> jax.Array:
 @functools.lru_cache(maxsize=256)
 def _device_scalar(value, dtype: str) -> jax.Array:
     """A step's scalar input (a row, the stop token, a temperature ...) kept on the device,
-    made once per value: passed as numpy it would be copied host-to-device on every call (on
-    a GPU each its own transfer the step waits for, and a new address the recorded CUDA
-    graph's nodes that read it are re-pointed at). Arrays are immutable: sharing is safe."""
+    made once per value: as numpy it would cross from the host on every call
+    (`docs/serving.md`). Arrays are immutable: sharing is safe."""
     return jax.device_put(np.asarray(value, dtype))
 
 
