@@ -1,16 +1,16 @@
 """Query latency vs accumulated context: stateful vs stateless vs prefix-cache vs flash hit.
 
-Run from the repo root (default: the CPU run, a few minutes on 2 cores):
+Run from the repo root; each variant writes to runs/stream_latency/<variant> by default.
+The CPU run (a few minutes on 2 cores):
   python -m experiments.stream_latency
 GPU, Llama-3.2-1B shape in bf16, contexts 1k..32k tokens (add --config.impl=pallas for the
 attention kernels):
-  python -m experiments.stream_latency --config=configs/stream_latency.py:gpu \
-      --workdir=runs/stream_latency_gpu
-GPU, issue 3's end-to-end targets only (stateful query vs its floor and the HF peer, Pallas
-kernels; no stateless / prefix-cache baselines; about half the time of :gpu):
-  python -m experiments.stream_latency --config=configs/stream_latency.py:gpu-floor ...
-Test size (seconds):
-  python -m experiments.stream_latency --config=configs/stream_latency.py:tiny --workdir=/tmp/x
+  python -m experiments.stream_latency --config=configs/stream_latency.py:gpu
+GPU, the end-to-end targets only (stateful query vs its floor and the HF peer, Pallas kernels;
+no stateless / prefix-cache baselines; about half the time of :gpu):
+  python -m experiments.stream_latency --config=configs/stream_latency.py:gpu-floor
+Test size (seconds; the targets are not checked at this shape):
+  python -m experiments.stream_latency --config=configs/stream_latency.py:tiny
 """
 
 import ml_collections
@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.impl = "reference"  # attention: "reference", "pallas" or "pallas-mosaic" (statejax.cache)
     # The session's weights layout (statejax.model.layouts): "per_layer", or "stacked" /
     # "packed" (fewer argument buffers per call; with linear_impl "xla" first-token queries
-    # only; stacked: 1.4-2x the compile time).
+    # only; stacked compiles longer, docs/studies.md).
     c.weights_layout = "per_layer"
     # The blocks' linear layers (statejax.model.llama.LINEAR_IMPLS): "xla", or "pallas" for
     # the fused kernels (kernels/fused_linear.py; they read stacked or packed weights in
@@ -50,9 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.budget = ml_collections.ConfigDict(dict(
         cells=4096 + 512,
         page_size=16,
-        # 32: the question is exactly one bucket (padding it to 64 doubled the stateful query's
-        # attention on CPU: 3.1x instead of 2.2x from 256 to 4096 tokens). The stateless
-        # re-prefill runs in chunks of the largest.
+        # 32: the question is exactly one bucket, so it is not padded (docs/studies.md). The
+        # stateless re-prefill runs in chunks of the largest.
         chunk_sizes=(16, 32, 64, 256),
         windows=(),  # () = the Budget's default ladder
         question_cells=64,
@@ -60,14 +59,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
 
     # The query's memory floor (weights + K/V read once at the copy bandwidth measured in the
-    # same run) and, optionally, the HF peer's JSON from the same device call
-    # (`../shared/bench/hf_peer.py`; experiments/gpu_session.sh passes it).
+    # same run; on a GPU only, where it is a lower bound) and, optionally, the HF transformers
+    # peer's JSON from the same device call (experiments/gpu_session.sh passes it).
     c.roofline = ml_collections.ConfigDict(dict(
         copy_mib=256,
         floor_bound=config_dict.placeholder(float),  # target: stateful <= bound x floor
         peer_json="",
         peer_bound=config_dict.placeholder(float),  # target: HF kept-cache >= bound x stateful
     ))
+
+    # The variants whose shapes the targets were set for; elsewhere the report gives the
+    # ratios without PASS / FAIL (statejax.studies.latency.targets_note).
+    c.targets_set_for = ("cpu", "gpu", "gpu-floor")
 
     # Flash queries on the embedded trained model (statejax.pretrained): accuracy vs ground
     # truth, agreement with fresh queries, staleness. Runs after the latency study.
@@ -87,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.budget.chunk_sizes = (16, 32, 64, 256, 1024, 2048)
         c.budget.windows = tuple(2**i for i in range(8, 16)) + (c.budget.cells,)
         c.flash.enabled = False  # a CPU-sized model; the CPU run covers it
-        # Issue 3's end-to-end targets for the Llama-3.2-1B shape.
+        # The end-to-end targets for the Llama-3.2-1B shape.
         c.roofline.update(copy_mib=2048, floor_bound=1.3, peer_bound=8.0)
         if variant == "gpu-floor":
             c.impl = "pallas"
@@ -95,8 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.context_sizes = (1024, 4096, 16384, 32768)
             c.repeats = 5
             # A one-token flash answer runs the query's own compiled first-token step; at 32
-            # tokens its refresh compiled a generation loop per context (17-20 s each on the
-            # H100, 2026-11-27) in a run whose device time is short.
+            # tokens its refresh compiles a generation loop per context, too long for a short
+            # device run (docs/studies.md).
             c.flash_max_new_tokens = 1
     elif variant == "tiny":
         c.model = "tiny"

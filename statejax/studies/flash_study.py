@@ -1,14 +1,18 @@
 """Flash queries on a trained model: accuracy, agreement with fresh evaluation, staleness.
 
-The embedded default model (`statejax.pretrained`) watches a stream of synthetic bars. One
-question per type is registered as a flash query. After every data update the stream is
-flushed (ingest + idle-time re-evaluation) and each cached answer is scored three ways:
+A trained model (by default the embedded one, `statejax.pretrained`) watches a stream of
+synthetic bars. One question per type is registered as a flash query. After every data update
+the stream is flushed (ingest + idle-time re-evaluation) and each cached answer is scored three
+ways:
 
 - against the ground truth computed from the bars (`statejax.train.tasks.answer`);
-- against a fresh query on the same data (a flash answer must equal it exactly);
-- by its age: how many items the cache was behind when asked right after the push, and how
-  long the idle-time refresh took.
+- against a fresh answer from a second session that shares nothing with the flash path: it
+  prefills the same token history from scratch in one append (other chunks, other cells) and
+  answers each question alone (the flash path answers them as one batch);
+- by its age: asked after a push and before its refresh, how many items the cache is behind,
+  beside the count of items pushed since the last refresh (from the push sequence numbers).
 
+Every scored answer is returned as a record, so the scores can be recomputed from the data.
 `experiments/stream_latency.py` runs this after the latency study, so the main job shows
 registered questions answered from cache out of the box.
 """
@@ -25,18 +29,30 @@ from statejax.serving.streaming import StreamingSession
 from statejax.train import tasks
 
 
+def window(question_type: str, k: int) -> int:
+    """The bars a question type reads: 1 for the last close, else the config's window `k`."""
+    return 1 if question_type == "last_close" else k
+
+
 def run_flash_study(config) -> dict:
     """Runs the study in the module docstring.
 
     Args:
       config: ConfigDict with `model` ("default" or a folder written by
         `statejax.pretrained.save`), `seed`, `warmup_bars` (bars before the first question),
-        `updates`, `bars_per_update`, `k` (window of the windowed questions), `cells`.
+        `updates`, `bars_per_update`, `k` (window of the windowed questions), `cells` (the
+        stream must fit: nothing slides, so the fresh session holds the same history).
 
     Returns:
       {"model", "questions": per type {question, accuracy, agreement, mean_confidence_correct,
-       mean_confidence_wrong, answer_changes}, "accuracy", "agreement", "hit_ms",
-       "refresh_ms", "items_behind_before_refresh", "updates"}.
+       mean_confidence_wrong, answer_changes}, "accuracy", "agreement", "hit_ms", "refresh_ms",
+       "items_behind_before_refresh" (median), "staleness": per update {items_behind,
+       pushed_since_refresh, hit}, "records": per update and question {update, bars,
+       question_type, text, fresh_text, hit, items_behind, confidence}, "updates",
+       "context_tokens", "seed", "k"}.
+
+    Raises:
+      ItemsRefusedError: the bars outgrew `cells` (no answer is scored on partial data).
     """
     if config.model == "default":
         cfg, params, tokenizer, info = pretrained.load_default()
@@ -44,44 +60,51 @@ def run_flash_study(config) -> dict:
         cfg, params, tokenizer, info = pretrained.load(config.model)
     budget = Budget(cells=config.cells, chunk_sizes=(16, 32, 64, 256), question_cells=32,
                     max_new_tokens=16)
+    stop = info["stop_token"]
     session = Session(params, cfg, budget, tokenizer, prefix=info["prompt_prefix"],
-                      stop_token=info["stop_token"], overflow="slide")
-    questions = {q: tasks.format_question(q, 1 if q == "last_close" else config.k)
-                 for q in tasks.QUESTION_TYPES}
+                      stop_token=stop)
+    fresh = Session(params, cfg, budget, tokenizer, stop_token=stop)
+    questions = {q: tasks.format_question(q, window(q, config.k)) for q in tasks.QUESTION_TYPES}
     bars_stream = iter_synthetic_bars(seed=config.seed)
     bars = [next(bars_stream) for _ in range(config.warmup_bars)]
-    scores = {q: {"correct": [], "agree": [], "confidence": [], "changes": 0}
-              for q in questions}
-    hit_s, refresh_s, behind = [], [], []
+    changes = dict.fromkeys(questions, 0)
+    records, staleness, hit_s, refresh_s = [], [], [], []
     with StreamingSession(session) as stream:
         ids = {stream.register(text, budget.max_new_tokens): q for q, text in questions.items()}
-        stream.subscribe(lambda event: _count_change(scores, ids, event))
+        stream.subscribe(lambda event: _count_change(changes, ids, event))
         for bar in bars:
-            stream.push(bar)
+            last_seq = stream.push(bar)
         stream.flush()
-        for _ in range(config.updates):
+        refreshed_seq = last_seq  # the newest item every cached answer reflects
+        for update in range(config.updates):
             new = [next(bars_stream) for _ in range(config.bars_per_update)]
             bars += new
             with stream.flash_paused():
                 for bar in new:
-                    stream.push(bar)
+                    last_seq = stream.push(bar)
                 stream.flush()
-                # Asked now, the cache answers at once but is one update behind.
-                behind.append(stream.ask(next(iter(ids))).items_behind)
+                stale = stream.ask(next(iter(ids)))
+            staleness.append({"items_behind": stale.items_behind,
+                              "pushed_since_refresh": last_seq - refreshed_seq,
+                              "hit": stale.hit})
             start = time.perf_counter()
             stream.flush()  # the idle-time re-evaluation of every registered question
             refresh_s.append(time.perf_counter() - start)
+            refreshed_seq = last_seq
+            fresh.truncate(0)
+            fresh.append(session.tokens)
             for flash_id, q in ids.items():
                 start = time.perf_counter()
                 cached = stream.ask(flash_id)
                 hit_s.append(time.perf_counter() - start)
-                fresh = session.query(questions[q], budget.max_new_tokens)
-                k = 1 if q == "last_close" else config.k
-                s = scores[q]
-                s["correct"].append(cached.answer.text.strip() == tasks.answer(q, bars, k))
-                s["agree"].append(cached.hit and cached.answer.text == fresh.text)
-                s["confidence"].append(cached.answer.confidence)
-    per_type = {q: _summary(questions[q], s) for q, s in scores.items()}
+                records.append({
+                    "update": update, "bars": len(bars), "question_type": q,
+                    "text": cached.answer.text,
+                    "fresh_text": fresh.query(questions[q], budget.max_new_tokens).text,
+                    "hit": cached.hit, "items_behind": cached.items_behind,
+                    "confidence": cached.answer.confidence})
+    per_type = {q: _summary(questions[q], [r for r in records if r["question_type"] == q],
+                            bars, config.k, changes[q]) for q in questions}
     return {
         "model": {"name": cfg.name, "params": cfg.num_params,
                   "recorded_heldout_accuracy": info.get("heldout_accuracy")},
@@ -90,30 +113,45 @@ def run_flash_study(config) -> dict:
         "agreement": float(np.mean([v["agreement"] for v in per_type.values()])),
         "hit_ms": float(np.median(hit_s) * 1e3),
         "refresh_ms": float(np.median(refresh_s) * 1e3),
-        "items_behind_before_refresh": int(np.median(behind)),
+        "items_behind_before_refresh": int(np.median([s["items_behind"] for s in staleness])),
+        "staleness": staleness,
+        "records": records,
         "updates": config.updates,
         "context_tokens": session.length,
+        "seed": config.seed,
+        "k": config.k,
     }
 
 
-def _count_change(scores, ids, event):
+def _count_change(changes, ids, event):
     if event.previous is not None:
-        scores[ids[event.flash_id]]["changes"] += 1
+        changes[ids[event.flash_id]] += 1
 
 
-def _summary(question: str, s: dict) -> dict:
-    correct = np.asarray(s["correct"])
-    confidence = np.asarray(s["confidence"])
+def is_correct(record: dict, bars, k: int) -> bool:
+    """Whether a record's cached answer equals the ground truth over its first
+    `record["bars"]` bars (`bars`: the stream's bars, at least that many)."""
+    q = record["question_type"]
+    return record["text"].strip() == tasks.answer(q, bars[:record["bars"]], window(q, k))
+
+
+def _summary(question: str, records: list[dict], bars, k: int, changes: int) -> dict:
+    correct = np.asarray([is_correct(r, bars, k) for r in records], bool)
+    confidence = np.asarray([r["confidence"] for r in records])
     mean = lambda x: float(x.mean()) if x.size else None  # None: no such answers
+    # A miss agrees with nothing: it was not served from the cache.
+    agree = [r["hit"] and r["text"] == r["fresh_text"] for r in records]
     return {"question": question, "accuracy": float(correct.mean()),
-            "agreement": float(np.mean(s["agree"])),
+            "agreement": float(np.mean(agree)),
             "mean_confidence_correct": mean(confidence[correct]),
             "mean_confidence_wrong": mean(confidence[~correct]),
-            "answer_changes": s["changes"]}
+            "answer_changes": changes}
 
 
 def flash_markdown(flash: dict) -> str:
     """The study as a markdown section."""
+    pushed = flash.get("staleness", [{}])[-1].get("pushed_since_refresh")
+    of_pushed = "" if pushed is None else f" ({pushed} pushed since its refresh)"
     lines = [
         "## Flash queries on the embedded model",
         "",
@@ -121,9 +159,10 @@ def flash_markdown(flash: dict) -> str:
         f"{flash['updates']} data updates, {flash['context_tokens']} context tokens at the end",
         f"- cached answer served in {flash['hit_ms']:.3f} ms (median); idle-time refresh of all "
         f"registered questions {flash['refresh_ms']:.1f} ms; asked between a push and its "
-        f"refresh, the cache is {flash['items_behind_before_refresh']} item(s) behind",
+        f"refresh, the cache is {flash['items_behind_before_refresh']} item(s) behind"
+        f"{of_pushed}",
         f"- mean accuracy vs ground truth {flash['accuracy']:.2f}; flash == fresh query "
-        f"{flash['agreement']:.2f}",
+        f"{flash['agreement']:.2f} (a second session prefilled from scratch)",
         "",
         "| question | accuracy | flash == fresh | confidence (right / wrong) | answer changes |",
         "|---|---:|---:|---|---:|",

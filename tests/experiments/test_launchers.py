@@ -1,17 +1,24 @@
-"""The latency study end to end at test size: results, report files, and the notebook."""
+"""The launchers and the latency study end to end at test size: results, report files, the
+notebook, default workdirs, `--help`."""
 
 import json
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-from configs import stream_latency
+from configs import kernel_bench, step_census, step_profile, stream_latency, train
+from experiments import launch
 from statejax.errors import InputError
 from statejax.studies import latency
 from tests import notebook_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+LAUNCHERS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py")
+                   if p.stem not in ("__init__", "launch"))
 TIMINGS = ("stateful_query_ms", "stateless_query_ms", "prefix_cache_query_ms", "flash_hit_ms",
            "append_ms", "ingest_ms_per_bar", "flash_refresh_ms")
 
@@ -25,6 +32,7 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
     (tmp_path / "hf_peer.json").write_text(json.dumps(peer))
     config.roofline.update(peer_json=str(tmp_path / "hf_peer.json"), floor_bound=1e9,
                            peer_bound=0.0)
+    assert latency.floor_note() is not None, "these tests run on a CPU"
     results = latency.run_stream_latency(config)
     paths = latency.write_results(results, str(tmp_path))
 
@@ -32,6 +40,8 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
     for key in ("rows", "device", "jax_version", "model", "date", "tokens_per_bar", "config",
                 "targets"):
         assert key in saved, key
+    # On a CPU no floor is reported (a query beats any copy-measured one), and the file says why.
+    assert saved["copy_bytes_per_s"] is None and "no floor" in saved["floor_note"]
     assert [r["target_tokens"] for r in saved["rows"]] == list(config.context_sizes)
     previous = 0
     for row in saved["rows"]:
@@ -43,19 +53,15 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
         assert row["flash_items_behind"] == 0
         # The previous prompt is the context before the latest batch: its full pages are reused.
         assert row["prefix_cache_reused_tokens"] % config.budget.page_size == 0
-        # The floor: weights + K/V of context and question, read once at the copy bandwidth.
-        nbytes = (saved["model"]["weight_bytes"] + (row["context_tokens"] + 32)
-                  * saved["model"]["kv_bytes_per_token"])
-        assert math.isclose(row["floor_ms"], 1e3 * nbytes / saved["copy_bytes_per_s"])
-        assert math.isclose(row["stateful_over_floor"],
-                            row["stateful_query_ms"] / row["floor_ms"])
+        assert "floor_ms" not in row and "stateful_over_floor" not in row
     hf = {r["target_tokens"]: r.get("hf_kept_cache_ms") for r in saved["rows"]}
     assert hf == {64: 7.5, 128: None, 256: 30.0}
     # The peer's own context (the target N) is recorded beside the session's, and shown.
     assert [r.get("hf_context_tokens") for r in saved["rows"]] == [64, None, 256]
     targets = {t["name"]: t for t in saved["targets"]}
-    assert math.isclose(targets["stateful / floor, worst context"]["value"],
-                        max(r["stateful_over_floor"] for r in saved["rows"]))
+    assert "stateful / floor, worst context" not in targets  # no floor, no floor target
+    # The tiny shape is not what the targets were set for: ratios, no verdicts.
+    assert not saved["targets_checked"] and {t["passed"] for t in saved["targets"]} == {None}
     assert math.isclose(targets["HF kept-cache / stateful, worst context"]["value"],
                         min(r["hf_kept_cache_ms"] / r["stateful_query_ms"]
                             for r in saved["rows"] if r["target_tokens"] != 128))
@@ -66,6 +72,8 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
     assert saved["tokens_per_bar"] > 0 and saved["question_tokens"] == 32
     md = pathlib.Path(paths["md"]).read_text()
     assert "| stateful ms |" in md and "| HF / stateful |" in md
+    assert "stateful / floor" not in md and "- no floor on a CPU" in md
+    assert "not checked at the tiny shape" in md and "FAIL" not in md and "PASS" not in md
     assert "30.0 @256 |" in md
     lines = md.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("| context tokens"))
@@ -78,10 +86,13 @@ def test_tiny_run_writes_results_and_notebook_plots_them(tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
-def test_floor_run_skips_the_baselines(tmp_path):
+def test_floor_run_skips_the_baselines(tmp_path, monkeypatch):
     """`baselines=False` (the :gpu-floor variant, Pallas kernels) times the stateful paths and
-    the floor only, and the report, targets and plot cope with the missing columns."""
+    the floor only, and the report, targets and plot cope with the missing columns. The floor
+    is computed as on a GPU (here, where it is no lower bound, only to check its sums)."""
+    monkeypatch.setattr(latency, "floor_note", lambda: None)
     config = stream_latency.get_config("tiny")
+    config.targets_set_for = ("tiny",)
     config.baselines = False
     config.impl = "pallas"  # as :gpu-floor (interpret mode here)
     config.flash_max_new_tokens = 1  # as :gpu-floor: the flash refresh is a first-token step
@@ -99,12 +110,18 @@ def test_floor_run_skips_the_baselines(tmp_path):
     for row in results["rows"]:
         assert "stateless_query_ms" not in row and "prefix_cache_query_ms" not in row
         assert row["stateful_query_ms"] > 0 and row["flash_hit_ms"] > 0
+        # The floor: weights + K/V of context and question, read once at the copy bandwidth.
+        nbytes = (results["model"]["weight_bytes"] + (row["context_tokens"] + 32)
+                  * results["model"]["kv_bytes_per_token"])
+        assert math.isclose(row["floor_ms"], 1e3 * nbytes / results["copy_bytes_per_s"])
         assert math.isclose(row["stateful_over_floor"],
                             row["stateful_query_ms"] / row["floor_ms"])
     assert [t["name"] for t in results["targets"]] == ["stateful largest / smallest"]
+    assert results["targets_checked"] and results["targets"][0]["passed"] is not None
     paths = latency.write_results(results, str(tmp_path))
     md = pathlib.Path(paths["md"]).read_text()
     assert "| – | – |" in md and "stateless largest" not in md and "partial" not in md
+    assert "| stateful / floor |" in md and "not checked" not in md
     # Which tiles the kernels ran: none measured here (interpret mode reads no table).
     assert results["tuned_tiles"] == []
     assert ("attention impl `pallas` (kernel tiles: the shape rules); linear layers `xla`; "
@@ -129,6 +146,20 @@ def test_floor_and_peer_targets_are_opt_in():
     assert names(targets)[3:] == ["stateful / floor, worst context",
                                   "HF kept-cache / stateful, worst context"]
     assert [t["passed"] for t in targets[3:]] == [False, True]
+    # Rows without a floor (a CPU run) get no floor target, whatever the bound.
+    no_floor = {k: v for k, v in row.items() if k != "stateful_over_floor"}
+    assert "stateful / floor, worst context" not in names(
+        latency.check_targets([no_floor, no_floor], floor_bound=1.3))
+    unchecked = latency.check_targets([row, row], floor_bound=1.3, checked=False)
+    assert [t["passed"] for t in unchecked] == [None] * 4
+
+
+def test_targets_are_checked_only_at_the_shapes_they_were_set_for():
+    assert latency.targets_note(stream_latency.get_config()) is None
+    assert latency.targets_note(stream_latency.get_config("gpu")) is None
+    note = latency.targets_note(stream_latency.get_config("tiny"))
+    assert note == ("targets set for the cpu, gpu and gpu-floor shapes; not checked at the "
+                    "tiny shape: ratios only")
 
 
 def test_a_file_that_is_not_a_peer_json_is_refused(tmp_path):
@@ -147,4 +178,51 @@ def test_committed_results_still_render():
         assert f"| {first['context_tokens']} | " in md
         header = next(line for line in md.splitlines() if line.startswith("| context tokens"))
         assert "|  |" not in header  # no empty column where there is no floor or peer
-        assert ("stateful / floor" in md) == ("copy_bytes_per_s" in results)
+        assert ("stateful / floor" in md) == (results.get("copy_bytes_per_s") is not None)
+
+
+def test_each_variant_has_its_own_default_workdir():
+    for experiment, module, variants in (
+            ("stream_latency", stream_latency, (None, "gpu", "gpu-floor", "tiny")),
+            ("kernel_bench", kernel_bench, (None, "gpu-tune", "gpu-query", "cpu")),
+            ("step_profile", step_profile, (None, "gpu", "gpu-linear", "tiny", "tiny-linear")),
+            ("step_census", step_census, (None, "tiny"))):
+        dirs = [launch.default_workdir(experiment, module.get_config(v).variant)
+                for v in variants]
+        assert len(set(dirs)) == len(dirs), dirs
+        assert all(d.startswith(f"runs/{experiment}/") for d in dirs), dirs
+    assert launch.default_workdir("stream_latency", "cpu") == "runs/stream_latency/cpu"
+    # The ladder's rungs keep their run names: a continued rung starts from its base's folder.
+    quick = launch.rung_workdir(train.get_config("ladder-l,quick").variant)
+    assert launch.rung_workdir(train.get_config("ladder-l").variant) == (
+        "runs/ladder-l") != quick == "runs/ladder-l-quick"
+    assert train.get_config("ladder-l-long").train.init_from == "runs/ladder-l/params"
+    assert launch.beside_log("w/step_profile.log") == "w/step_profile"
+
+
+def _launch(*args, cwd=ROOT, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout,
+                          env=os.environ | {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+
+
+def test_a_tiny_run_writes_beside_the_main_run_and_says_its_targets_are_unchecked(tmp_path):
+    """Run as the README writes it (no --workdir), the tiny variant writes its own folder."""
+    proc = _launch("experiments.stream_latency",
+                   f"--config={ROOT / 'configs' / 'stream_latency.py'}:tiny",
+                   "--config.flash.enabled=False", "--config.context_sizes=(64, 128)",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs" / "stream_latency").iterdir()) == ["tiny"]
+    md = (tmp_path / "runs" / "stream_latency" / "tiny" / "results.md").read_text()
+    assert "not checked at the tiny shape" in md and "FAIL" not in md
+    assert "not checked at the tiny shape" in proc.stdout
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_help_exits_zero_and_lists_the_flags(launcher):
+    assert launch.asked_for_help(["--help"]) and not launch.asked_for_help(["--help=false"])
+    proc = _launch(f"experiments.{launcher}", "--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--workdir" in proc.stdout, proc.stdout
+    assert launcher == "command_buffer_log" or "--config" in proc.stdout
