@@ -1,15 +1,15 @@
 """Attention kernel benchmark: time, bytes/s and FLOP/s vs the device's measured peaks.
 
-Run from the repo root. GPU (the shapes of issue 3's targets and a grid around them):
-  python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu \
-      --workdir=runs/kernel_bench_gpu
+Run from the repo root; each variant writes to runs/kernel_bench/<variant> by default.
+GPU (the shapes of the kernels' targets and a grid around them):
+  python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu
 CPU check (interpret mode, tiny shapes, a minute):
-  python -m experiments.kernel_bench --config=configs/kernel_bench.py:cpu --workdir=/tmp/kb
+  python -m experiments.kernel_bench --config=configs/kernel_bench.py:cpu
 Block-size tuning on the GPU (the two target shapes, default tiles, then each grid entry):
-  python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu-tune --workdir=...
+  python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu-tune
 The end-to-end query's attention (Llama-3.2-1B: one session, 32 question tokens, H = 32, K = 8,
 D = 64: the cascade call with one branch), its tiles tuned:
-  python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu-query --workdir=...
+  python -m experiments.kernel_bench --config=configs/kernel_bench.py:gpu-query
 
 Shape tuples, one per benchmarked call:
   decode  (B sessions, S cached cells per session, T new tokens, H, K, D)
@@ -43,8 +43,8 @@ def _decode_grid():
     # before splitting, so 4..32 splits give 256..2048 programs. First, tiles that read each
     # program's page-table entries before its KV loop (`preload_pages`; the bench's pools are
     # shuffled pages): with 3 or 4 stages their loops keep blocks in flight, which a table
-    # read in the loop prevents (H100 PTX, 2026-12-06); at most 64 entries a program (the
-    # GPU configs' 64-cell pages: 256 a row at 16k, so >= 4 splits).
+    # read in the loop prevents (docs/studies.md); at most 64 entries a program (the GPU
+    # configs' 64-cell pages: 256 a row at 16k, so >= 4 splits).
     preloaded = tuple((16, bk, s, w, st, True) for bk, s, (w, st) in (
         (64, 16, (4, 3)), (64, 32, (4, 3)), (64, 16, (4, 4)), (64, 16, (8, 3)),
         (128, 32, (4, 3)), (128, 32, (8, 3))))
@@ -62,9 +62,8 @@ def _query_grid(splits, private_block_q=(32, 128)):
     # The end-to-end query's cascade call: 1 session x 8 kv-heads x 128 shared rows (T = 32,
     # G = 4), the private kernel merging the shared splits of its rows in its epilogue (8
     # programs at 128-row private tiles, 32 at 32). Entries: (shared block_q, block_k, splits,
-    # warps; private block_q). The rule's shared tiles (128 x 128, 4 warps) compile for the
-    # H100 to 255 registers with 232 bytes of spills; 8 warps or 64-row tiles to <= 211 with
-    # none (ptxas -v, 2026-11-27, docs/results/kernel_registers_h100).
+    # warps; private block_q). The rule's shared tiles (128 x 128, 4 warps) spill registers;
+    # 8 warps or 64-row tiles do not (docs/studies.md).
     # Ordered most promising first, since the part's time budget may end the grid early: all
     # 128 rows in one tile (the shared cells read once per kv-head), then 64-cell KV steps
     # (no spills at either warp count), the middle split count, 8 warps, 32-row private tiles.
@@ -83,10 +82,10 @@ def _one_kernel_grid():
 
 
 def _pipelined_first(cells: str):
-    # Three or four stages, which the model's contiguous cells now pipeline: compiled for the
-    # H100, each KV loop keeps a block (two) in flight while it computes on one, where 2
-    # stages wait for every copy at each step (tests/test_kernels.py, "keep a block in
-    # flight"). Entries: (shared block_q, block_k, splits, warps, private block_q, stages).
+    # Three or four stages, which the model's contiguous cells pipeline: each KV loop keeps a
+    # block (two) in flight while it computes on one, where 2 stages wait for every copy at
+    # each step (tests/kernels/test_kernels.py, "keep a block in flight"). Entries: (shared
+    # block_q, block_k, splits, warps, private block_q, stages).
     if cells == "1k":  # the call as one kernel (one split), then split into 2 and 4
         return (tuple((q, 64, 1, 8 if q == 128 else 4, 128, 3) for q in (128, 64, 32))
                 + ((128, 128, 1, 8, 128, 3), (128, 64, 4, 8, 32, 3), (128, 64, 2, 8, 32, 3),
@@ -119,8 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmup = 2  # untimed calls after compilation
     c.repeats = 10  # timed samples (of 5 calls each); the median is reported
     # Device time per call: this many calls chained in one program, minus one call (0: time
-    # pipelined Python calls instead, whose dispatch bounds kernels of a few microseconds; the
-    # H100 tuning run of 2026-11-27 used that).
+    # pipelined Python calls instead, whose dispatch bounds kernels of a few microseconds).
     c.chain_calls = 8
     c.time_budget_s = 150.0  # shapes not started by then are recorded as skipped
     c.copy_mib = 2048  # device-to-device copy that measures the bandwidth (read + write)
@@ -187,7 +185,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.time_budget_s = 300.0
         c.tune_decode = _decode_grid()
         c.tune_append = _append_grid()
-        # D = 128: (64, 128, 3) would need 229 KB of shared memory; 64-cell blocks go deeper.
+        # D = 128: (64, 128, 3) does not fit in shared memory; 64-cell blocks go deeper.
         c.tune_append_mosaic = ((64, 128, 2), (64, 64, 2), (64, 64, 3), (64, 64, 4))
         # 8 x 8 (row, kv-head) programs per split; at D = 128 shared memory holds 5 slots of
         # 64 cells or 2 of 128 (beside the Q and float32 out tiles).
@@ -204,9 +202,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # pages (a budget of whole 128-cell blocks) where the pool's are 64, shuffled.
         c.cascade_form = "cells"
         c.cascade = ((1, 32768, 32, 32, 8, 64), (1, 1024, 32, 32, 8, 64))
-        # Issue 3's cascade target: 8 branches vs one over 16k shared cells. With 32-token
-        # branches eight do 8x the matmuls (H100, 2026-11-27: 2.76x, a floor ratio of 3.85x);
-        # a flash query's generation step (T = 1) is the shape the target fits.
+        # The cascade target: 8 branches vs one over 16k shared cells. With 32-token branches
+        # eight do 8x the matmuls (docs/studies.md); a flash query's generation step (T = 1)
+        # is the shape the target fits.
         c.cascade_targets = ((1, 16384, 1, 32, 8, 64), (8, 16384, 1, 32, 8, 64),
                              (1, 16384, 32, 32, 8, 64), (8, 16384, 32, 32, 8, 64))
         c.baselines = False
@@ -221,11 +219,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                  (128, 2, 16, 32))
         # 32k: 256-512 KV blocks; 1k: 8-16. The private kernel reads every split's partial
         # of its rows: more splits, more serial merge work in its few programs. At 1k each
-        # attention kernel of the model's step is latency-bound (H200, 2026-12-04: 11 us
-        # each, 0.36 ms of the 1.66 ms step): 32-row private tiles give 32 programs instead
-        # of 8; one split (`_one_kernel_grid`) makes the call one kernel. Deeper pipelines
-        # (`_pipelined_first`) lead each grid. The 1k grid (7 + 12 + 32 entries) runs before
-        # the 32k one (7 + 48): `tuning_work`.
+        # attention kernel of the model's step is latency-bound (docs/studies.md): 32-row
+        # private tiles give 32 programs instead of 8; one split (`_one_kernel_grid`) makes
+        # the call one kernel. Deeper pipelines (`_pipelined_first`) lead each grid. The 1k
+        # grid runs before the 32k one (`tuning_work`).
         c.tune_cascade = _pipelined_first("32k") + _query_grid((8, 16, 32))
         c.tune_cascade_second = (_pipelined_first("1k") + _one_kernel_grid()
                                  + _query_grid((2, 4)))

@@ -1,8 +1,9 @@
 """Kernels a session's steps launch on a GPU target, compiled on any machine (no GPU needed).
 
-Run from the repo root (needs jax's CUDA plugin; see statejax/perf/gpu_target.py):
-  python -m experiments.step_census                                    # Llama-3.2-1B on H100
-  python -m experiments.step_census --config=configs/step_census.py:tiny --workdir=/tmp/sc
+Run from the repo root (needs jax's CUDA plugin; see statejax/perf/gpu_target.py); each
+variant writes to runs/step_census/<variant> by default:
+  python -m experiments.step_census                     # Llama-3.2-1B, compiled for an H100
+  python -m experiments.step_census --config=configs/step_census.py:tiny
 """
 
 import ml_collections

@@ -1,9 +1,9 @@
 """Where a query step's time goes outside attention, against the weight-read floor.
 
-Run from the repo root:
+Run from the repo root; each variant writes to runs/step_profile/<variant> by default:
   python -m experiments.step_profile                                   # CPU, cpu-small f32
-  python -m experiments.step_profile --config=configs/step_profile.py:gpu --workdir=...
-  python -m experiments.step_profile --config=configs/step_profile.py:tiny --workdir=/tmp/sp
+  python -m experiments.step_profile --config=configs/step_profile.py:gpu
+  python -m experiments.step_profile --config=configs/step_profile.py:tiny
 """
 
 import ml_collections
@@ -48,12 +48,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.trace_steps = ("",)
     # Query steps (by row suffix) whose lone calls (`query_step_host_io`, `session_query`)
     # are traced on the host (`device_trace.trace_lone_calls`): their threads' events by self
-    # time, where a lone query's wait beyond its device work goes (1.2-1.8 ms on the H200,
-    # 2026-12-04).
+    # time, where a lone query's wait beyond its device work goes (docs/studies.md).
     c.trace_lone_steps = ("",)
     # The pieces' rows (projections, MLP, fused calls, GEMM chains) also get their kernels'
     # device time per call from a trace: a piece of one small kernel is timed by its host
-    # dispatch otherwise (fused_linear[o,bn=16]: 38 us a call on the H200, 2026-12-04).
+    # dispatch otherwise (docs/studies.md).
     c.trace_pieces = False
     # weights_in_N_gemms rows: chain_mib MiB of weights read by N dependent GEMMs each (what a
     # kernel boundary costs); chain_mib must split into 64 [E, E x m] weights (cpu-small f32:

@@ -1,15 +1,17 @@
 """Training a rung of the capability ladder on synthetic market streams with questions.
 
-Run from the repo root (each rung writes checkpoints, metrics.jsonl, results.json, export/):
-  python -m experiments.train --config=configs/train.py:ladder-s --workdir=runs/ladder-s
-  python -m experiments.train --config=configs/train.py:ladder-m --workdir=runs/ladder-m
-  python -m experiments.train --config=configs/train.py:ladder-l --workdir=runs/ladder-l
-  python -m experiments.train --config=configs/train.py:ladder-l-long --workdir=runs/ladder-l-long
+Run from the repo root (each rung writes checkpoints, metrics.jsonl, results.json, export/
+into runs/<variant> unless --workdir says otherwise):
+  python -m experiments.train --config=configs/train.py:ladder-s         # runs/ladder-s
+  python -m experiments.train --config=configs/train.py:ladder-m
+  python -m experiments.train --config=configs/train.py:ladder-l
+  python -m experiments.train --config=configs/train.py:ladder-l-long
 (ladder-l-long continues from runs/ladder-l/params: run it after ladder-l.)
 Seconds-long test run:
   python -m experiments.train --config=configs/train.py:test --workdir=/tmp/train_test
-Append ",quick" to any rung (e.g. `:ladder-l,quick`) for a 1/20-length smoke run of the same
-shapes. Rerunning a command with the same --workdir resumes from its latest checkpoint.
+Append ",quick" to any rung (e.g. `:ladder-l,quick`, into runs/ladder-l-quick) for a
+1/20-length smoke run of the same shapes. Rerunning a command with the same workdir resumes
+from its latest checkpoint.
 """
 
 import ml_collections
@@ -27,8 +29,7 @@ LADDER = {
                      mlp_dim=384),
 }
 # s and m see the same 1200 batches (~150k questions), l the same and 400 more: the ladder
-# varies capacity, and the largest rung also gets the longest run. On 2 shared CPU cores:
-# ~6 / ~14 / ~34 minutes (docs/ladder.md).
+# varies capacity, and the largest rung also gets the longest run (timings: docs/ladder.md).
 STEPS = {"test": 30, "ladder-s": 1200, "ladder-m": 1200, "ladder-l": 1600}
 LEARNING_RATE = {"test": 3e-3, "ladder-s": 5e-3, "ladder-m": 4e-3, "ladder-l": 3e-3}
 # Continued rungs: (base rung, its workdir's params to start from, further steps, peak lr).
@@ -77,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # showed (the far-context jumps go to 4096 positions), "8k" goes beyond it.
         serving={"in_range": (384, 1000), "long": (2048, 500), "4k": (4096, 500),
                  "8k": (8192, 250)},
-        check_questions=100,  # shipped with the export; tests/test_pretrained.py reruns it
+        check_questions=100,  # shipped with the export; tests/pretrained/ reruns it
     ))
 
     if name in CONTINUED:

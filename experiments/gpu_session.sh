@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3's device checks in one call: the parts named in PARTS, in that order, each under its
+# The device checks in one call: the parts named in PARTS, in that order, each under its
 # own timeout so a hang or a slow part costs only its slot (a session has 15 minutes of device
 # time in all, machine start included). Parts and their caps (seconds, env overrides):
 #   stream   the HF peer (at most PEER_S=90 of the cap), then the stateful query with
@@ -22,9 +22,7 @@
 #            steps, strip widths), each call once per layer's weights, their kernels'
 #            device time from a profiler trace (configs/step_profile.py:gpu-linear) LINEAR_S=150
 #   mosaic   Mosaic GPU tests, then (if they pass) the Mosaic rows of :gpu-tune   MOSAIC_S=60 x 2
-# Measured on an H100 (2026-11-27): stream with the peer and 3 contexts 260 s (compiles
-# dominate), profile at 1k alone 118 s, query 138 s, tests > 110 s, tune ~95 s, mosaic tests
-# + rows ~75 s.
+# What each part took on a device: docs/studies.md.
 # Everything is written under a work folder (emptied first: a second call on a warm machine
 # must not report the first's results) and packed into $OUT/session.tgz after each part and
 # every PACK_EVERY=10 s while one runs (a device call returns at most 8 files; a call killed
@@ -34,7 +32,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/statejax_gpu_session}
 WORK=${WORK:-/tmp/statejax_gpu_session_work}
-# The first call of the plan in docs/gpu.md: caps 200 + 330 s, ~540 s with the setup.
+# The first call of the plan in docs/gpu.md (caps 200 + 330 s).
 PARTS=${PARTS:-profile stream}
 for part in $PARTS; do  # refused before any setup: the reply's tail might not show it later
   case "$part" in
@@ -70,7 +68,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 # `kernels/` installs as `statejax.kernels`; offline, link it into the package for this run.
 linked=""
-if ! python3 -c "import statejax.kernels.append_attention" 2>/dev/null \
+if ! python3 -c "import statejax.kernels" 2>/dev/null \
     && [ ! -e statejax/kernels ]; then
   ln -s ../kernels statejax/kernels
   linked=1
@@ -147,7 +145,8 @@ PY
 run_tests() {
   capped tests "${TESTS_S:-150}" || return 0
   timeout "${TESTS_S:-150}" python3 -m pytest -p no:cacheprovider -m gpu -q -rfEs \
-    --durations=5 tests/test_kernels.py tests/test_kernels_model.py tests/test_fused_linear.py \
+    --durations=5 tests/kernels/test_kernels.py tests/kernels/test_kernels_model.py \
+    tests/kernels/test_fused_linear.py \
     > "$WORK/pytest_gpu.log" 2>&1
   echo "pytest exit: $?" | tee -a "$WORK/pytest_gpu.log"
 }
@@ -155,7 +154,7 @@ run_tests() {
 run_fused() {
   capped fused "${FUSED_S:-90}" || return 0
   timeout "${FUSED_S:-90}" python3 -m pytest -p no:cacheprovider -m gpu -q -rfEs \
-    --durations=5 tests/test_fused_linear.py > "$WORK/pytest_fused.log" 2>&1
+    --durations=5 tests/kernels/test_fused_linear.py > "$WORK/pytest_fused.log" 2>&1
   echo "pytest fused exit: $?" | tee -a "$WORK/pytest_fused.log"
 }
 
@@ -243,7 +242,7 @@ run_linear() {
 run_mosaic() {
   capped mosaic "${MOSAIC_S:-60}" || return 0
   timeout "${MOSAIC_S:-60}" python3 -m pytest -p no:cacheprovider -m gpu \
-    tests/test_kernels_mgpu.py -q -rfEs -x > "$WORK/pytest_mosaic.log" 2>&1
+    tests/kernels/test_kernels_mgpu.py -q -rfEs -x > "$WORK/pytest_mosaic.log" 2>&1
   local rc=$?
   echo "pytest mosaic exit: $rc" | tee -a "$WORK/pytest_mosaic.log"
   [ "$rc" -eq 0 ] || return 0

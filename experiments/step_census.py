@@ -1,6 +1,6 @@
 """Kernels per query / append step on a GPU target, from the compiled programs.
 
-  python -m experiments.step_census                                    # Llama-3.2-1B, H100
+  python -m experiments.step_census                     # Llama-3.2-1B, compiled for an H100
   python -m experiments.step_census --config=configs/step_census.py:tiny
 
 Compiles for a compile-only GPU (`statejax.perf.gpu_target`), so it runs without one: it starts
