@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = "cpu-small"  # statejax.model.config preset; random weights
     c.dtype = "float32"
     c.seed = 0
-    c.impl = "reference"  # attention: "reference", "pallas" or "pallas-mosaic" (statejax.cache)
+    c.impl = "reference"  # attention: "reference", "pallas" or "pallas-mosaic" (Session impl)
     # The session's weights layout (statejax.model.layouts): "per_layer", or "stacked" /
     # "packed" (fewer argument buffers per call; with linear_impl "xla" first-token queries
     # only; stacked compiles longer, docs/studies.md).

@@ -8,7 +8,7 @@ into runs/<variant> unless --workdir says otherwise):
   python -m experiments.train --config=configs/train.py:ladder-l-long
 (ladder-l-long continues from runs/ladder-l/params: run it after ladder-l.)
 Seconds-long test run:
-  python -m experiments.train --config=configs/train.py:test --workdir=/tmp/train_test
+  python -m experiments.train --config=configs/train.py:test          # runs/test
 Append ",quick" to any rung (e.g. `:ladder-l,quick`, into runs/ladder-l-quick) for a
 1/20-length smoke run of the same shapes. Rerunning a command with the same workdir resumes
 from its latest checkpoint.
