@@ -2,8 +2,8 @@
 
 Same contract as `append_attention.append_attention` (query token t of row b attends to cells
 [0, min(n_b + t + 1, S)) of its row, cells addressed through a page table), built for
-ingestion: long chunks (T in the hundreds) over long sessions, where the Triton lowering stays
-under issue 3's 40%-of-matmul target (docs/kernels.md).
+ingestion: long chunks (T in the hundreds) over long sessions, where it beats the Triton
+lowering (docs/kernels.md). `dispatch` chooses it; the portable kernels never import it.
 
 The structure is JAX's FlashAttention-3 forward (`jax.experimental.pallas.ops.gpu.
 attention_mgpu`), adapted to the append contract:
@@ -21,8 +21,8 @@ attention_mgpu`), adapted to the append contract:
 
 Compiled for Hopper through the public wrappers. On CPU, tests run it in jax's Mosaic GPU
 interpreter (`interpret=True` on `_append_mgpu`, with a test-only patch for the wgmma forms
-that interpreter lacks: tests/mgpu_interpreter.py; `mosaic_common.KernelOps` switches off the
-layout hints and `pl.run_state` there). Masked probabilities are exactly 0, but a masked
+that interpreter lacks: tests/kernels/mgpu_interpreter.py; `mosaic_common.KernelOps` switches
+off the layout hints and `pl.run_state` there). Masked probabilities are exactly 0, but a masked
 cell's V still enters the p @ V matmul: cells a row cannot see must be finite (statejax states
 hold zeros or written K/V there; the Triton kernel also tolerates NaN).
 """
@@ -39,8 +39,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from statejax.errors import InputError
 
-from . import append_attention as aa
 from . import mosaic_common as mc
+from . import paged_flash as pf
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -80,7 +80,8 @@ class MosaicBlockSizes:
 
 
 def validate(q_BxTxHxD, page_size: int, bs: MosaicBlockSizes):
-    """Raises InputError for what the append kernel cannot run (beyond `aa.validate_paged`)."""
+    """Raises InputError for what the append kernel cannot run (beyond
+    `paged_flash.validate_paged`)."""
     mc.validate_operands(q_BxTxHxD, page_size)
     if bs.block_q % 64 or bs.block_q < 64:
         raise InputError(f"block_q={bs.block_q} must be a positive multiple of 64")
@@ -301,6 +302,8 @@ def append_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32 (natural log, as `attention.attend`).
     """
+    if block_sizes is not None and not isinstance(block_sizes, MosaicBlockSizes):
+        raise InputError(f"backend='mosaic_gpu' takes MosaicBlockSizes, got {block_sizes}")
     mc.check_device()
     return _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window,
                         block_sizes=block_sizes, page_offset=page_offset)
@@ -309,9 +312,10 @@ def append_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
 def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
                  block_sizes, interpret=False, page_offset: int = 0):
     """Validates and builds the kernel call (no device check: tests lower it on CPU, and run
-    it with `interpret=True` in jax's GPU interpreter, patched by tests/mgpu_interpreter.py)."""
+    it with `interpret=True` in jax's GPU interpreter, patched by
+    tests/kernels/mgpu_interpreter.py)."""
     # compiled=False: Triton's power-of-two rules do not apply; `validate` checks Mosaic's.
-    window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
+    window = pf.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
                                compiled=False)
     b, t, h, d = q_BxTxHxD.shape
     page_size, k_heads = k_pool.shape[1:3]
@@ -336,3 +340,19 @@ def _append_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window
         **ops.kernel_params(),
     )(lengths_B, table, mc.page_offset_operand(page_offset), q, k_pool, v_pool)
     return out[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "window", "block_sizes"))
+def append_attention_mgpu_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int | None,
+                                window: int, block_sizes: MosaicBlockSizes | None = None):
+    """`append_attention_mgpu` over contiguous cells [L, B, C, K, D] (with `layer`) or
+    [B, C, K, D], chunk already written; default tiles at the finest page size they fit.
+
+    Returns:
+      out_BxTxHxD, lse_BxTxH.
+    """
+    if block_sizes is None:
+        block_sizes = MosaicBlockSizes.for_append(
+            head_dim=q_BxTxHxD.shape[-1], page_size=pf.cells_page_size(k_cells.shape[-3], 16))
+    return pf.on_cells(append_attention_mgpu, q_BxTxHxD, k_cells, v_cells, lengths_B,
+                       layer=layer, window=window, block_sizes=block_sizes)

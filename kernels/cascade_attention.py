@@ -8,22 +8,19 @@ The two key sets are disjoint, so the result is exact by log-sum-exp merge:
   the session's pages (batch 1, non-causal, rows = R x T x G per kv-head), so the shared cells
   are read once per query block for all branches instead of once per branch; long prefixes
   are split along the sequence as in flash-decoding;
-- private part: `append_attention`'s kernel with the branches as rows over their own pages;
+- private part: the paged flash engine with the branches as rows over their own pages;
 - merge: exact by log-sum-exp. When a branch's T x G query rows fill whole query tiles the
   private kernel merges the shared splits into its own result in its epilogue (one launch,
   output in q's dtype); otherwise the private part is one more float32 partial and
-  `decode_attention.combine_splits` merges them all;
+  `paged_flash.combine_splits` merges them all;
 - one kernel (`fuses`): with one shared split and each query tile within one branch, each
   program attends to the shared cells and then to its branch's own in one online softmax
-  (`append_attention.PrefixCells`): no partial is written, nothing merged, one launch.
+  (`paged_flash.PrefixCells`): no partial is written, nothing merged, one launch.
 
 The shared splits' partial outputs are written in q's dtype (their log-sum-exps in float32)
-and merged in float32, as vLLM's paged attention keeps its split outputs: with bf16 queries
-that halves the partials' traffic, which at long contexts is most of the step's bytes beyond
-the weights and cells (Llama-3.2-1B at 32k cells: 32 splits x 128 rows x 64 per kv-head and
-layer; in float32 132 of the 289 MiB a query step wrote, `statejax.perf.step_census`), and what
-the private kernel's few programs read serially in their merge. The Mosaic GPU shared part
-writes float32.
+and merged in float32, as vLLM's paged attention keeps its split outputs: at long contexts the
+partials are most of a query step's bytes beyond the weights and cells (docs/kernels.md). The
+Mosaic GPU shared part writes float32.
 """
 
 import dataclasses
@@ -35,10 +32,10 @@ import jax.numpy as jnp
 from statejax import attention, platform
 from statejax.errors import InputError
 
-from . import append_attention as aa
 from . import decode_attention as da
 from . import decode_attention_mgpu as dm
 from . import mosaic_common as mc
+from . import paged_flash as pf
 from . import tuned
 
 __all__ = ["BlockSizes", "cascade_attention", "cascade_attention_cells",
@@ -55,8 +52,8 @@ class BlockSizes:
       private: tiles of the per-branch private call (unsplit).
     """
 
-    shared: "aa.BlockSizes | dm.MosaicDecodeBlockSizes"
-    private: aa.BlockSizes
+    shared: "pf.BlockSizes | dm.MosaicDecodeBlockSizes"
+    private: pf.BlockSizes
 
     @classmethod
     def for_shape(cls, *, branches: int, tokens: int, group: int, k_heads: int, head_dim: int,
@@ -78,9 +75,9 @@ class BlockSizes:
                                         page_size=shared_page_size, window=shared_window,
                                         itemsize=itemsize)
         if rows > shared.block_q:  # many rows: use full-size query tiles
-            shared = dataclasses.replace(shared, block_q=min(128, aa._next_pow2(rows)),
+            shared = dataclasses.replace(shared, block_q=min(128, pf._next_pow2(rows)),
                                          num_warps=8 if head_dim >= 128 else 4)
-        private = aa.BlockSizes.for_append(rows=tokens * group, head_dim=head_dim,
+        private = pf.BlockSizes.for_append(rows=tokens * group, head_dim=head_dim,
                                            page_size=private_page_size)
         return cls(shared=shared, private=private)
 
@@ -101,7 +98,7 @@ class BlockSizes:
         shared = dm.MosaicDecodeBlockSizes.for_decode(
             batch=1, k_heads=k_heads, head_dim=head_dim, page_size=shared_page_size,
             window=shared_window, rows=branches * tokens * group)
-        private = aa.BlockSizes.for_append(rows=tokens * group, head_dim=head_dim,
+        private = pf.BlockSizes.for_append(rows=tokens * group, head_dim=head_dim,
                                            page_size=private_page_size)
         return cls(shared=shared, private=private)
 
@@ -116,9 +113,9 @@ class BlockSizes:
         "mosaic_gpu": `for_mosaic`; "triton": `for_shape` of Triton tiles; None: of the
         backends `measured_backends` allows."""
         shape = dict(branches=branches, tokens=tokens, group=group, k_heads=k_heads,
-                     head_dim=head_dim, shared_page_size=aa.cells_page_size(cells, 16),
+                     head_dim=head_dim, shared_page_size=pf.cells_page_size(cells, 16),
                      shared_window=shared_window,
-                     private_page_size=aa.cells_page_size(branch_cells, 16), itemsize=itemsize)
+                     private_page_size=pf.cells_page_size(branch_cells, 16), itemsize=itemsize)
         if backend == "mosaic_gpu":
             return cls.for_mosaic(**shape)
         return cls.for_shape(**shape, backends=("triton",) if backend else measured_backends(
@@ -160,19 +157,19 @@ class BlockSizes:
     def from_dict(cls, block_sizes: dict, backend: str = "triton") -> "BlockSizes":
         """Tiles as a tuned entry records them ({"shared": ..., "private": ...}, the shared
         fields those of `backend`'s tiles)."""
-        shared = dm.MosaicDecodeBlockSizes if backend == "mosaic_gpu" else aa.BlockSizes
+        shared = dm.MosaicDecodeBlockSizes if backend == "mosaic_gpu" else pf.BlockSizes
         return cls(shared=shared(**block_sizes["shared"]),
-                   private=aa.BlockSizes(**block_sizes["private"]))
+                   private=pf.BlockSizes(**block_sizes["private"]))
 
 
-def fuses(branches: int, tokens: int, group: int, shared: "aa.BlockSizes") -> bool:
+def fuses(branches: int, tokens: int, group: int, shared: "pf.BlockSizes") -> bool:
     """Whether `cascade_attention` runs as one kernel: Triton shared tiles with one split,
     and each query tile within one branch (one branch, or T x G rows a multiple of the
     tile), so every tile reads the shared cells once, as the shared call's folded tiles
     would. Each program then attends to the shared cells and its branch's own in one online
     softmax, with the shared tiles (their query rows, warps and stages, KV step over the
     shared cells) and the private part's KV step over the branch cells."""
-    return (isinstance(shared, aa.BlockSizes) and shared.num_splits == 1
+    return (isinstance(shared, pf.BlockSizes) and shared.num_splits == 1
             and (branches == 1 or (tokens * group) % shared.block_q == 0))
 
 
@@ -198,7 +195,7 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
                       block_sizes: BlockSizes | None = None, interpret: bool,
                       backend: str | None = "triton", shared_page_offset: int = 0,
                       branch_page_offset: int = 0, poison_outputs: bool = False,
-                      heads: aa.HeadLayout | None = None, contiguous_pages: bool = False):
+                      heads: pf.HeadLayout | None = None, contiguous_pages: bool = False):
     """R branches of one session: shared cells read once for all, private cells per branch.
 
     Args:
@@ -225,19 +222,19 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
         (`BlockSizes.measured` over `measured_backends`; Triton where none is recorded).
       shared_page_offset, branch_page_offset: static offsets added to the entries of the
         two tables (`append_attention.append_attention`'s `page_offset`).
-      heads: where q's and the branch pool's heads sit (`append_attention.HeadLayout`;
+      heads: where q's and the branch pool's heads sit (`paged_flash.HeadLayout`;
         default `HeadLayout.of(q, branch_k_pool, branch_v_pool)`): q may hold more heads
         than its H queries, as a first-token branch's q/k/v buffer, which is then its
         branch pool too (`cascade_attention_cells` with `branch_k` None). The shared pools
         hold K heads each.
       contiguous_pages: both tables' rows are their first entry and its successors
-        (`append_attention.paged_attention_partials`; Triton parts only).
+        (`paged_flash.paged_attention_partials`; Triton parts only).
 
     Returns:
       out_RxTxHxD (H heads) in q's dtype, lse_RxTxH float32 over shared + private keys.
     """
-    aa.check_page_offset(shared_page_offset)
-    aa.check_page_offset(branch_page_offset)
+    pf.check_page_offset(shared_page_offset)
+    pf.check_page_offset(branch_page_offset)
     if shared_page_table_P.ndim != 1:
         raise InputError(f"shared_page_table must be [P], got {shared_page_table_P.shape}")
     if jnp.shape(shared_len) != () or jnp.asarray(shared_len).dtype != jnp.int32:
@@ -245,15 +242,15 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
     if q_RxTxHxD.ndim != 4 or branch_k_pool.ndim != 4 or shared_k_pool.ndim != 4:
         raise InputError(f"q must be [R, T, H, D] and the pools [num_pages, page_size, K, D], "
                          f"got {q_RxTxHxD.shape}, {shared_k_pool.shape}, {branch_k_pool.shape}")
-    heads = heads or aa.HeadLayout.of(q_RxTxHxD, branch_k_pool, branch_v_pool)
+    heads = heads or pf.HeadLayout.of(q_RxTxHxD, branch_k_pool, branch_v_pool)
     r, t, _, d = q_RxTxHxD.shape
     h = heads.q_heads
-    shared_heads = aa.HeadLayout(h, shared_k_pool.shape[2])
-    shared_window = aa.validate_paged(
+    shared_heads = pf.HeadLayout(h, shared_k_pool.shape[2])
+    shared_window = pf.validate_paged(
         q_RxTxHxD[:1], shared_k_pool, shared_v_pool, shared_page_table_P[None],
         jnp.reshape(shared_len, (1,)), shared_window, compiled=not interpret,
         heads=shared_heads)
-    branch_window = aa.validate_paged(
+    branch_window = pf.validate_paged(
         q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
         branch_window, compiled=not interpret, heads=heads)
     if (heads.kv_heads, branch_k_pool.shape[3]) != shared_k_pool.shape[2:]:
@@ -278,7 +275,7 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
         if interpret or poison_outputs:
             raise InputError("backend='mosaic_gpu' runs compiled only (interpret=False) and "
                              "has no poison_outputs hook; use backend='triton' for those")
-    aa.check_backend("triton" if mosaic else backend, interpret)
+    pf.check_backend("triton" if mosaic else backend, interpret)
     if mosaic and r * t * (h // k_heads) > dm.MAX_ROWS:
         raise InputError(f"R x T x G = {r * t * (h // k_heads)} shared query rows; "
                          f"backend='mosaic_gpu' holds at most {dm.MAX_ROWS} (use 'triton')")
@@ -289,8 +286,8 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
                          f"{'MosaicDecodeBlockSizes' if mosaic else 'BlockSizes'}, got "
                          f"{type(bs.shared).__name__}")
     if not mosaic:
-        aa.validate_block_sizes(bs.shared, shared_k_pool.shape[1])
-    aa.validate_block_sizes(bs.private, branch_k_pool.shape[1])
+        pf.validate_block_sizes(bs.shared, shared_k_pool.shape[1])
+    pf.validate_block_sizes(bs.private, branch_k_pool.shape[1])
     if bs.private.num_splits != 1:
         raise InputError("the private part runs unsplit: block_sizes.private.num_splits=1")
 
@@ -301,18 +298,18 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
         # One kernel: each program attends to the shared cells, then to its branch's own,
         # in one online softmax (nothing written between, nothing merged after).
         tiles = dataclasses.replace(bs.shared, block_k=bs.private.block_k)
-        tokens_out = aa.token_tiles(g, tiles.block_q) and q_RxTxHxD.shape[2] % g == 0
-        out, lse = aa.paged_flash_folded(
+        tokens_out = pf.token_tiles(g, tiles.block_q) and q_RxTxHxD.shape[2] % g == 0
+        out, lse = pf.paged_flash_folded(
             q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
             window=branch_window, causal=True, block_sizes=tiles, out_dtype=q_RxTxHxD.dtype,
             page_offset=branch_page_offset, heads=heads, tokens_out=tokens_out,
-            prefix=aa.PrefixCells(shared_k_pool, shared_v_pool, shared_page_table_P,
+            prefix=pf.PrefixCells(shared_k_pool, shared_v_pool, shared_page_table_P,
                                   shared_len, shared_window, bs.shared.block_k,
                                   shared_page_offset, shared_heads, contiguous_pages,
                                   bs.shared.preload_pages),
             name="statejax_cascade", **common)
-        return (out if tokens_out else aa.unfold_rows(out[:, :, 0], t, h),
-                aa.unfold_rows(lse[:, :, 0], t, h))
+        return (out if tokens_out else pf.unfold_rows(out[:, :, 0], t, h),
+                pf.unfold_rows(lse[:, :, 0], t, h))
     # Shared part: all R x T queries folded into the rows of one batch row (row r's query
     # rows follow row r - 1's), partials per split in q's dtype (Mosaic GPU: float32).
     shared_args = (q_RxTxHxD.reshape(1, r * t, -1, d), shared_k_pool, shared_v_pool,
@@ -322,33 +319,33 @@ def cascade_attention(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_page_table
                                                window=shared_window, block_sizes=bs.shared,
                                                causal=False, page_offset=shared_page_offset)
     else:
-        out_s, lse_s = aa.paged_flash_folded(
+        out_s, lse_s = pf.paged_flash_folded(
             *shared_args, window=shared_window, causal=False, block_sizes=bs.shared,
             out_dtype=q_RxTxHxD.dtype, page_offset=shared_page_offset, heads=shared_heads,
             name="statejax_cascade_shared", **common)
     private = dict(window=branch_window, causal=True, block_sizes=bs.private,
                    page_offset=branch_page_offset, heads=heads,
                    name="statejax_cascade_private", **common)
-    if aa.merges_earlier(r, t, h // k_heads, bs.private.block_q, earlier_rows=out_s.shape[3]):
+    if pf.merges_earlier(r, t, h // k_heads, bs.private.block_q, earlier_rows=out_s.shape[3]):
         # The private kernel merges the shared splits into its own result (one launch, no
         # merge kernels after it) and writes q's dtype, in q's layout where its tiles are
         # whole tokens (no transpose after it).
-        tokens_out = (aa.token_tiles(h // k_heads, bs.private.block_q)
+        tokens_out = (pf.token_tiles(h // k_heads, bs.private.block_q)
                       and q_RxTxHxD.shape[2] % (h // k_heads) == 0)
-        out, lse = aa.paged_flash_folded(
+        out, lse = pf.paged_flash_folded(
             q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
             out_dtype=q_RxTxHxD.dtype, earlier=(out_s, lse_s), tokens_out=tokens_out,
             **private)
-        return (out if tokens_out else aa.unfold_rows(out[:, :, 0], t, h),
-                aa.unfold_rows(lse[:, :, 0], t, h))
+        return (out if tokens_out else pf.unfold_rows(out[:, :, 0], t, h),
+                pf.unfold_rows(lse[:, :, 0], t, h))
     # Padded query tiles (e.g. one token of a small GQA group): the private part is one more
     # float32 partial, merged with the shared splits in one log-sum-exp.
-    out_p, lse_p = aa.unfold_partials(*aa.paged_flash_folded(
+    out_p, lse_p = pf.unfold_partials(*pf.paged_flash_folded(
         q_RxTxHxD, branch_k_pool, branch_v_pool, branch_page_table_RxPb, branch_lengths_R,
         out_dtype=jnp.float32, **private), t, h)
-    out_s, lse_s = aa.unfold_partials(out_s.astype(jnp.float32), lse_s, r * t, h)
+    out_s, lse_s = pf.unfold_partials(out_s.astype(jnp.float32), lse_s, r * t, h)
     out_s, lse_s = out_s.reshape(r, t, h, -1, d), lse_s.reshape(r, t, h, -1)
-    return da.combine_splits(jnp.concatenate([out_s, out_p], axis=3),
+    return pf.combine_splits(jnp.concatenate([out_s, out_p], axis=3),
                              jnp.concatenate([lse_s, lse_p], axis=3), q_RxTxHxD.dtype)
 
 
@@ -401,21 +398,21 @@ def cascade_attention_cells(q_RxTxHxD, shared_k, shared_v, row, shared_len, bran
         backend=backend, interpret=interpret)
     mosaic = isinstance(block_sizes.shared, dm.MosaicDecodeBlockSizes)
     # One page per KV block, but a Mosaic page is one TMA box: at most 256 cells.
-    shared_ps = aa.cells_page_size(c, min(block_sizes.shared.block_k, 256) if mosaic
+    shared_ps = pf.cells_page_size(c, min(block_sizes.shared.block_k, 256) if mosaic
                                    else block_sizes.shared.block_k)
-    branch_ps = aa.cells_page_size(tb, block_sizes.private.block_k)
+    branch_ps = pf.cells_page_size(tb, block_sizes.private.block_k)
     rows = jnp.reshape(jnp.asarray(row, jnp.int32), (1,))
-    sk_pool, s_table, s_offset = aa.cells_as_pool(shared_k, layer=layer, rows=rows,
+    sk_pool, s_table, s_offset = pf.cells_as_pool(shared_k, layer=layer, rows=rows,
                                                   window=shared_window, page_size=shared_ps)
-    sv_pool, _, _ = aa.cells_as_pool(shared_v, layer=layer, rows=rows, window=shared_window,
+    sv_pool, _, _ = pf.cells_as_pool(shared_v, layer=layer, rows=rows, window=shared_window,
                                      page_size=shared_ps)
     heads = None
     if fresh:  # q's buffer is the branch pool: K at head H + k, V at H + K + k
-        heads = aa.HeadLayout(h, k_heads, h, h + k_heads)
+        heads = pf.HeadLayout(h, k_heads, h, h + k_heads)
         branch_k, branch_lengths_R = q_RxTxHxD, jnp.zeros((r,), jnp.int32)
-    bk_pool, b_table, b_offset = aa.cells_as_pool(branch_k, layer=None if fresh else layer,
+    bk_pool, b_table, b_offset = pf.cells_as_pool(branch_k, layer=None if fresh else layer,
                                                   rows=None, window=tb, page_size=branch_ps)
-    bv_pool = None if branch_v is None else aa.cells_as_pool(
+    bv_pool = None if branch_v is None else pf.cells_as_pool(
         branch_v, layer=layer, rows=None, window=tb, page_size=branch_ps)[0]
     return cascade_attention(q_RxTxHxD, sk_pool, sv_pool, s_table[0], shared_len, bk_pool,
                              bv_pool, b_table, branch_lengths_R, shared_window=shared_window,
@@ -440,10 +437,10 @@ def cascade_attention_reference(q_RxTxHxD, shared_k_pool, shared_v_pool, shared_
     s = shared_window or shared_page_table_P.shape[0] * shared_k_pool.shape[1]
     tb = branch_window or branch_page_table_RxPb.shape[1] * branch_k_pool.shape[1]
     shared_table = jnp.broadcast_to(shared_page_table_P, (r, shared_page_table_P.shape[0]))
-    k = jnp.concatenate([aa.gather_pages(shared_k_pool, shared_table, s),
-                         aa.gather_pages(branch_k_pool, branch_page_table_RxPb, tb)], axis=1)
-    v = jnp.concatenate([aa.gather_pages(shared_v_pool, shared_table, s),
-                         aa.gather_pages(branch_v_pool, branch_page_table_RxPb, tb)], axis=1)
+    k = jnp.concatenate([pf.gather_pages(shared_k_pool, shared_table, s),
+                         pf.gather_pages(branch_k_pool, branch_page_table_RxPb, tb)], axis=1)
+    v = jnp.concatenate([pf.gather_pages(shared_v_pool, shared_table, s),
+                         pf.gather_pages(branch_v_pool, branch_page_table_RxPb, tb)], axis=1)
     shared_mask = jnp.arange(s, dtype=jnp.int32) < shared_len  # [S]
     q_idx_RxT = branch_lengths_R[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     private_mask = jnp.arange(tb, dtype=jnp.int32)[None, None, :] <= q_idx_RxT[:, :, None]

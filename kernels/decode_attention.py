@@ -1,12 +1,13 @@
 """Paged decode attention (flash-decoding): T = 1..a few tokens per row over ragged lengths.
 
 Same contract as `append_attention` (token t of row b attends to cells [0, n_b + t], its own
-K/V already written), tuned for few query rows and long contexts: the paged flash kernel of
-`append_attention` runs with a split axis, grid (row, kv-head, query block — one when
+K/V already written), tuned for few query rows and long contexts: the shared paged flash engine
+(`paged_flash`) runs with a split axis, grid (row, kv-head, query block — one when
 T x G <= 64 — , split), so one long session still fills the GPU. Each split reads its share of
 the row's KV blocks once and writes a partial (out, lse) in float32; a split past a row's
 length reads nothing and writes an empty partial (out 0, lse MASK_VALUE). `combine_splits`
-merges the partials by log-sum-exp in plain JAX.
+merges the partials by log-sum-exp in plain JAX. The Hopper variant is `decode_attention_mgpu`,
+chosen by `dispatch`.
 """
 
 import dataclasses
@@ -19,23 +20,17 @@ from jax.experimental import pallas as pl
 from statejax import platform
 from statejax.errors import InputError
 
-from . import append_attention as aa
+from . import paged_flash as pf
 from . import tuned
-from .append_attention import BlockSizes
+from .paged_flash import BlockSizes, combine_splits
 
 __all__ = ["BlockSizes", "combine_splits", "decode_attention", "decode_attention_cells",
            "decode_attention_reference", "default_block_sizes", "default_splits",
            "tuned_block_sizes"]
 
-# Programs to aim for: a few waves over an H100's 132 SMs.
+# Programs to aim for: a few waves over a Hopper GPU's SMs.
 _TARGET_PROGRAMS = 512
-
-
-# Bytes of one K block per KV step. Measured on an H100 (2026-11-27, jax 0.11.2, bf16, 8 x 16k
-# cells, D = 128; docs/results/kernel_bench_h100/triton_tune): 64-cell steps (16 KiB) took
-# 0.22-0.28 ms over the grid's splits / warps / stages, 128 cells 0.29-0.34 ms, 256 cells
-# 0.33-0.37 ms; these defaults (64 cells, 8 splits, 4 warps, 2 stages) 0.238 ms, 79% of the
-# copy bandwidth measured in that run.
+# Bytes of one K block per KV step: the smallest steps measured fastest (docs/kernels.md).
 _KV_BLOCK_BYTES = 16 * 1024
 
 
@@ -52,9 +47,9 @@ def default_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int,
                                  page_size=page_size, window=window, itemsize=itemsize)
     if measured is not None:
         return measured
-    block_q = min(64, max(16, aa._next_pow2(rows)))
+    block_q = min(64, max(16, pf._next_pow2(rows)))
     cells = min(128, max(16, _KV_BLOCK_BYTES // (head_dim * itemsize)))
-    block_k = aa.kv_block(1 << (cells.bit_length() - 1), page_size)
+    block_k = pf.kv_block(1 << (cells.bit_length() - 1), page_size)
     return BlockSizes(block_q=block_q, block_k=block_k,
                       num_splits=default_splits(batch=batch, rows=rows, k_heads=k_heads,
                                                 block_q=block_q, block_k=block_k,
@@ -90,34 +85,6 @@ def tuned_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int, pag
         window=window))
 
 
-def combine_splits(out_BxTxHxNxD, lse_BxTxHxN, dtype):
-    """Log-sum-exp merge of N split partials.
-
-    One variadic reduction over the split axis whose combiner merges two (lse, out) pairs
-    exactly (an associative, commutative operation): XLA emits it as one kernel, where
-    logsumexp-then-weights-then-sum took three.
-
-    Args:
-      out_BxTxHxNxD: partial outputs, each normalised over its split's keys.
-      lse_BxTxHxN: their float32 log-sum-exps (MASK_VALUE for an empty split).
-      dtype: dtype of the merged output.
-
-    Returns:
-      out_BxTxHxD in `dtype`, lse_BxTxH float32.
-    """
-    def merge(a, b):
-        (lse_a, out_a), (lse_b, out_b) = a, b
-        lse = jnp.logaddexp(lse_a, lse_b)
-        return lse, jnp.exp(lse_a - lse) * out_a + jnp.exp(lse_b - lse) * out_b
-
-    out = out_BxTxHxNxD.astype(jnp.float32)
-    lse = jnp.broadcast_to(lse_BxTxHxN[..., None], out.shape)
-    # The identity is an empty partial: finite MASK_VALUE, so two of them merge without NaN.
-    identity = (jnp.float32(aa.MASK_VALUE), jnp.float32(0.0))
-    lse, out = jax.lax.reduce((lse, out), identity, merge, (out.ndim - 2,))
-    return out.astype(dtype), lse[..., 0]
-
-
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",
                                              "page_offset", "poison_outputs",
                                              "contiguous_pages"))
@@ -134,42 +101,30 @@ def decode_attention(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
       page_table_BxP: int32 page of each page-sized group of row b's cells.
       lengths_B: int32 n_b, cells of row b in use before the T tokens (ragged).
       window: static S <= P * page_size (default P * page_size).
-      block_sizes: tiles and splits; default `default_block_sizes` of this shape (for
-        "mosaic_gpu": `decode_attention_mgpu.MosaicDecodeBlockSizes`).
+      block_sizes: tiles and splits; default `default_block_sizes` of this shape.
       interpret, page_offset, poison_outputs, contiguous_pages: as
         `append_attention.append_attention`.
-      backend: "triton" or "mosaic_gpu" (`decode_attention_mgpu`: Hopper, bf16/f16,
-        T x H / K <= 128, compiled only, no poisoning).
+      backend: "triton". The Hopper variant is `dispatch.decode_attention(...,
+        backend="mosaic_gpu")`.
 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32.
     """
-    aa.check_page_offset(page_offset)
-    if backend == "mosaic_gpu":
-        from . import decode_attention_mgpu as mgpu  # noqa: PLC0415 - it imports this module
-
-        if interpret or poison_outputs:
-            raise InputError("backend='mosaic_gpu' runs compiled only (interpret=False) and "
-                             "has no poison_outputs hook; use backend='triton' for those")
-        if block_sizes is not None and not isinstance(block_sizes,
-                                                      mgpu.MosaicDecodeBlockSizes):
-            raise InputError(f"backend='mosaic_gpu' takes MosaicDecodeBlockSizes, got "
-                             f"{block_sizes}")
-        return mgpu.decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP,
-                                          lengths_B, window=window, block_sizes=block_sizes,
-                                          page_offset=page_offset)
-    if backend not in aa.PAGED_BACKENDS:
-        raise InputError(f"backend={backend!r}; allowed for decode: {aa.PAGED_BACKENDS}")
-    aa.check_backend(backend, interpret)
-    window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
+    pf.check_page_offset(page_offset)
+    if backend not in pf.BACKENDS:
+        raise InputError(f"backend={backend!r}; allowed for decode here: {pf.BACKENDS} (the "
+                         "Hopper variant: statejax.kernels.dispatch.decode_attention with "
+                         "backend='mosaic_gpu')")
+    pf.check_backend(backend, interpret)
+    window = pf.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
                                compiled=not interpret)
     b, t, h, d = q_BxTxHxD.shape
     page_size, k_heads = k_pool.shape[1], k_pool.shape[2]
     bs = block_sizes or default_block_sizes(batch=b, rows=t * (h // k_heads), k_heads=k_heads,
                                             head_dim=d, page_size=page_size, window=window,
                                             itemsize=q_BxTxHxD.dtype.itemsize)
-    aa.validate_block_sizes(bs, page_size)
-    out, lse = aa.paged_attention_partials(
+    pf.validate_block_sizes(bs, page_size)
+    out, lse = pf.paged_attention_partials(
         q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window, causal=True,
         block_sizes=bs, out_dtype=jnp.float32, interpret=interpret, backend=backend,
         page_offset=page_offset, poison_outputs=poison_outputs,
@@ -187,35 +142,20 @@ def decode_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int
     Returns:
       out_BxTxHxD, lse_BxTxH.
     """
-    c = k_cells.shape[-3]
-    if block_sizes is None:
-        # Tiles first (measured ones included) at the finest page size any tile fits; then
-        # the cells are viewed as pages of one KV block.
+    if block_sizes is None:  # tiles first (measured ones included), then the page size
         b, t, h, d = q_BxTxHxD.shape
         k_heads = k_cells.shape[-2]
-        if backend == "mosaic_gpu":
-            from . import decode_attention_mgpu as mgpu  # noqa: PLC0415 - it imports this
-
-            block_sizes = mgpu.MosaicDecodeBlockSizes.for_decode(
-                batch=b, k_heads=k_heads, head_dim=d, page_size=aa.cells_page_size(c, 16),
-                window=window, rows=t * (h // k_heads))
-        else:
-            block_sizes = default_block_sizes(
-                batch=b, rows=t * (h // k_heads), k_heads=k_heads, head_dim=d,
-                page_size=aa.cells_page_size(c, 16), window=window,
-                itemsize=q_BxTxHxD.dtype.itemsize)
-    page_size = aa.cells_page_size(c, block_sizes.block_k)
-    k_pool, table, offset = aa.cells_as_pool(k_cells, layer=layer, rows=None, window=window,
-                                             page_size=page_size)
-    v_pool, _, _ = aa.cells_as_pool(v_cells, layer=layer, rows=None, window=window,
-                                    page_size=page_size)
-    return decode_attention(q_BxTxHxD, k_pool, v_pool, table, lengths_B, window=window,
-                            block_sizes=block_sizes, interpret=interpret, backend=backend,
-                            page_offset=offset, contiguous_pages=True)
+        block_sizes = default_block_sizes(
+            batch=b, rows=t * (h // k_heads), k_heads=k_heads, head_dim=d,
+            page_size=pf.cells_page_size(k_cells.shape[-3], 16), window=window,
+            itemsize=q_BxTxHxD.dtype.itemsize)
+    return pf.on_cells(decode_attention, q_BxTxHxD, k_cells, v_cells, lengths_B, layer=layer,
+                       window=window, block_sizes=block_sizes, interpret=interpret,
+                       backend=backend, contiguous_pages=True)
 
 
 def decode_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
                                window: int | None = None):
     """Reference of `decode_attention`: the same contract as append attention."""
-    return aa.paged_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B,
+    return pf.paged_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B,
                                         window=window, causal=True)

@@ -2,8 +2,8 @@
 
 Same contract and results as `decode_attention.decode_attention` (T = 1 .. a few tokens per row
 over ragged lengths; token t of row b sees cells [0, min(n_b + t + 1, S))), built to stream
-K/V at the copy bandwidth, where the Triton kernel reached 60% of it on the H200 (issue 3's
-target: 75%).
+K/V at the copy bandwidth (docs/kernels.md). `dispatch` chooses it; the portable kernels never
+import it (the cascade's shared part takes it by `backend="mosaic_gpu"`).
 
 - Grid (kv-head, split, row); the T x G query rows that share a kv-head (GQA folded into rows,
   as in the Triton kernel) are one 64-row wgmma tile, or two (up to 128 rows: a 32-token
@@ -35,16 +35,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from statejax.errors import InputError
 
-from . import append_attention as aa
 from . import append_attention_mgpu as amg
 from . import mosaic_common as mc
-from .decode_attention import combine_splits
+from . import paged_flash as pf
+from .paged_flash import combine_splits
 
 _ROWS = 64  # query rows (T x G, padded) per compute warpgroup: one wgmma M tile
 MAX_ROWS = 2 * _ROWS  # rows of one program: two compute warpgroups share its K/V stream
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-_TARGET_PROGRAMS = 512  # a few waves over an H100's 132 SMs
+_TARGET_PROGRAMS = 512  # a few waves over a Hopper GPU's SMs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +151,7 @@ def _kernel(len_ref, pt_ref, off_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, sco
         plgpu.copy_gmem_to_smem(q_ref.at[row, kv_head, pl.ds(row0, _ROWS)], q_smem,
                                 q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
-        mask = jnp.float32(aa.MASK_VALUE)  # finite: a row may see nothing in this split
+        mask = jnp.float32(pf.MASK_VALUE)  # finite: a row may see nothing in this split
         m_i = ops.layout(jnp.full((_ROWS,), mask, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l_i = ops.layout(jnp.full((_ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = ops.layout(jnp.full((_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
@@ -264,6 +264,9 @@ def decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
     Returns:
       out_BxTxHxD in q's dtype, lse_BxTxH float32.
     """
+    if block_sizes is not None and not isinstance(block_sizes, MosaicDecodeBlockSizes):
+        raise InputError(f"backend='mosaic_gpu' takes MosaicDecodeBlockSizes, got "
+                         f"{block_sizes}")
     mc.check_device()
     return _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window=window,
                         block_sizes=block_sizes, page_offset=page_offset)
@@ -272,18 +275,19 @@ def decode_attention_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, 
 def _decode_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
                  block_sizes, interpret=False, page_offset: int = 0):
     """Validates and builds the kernel call (no device check: tests lower it on CPU, and run
-    it with `interpret=True` in jax's GPU interpreter, patched by tests/mgpu_interpreter.py)."""
+    it with `interpret=True` in jax's GPU interpreter, patched by
+    tests/kernels/mgpu_interpreter.py)."""
     t, h = q_BxTxHxD.shape[1:3]
     out, lse = decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B,
                                     window=window, block_sizes=block_sizes, causal=True,
                                     interpret=interpret, page_offset=page_offset)
-    return combine_splits(*aa.unfold_partials(out, lse, t, h), q_BxTxHxD.dtype)
+    return combine_splits(*pf.unfold_partials(out, lse, t, h), q_BxTxHxD.dtype)
 
 
 def decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *, window,
                          block_sizes, causal: bool, interpret=False, page_offset: int = 0):
     """The kernel's per-split partials in the folded layout of
-    `append_attention.paged_flash_folded` (no device check; callers check).
+    `paged_flash.paged_flash_folded` (no device check; callers check).
 
     Args:
       q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window: as
@@ -299,7 +303,7 @@ def decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *
       [B, K, N, M] float32 (MASK_VALUE for a split with nothing to read).
     """
     # compiled=False: Triton's power-of-two rules do not apply; Mosaic's are checked below.
-    window = aa.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
+    window = pf.validate_paged(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, window,
                                compiled=False)
     b, t, h, d = q_BxTxHxD.shape
     page_size, k_heads = k_pool.shape[1:3]
@@ -320,7 +324,7 @@ def decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *
     table = mc.table_for_blocks(page_table_BxP, window=window, block_k=bs.block_k,
                                 page_size=page_size)
     blocks_per_split = pl.cdiv(pl.cdiv(window, bs.block_k), bs.num_splits)
-    q = aa._fold_queries(q_BxTxHxD, k_heads, rows)
+    q = pf._fold_queries(q_BxTxHxD, k_heads, rows)
     n_split, num_wgs = bs.num_splits, rows // _ROWS
     ops = mc.KernelOps(interpret)
     return plgpu.kernel(
@@ -336,3 +340,23 @@ def decode_partials_mgpu(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **ops.kernel_params(),
     )(lengths_B, table, mc.page_offset_operand(page_offset), q, k_pool, v_pool)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "window", "block_sizes"))
+def decode_attention_mgpu_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int | None,
+                                window: int, block_sizes: MosaicDecodeBlockSizes | None = None):
+    """`decode_attention_mgpu` over contiguous cells [L, B, C, K, D] (with `layer`) or
+    [B, C, K, D]; default tiles at the finest page size they fit.
+
+    Returns:
+      out_BxTxHxD, lse_BxTxH.
+    """
+    if block_sizes is None:
+        b, t, h, d = q_BxTxHxD.shape
+        k_heads = k_cells.shape[-2]
+        block_sizes = MosaicDecodeBlockSizes.for_decode(
+            batch=b, k_heads=k_heads, head_dim=d,
+            page_size=pf.cells_page_size(k_cells.shape[-3], 16), window=window,
+            rows=t * (h // k_heads))
+    return pf.on_cells(decode_attention_mgpu, q_BxTxHxD, k_cells, v_cells, lengths_B,
+                       layer=layer, window=window, block_sizes=block_sizes)

@@ -1,10 +1,10 @@
 """Fused linear layers of a decoder block: RMSNorm prologue, one GEMM pass, epilogue.
 
 A query of T tokens multiplies [M = R x T, K] activations (M tens) by each layer's weights
-[N, K]: the GEMMs read every weight once and are bound by those bytes. Compiled by XLA for
-an H100, a Llama layer of the 1B query step is 14 kernels, the projections split-K GEMMs
-that write partials and reduce them in the kernel after (docs/results.md, step profile). This
-kernel does one linear layer together with what surrounds it in the block:
+[N, K]: the GEMMs read every weight once and are bound by those bytes. XLA compiles them as
+split-K GEMMs that write partials and reduce them in a kernel after, around several more
+small kernels (docs/kernels.md, "Fused linear layers"). This kernel does one linear layer
+together with what surrounds it in the block:
 
     y = epilogue(norm(x) . W^T)        W [N, K] (PyTorch's layout, as `llama.Linear`)
 
@@ -44,7 +44,7 @@ from statejax import platform
 from statejax.errors import InputError
 from statejax.model import rope
 
-from . import append_attention as aa
+from . import paged_flash as pf
 from . import tuned
 
 __all__ = ["ACTIVATIONS", "BufferRows", "LinearBlocks", "Rotary", "blocks_for",
@@ -52,12 +52,12 @@ __all__ = ["ACTIVATIONS", "BufferRows", "LinearBlocks", "Rotary", "blocks_for",
            "tuned_shape"]
 
 ACTIVATIONS = (None, "silu_mul")
-# Programs to aim for: one wave over an H100's 132 SMs, each streaming its own weight strip.
+# Programs to aim for: about one wave over a Hopper GPU's SMs, each streaming its own strip.
 _TARGET_PROGRAMS = 128
 # Bytes of one weight tile per K step (per weight), as the decode kernel's K/V steps.
 _W_TILE_BYTES = 16 * 1024
-# Shared memory the pipelined tiles may take (x and weight tiles x stages): an H100 has
-# 227 KiB a block (SMEM_LIMIT); 240 KiB (x [128, 256] with 3 stages) failed to compile.
+# Shared memory the pipelined tiles may take (x and weight tiles x stages), well under
+# Hopper's 227 KiB a block (SMEM_LIMIT): bigger sets failed to compile.
 SMEM_LIMIT = 227 * 1024
 _SMEM_BUDGET = 160 * 1024
 
@@ -116,7 +116,7 @@ class Rotary:
 def rotary_fits(head_dim: int) -> bool:
     """Whether `Rotary` takes heads of `head_dim`: a power of two >= 32 (a program's two
     half-head strips are >= 16 rows, Triton's least for a dot)."""
-    return head_dim >= 32 and aa._is_pow2(head_dim)
+    return head_dim >= 32 and pf._is_pow2(head_dim)
 
 
 def _vector_shape(v) -> tuple[int, ...]:
@@ -159,7 +159,7 @@ class LinearBlocks:
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 16 or not aa._is_pow2(value):
+            if not isinstance(value, int) or value < 16 or not pf._is_pow2(value):
                 raise InputError(f"LinearBlocks.{name}={value!r}; allowed: a power of two "
                                  ">= 16")
 
@@ -175,7 +175,7 @@ def default_linear_blocks(*, m: int, widths: tuple[int, ...], k: int, columns: i
     (64..512), the largest power of two dividing k at most that, halved while the staged
     tiles exceed `_SMEM_BUDGET`. A given `block_n` is kept (the rest follows from it).
     `offsets`: first rows of weights read in place (`BufferRows`), which block_n divides too."""
-    block_m = min(128, max(16, aa._next_pow2(m)))
+    block_m = min(128, max(16, pf._next_pow2(m)))
     m_blocks = -(-m // block_m)
     if block_n is None:
         block_n = 16
@@ -328,7 +328,7 @@ def _check_aligned(weights, rows: int):
 def _rms(x_ref, k: int, block_k: int, eps: float, valid):
     """Per-row 1 / RMS of x_ref [bm, K] in float32, read in K steps: [bm, 1]."""
     def body(step, total):
-        xk = aa.read_rows(x_ref, valid, pl.ds(pl.multiple_of(step * block_k, block_k), block_k))
+        xk = pf.read_rows(x_ref, valid, pl.ds(pl.multiple_of(step * block_k, block_k), block_k))
         xk = xk.astype(jnp.float32)
         return total + jnp.sum(xk * xk, axis=1, keepdims=True)
 
@@ -364,7 +364,7 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
     def accumulate(weights):
         def body(step, accs):
             ks = pl.ds(pl.multiple_of(step * block_k, block_k), block_k)
-            xk = aa.read_rows(x_ref, valid, ks)
+            xk = pf.read_rows(x_ref, valid, ks)
             if has_norm:  # llama.RMSNorm: normalise in f32, round, then scale
                 scale = scale_ref[:, ks] if scale_ref.ndim == 2 else scale_ref[ks][None, :]
                 xk = (xk.astype(jnp.float32) * rms).astype(dtype) * scale
@@ -378,8 +378,8 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
 
     def finish(o_ref, y):
         if has_residual:
-            y = aa.read_rows(r_ref, valid) + y
-        aa.write_rows(o_ref, y.astype(o_ref.dtype), valid)
+            y = pf.read_rows(r_ref, valid) + y
+        pf.write_rows(o_ref, y.astype(o_ref.dtype), valid)
 
     if activation == "silu_mul":
         gate, up = accumulate([w_refs[0][0], w_refs[1][0]])
@@ -400,13 +400,13 @@ def _kernel(*refs, firsts, activation, has_norm, has_bias, has_residual, eps, bl
         lo, hi = ys
         if rotate[w]:  # model.rope.rotate: in float32 from the rounded outputs, rounded
             lo32, hi32, cos, sin = (lo.astype(jnp.float32), hi.astype(jnp.float32),
-                                    aa.read_rows(cos_ref, valid), aa.read_rows(sin_ref, valid))
+                                    pf.read_rows(cos_ref, valid), pf.read_rows(sin_ref, valid))
             lo, hi = (lo32 * cos - hi32 * sin).astype(dtype), (hi32 * cos + lo32 * sin).astype(
                 dtype)
         # The block [bm, 2, bn / 2]: the two halves of a head's columns.
         half_valid = None if valid is None else valid[:, :, None]
-        aa.write_rows(o_ref, lo[:, None, :], half_valid, pl.ds(0, 1), slice(None))
-        aa.write_rows(o_ref, hi[:, None, :], half_valid, pl.ds(1, 1), slice(None))
+        pf.write_rows(o_ref, lo[:, None, :], half_valid, pl.ds(0, 1), slice(None))
+        pf.write_rows(o_ref, hi[:, None, :], half_valid, pl.ds(1, 1), slice(None))
 
     if len(firsts) == 1:
         one_weight(0)
@@ -456,7 +456,7 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
       y [M, N] in x's dtype: N = N_1 (silu_mul) or N_1 + N_2 + ...; with `split_outputs` a
       tuple of [M, N_i].
     """
-    aa.check_backend("triton", interpret)
+    pf.check_backend("triton", interpret)
     widths, n_out = _validate(x_MxK, weights, norm_scale_K, bias, residual_MxN, activation,
                               blocks)
     if rotary is not None:
@@ -546,7 +546,7 @@ def fused_linear(x_MxK, weights, *, norm_scale_K=None, norm_eps: float = 1e-5, b
     ys = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases,
-        compiler_params=aa.triton_compiler_params(bs.num_warps, bs.num_stages),
+        compiler_params=pf.triton_compiler_params(bs.num_warps, bs.num_stages),
         interpret=interpret, name=name,
     )(*args)
     ys = [y.reshape(m, -1) for y in ys]
@@ -580,7 +580,7 @@ def fused_linear_reference(x_MxK, weights, *, norm_scale_K=None, norm_eps: float
         rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + norm_eps)
         x = (x32 * rms).astype(dtype) * norm_scale_K.astype(dtype)[None, :]
     # HIGHEST: the kernel multiplies float32 in IEEE f32; XLA's default on a GPU is TF32,
-    # ~1e-3 off (H200, 2026-12-04: every float32 case of the compiled tests).
+    # about 1e-3 off.
     outs = [jnp.dot(x, w.T, preferred_element_type=jnp.float32,
                     precision=jax.lax.Precision.HIGHEST).astype(dtype) for w in weights]
     if bias is not None:

@@ -31,7 +31,7 @@ def smem_bytes(buffers: list[int], barriers: int) -> int:
 
 
 def validate_operands(q_BxTxHxD, page_size: int):
-    """What the Mosaic kernels need of q and the pool beyond `aa.validate_paged`."""
+    """What the Mosaic kernels need of q and the pool beyond `paged_flash.validate_paged`."""
     d = q_BxTxHxD.shape[-1]
     if q_BxTxHxD.dtype not in DTYPES:
         raise InputError(f"the mosaic_gpu backend takes bfloat16 or float16, got "

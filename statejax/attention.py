@@ -5,13 +5,18 @@ mask, softmax(q k^T / sqrt(D)) v with grouped-query heads, and also returns the 
 the scores so that attention over disjoint key sets can be merged exactly (`merge_partials`).
 That is how a branch attends to its session's shared cells and to its own private cells.
 
-The reference is the specification: Pallas kernels (issue 3) are tested against it.
+The reference is the specification: the Pallas kernels (`statejax.kernels`) are tested
+against it. Which implementation runs is explicit (`IMPLS`, chosen per call site by
+`statejax.kernels.dispatch`); a failing kernel raises, nothing falls back to the reference.
 """
 
 import jax.numpy as jnp
 
 # Finite stand-in for -inf: a fully masked row stays finite and merges with weight zero.
 MASK_VALUE = -1e30
+# Attention implementations: this module's reference, the Pallas kernels (Triton lowering,
+# interpret mode on CPU), and the same with ingestion on the Hopper (Mosaic GPU) kernel.
+IMPLS = ("reference", "pallas", "pallas-mosaic")
 
 
 def attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):

@@ -1,22 +1,19 @@
 """How a model's layer weights are laid out in argument buffers: per layer, stacked, packed.
 
 A jitted step passes every leaf of its params as its own argument buffer, and the host's
-dispatch costs per buffer: on the H100 (2026-11-28, jax 0.11.2) a lone `Session.query` of
-the Llama-3.2-1B shape was 0.24-0.40 ms shorter with the layers stacked (22 buffers) than
-per layer (157), the device call itself 0.07 ms longer (docs/results.md, third H100 run).
-Two layouts with fewer buffers, both read in place by the compiled steps (no weight is
-copied; `statejax.perf.step_census` checks it for an H100):
+dispatch costs per buffer (measurements in docs/kernels.md, "Weight layouts"). Two layouts
+with fewer buffers, both read in place by the compiled steps (no weight is copied;
+`statejax.perf.step_census` checks it):
 
 - `"stacked"` (`stack_layers`): one [L, ...] leaf per kind of layer weight. Each layer's
   fusions read their own slice, so XLA compiles (and on a GPU autotunes) them per layer
-  (compiled for an H100 on a CPU: 1.4-2.1x the per-layer compile time).
+  (a longer compile than per layer).
 - `"packed"` (`pack_layers`): each layer's tree as whole rows of one [R, W] buffer (W the
   embedding width), plus the leaves that are not rows of W (Llama: `down_proj`, [E, F]).
   Every layer's leaves sit at the same rows of its own buffer, so the layers' fusions stay
-  identical and compile once, as per layer (Llama-3.2-1B: 45 buffers per query call).
-  Only leaves whose own trailing axes make rows of W read in place: packed as one flat
-  buffer, or with the down projection as rows of W (reshaped or transposed back), XLA
-  copied their slices out every call (docs/results.md).
+  identical and compile once, as per layer. Only leaves whose own trailing axes make rows
+  of W read in place: packed as one flat buffer, or with the down projection as rows of W
+  (reshaped or transposed back), XLA copies their slices out every call.
 
 Neither runs XLA's generation loop: there the one-token GEMMs do not read slices in place
 and XLA copies the weights (every turn, or once per query before the loop), so `steps.query`
@@ -153,10 +150,9 @@ def pack_layers(params) -> dict:
 
     The row width W is the layer's embedding width (the size of its `input_norm` scale); a
     leaf goes into the rows when it has the layer's dtype and its trailing axes multiply to
-    W (a [2048, 8192] weight as rows of 2048 does not: compiled for an H100 its slice was
-    copied out every call), in the layer's tree order, the one-row leaves (norm scales,
-    biases) after the others: so a weight starts at a row that a kernel's row tile divides
-    (Llama-3.2-1B: multiples of 512).
+    W (a [2048, 8192] weight as rows of 2048 does not: XLA copies such a slice out every
+    call), in the layer's tree order, the one-row leaves (norm scales, biases) after the
+    others: so a weight starts at a row that a kernel's row tile divides.
     """
     names = _layer_names(params, "pack")
     return {**params, **{k: _pack(params[k], k) for k in names}}

@@ -1,8 +1,9 @@
 """A Llama-family decoder in Flax (Llama 3.x, Qwen2.5 qkv-bias, Qwen3 qk-norm).
 
-The model is cache-agnostic: each attention layer hands its q/k/v to a cache *view*
-(`statejax.cache`), which writes cells and attends. Layers are unrolled (faster per step than
-`scan` on GPU for small-batch decode; see ANCHORS) and indexed into stacked [L, ...] cells.
+The model is cache-agnostic: each attention layer hands its q/k/v to a cache *view*, which
+writes cells and attends; of the view it uses only the declared interface (`statejax.cache.View`:
+`update_and_attend`, `one_qkv_buffer`). Layers are unrolled (faster per step than `scan` on
+GPU for small-batch decode) and indexed into stacked [L, ...] cells.
 
 `linear_impl` (static, `LINEAR_IMPLS`) says who computes a block's linear layers:
 - `"xla"`: the modules below, compiled by XLA (the default; what training differentiates);
@@ -21,6 +22,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from statejax import platform
+from statejax.cache import FullView, View
 from statejax.errors import InputError
 from statejax.kernels.fused_linear import Rotary, fused_linear, rotary_fits
 from statejax.model.config import ModelConfig
@@ -188,8 +190,8 @@ class Attention(nn.Module):
                 rotary = Rotary(cos, sin, rotate=(True, True, False))
             # q, k and v as three buffers: the attention call and the cell writes read them
             # whole (a slice of one output handed to a Pallas call is copied out first);
-            # side by side in one where the attention takes them so (`one_qkv_buffer`).
-            one_buffer = getattr(view, "one_qkv_buffer", False)  # a view's optional hint
+            # side by side in one where the attention takes them so (`View.one_qkv_buffer`).
+            one_buffer = isinstance(view, View) and view.one_qkv_buffer
             outputs = _fused_linear(
                 x_BxTxE, [_matrix(w, e) for w in weights], "qkv",
                 norm_scale_K=_vector(norm(x_BxTxE)), norm_eps=cfg.rms_eps, rotary=rotary,
@@ -314,8 +316,8 @@ def from_flax_kernel_layout(tree):
     """Params saved before `Linear` (flax `kernel` [*in, *out]) -> today's `weight`
     [*out, *in]. o_proj alone contracts two input axes (heads, head_dim).
 
-    For checkpoints written before 2026-11-27 (`statejax.pretrained` format 1, orbax
-    `statejax-orbax-v1`); leaves may be numpy or jax arrays.
+    For checkpoints of `statejax.pretrained` format 1 (orbax `statejax-orbax-v1`); leaves may
+    be numpy or jax arrays.
     """
     return _from_kernels(tree, "")
 
@@ -338,8 +340,6 @@ def _rms_norm(cfg: ModelConfig, name: str, params_only: bool = False) -> "RMSNor
 
 def init_params(cfg: ModelConfig, seed: int = 0):
     """Random parameters (normal, std 0.02; norms at one) as a nested dict pytree."""
-    from statejax.cache import FullView
-
     tokens = jnp.zeros((1, 4), jnp.int32)
     positions = jnp.arange(4, dtype=jnp.int32)[None]
     init = jax.jit(lambda key: Transformer(cfg).init(key, tokens, positions, FullView()))

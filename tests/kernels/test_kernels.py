@@ -22,6 +22,7 @@ from statejax.errors import InputError
 from statejax.kernels import append_attention as aa
 from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
+from statejax.kernels import paged_flash as pf
 from statejax.perf import gpu_target, kernel_bench
 from tests.kernels import triton_ptx
 
@@ -211,7 +212,7 @@ def test_preloaded_page_tables_are_bounded():
     check_paged(case, da.decode_attention, da.decode_attention_reference, interpret=True,
                 contiguous=True)
     with pytest.raises(InputError, match="preload_pages=1 must be a bool"):
-        aa.validate_block_sizes(aa.BlockSizes(16, 16, preload_pages=1), 16)
+        pf.validate_block_sizes(aa.BlockSizes(16, 16, preload_pages=1), 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,9 +338,9 @@ def test_joint_pool_must_hold_two_halves():
     q, pool, _, table, lengths = _valid_args()
     odd = jnp.ones((5, 16, 3, 16))
     with pytest.raises(InputError, match=r"one buffer must be \[num_pages, page_size, 2K, D\]"):
-        aa.validate_paged(q, odd, None, table, lengths, None, compiled=False)
+        pf.validate_paged(q, odd, None, table, lengths, None, compiled=False)
     # [.., 2K, D] with K = 2: the 4 query heads are a multiple of 2, not of the 4 pool heads.
-    assert aa.validate_paged(q, jnp.ones((5, 16, 4, 16)), None, table, lengths, None,
+    assert pf.validate_paged(q, jnp.ones((5, 16, 4, 16)), None, table, lengths, None,
                              compiled=False) == 32
     with pytest.raises(InputError, match="shared and branch pools differ"):
         ca.cascade_attention(q[:1], pool, pool, table[0], jnp.int32(3), pool, None,
@@ -387,12 +388,12 @@ def test_one_shared_split_is_one_kernel():
     assert not ca.fuses(2, 1, 8, shared)  # 8-row branches share a tile: folded, two calls
     assert not ca.fuses(1, 4, 4, dataclasses.replace(shared, num_splits=2))
     with pytest.raises(InputError, match="a prefix is attended in unsplit calls"):
-        aa.paged_flash_folded(
+        pf.paged_flash_folded(
             q, pool, pool, table.reshape(3, 4), jnp.zeros((3,), jnp.int32), window=64,
             causal=True, block_sizes=dataclasses.replace(shared, num_splits=2),
             out_dtype=q.dtype, interpret=True,
-            prefix=aa.PrefixCells(pool, pool, table, jnp.int32(3), 64, 32, 0,
-                                  aa.HeadLayout(case.h, k)))
+            prefix=pf.PrefixCells(pool, pool, table, jnp.int32(3), 64, 32, 0,
+                                  pf.HeadLayout(case.h, k)))
 
 
 def _all_eqns(jaxpr):
@@ -429,7 +430,7 @@ def test_token_tiles_read_and_write_the_queries_layout(case):
     output as [B, T, K, G x D] (free reshapes of [B, T, H, D]: no transpose or pad before
     or after it), the last tile overhanging T or not."""
     g = case.h // case.k
-    assert aa.token_tiles(g, case.block[0])
+    assert pf.token_tiles(g, case.block[0])
     check_paged(case, aa.append_attention, aa.append_attention_reference, interpret=True)
     b = len(case.lengths)
     q = jnp.ones((b, case.t, case.h, case.d))
@@ -449,14 +450,14 @@ def test_token_tiles_read_and_write_the_queries_layout(case):
 
 
 def test_token_tiles_rule():
-    assert aa.token_tiles(4, 128) and aa.token_tiles(8, 16) and aa.token_tiles(1, 16)
-    assert not aa.token_tiles(3, 48)  # a power-of-two G only (Triton's tensors)
-    assert not aa.token_tiles(32, 16)  # a token's heads span two tiles
+    assert pf.token_tiles(4, 128) and pf.token_tiles(8, 16) and pf.token_tiles(1, 16)
+    assert not pf.token_tiles(3, 48)  # a power-of-two G only (Triton's tensors)
+    assert not pf.token_tiles(32, 16)  # a token's heads span two tiles
     # Merging earlier partials: whole tiles a row, or one row within the earlier rows.
-    assert aa.merges_earlier(3, 8, 4, 32, earlier_rows=96)
-    assert aa.merges_earlier(1, 1, 4, 16, earlier_rows=16)
-    assert not aa.merges_earlier(2, 1, 4, 16, earlier_rows=16)
-    assert not aa.merges_earlier(1, 1, 4, 32, earlier_rows=16)
+    assert pf.merges_earlier(3, 8, 4, 32, earlier_rows=96)
+    assert pf.merges_earlier(1, 1, 4, 16, earlier_rows=16)
+    assert not pf.merges_earlier(2, 1, 4, 16, earlier_rows=16)
+    assert not pf.merges_earlier(1, 1, 4, 32, earlier_rows=16)
 
 
 def test_token_tiles_cascade_merges_into_the_queries_layout():
@@ -513,7 +514,7 @@ def test_one_generating_branch_merges_in_the_private_kernel():
 def test_tokens_out_needs_token_tiles():
     q, pool, _, table, lengths = _valid_args()
     with pytest.raises(InputError, match="tokens_out needs query tiles of whole tokens"):
-        aa.paged_flash_folded(q, pool, pool, table, lengths, window=32, causal=True,
+        pf.paged_flash_folded(q, pool, pool, table, lengths, window=32, causal=True,
                               block_sizes=aa.BlockSizes(block_q=16, block_k=16, num_splits=2),
                               out_dtype=q.dtype, interpret=True, tokens_out=True)
 
@@ -585,12 +586,12 @@ def test_first_token_branches_take_qkv_or_cells():
 
 def test_cells_as_pool_addresses_layer_and_row():
     cells = jnp.arange(2 * 3 * 32).reshape(2, 3, 32, 1, 1)
-    pool, table, offset = aa.cells_as_pool(cells, layer=1, rows=jnp.asarray([2]), window=20,
+    pool, table, offset = pf.cells_as_pool(cells, layer=1, rows=jnp.asarray([2]), window=20,
                                            page_size=8)
-    np.testing.assert_array_equal(aa.gather_pages(pool, table + offset, 20)[0, :, 0, 0],
+    np.testing.assert_array_equal(pf.gather_pages(pool, table + offset, 20)[0, :, 0, 0],
                                   cells[1, 2, :20, 0, 0])
     # The table does not depend on the layer: every layer of a step shares it.
-    _, table_0, offset_0 = aa.cells_as_pool(cells, layer=0, rows=jnp.asarray([2]), window=20,
+    _, table_0, offset_0 = pf.cells_as_pool(cells, layer=0, rows=jnp.asarray([2]), window=20,
                                             page_size=8)
     np.testing.assert_array_equal(table_0, table)
     assert (offset_0, offset) == (0, 3 * 32 // 8)
@@ -780,7 +781,7 @@ def _lower_paged(case: Case, *, causal: bool, block_sizes: aa.BlockSizes, compil
     pool = jax.ShapeDtypeStruct((b * case.pages + 3, case.page_size, case.k, case.d), dtype)
     table = jax.ShapeDtypeStruct((b, case.pages), jnp.int32)
     lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
-    call = jax.jit(lambda *args: aa.paged_attention_partials(
+    call = jax.jit(lambda *args: pf.paged_attention_partials(
         *args, window=_window(case), causal=causal, block_sizes=block_sizes,
         out_dtype=dtype if block_sizes.num_splits == 1 else jnp.float32, interpret=False,
         poison_outputs=True))

@@ -25,8 +25,9 @@ from statejax.kernels import append_attention_mgpu as mg
 from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
 from statejax.kernels import decode_attention_mgpu as dm
+from statejax.kernels import dispatch, tuned
 from statejax.kernels import mosaic_common as mc
-from statejax.kernels import tuned
+from statejax.kernels import paged_flash as pf
 from statejax.perf import gpu_target
 from tests.kernels import mgpu_interpreter, mosaic_ptxas
 from tests.kernels.test_kernels import (
@@ -70,10 +71,10 @@ class MosaicCase:
     @property
     def wrapper_and_reference(self):
         if self.kind == "append":
-            return aa.append_attention, aa.append_attention_reference
+            return dispatch.append_attention, aa.append_attention_reference
         if self.kind == "shared":
-            return None, functools.partial(aa.paged_attention_reference, causal=False)
-        return da.decode_attention, da.decode_attention_reference
+            return None, functools.partial(pf.paged_attention_reference, causal=False)
+        return dispatch.decode_attention, da.decode_attention_reference
 
     def visible(self, n: int) -> int:
         """Cells row n's queries may see (the rest hold garbage)."""
@@ -88,7 +89,7 @@ def _shared_mgpu(q, k_pool, v_pool, table, lengths, *, window, block_sizes, inte
     out, lse = dm.decode_partials_mgpu(q, k_pool, v_pool, table, lengths, window=window,
                                        block_sizes=block_sizes, causal=False,
                                        interpret=interpret, page_offset=page_offset)
-    return da.combine_splits(*aa.unfold_partials(out, lse, t, h), q.dtype)
+    return pf.combine_splits(*pf.unfold_partials(out, lse, t, h), q.dtype)
 
 
 CASES = [
@@ -224,8 +225,8 @@ def test_mosaic_decode_validation(args, tiles, match):
 
 
 @pytest.mark.parametrize("fn, tiles, kind", [
-    (aa.append_attention, aa.BlockSizes(block_q=16, block_k=16), "append"),
-    (da.decode_attention, aa.BlockSizes(block_q=16, block_k=16), "decode"),
+    (dispatch.append_attention, aa.BlockSizes(block_q=16, block_k=16), "append"),
+    (dispatch.decode_attention, aa.BlockSizes(block_q=16, block_k=16), "decode"),
 ])
 def test_mosaic_backend_is_explicit_and_compiled_only(fn, tiles, kind):
     args = _valid()
@@ -328,7 +329,8 @@ def test_contiguous_cells_take_mosaic_tiles_before_their_page_size(monkeypatch):
         monkeypatch.setattr(module, build, spy)
     shape = jax.ShapeDtypeStruct
     lengths = shape((2,), jnp.int32)
-    for fn, t, d in ((aa.append_attention_cells, 256, 256), (da.decode_attention_cells, 1, 128)):
+    for fn, t, d in ((dispatch.append_attention_cells, 256, 256),
+                     (dispatch.decode_attention_cells, 1, 128)):
         cells = shape((4, 2, 1024, 2, d), jnp.bfloat16)
         call = jax.jit(lambda q, k, v, n, fn=fn: fn(q, k, v, n, layer=1, window=1024,
                                                     interpret=False, backend="mosaic_gpu"))
@@ -615,3 +617,11 @@ def test_cascade_on_mosaic_is_explicit_and_bounded(monkeypatch):
         three = _cascade_args(dataclasses.replace(CASCADE_MOSAIC[0], branch_lengths=(0,) * 3))
         with pytest.raises(InputError, match="384 shared query rows.*at most 128"):
             trace(three, interpret=False, backend="mosaic_gpu")
+
+
+@pytest.mark.parametrize("fn, kind", [(aa.append_attention, "append"),
+                                      (da.decode_attention, "decode")])
+def test_portable_kernels_name_the_hopper_route(fn, kind):
+    """The portable wrappers run Triton only; asked for Mosaic GPU they say where it is."""
+    with pytest.raises(InputError, match=f"allowed for {kind} here.*dispatch"):
+        fn(*_valid(), interpret=True, backend="mosaic_gpu")
