@@ -85,6 +85,13 @@ def tuned_block_sizes(*, batch: int, rows: int, k_heads: int, head_dim: int, pag
         window=window))
 
 
+def decode_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
+                               window: int | None = None):
+    """Reference of `decode_attention`: the same contract as append attention."""
+    return pf.paged_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B,
+                                        window=window, causal=True)
+
+
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret", "backend",
                                              "page_offset", "poison_outputs",
                                              "contiguous_pages"))
@@ -152,10 +159,3 @@ def decode_attention_cells(q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int
     return pf.on_cells(decode_attention, q_BxTxHxD, k_cells, v_cells, lengths_B, layer=layer,
                        window=window, block_sizes=block_sizes, interpret=interpret,
                        backend=backend, contiguous_pages=True)
-
-
-def decode_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
-                               window: int | None = None):
-    """Reference of `decode_attention`: the same contract as append attention."""
-    return pf.paged_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B,
-                                        window=window, causal=True)

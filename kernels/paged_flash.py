@@ -786,6 +786,43 @@ def combine_splits(out_BxTxHxNxD, lse_BxTxHxN, dtype):
     return out.astype(dtype), lse[..., 0]
 
 
+# Reference.
+
+
+def gather_pages(pool, page_table_BxP, window: int):
+    """[num_pages, ps, K, D] pool -> [B, S, K, D] cells of each row (the first S)."""
+    b, p = page_table_BxP.shape
+    rows = pool[jnp.clip(page_table_BxP, 0, pool.shape[0] - 1)]  # [B, P, ps, K, D]
+    return rows.reshape(b, p * pool.shape[1], *pool.shape[2:])[:, :window]
+
+
+def paged_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
+                              window: int | None = None, causal: bool = True):
+    """Plain-JAX specification of the paged kernel: gather the cells, then `attend`.
+
+    Rows with no visible key give out 0 and lse MASK_VALUE (as the kernel does; `attend`
+    would average the masked values, which merge with weight zero either way).
+
+    Returns:
+      out_BxTxHxD in q's dtype, lse_BxTxH float32.
+    """
+    window = window or page_table_BxP.shape[1] * k_pool.shape[1]
+    t = q_BxTxHxD.shape[1]
+    k = gather_pages(k_pool, page_table_BxP, window)
+    v = gather_pages(v_pool, page_table_BxP, window)
+    key_pos = jnp.arange(window, dtype=jnp.int32)[None, None, :]
+    if causal:
+        q_pos = lengths_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        mask = key_pos <= q_pos[:, :, None]
+    else:
+        mask = jnp.broadcast_to(key_pos < lengths_B[:, None, None], (len(lengths_B), t, window))
+    out, lse = attention.attend(q_BxTxHxD, k, v, mask)
+    empty_BxT = ~jnp.any(mask, axis=-1)
+    out = jnp.where(empty_BxT[:, :, None, None], jnp.zeros_like(out), out)
+    lse = jnp.where(empty_BxT[:, :, None], MASK_VALUE, lse)
+    return out, lse
+
+
 # Contiguous cells [L, B, C, K, D] as a page pool.
 
 
@@ -864,40 +901,3 @@ def on_cells(paged_fn, q_BxTxHxD, k_cells, v_cells, lengths_B, *, layer: int | N
                                  page_size=page_size)
     return paged_fn(q_BxTxHxD, k_pool, v_pool, table, lengths_B, window=window,
                     block_sizes=block_sizes, page_offset=offset, **kwargs)
-
-
-# Reference.
-
-
-def gather_pages(pool, page_table_BxP, window: int):
-    """[num_pages, ps, K, D] pool -> [B, S, K, D] cells of each row (the first S)."""
-    b, p = page_table_BxP.shape
-    rows = pool[jnp.clip(page_table_BxP, 0, pool.shape[0] - 1)]  # [B, P, ps, K, D]
-    return rows.reshape(b, p * pool.shape[1], *pool.shape[2:])[:, :window]
-
-
-def paged_attention_reference(q_BxTxHxD, k_pool, v_pool, page_table_BxP, lengths_B, *,
-                              window: int | None = None, causal: bool = True):
-    """Plain-JAX specification of the paged kernel: gather the cells, then `attend`.
-
-    Rows with no visible key give out 0 and lse MASK_VALUE (as the kernel does; `attend`
-    would average the masked values, which merge with weight zero either way).
-
-    Returns:
-      out_BxTxHxD in q's dtype, lse_BxTxH float32.
-    """
-    window = window or page_table_BxP.shape[1] * k_pool.shape[1]
-    t = q_BxTxHxD.shape[1]
-    k = gather_pages(k_pool, page_table_BxP, window)
-    v = gather_pages(v_pool, page_table_BxP, window)
-    key_pos = jnp.arange(window, dtype=jnp.int32)[None, None, :]
-    if causal:
-        q_pos = lengths_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        mask = key_pos <= q_pos[:, :, None]
-    else:
-        mask = jnp.broadcast_to(key_pos < lengths_B[:, None, None], (len(lengths_B), t, window))
-    out, lse = attention.attend(q_BxTxHxD, k, v, mask)
-    empty_BxT = ~jnp.any(mask, axis=-1)
-    out = jnp.where(empty_BxT[:, :, None, None], jnp.zeros_like(out), out)
-    lse = jnp.where(empty_BxT[:, :, None], MASK_VALUE, lse)
-    return out, lse
