@@ -8,7 +8,8 @@ attention output:
 - "pallas": Triton kernels, in interpret mode unless compiling for a GPU (`interpret`);
   ingestion by the append kernel, or, where its rows leave the GPU short of programs over a
   long window, by the decode kernel split along the cells (`plan_append`); queries by the
-  cascade kernel, its shared part on the backend the GPU model's measured table names;
+  cascade kernel, its shared part on the backend the GPU model's measured table names
+  (`plan_branch`);
 - "pallas-mosaic": as "pallas", but ingestion on the Hopper append kernel (compiled only).
 
 The paged wrappers `append_attention` / `decode_attention` (and their `_cells` forms) choose
@@ -114,6 +115,42 @@ def append_cells(layer: int, q_BxTxHxD, k_LxBxCxKxD, v_LxBxCxKxD, lengths_B, *, 
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class BranchPlan:
+    """How a `BranchView` step is attended (the cascade kernel).
+
+    Attributes:
+      backend: the shared part's backend, "triton" or "mosaic_gpu".
+      interpret: run in the Pallas interpreter.
+      block_sizes: `cascade_attention.BlockSizes` (shared part of `backend`'s type).
+    """
+
+    backend: str
+    interpret: bool
+    block_sizes: ca.BlockSizes
+
+
+def plan_branch(impl: str, *, branches: int, tokens: int, heads: int, k_heads: int,
+                head_dim: int, cells: int, branch_cells: int, window: int,
+                itemsize: int) -> BranchPlan:
+    """The backend and tiles of R x T branch tokens over C session cells (window S) and Tb
+    branch cells (T where the branches have none: their K/V come in q's buffer).
+
+    Both kernel impls: the tiles measured fastest for the shape on the GPU model compiled for,
+    of the backends that can run it (`cascade_attention.measured_backends`: the Mosaic GPU
+    shared part only compiled), else the Triton rule.
+    """
+    check_impl(impl, KERNEL_IMPLS)
+    interp = interpret()
+    tiles = ca.BlockSizes.for_cells(
+        branches=branches, tokens=tokens, group=heads // k_heads, k_heads=k_heads,
+        head_dim=head_dim, cells=cells, branch_cells=branch_cells, shared_window=window,
+        itemsize=itemsize, backend=None, interpret=interp)
+    backend = ("mosaic_gpu" if isinstance(tiles.shared, dm.MosaicDecodeBlockSizes)
+               else "triton")
+    return BranchPlan(backend, interp, tiles)
+
+
 def branch_cells(layer: int, q_RxTxHxD, *, shared_k, shared_v, row, shared_len,
                  window: int, branch_kv, branch_lengths_R, new_kv_RxTx2KxD, impl: str):
     """`BranchView` attention by the cascade kernel: the session's cells read once for all R
@@ -129,17 +166,20 @@ def branch_cells(layer: int, q_RxTxHxD, *, shared_k, shared_v, row, shared_len,
         handed over in one q/k/v buffer.
       branch_lengths_R: int32 branch cells in use before this step.
       new_kv_RxTx2KxD: this step's K and V heads.
-      impl: "pallas" or "pallas-mosaic" (the same here: the shared part's backend is the
-        measured choice for the shape, Triton where none is recorded).
+      impl: "pallas" or "pallas-mosaic" (the same here: `plan_branch`).
 
     Returns:
       out_RxTxHxD in q's dtype.
     """
-    check_impl(impl, KERNEL_IMPLS)
+    r, t, h, d = q_RxTxHxD.shape
+    plan = plan_branch(impl, branches=r, tokens=t, heads=h, k_heads=shared_k.shape[-2],
+                       head_dim=d, cells=shared_k.shape[-3],
+                       branch_cells=t if branch_kv is None else branch_kv.shape[-3],
+                       window=window, itemsize=q_RxTxHxD.dtype.itemsize)
     attend = functools.partial(
         ca.cascade_attention_cells, shared_k=shared_k, shared_v=shared_v, row=row,
-        shared_len=shared_len, layer=layer, shared_window=window, interpret=interpret(),
-        backend=None)
+        shared_len=shared_len, layer=layer, shared_window=window, interpret=plan.interpret,
+        backend=plan.backend, block_sizes=plan.block_sizes)
     if branch_kv is None:
         qkv = jnp.concatenate([q_RxTxHxD, new_kv_RxTx2KxD.astype(q_RxTxHxD.dtype)], axis=2)
         out, _ = attend(qkv, branch_k=None, branch_v=None, branch_lengths_R=None,

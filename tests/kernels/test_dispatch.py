@@ -12,6 +12,7 @@ import pytest
 
 from statejax import cache
 from statejax.errors import InputError
+from statejax.kernels import cascade_attention as ca
 from statejax.kernels import dispatch
 
 KERNELS = pathlib.Path(dispatch.__file__).parent
@@ -140,3 +141,17 @@ def dataclass_fields_named(obj, name: str) -> bool:
     import dataclasses  # noqa: PLC0415
 
     return any(f.name == name for f in dataclasses.fields(obj))
+
+
+def test_branch_plan_is_the_cascade_default():
+    """`plan_branch` decides what `cascade_attention_cells` would pick by itself (backend
+    None): on CPU, Triton tiles in interpret mode."""
+    shape = dict(branches=1, tokens=32, heads=32, k_heads=8, head_dim=64, cells=2048,
+                 branch_cells=32, window=2048, itemsize=2)
+    plan = dispatch.plan_branch("pallas", **shape)
+    assert (plan.backend, plan.interpret) == ("triton", True)
+    assert plan.block_sizes == ca.BlockSizes.for_cells(
+        branches=1, tokens=32, group=4, k_heads=8, head_dim=64, cells=2048, branch_cells=32,
+        shared_window=2048, itemsize=2, backend=None, interpret=True)
+    with pytest.raises(InputError, match="allowed here"):
+        dispatch.plan_branch("reference", **shape)
