@@ -657,7 +657,7 @@ def test_bad_window_block_sizes_and_backend_raise():
 
 
 def test_default_block_sizes_follow_the_shape():
-    # The tiles the H100 tuning run measured fastest on issue 3's target shapes
+    # The tiles the H100 tuning run measured fastest on the target shapes
     # (docs/results/kernel_bench_h100/triton_tune).
     ingest = aa.BlockSizes.for_append(rows=512 * 4, head_dim=128, page_size=16)
     assert (ingest.block_q, ingest.block_k, ingest.num_splits, ingest.num_warps) == (
