@@ -30,7 +30,7 @@ from statejax.kernels import append_attention_mgpu as mg
 from statejax.kernels import cascade_attention as ca
 from statejax.kernels import decode_attention as da
 from statejax.kernels import decode_attention_mgpu as dm
-from statejax.kernels import tuned
+from statejax.kernels import dispatch, tuned
 from statejax.perf import roofline
 
 _XLA_SCORES_LIMIT = 8 << 30  # skip the XLA reference when its score matrix exceeds this
@@ -147,7 +147,7 @@ def bench_paged(cfg, peaks, kind, shape, key, block_sizes=None, backend="triton"
                                              page_size=cfg.page_size, dtype=dtype)
     lengths = jnp.full((b,), s, jnp.int32)
     window = table.shape[1] * cfg.page_size
-    fn = da.decode_attention if kind == "decode" else aa.append_attention
+    fn = dispatch.decode_attention if kind == "decode" else dispatch.append_attention
     defaults = block_sizes is None
     if kind == "decode" and backend == "triton" and defaults:
         # The tiles the default resolves to (a measured table's entry, on a GPU), recorded.
