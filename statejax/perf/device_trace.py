@@ -264,7 +264,8 @@ def lone_call_breakdown(host: list[HostEvent], kernels: list[KernelEvent],
 
     Returns:
       {"calls": windows found, "call_ms": median window (traced: the profiler's own cost
-       included), "kernel_busy_ms": time per call with a kernel running inside the windows
+       included), "call_ms_mean": mean window, "kernel_busy_ms": time per call with a
+       kernel running inside the windows
        (kernels placed by their start on the host's clock, on which the profiler puts a
        device plane's events),
        "threads": {thread: self ms per call inside the windows}, most first, threads of one
@@ -304,6 +305,7 @@ def lone_call_breakdown(host: list[HostEvent], kernels: list[KernelEvent],
     return {
         "calls": calls,
         "call_ms": float(np.median([hi - lo for lo, hi in windows])) / 1e6,
+        "call_ms_mean": float(np.mean([hi - lo for lo, hi in windows])) / 1e6,
         "kernel_busy_ms": _busy_ns(in_windows) / 1e6 / calls,
         "threads": {t: ns / 1e6 / calls for t, ns in sorted(threads.items(), key=lambda t: -t[1])},
         "top": [{"thread": thread, "event": name, "count": n / calls, "self_ms": own / 1e6 / calls,

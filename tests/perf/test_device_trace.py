@@ -237,6 +237,7 @@ def test_a_cpu_trace_of_lone_calls_finds_the_dispatch():
     assert 0 < b["kernel_busy_ms"] and 0 < b["call_ms"]
     dispatch = [t for t in b["top"] if t["event"].startswith("PjitFunction")]
     assert dispatch and dispatch[0]["count"] >= 1 and dispatch[0]["ms"] < 10 * b["call_ms"]
-    # The calling thread's self time fits in the calls' windows.
+    # The calling thread's self time fits in the calls' windows (the mean: one call slowed by
+    # a busy machine moves the median less than the per-call average).
     caller = dispatch[0]["thread"]
-    assert 0 < b["threads"][caller] <= 1.5 * b["call_ms"]
+    assert 0 < b["threads"][caller] <= 1.5 * b["call_ms_mean"]
