@@ -16,7 +16,7 @@ Test size (seconds; the targets are not checked at this shape):
 import ml_collections
 from ml_collections import config_dict
 
-# 32 byte tokens: the anchors' query is 32 question tokens on top of the context.
+# 32 byte tokens: the peer measurements' query is 32 question tokens on top of the context.
 QUESTION = "Will the next bar close higher?\n"
 SYSTEM_PROMPT = ("You are a market analyst. Each line below is one OHLCV bar: "
                  "index open high low close volume.\n")

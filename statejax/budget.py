@@ -34,7 +34,7 @@ class Budget:
       cells: C, KV cells per session row (frozen prefix + data region). The Pallas
         attention kernels view a row's cells as pages of the largest power of two up
         to their KV step (128 cells at D = 64) that divides C: a multiple of 128 lets
-        them read one page per step (`kernels.append_attention.cells_page_size`).
+        them read one page per step (`kernels.paged_flash.cells_page_size`).
       page_size: cells per page (prefix-cache hashing and window granularity).
       chunk_sizes: T buckets for appends and questions, ascending.
       windows: S buckets for attention over session cells; default derived from `cells`.

@@ -22,7 +22,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from statejax import platform
-from statejax.cache import FullView, View
+from statejax.cache import FullView
 from statejax.errors import InputError
 from statejax.kernels.fused_linear import Rotary, fused_linear, rotary_fits
 from statejax.model.config import ModelConfig
@@ -191,7 +191,7 @@ class Attention(nn.Module):
             # q, k and v as three buffers: the attention call and the cell writes read them
             # whole (a slice of one output handed to a Pallas call is copied out first);
             # side by side in one where the attention takes them so (`View.one_qkv_buffer`).
-            one_buffer = isinstance(view, View) and view.one_qkv_buffer
+            one_buffer = view.one_qkv_buffer
             outputs = _fused_linear(
                 x_BxTxE, [_matrix(w, e) for w in weights], "qkv",
                 norm_scale_K=_vector(norm(x_BxTxE)), norm_eps=cfg.rms_eps, rotary=rotary,

@@ -2,7 +2,7 @@
 
 A query of a few dozen tokens at batch 1 is bound by memory traffic: it must read every weight
 once and the session's K/V cells once. Its floor is those bytes over the device's copy
-bandwidth, measured here the same way the anchors do (a device-to-device copy; bytes read +
+bandwidth, measured here as the peer measurements do (a device-to-device copy; bytes read +
 written per second), so ratios to the floor hold within one run on any card.
 """
 

@@ -52,12 +52,14 @@ from statejax.serving.packing import pack_question, unpack_answer
 from statejax.serving.session import Session, generation_width
 from statejax.tokenizer import ByteTokenizer
 
-# The attention kernels' KV step at the 1B shape's D = 64 (`append_attention.kv_block`).
+# The attention kernels' KV step at the 1B shape's D = 64 (`paged_flash.kv_block`).
 _KV_BLOCK = 128
 
 @struct.dataclass
 class IdentityAttention:
     """A cache view whose attention returns q unchanged: the step minus attention."""
+
+    one_qkv_buffer = False  # `statejax.cache.View`: q, k and v in three buffers
 
     def update_and_attend(self, layer, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
         del layer, k_BxTxKxD, v_BxTxKxD

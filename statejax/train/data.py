@@ -248,6 +248,8 @@ class PackedView:
         c, tb = spec.context_tokens, spec.branch_tokens
         return cls(branch_limit=batch.context_limit[:, c::tb], spec=spec, impl=impl)
 
+    one_qkv_buffer = False  # `statejax.cache.View`: q, k and v in three buffers
+
     def update_and_attend(self, layer, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
         del layer
         if self.impl != "reference":

@@ -174,3 +174,18 @@ def test_laid_out_weights_answer_as_per_layer_ones(tiny, layout):
         steps.query(laid_out, sessions[1].state, *range(8), cfg=cfg, window=256,
                     branch_cells=40, max_new_cap=8)
     assert sessions[1].query("q?", 1).tokens.tolist() == sessions[0].query("q?", 1).tokens.tolist()
+
+
+def test_every_view_declares_the_interface_the_model_reads():
+    """The model reads `one_qkv_buffer` from its view (fused linear layers) without a
+    fallback, so every view in the library declares it, as a class constant, not a pytree
+    field."""
+    import dataclasses
+
+    from statejax.cache import View
+    from statejax.perf.step_profile import IdentityAttention
+    from statejax.train.data import PackedView
+
+    assert isinstance(IdentityAttention(), View)
+    assert not IdentityAttention.one_qkv_buffer and not PackedView.one_qkv_buffer
+    assert "one_qkv_buffer" not in {f.name for f in dataclasses.fields(PackedView)}
