@@ -26,6 +26,7 @@ _EXPORTS = {
     "SessionClosedError": ("statejax.errors", "SessionClosedError"),
     "ByteTokenizer": ("statejax.tokenizer", "ByteTokenizer"),
     "load_hf_checkpoint": ("statejax.checkpoint.hf_import", "load_hf_checkpoint"),
+    "load_gguf_checkpoint": ("statejax.checkpoint.gguf_import", "load_gguf_checkpoint"),
     "pretrained": ("statejax.pretrained", None),
 }
 

@@ -74,8 +74,9 @@ def _gguf():
 
 def _supported_types(gguf) -> dict[str, Any]:
     """Tensor type name -> type, for every type `gguf.quants.dequantize` handles."""
-    types = [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-             *gguf.quants._type_traits]
+    # The package's own table of dequantizers is private; without it, every type it sizes.
+    quantized = getattr(gguf.quants, "_type_traits", None) or gguf.GGML_QUANT_SIZES
+    types = [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *quantized]
     return {t.name: t for t in types}
 
 

@@ -5,6 +5,7 @@ import sys
 
 import statejax
 from statejax.budget import Budget
+from statejax.checkpoint.gguf_import import load_gguf_checkpoint
 from statejax.checkpoint.hf_import import load_hf_checkpoint
 from statejax.errors import InputError, ItemsRefusedError
 from statejax.serving.results import Answer, FlashResult, QueryResult
@@ -18,6 +19,7 @@ def test_public_names_are_the_library_objects():
     assert statejax.Answer is Answer and statejax.QueryResult is QueryResult
     assert statejax.FlashResult is FlashResult and statejax.InputError is InputError
     assert statejax.ItemsRefusedError is ItemsRefusedError
+    assert statejax.load_gguf_checkpoint is load_gguf_checkpoint
     assert callable(statejax.pretrained.load_default)
     assert set(statejax.__all__) <= set(dir(statejax))
 
