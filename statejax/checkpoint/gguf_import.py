@@ -24,13 +24,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from statejax.checkpoint.hf_import import Checkpoint, TensorSpec, tensor_specs
+from statejax.checkpoint.hf_import import Checkpoint, TensorSpec, check_dtype, tensor_specs
 from statejax.errors import InputError
 from statejax.model.config import ModelConfig
 from statejax.tokenizer import HFTokenizer, check_fits_vocab
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-_ALLOWED_DTYPES = ("float32", "bfloat16")
 # HF tensor name pattern -> GGUF tensor name (`{i}`: the layer index).
 _GGUF_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -121,16 +120,6 @@ def _positive(reader, key: str, kind: type, default: Any = _REQUIRED):
     return kind(value)
 
 
-def _dtype(dtype) -> str:
-    try:
-        name = jnp.dtype(dtype).name
-    except TypeError:
-        name = None
-    if name not in _ALLOWED_DTYPES:
-        raise InputError(f"dtype={dtype!r}; allowed: {_ALLOWED_DTYPES}")
-    return name
-
-
 def config_from_gguf(reader, *, dtype="float32", name: str | None = None) -> ModelConfig:
     """Maps a GGUF file's metadata (and its embedding's shape) to a `ModelConfig`.
 
@@ -185,7 +174,7 @@ def config_from_gguf(reader, *, dtype="float32", name: str | None = None) -> Mod
         tie_embeddings="output.weight" not in names,
         qkv_bias=arch == "qwen2",
         qk_norm=arch == "qwen3",
-        dtype=_dtype(dtype),
+        dtype=check_dtype(dtype),
     )
 
 

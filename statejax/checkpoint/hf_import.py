@@ -101,15 +101,24 @@ def _architecture(config: dict) -> str:
     return archs[0]
 
 
+def check_dtype(dtype) -> str:
+    """The name of a dtype the importers may load into ("float32" | "bfloat16").
+
+    Raises:
+      InputError: any other dtype, naming the allowed ones.
+    """
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _ALLOWED_DTYPES:
+        raise InputError(f"dtype={dtype!r}; allowed: {_ALLOWED_DTYPES}")
+    return name
+
+
 def _dtype(config: dict, dtype) -> str:
     if dtype is not None:
-        try:
-            name = jnp.dtype(dtype).name
-        except TypeError:
-            name = None
-        if name not in _ALLOWED_DTYPES:
-            raise InputError(f"dtype={dtype!r}; allowed: {_ALLOWED_DTYPES}")
-        return name
+        return check_dtype(dtype)
     # As transformers' dtype="auto": the config's dtype (transformers 5) or torch_dtype (4),
     # a null one counting as absent; neither: float32.
     hf = config.get("dtype") or config.get("torch_dtype") or "float32"

@@ -28,7 +28,7 @@ from statejax.checkpoint.gguf_import import load_gguf_checkpoint  # noqa: E402
 from statejax.errors import InputError  # noqa: E402
 from statejax.model.llama import init_params  # noqa: E402
 from statejax.serving.session import Session  # noqa: E402
-from statejax.state import init_state  # noqa: E402
+from tests.checkpoint import parity  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 F32_TOL = 1e-4
@@ -207,10 +207,6 @@ def _logits(model, tokens):
         return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
-def _max_diff(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
-
-
 CASES = {"llama-f32-untied": ("Llama", "llama", Q.F32, False),
          "llama-q8_0-tied": ("Llama", "llama", Q.Q8_0, True),
          "qwen2-f32-tied": ("Qwen2", "qwen2", Q.F32, True),
@@ -239,7 +235,7 @@ def test_forward_matches_transformers_on_the_same_file(case):
     assert ckpt.cfg.rope_theta == 100_000.0
     assert ckpt.chat_template == CHAT_TEMPLATE
     logits = steps.forward(ckpt.params, jnp.asarray(TOKENS), cfg=ckpt.cfg)
-    diff = _max_diff(logits, ref)
+    diff = parity.max_diff(logits, ref)
     print(f"{name}: forward max |diff| {diff:.2e}")
     assert diff < F32_TOL
 
@@ -280,17 +276,7 @@ def test_q8_0_dequantizes_to_quantized_values(bpe, tmp_path):
 def test_chunked_appends_match_transformers(case):
     name, _, path, ref = case
     ckpt = load_gguf_checkpoint(path)
-    state = init_state(ckpt.cfg, rows=2, cells=64)
-    worst = 0.0
-    for start in (0, 16, 32):
-        chunk = TOKENS[:, start:start + 16]
-        padded = np.zeros((2, 16), np.int32)
-        padded[:, :chunk.shape[1]] = chunk
-        n = chunk.shape[1]
-        state, logits = steps.append(ckpt.params, state, jnp.asarray(padded),
-                                     jnp.full((2,), n, jnp.int32), cfg=ckpt.cfg, window=64,
-                                     all_logits=True)
-        worst = max(worst, _max_diff(logits[:, :n], ref[:, start:start + n]))
+    worst = parity.chunked_append_diff(ckpt, TOKENS, ref)
     print(f"{name}: chunked appends max |diff| {worst:.2e}")
     assert worst < F32_TOL
 
@@ -305,7 +291,7 @@ def test_session_greedy_tokens_match_transformers_generate(case):
                       stop_token=-1)
     for start, end in ((5, 20), (20, 32)):
         last = session.append(prompt[start:end])
-        assert _max_diff(last, ref[0, end - 1]) < F32_TOL
+        assert parity.max_diff(last, ref[0, end - 1]) < F32_TOL
     answer = session.query(prompt[32:], max_new_tokens=8)
     with torch.no_grad():
         out = model.generate(torch.tensor(prompt[None], dtype=torch.long),

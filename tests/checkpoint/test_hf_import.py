@@ -23,7 +23,7 @@ from statejax.errors import InputError  # noqa: E402
 from statejax.model.config import preset  # noqa: E402
 from statejax.model.llama import init_params  # noqa: E402
 from statejax.serving.session import Session  # noqa: E402
-from statejax.state import init_state  # noqa: E402
+from tests.checkpoint import parity  # noqa: E402
 
 VOCAB = 300
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -91,10 +91,6 @@ def family(request, tmp_path_factory):
     return request.param, model, path, _logits(model, TOKENS)
 
 
-def _max_diff(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
-
-
 def test_forward_matches_transformers(family):
     name, _, path, ref = family
     ckpt = load_hf_checkpoint(path)
@@ -106,7 +102,7 @@ def test_forward_matches_transformers(family):
     assert ckpt.tokenizer is not None and ckpt.tokenizer.vocab_size == VOCAB
     assert ckpt.chat_template == CHAT_TEMPLATE
     logits = steps.forward(ckpt.params, jnp.asarray(TOKENS), cfg=ckpt.cfg)
-    diff = _max_diff(logits, ref)
+    diff = parity.max_diff(logits, ref)
     print(f"{name}: forward max |diff| {diff:.2e}")
     assert diff < F32_TOL
 
@@ -115,17 +111,7 @@ def test_chunked_appends_match_transformers(family):
     """steps.append over chunks of 16, 16 and 8 (padded) tokens: logits at every position."""
     name, _, path, ref = family
     ckpt = load_hf_checkpoint(path)
-    state = init_state(ckpt.cfg, rows=2, cells=64)
-    worst = 0.0
-    for start in (0, 16, 32):
-        chunk = TOKENS[:, start:start + 16]
-        padded = np.zeros((2, 16), np.int32)
-        padded[:, :chunk.shape[1]] = chunk
-        n = chunk.shape[1]
-        state, logits = steps.append(ckpt.params, state, jnp.asarray(padded),
-                                     jnp.full((2,), n, jnp.int32), cfg=ckpt.cfg, window=64,
-                                     all_logits=True)
-        worst = max(worst, _max_diff(logits[:, :n], ref[:, start:start + n]))
+    worst = parity.chunked_append_diff(ckpt, TOKENS, ref)
     print(f"{name}: chunked appends max |diff| {worst:.2e}")
     assert worst < F32_TOL
 
@@ -144,7 +130,7 @@ def test_session_greedy_generation_matches_transformers(family):
                       stop_token=-1)
     for start, end in ((5, 20), (20, 32)):
         last = session.append(prompt[start:end])
-        assert _max_diff(last, ref[0, end - 1]) < F32_TOL
+        assert parity.max_diff(last, ref[0, end - 1]) < F32_TOL
     answer = session.query(prompt[32:], max_new_tokens=64)
     with torch.no_grad():
         out = model.generate(torch.tensor(prompt[None], dtype=torch.long),
@@ -191,7 +177,7 @@ def test_half_precision_checkpoints(llama, tmp_path, torch_dtype):
     rounded = type(model).from_pretrained(path, dtype=torch.float32).eval()
     ref = _logits(rounded, TOKENS)
     as_f32 = load_hf_checkpoint(path, dtype="float32")
-    assert _max_diff(steps.forward(as_f32.params, jnp.asarray(TOKENS), cfg=as_f32.cfg),
+    assert parity.max_diff(steps.forward(as_f32.params, jnp.asarray(TOKENS), cfg=as_f32.cfg),
                      ref) < F32_TOL
     native = load_hf_checkpoint(path)
     # ModelConfig has no float16: float16 files load as float32 (exact) by default.
@@ -199,7 +185,7 @@ def test_half_precision_checkpoints(llama, tmp_path, torch_dtype):
     if torch_dtype == "bfloat16":
         leaf = native.params["layer_0"]["attn"]["q_proj"]["weight"]
         assert leaf.dtype == jnp.bfloat16
-        diff = _max_diff(steps.forward(native.params, jnp.asarray(TOKENS), cfg=native.cfg),
+        diff = parity.max_diff(steps.forward(native.params, jnp.asarray(TOKENS), cfg=native.cfg),
                          ref)
         print(f"bf16 forward max |diff| {diff:.2e} (logits up to {np.abs(ref).max():.2f})")
         assert diff < BF16_TOL
